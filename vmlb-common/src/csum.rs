@@ -1,0 +1,90 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+//!
+//! Values are taken exactly as loaded from the packet (native-endian loads of big-endian
+//! fields): the one's complement sum is byte-order independent (RFC 1071 §2(B)), so no swaps are
+//! needed as long as the checksum and the fields are loaded the same way.
+
+#[inline(always)]
+const fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Checksum after one 16-bit field changes from `old` to `new`.
+#[inline(always)]
+pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    !fold(!check as u32 + !old as u32 + new as u32)
+}
+
+/// Checksum after one 32-bit field (an IPv4 address) changes from `old` to `new`.
+#[inline(always)]
+pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = !check as u32
+        + (!old & 0xffff)
+        + (!old >> 16)
+        + (new & 0xffff)
+        + (new >> 16);
+    !fold(sum)
+}
+
+/// UDP: a zero checksum means "none" (RFC 768) and must stay zero; a computed zero is sent as
+/// 0xffff.
+#[inline(always)]
+pub const fn udp_fixup(old_check: u16, new_check: u16) -> u16 {
+    if old_check == 0 {
+        0
+    } else if new_check == 0 {
+        0xffff
+    } else {
+        new_check
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Straightforward RFC 1071 checksum over 16-bit native loads, for comparison.
+    fn full(words: &[u16]) -> u16 {
+        let mut sum: u32 = 0;
+        for w in words {
+            sum += *w as u32;
+        }
+        !fold(sum)
+    }
+
+    #[test]
+    fn incremental_matches_full_recompute() {
+        let mut rng = 0x1234_5678u32;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 17;
+            rng ^= rng << 5;
+            rng
+        };
+        for _ in 0..10_000 {
+            let mut words: [u16; 10] = core::array::from_fn(|_| next() as u16);
+            let check = full(&words);
+            // Replace a 32-bit field (words 2..4) and a 16-bit field (word 7).
+            let old4 = words[2] as u32 | (words[3] as u32) << 16;
+            let new4 = next();
+            words[2] = new4 as u16;
+            words[3] = (new4 >> 16) as u16;
+            let c = replace4(check, old4, new4);
+            let old2 = words[7];
+            words[7] = next() as u16;
+            let c = replace2(c, old2, words[7]);
+            let expect = full(&words);
+            // 0x0000 and 0xffff are the same value in one's complement.
+            assert!(c == expect || (c ^ expect) == 0xffff && (c == 0 || c == 0xffff), "{c:#x} vs {expect:#x}");
+        }
+    }
+
+    #[test]
+    fn udp_zero_stays_zero() {
+        assert_eq!(udp_fixup(0, 0x1234), 0);
+        assert_eq!(udp_fixup(0x55, 0), 0xffff);
+        assert_eq!(udp_fixup(0x55, 0x66), 0x66);
+    }
+}
