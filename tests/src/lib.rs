@@ -1,0 +1,6 @@
+//! Test support for vmlb: network namespaces, a packet builder, and the fixture runner that
+//! drives the real XDP program through BPF_PROG_TEST_RUN.
+
+pub mod fixture;
+pub mod netns;
+pub mod packet;

@@ -374,3 +374,34 @@ fn tmp_disruption_stats() {
         println!("M={m} N={n:>3}: add excess mean {:.4} max {:.4}; remove excess mean {:.4} max {:.4}", add_sum / trials as f64, add_max, rm_sum / trials as f64, rm_max);
     }}
 }
+
+#[test]
+#[ignore]
+fn tmp_outlier() {
+    use vmlb_common::maglev::permutation;
+    let mut rng = StdRng::seed_from_u64(7);
+    let m = 16381u32;
+    for n in [2usize, 3, 5, 8, 12, 20, 30, 50] {
+        for _ in 0..200 {
+            let bs: Vec<_> = (0..=n).map(|i| MaglevBackend { id: i as u32 + 1, key: rng.gen(), weight: 1 }).collect();
+            let before = build(&bs[..n], m).unwrap();
+            let after = build(&bs, m).unwrap();
+            let a = moved(&before, &after) - 1.0 / (n as f64 + 1.0);
+            let mut fewer = bs[..n].to_vec();
+            fewer.remove(rng.gen_range(0..n));
+            let _ = build(&fewer, m);
+            if a > 0.02 {
+                println!("N={n} excess {a:.4}");
+                let mut s = bs.clone(); s.sort_by_key(|b| b.key);
+                for b in &s { let (o, k) = permutation(b.key, m); println!("  id {:>3} offset {o:>6} skip {k:>6} {}", b.id, if b.id as usize == n + 1 {"NEW"} else {""}); }
+                // which backends lost/gained slots (excluding new)
+                let cb = slot_counts(&before); let ca = slot_counts(&after);
+                println!("  before {:?}\n  after  {:?}", cb, ca);
+                // moved between old backends
+                let mut pairs = BTreeMap::new();
+                for (x, y) in before.iter().zip(&after) { if x != y && *y as usize != n + 1 { *pairs.entry((*x, *y)).or_insert(0) += 1; } }
+                println!("  old->old moves {:?}", pairs);
+            }
+        }
+    }
+}
