@@ -111,7 +111,14 @@ impl Env {
         let node = Netns::new("fxnode")?;
         let peer = Netns::new("fxpeer")?;
         netns::veth(&node, "fx0", &mac(&NODE_MAC), &peer, "fx1", &mac(&PEER_MAC))?;
-        netns::veth(&node, "fx2", &mac(&NODE2_MAC), &peer, "fx3", "02:00:00:00:0f:03")?;
+        netns::veth(
+            &node,
+            "fx2",
+            &mac(&NODE2_MAC),
+            &peer,
+            "fx3",
+            "02:00:00:00:0f:03",
+        )?;
         node.ip(&["addr", "add", "10.10.1.125/24", "dev", "fx0"])?;
         node.ip(&["addr", "add", "10.10.2.125/24", "dev", "fx2"])?;
         for (ip, m, dev) in [
@@ -121,7 +128,14 @@ impl Env {
             (REMOTE, REMOTE_MAC, "fx2"),
         ] {
             node.ip(&[
-                "neigh", "replace", &ip.to_string(), "lladdr", &mac(&m), "dev", dev, "nud",
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                &mac(&m),
+                "dev",
+                dev,
+                "nud",
                 "permanent",
             ])?;
         }

@@ -4,9 +4,12 @@
 //! panic) removes everything.
 
 use std::{
-    fs,
+    fs, io,
     net::Ipv4Addr,
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    },
     path::PathBuf,
     process::{Child, Stdio},
     thread,
@@ -35,19 +38,60 @@ pub struct Vm {
     pub ns: Netns,
 }
 
-/// Field order is drop order: VMs and client first, the segment last.
+/// Field order is drop order: the peer's XDP link, then the namespaces, the segment last.
 pub struct Lab {
+    _peer_xdp: OwnedFd,
     pub client: Netns,
     pub node: Netns,
     pub vms: Vec<Vm>,
     pub segment: Netns,
 }
 
-/// Join a veth whose other end is `dev` in `ns` to the segment's bridge.
+/// Join a veth whose other end is `dev` in `ns` to the segment's bridge. Transmit checksum
+/// offload is turned off on `dev`: a veth otherwise sends TCP with a partial (pseudo-header only)
+/// checksum and metadata saying so, which XDP cannot see; once the node rewrites and XDP_TXes
+/// such a frame the metadata is gone and the receiver rightly drops it. Real NICs on the VLAN put
+/// complete checksums on the wire, which is what vmlb updates incrementally.
 fn plug(segment: &Netns, ns: &Netns, dev: &str, mac: &str, port: &str, port_mac: &str) -> anyhow::Result<()> {
     veth(ns, dev, mac, segment, port, port_mac)?;
     segment.ip(&["link", "set", port, "master", BRIDGE])?;
+    ns.exec(&["ethtool", "-K", dev, "tx", "off"])
+        .context("turning off checksum offload (needs ethtool)")?;
     Ok(())
+}
+
+/// Attach a two-instruction `return XDP_PASS` program in native mode to `ifindex` (in the
+/// calling thread's namespace) through a BPF link; closing the returned fd detaches it.
+fn attach_xdp_pass(ifindex: u32) -> io::Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u64 = 6;
+    const BPF_XDP: u64 = 37;
+    const XDP_FLAGS_DRV_MODE: u64 = 4;
+    // `r0 = 2 (XDP_PASS); exit`, as struct bpf_insn {code, regs, off, imm} in little endian.
+    let insns: [u64; 2] = [0xb7 | (2 << 32), 0x95];
+    let license = c"GPL";
+    let bpf = |cmd: libc::c_long, attr: &[u64; 16]| {
+        // SAFETY: `attr` is a zero-filled union bpf_attr prefix whose pointers (instructions,
+        // license) outlive the call; the kernel copies what it needs.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of_val(attr)) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the bpf syscall returned a new file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let mut attr = [0u64; 16];
+    // prog_type, insn_cnt, insns, license.
+    attr[0] = BPF_PROG_TYPE_XDP | ((insns.len() as u64) << 32);
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    let prog = bpf(BPF_PROG_LOAD, &attr)?;
+    // prog_fd, target_ifindex, attach_type, flags. The link holds its own program reference.
+    let mut attr = [0u64; 16];
+    attr[0] = std::os::fd::AsRawFd::as_raw_fd(&prog) as u64 | (u64::from(ifindex) << 32);
+    attr[1] = BPF_XDP | (XDP_FLAGS_DRV_MODE << 32);
+    bpf(BPF_LINK_CREATE, &attr)
 }
 
 impl Lab {
@@ -72,12 +116,16 @@ impl Lab {
         node.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", NODE_DEV])?;
         // bpf_fib_lookup answers FWD_DISABLED unless the ingress device forwards.
         node.sysctl("net.ipv4.ip_forward", "1")?;
-        // veth's XDP_TX hands the frame to the peer's NAPI; without NAPI there (no XDP program
-        // and GRO off, the default) the frame is dropped and counted in the peer's
-        // rx_xdp_tx_errors / the node's xdp_tx_errors. Turning GRO on gives the peer NAPI.
-        segment
-            .exec(&["ethtool", "-K", NODE_PEER, "gro", "on"])
-            .context("enabling GRO on the node's peer veth (needs ethtool)")?;
+        // A veth's XDP_TX queues the frame on its peer's XDP ring, but only wakes the peer's
+        // NAPI if the peer has an XDP program itself (veth_xdp_flush checks rcv_rq->xdp_prog).
+        // Enabling GRO on the peer gives it NAPI and a ring, so XDP_TX "succeeds" (xdp_tx
+        // counts, no xdp_tx_errors), yet on 6.18 the frames then sit in the ring and never
+        // reach the bridge. An XDP_PASS program on the peer makes them flow.
+        let peer_xdp = {
+            let ifindex = segment.ifindex(NODE_PEER)?;
+            let _in_segment = segment.enter()?;
+            attach_xdp_pass(ifindex).context("native XDP_PASS on the node's peer veth")?
+        };
 
         let mut vms = Vec::new();
         for (i, (name, addr)) in [("vm1", Ipv4Addr::new(10, 10, 1, 2)), ("vm2", Ipv4Addr::new(10, 10, 1, 3))]
@@ -97,6 +145,7 @@ impl Lab {
             vms.push(Vm { name, addr, ns });
         }
         Ok(Self {
+            _peer_xdp: peer_xdp,
             client,
             node,
             vms,
@@ -118,7 +167,7 @@ impl Lab {
             .into_iter()
             .chain(self.vms.iter().map(|v| &v.ns))
         {
-            show(ns, &["-s", "-br", "link"]);
+            show(ns, &["-s", "link"]);
             show(ns, &["neigh"]);
         }
         show(&self.node, &["link", "show", NODE_DEV]);
@@ -175,6 +224,8 @@ StartServers 1
 ServerLimit 1
 ThreadsPerChild 16
 MaxRequestWorkers 16
+MinSpareThreads 1
+MaxSpareThreads 16
 KeepAlive Off
 TypesConfig /etc/mime.types
 DocumentRoot "{d}/htdocs"
@@ -216,16 +267,15 @@ CustomLog "{d}/access.log" vmlb
     fn wait_ready(&mut self, ns: &Netns, addr: Ipv4Addr) -> anyhow::Result<()> {
         let url = format!("http://{addr}/");
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut last = String::new();
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("apache2 for {} exited ({status}): {}", self.name, self.logs());
             }
-            match curl(ns, &url, 1) {
+            let last = match curl(ns, &url, 1) {
                 Ok(body) if body.trim() == self.name => break,
-                Ok(body) => last = format!("unexpected body {body:?}"),
-                Err(e) => last = format!("{e:#}"),
-            }
+                Ok(body) => format!("unexpected body {body:?}"),
+                Err(e) => format!("{e:#}"),
+            };
             if Instant::now() > deadline {
                 bail!("apache2 for {} not ready after 10 s ({last}): {}", self.name, self.logs());
             }

@@ -42,7 +42,11 @@ pub fn sweep_stale() {
         let Some(rest) = name.strip_prefix("vmlbt-") else {
             continue;
         };
-        let pid: i32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let pid: i32 = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let alive = pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists();
         if !alive {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
@@ -116,7 +120,9 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Never panic in a destructor (it may run during a panic); deleting the namespace
         // destroys the veths and addresses in it.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -141,8 +147,20 @@ pub fn veth(
     b_mac: &str,
 ) -> anyhow::Result<()> {
     a.ip(&[
-        "link", "add", a_dev, "address", a_mac, "type", "veth", "peer", "name", b_dev,
-        "address", b_mac, "netns", b.name(),
+        "link",
+        "add",
+        a_dev,
+        "address",
+        a_mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_dev,
+        "address",
+        b_mac,
+        "netns",
+        b.name(),
     ])?;
     a.ip(&["link", "set", a_dev, "up"])?;
     b.ip(&["link", "set", b_dev, "up"])?;

@@ -12,8 +12,18 @@ pub const TCP_PSH: u8 = 0x08;
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, flags: u8 },
-    Udp { sport: u16, dport: u16, no_checksum: bool },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        no_checksum: bool,
+    },
     /// Any other protocol number, payload only.
     Raw(u8),
 }
@@ -39,12 +49,26 @@ impl Packet {
         Self::new(
             src.0,
             dst.0,
-            L4::Tcp { sport: src.1, dport: dst.1, seq: 0x1000_0001, ack: 0, flags },
+            L4::Tcp {
+                sport: src.1,
+                dport: dst.1,
+                seq: 0x1000_0001,
+                ack: 0,
+                flags,
+            },
         )
     }
 
     pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
-        Self::new(src.0, dst.0, L4::Udp { sport: src.1, dport: dst.1, no_checksum: false })
+        Self::new(
+            src.0,
+            dst.0,
+            L4::Udp {
+                sport: src.1,
+                dport: dst.1,
+                no_checksum: false,
+            },
+        )
     }
 
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
@@ -91,7 +115,13 @@ impl Packet {
     pub fn build(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
         let proto = match self.l4 {
-            L4::Tcp { sport, dport, seq, ack, flags } => {
+            L4::Tcp {
+                sport,
+                dport,
+                seq,
+                ack,
+                flags,
+            } => {
                 l4.extend_from_slice(&sport.to_be_bytes());
                 l4.extend_from_slice(&dport.to_be_bytes());
                 l4.extend_from_slice(&seq.to_be_bytes());
@@ -117,7 +147,9 @@ impl Packet {
                 let c = l4_checksum(self.src, self.dst, 6, &l4);
                 l4[16..18].copy_from_slice(&c.to_be_bytes());
             }
-            L4::Udp { no_checksum: false, .. } => {
+            L4::Udp {
+                no_checksum: false, ..
+            } => {
                 let c = match l4_checksum(self.src, self.dst, 17, &l4) {
                     0 => 0xffff,
                     c => c,
@@ -127,7 +159,7 @@ impl Packet {
             _ => {}
         }
 
-        assert!(self.options.len() % 4 == 0 && self.options.len() <= 40);
+        assert!(self.options.len().is_multiple_of(4) && self.options.len() <= 40);
         let ihl = 20 + self.options.len();
         let mut ip = Vec::with_capacity(ihl);
         ip.push(0x40 | (ihl / 4) as u8);

@@ -107,12 +107,24 @@ fn check(
             Ok(body) => *answers.entry(body.trim().to_string()).or_default() += 1,
             Err(e) => failures.push(format!("request {i}: {e:#}")),
         }
+        // A broken path would otherwise cost 3 s per remaining request.
+        if failures.len() == 3 {
+            break;
+        }
     }
     println!("answers: {answers:?}");
-    ensure!(failures.is_empty(), "{} of {REQUESTS} requests failed:\n{}", failures.len(), failures.join("\n"));
+    ensure!(
+        failures.is_empty(),
+        "requests failed:\n{}",
+        failures.join("\n")
+    );
     for s in servers {
         let n = answers.get(&s.name).copied().unwrap_or(0);
-        ensure!(n >= MIN_SHARE, "{} answered {n} of {REQUESTS} requests: {answers:?}", s.name);
+        ensure!(
+            n >= MIN_SHARE,
+            "{} answered {n} of {REQUESTS} requests: {answers:?}",
+            s.name
+        );
     }
     ensure!(
         answers.values().sum::<usize>() == REQUESTS && answers.len() == servers.len(),
@@ -121,7 +133,11 @@ fn check(
 
     // Apache logs after sending the response: wait (bounded) until every request is logged.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while servers.iter().map(|s| s.access_lines().len()).sum::<usize>() < REQUESTS
+    while servers
+        .iter()
+        .map(|s| s.access_lines().len())
+        .sum::<usize>()
+        < REQUESTS
         && Instant::now() < deadline
     {
         thread::sleep(Duration::from_millis(20));
@@ -151,9 +167,18 @@ fn check(
     // The program's view: one new flow per connection, replies reverse-NATed, nothing dropped
     // or left to the kernel, and per-backend flows matching what each VM answered.
     let counter = |c| maps.counter(c);
-    ensure!(counter(Counter::FlowNew)? == REQUESTS as u64, "flow_new != {REQUESTS}");
-    ensure!(counter(Counter::ReplyHit)? > 0, "no reply was reverse-NATed");
-    ensure!(counter(Counter::FlowHit)? > 0, "no established-flow packet was seen");
+    ensure!(
+        counter(Counter::FlowNew)? == REQUESTS as u64,
+        "flow_new != {REQUESTS}"
+    );
+    ensure!(
+        counter(Counter::ReplyHit)? > 0,
+        "no reply was reverse-NATed"
+    );
+    ensure!(
+        counter(Counter::FlowHit)? > 0,
+        "no established-flow packet was seen"
+    );
     for c in Counter::ALL {
         if c.is_drop() || matches!(c, Counter::PassNoNeigh | Counter::PassFibFailed) {
             ensure!(counter(c)? == 0, "counter {} is {}", c.name(), counter(c)?);
@@ -162,12 +187,21 @@ fn check(
     let key = spec.key();
     let svc = reconciler.service(&key).context("service not installed")?;
     let st = maps.service_stats(svc.id)?;
-    ensure!(st.packets > 0 && st.reply_packets > 0, "service stats: {st:?}");
+    ensure!(
+        st.packets > 0 && st.reply_packets > 0,
+        "service stats: {st:?}"
+    );
     ensure!(st.new_flows == REQUESTS as u64, "service stats: {st:?}");
     for (vm, s) in lab.vms.iter().zip(servers) {
-        let id = reconciler.backend_id(&key, vm.addr, 80).context("backend id")?;
+        let id = reconciler
+            .backend_id(&key, vm.addr, 80)
+            .context("backend id")?;
         let be = maps.backend_stats(id)?;
-        ensure!(be.new_flows == answers[&s.name] as u64, "{} backend stats {be:?}", vm.name);
+        ensure!(
+            be.new_flows == answers[&s.name] as u64,
+            "{} backend stats {be:?}",
+            vm.name
+        );
     }
     Ok(())
 }
@@ -197,7 +231,10 @@ fn report(
             out += &format!("backend {} ({id}): {:?}\n", vm.name, maps.backend_stats(id));
         }
     }
-    out += &format!("flows: {}\n", maps.flow_entries().map(|f| f.len()).unwrap_or(0));
+    out += &format!(
+        "flows: {}\n",
+        maps.flow_entries().map(|f| f.len()).unwrap_or(0)
+    );
     out += &lab.describe();
     for s in servers {
         out += &s.logs();

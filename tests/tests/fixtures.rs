@@ -46,7 +46,13 @@ fn one_backend_env() -> Env {
 fn open_flow(e: &mut Env, sport: u16) -> u16 {
     let key = flow_key((CLIENT, sport), (VIP, 80), Proto::Tcp);
     let (baddr, bport, snat_port) = e.predict(&e.services[0].clone(), &key);
-    let bmac = if baddr == VM1 { VM1_MAC } else if baddr == VM2 { VM2_MAC } else { VM3_MAC };
+    let bmac = if baddr == VM1 {
+        VM1_MAC
+    } else if baddr == VM2 {
+        VM2_MAC
+    } else {
+        VM3_MAC
+    };
     let input = client_tcp(sport, TCP_SYN).build();
     let (action, out) = e.run(&input);
     assert_eq!(action, XDP_TX);
@@ -112,17 +118,27 @@ fn udp_flow_and_reply() {
     e.install(&[svc(53, Proto::Udp, &[be(VM2, 5353)])]).unwrap();
     let key = flow_key((CLIENT, 33333), (VIP, 53), Proto::Udp);
     let port = hash::snat_port(hash::flow_hash(&key), 0);
-    let q = Packet::udp((CLIENT, 33333), (VIP, 53)).macs(CLIENT_MAC, NODE_MAC).payload(b"query");
+    let q = Packet::udp((CLIENT, 33333), (VIP, 53))
+        .macs(CLIENT_MAC, NODE_MAC)
+        .payload(b"query");
     let (action, out) = e.run(&q.build());
     assert_eq!(action, XDP_TX);
-    let want = q.clone().macs(NODE_MAC, VM2_MAC).with_tuple((SNAT, port), (VM2, 5353));
+    let want = q
+        .clone()
+        .macs(NODE_MAC, VM2_MAC)
+        .with_tuple((SNAT, port), (VM2, 5353));
     assert_packet(&out, &want.build());
     e.expect_counters(&[(FlowNew, 1), (TxSameIface, 1)]);
 
-    let r = Packet::udp((VM2, 5353), (SNAT, port)).macs(VM2_MAC, NODE_MAC).payload(b"answer!");
+    let r = Packet::udp((VM2, 5353), (SNAT, port))
+        .macs(VM2_MAC, NODE_MAC)
+        .payload(b"answer!");
     let (action, out) = e.run(&r.build());
     assert_eq!(action, XDP_TX);
-    let want = r.clone().macs(NODE_MAC, CLIENT_MAC).with_tuple((VIP, 53), (CLIENT, 33333));
+    let want = r
+        .clone()
+        .macs(NODE_MAC, CLIENT_MAC)
+        .with_tuple((VIP, 53), (CLIENT, 33333));
     assert_packet(&out, &want.build());
     e.expect_counters(&[(ReplyHit, 1), (TxSameIface, 1)]);
 }
@@ -133,21 +149,41 @@ fn udp_without_checksum_stays_without() {
     e.install(&[svc(53, Proto::Udp, &[be(VM2, 53)])]).unwrap();
     let key = flow_key((CLIENT, 33334), (VIP, 53), Proto::Udp);
     let port = hash::snat_port(hash::flow_hash(&key), 0);
-    let mut q = Packet::udp((CLIENT, 33334), (VIP, 53)).macs(CLIENT_MAC, NODE_MAC).payload(b"q");
-    q.l4 = L4::Udp { sport: 33334, dport: 53, no_checksum: true };
+    let mut q = Packet::udp((CLIENT, 33334), (VIP, 53))
+        .macs(CLIENT_MAC, NODE_MAC)
+        .payload(b"q");
+    q.l4 = L4::Udp {
+        sport: 33334,
+        dport: 53,
+        no_checksum: true,
+    };
     let (action, out) = e.run(&q.build());
     assert_eq!(action, XDP_TX);
-    let want = q.clone().macs(NODE_MAC, VM2_MAC).with_tuple((SNAT, port), (VM2, 53)).build();
+    let want = q
+        .clone()
+        .macs(NODE_MAC, VM2_MAC)
+        .with_tuple((SNAT, port), (VM2, 53))
+        .build();
     assert_packet(&out, &want);
-    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0], "UDP checksum must stay 0");
+    assert_eq!(
+        &out[14 + 20 + 6..14 + 20 + 8],
+        &[0, 0],
+        "UDP checksum must stay 0"
+    );
     e.expect_counters(&[(FlowNew, 1), (TxSameIface, 1)]);
 }
 
 #[test]
 fn non_vip_traffic_passes_untouched() {
     let mut e = one_backend_env();
-    for dst in [Ipv4Addr::new(10, 10, 1, 77), SNAT, Ipv4Addr::new(192, 0, 2, 1)] {
-        let input = Packet::tcp((CLIENT, 40010), (dst, 22), TCP_SYN).macs(CLIENT_MAC, NODE_MAC).build();
+    for dst in [
+        Ipv4Addr::new(10, 10, 1, 77),
+        SNAT,
+        Ipv4Addr::new(192, 0, 2, 1),
+    ] {
+        let input = Packet::tcp((CLIENT, 40010), (dst, 22), TCP_SYN)
+            .macs(CLIENT_MAC, NODE_MAC)
+            .build();
         let (action, out) = e.run(&input);
         assert_eq!((action, out), (XDP_PASS, input));
         e.expect_counters(&[(PassNotVip, 1)]);
@@ -157,7 +193,9 @@ fn non_vip_traffic_passes_untouched() {
 #[test]
 fn reply_for_unknown_flow_passes_untouched() {
     let mut e = one_backend_env();
-    let input = Packet::tcp((VM1, 8080), (SNAT, 5555), TCP_ACK).macs(VM1_MAC, NODE_MAC).build();
+    let input = Packet::tcp((VM1, 8080), (SNAT, 5555), TCP_ACK)
+        .macs(VM1_MAC, NODE_MAC)
+        .build();
     let (action, out) = e.run(&input);
     assert_eq!((action, out), (XDP_PASS, input));
     e.expect_counters(&[(PassNotVip, 1)]);
@@ -182,7 +220,9 @@ fn vip_with_other_protocol_on_served_port_is_dropped() {
 #[test]
 fn icmp_to_vip_passes_until_icmp_is_handled() {
     let mut e = one_backend_env();
-    let input = Packet::new(CLIENT, VIP, L4::Raw(1)).payload(&[8, 0, 0, 0, 0, 1, 0, 1]).build();
+    let input = Packet::new(CLIENT, VIP, L4::Raw(1))
+        .payload(&[8, 0, 0, 0, 0, 1, 0, 1])
+        .build();
     let (action, out) = e.run(&input);
     assert_eq!((action, out), (XDP_PASS, input));
     e.expect_counters(&[(PassUnsupportedProto, 1)]);
@@ -277,7 +317,10 @@ fn ipv4_options_are_kept_and_nat_still_applies() {
     input.options = vec![0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00];
     let (action, out) = e.run(&input.build());
     assert_eq!(action, XDP_TX);
-    let want = input.clone().macs(NODE_MAC, VM1_MAC).with_tuple((SNAT, port), (VM1, 8080));
+    let want = input
+        .clone()
+        .macs(NODE_MAC, VM1_MAC)
+        .with_tuple((SNAT, port), (VM1, 8080));
     assert_packet(&out, &want.build());
     e.expect_counters(&[(FlowNew, 1), (TxSameIface, 1)]);
 }
@@ -296,20 +339,29 @@ fn ethernet_padding_is_kept() {
         .with_tuple((SNAT, port), (VM1, 8080))
         .build();
     want.extend_from_slice(&[0xaa; 6]);
-    assert_packet(&out, &want);
+    assert_eq!(out, want, "{}", diff(&out, &want));
+    verify_checksums(&out).expect("output checksums");
+    e.expect_counters(&[(FlowNew, 1), (TxSameIface, 1)]);
 }
 
 #[test]
 fn fragments_to_a_vip_are_dropped() {
     let mut e = one_backend_env();
-    for frag in [0x2000u16 /* first, MF */, 0x0010 /* last, offset 128 */, 0x2020] {
+    for frag in [
+        0x2000u16, /* first, MF */
+        0x0010,    /* last, offset 128 */
+        0x2020,
+    ] {
         let mut p = client_tcp(40060, TCP_ACK);
         p.frag = frag;
         let (action, _) = e.run(&p.build());
         assert_eq!(action, XDP_DROP, "fragment {frag:#06x}");
         e.expect_counters(&[(DropFragment, 1)]);
     }
-    assert!(e.maps.flow_entries().unwrap().is_empty(), "no state from fragments");
+    assert!(
+        e.maps.flow_entries().unwrap().is_empty(),
+        "no state from fragments"
+    );
 }
 
 #[test]
@@ -371,7 +423,9 @@ fn snat_port_collision_takes_the_next_port() {
     let next = hash::snat_port(h, 1);
     let (action, out) = e.run(&client_tcp(40080, TCP_SYN).build());
     assert_eq!(action, XDP_TX);
-    let want = client_tcp(40080, TCP_SYN).macs(NODE_MAC, VM1_MAC).with_tuple((SNAT, next), (VM1, 8080));
+    let want = client_tcp(40080, TCP_SYN)
+        .macs(NODE_MAC, VM1_MAC)
+        .with_tuple((SNAT, next), (VM1, 8080));
     assert_packet(&out, &want.build());
     e.expect_counters(&[(SnatPortCollision, 1), (FlowNew, 1), (TxSameIface, 1)]);
 }
@@ -397,10 +451,15 @@ fn snat_ports_exhausted_drops_without_state() {
 /// Two backends; returns the env and a client port whose flow went to VM1.
 fn two_backends_flow_on_vm1() -> (Env, u16) {
     let mut e = env();
-    e.install(&[svc(80, Proto::Tcp, &[be(VM1, 80), be(VM2, 80)])]).unwrap();
+    e.install(&[svc(80, Proto::Tcp, &[be(VM1, 80), be(VM2, 80)])])
+        .unwrap();
     let spec = e.services[0].clone();
     let sport = (41000..42000)
-        .find(|&p| e.predict(&spec, &flow_key((CLIENT, p), (VIP, 80), Proto::Tcp)).0 == VM1)
+        .find(|&p| {
+            e.predict(&spec, &flow_key((CLIENT, p), (VIP, 80), Proto::Tcp))
+                .0
+                == VM1
+        })
         .expect("some flow maps to VM1");
     open_flow(&mut e, sport);
     (e, sport)
@@ -417,7 +476,10 @@ fn flow_of_a_down_backend_is_rebalanced() {
     let input = client_tcp(sport, TCP_ACK);
     let (action, out) = e.run(&input.build());
     assert_eq!(action, XDP_TX);
-    let want = input.clone().macs(NODE_MAC, VM2_MAC).with_tuple((SNAT, port), (VM2, 80));
+    let want = input
+        .clone()
+        .macs(NODE_MAC, VM2_MAC)
+        .with_tuple((SNAT, port), (VM2, 80));
     assert_packet(&out, &want.build());
     e.expect_counters(&[(FlowRebalanced, 1), (FlowNew, 1), (TxSameIface, 1)]);
     // And it stays there.
@@ -435,11 +497,19 @@ fn draining_backend_keeps_its_flows_but_gets_no_new_ones() {
     let input = client_tcp(sport, TCP_ACK);
     let (action, out) = e.run(&input.build());
     assert_eq!(action, XDP_TX);
-    assert_eq!(&out[30..34], &VM1.octets(), "existing flow stays on the draining backend");
+    assert_eq!(
+        &out[30..34],
+        &VM1.octets(),
+        "existing flow stays on the draining backend"
+    );
     e.expect_counters(&[(FlowHit, 1), (TxSameIface, 1)]);
     for p in 43000..43050 {
         let (_, out) = e.run(&client_tcp(p, TCP_SYN).build());
-        assert_eq!(&out[30..34], &VM2.octets(), "new flow {p} must avoid the draining backend");
+        assert_eq!(
+            &out[30..34],
+            &VM2.octets(),
+            "new flow {p} must avoid the draining backend"
+        );
     }
 }
 
@@ -466,7 +536,9 @@ fn adding_a_backend_keeps_established_flows() {
     // New flows follow the new table, as user space predicts.
     let mut to_vm3 = 0;
     for p in 44000..44100 {
-        let want = e.predict(&spec, &flow_key((CLIENT, p), (VIP, 80), Proto::Tcp)).0;
+        let want = e
+            .predict(&spec, &flow_key((CLIENT, p), (VIP, 80), Proto::Tcp))
+            .0;
         let (_, out) = e.run(&client_tcp(p, TCP_SYN).build());
         assert_eq!(&out[30..34], &want.octets());
         to_vm3 += usize::from(want == VM3);
@@ -477,7 +549,8 @@ fn adding_a_backend_keeps_established_flows() {
 #[test]
 fn unresolved_neighbour_passes_without_state() {
     let mut e = env();
-    e.install(&[svc(80, Proto::Tcp, &[be(NO_NEIGH, 80)])]).unwrap();
+    e.install(&[svc(80, Proto::Tcp, &[be(NO_NEIGH, 80)])])
+        .unwrap();
     let input = client_tcp(40090, TCP_SYN).build();
     let (action, out) = e.run(&input);
     assert_eq!((action, out), (XDP_PASS, input));
@@ -488,7 +561,8 @@ fn unresolved_neighbour_passes_without_state() {
 #[test]
 fn unroutable_backend_passes_without_state() {
     let mut e = env();
-    e.install(&[svc(80, Proto::Tcp, &[be(Ipv4Addr::new(192, 0, 2, 10), 80)])]).unwrap();
+    e.install(&[svc(80, Proto::Tcp, &[be(Ipv4Addr::new(192, 0, 2, 10), 80)])])
+        .unwrap();
     let input = client_tcp(40091, TCP_SYN).build();
     let (action, out) = e.run(&input);
     assert_eq!((action, out), (XDP_PASS, input));
@@ -499,19 +573,26 @@ fn unroutable_backend_passes_without_state() {
 #[test]
 fn backend_on_another_interface_is_redirected_and_replies_come_back() {
     let mut e = env();
-    e.install(&[svc(80, Proto::Tcp, &[be(REMOTE, 80)])]).unwrap();
+    e.install(&[svc(80, Proto::Tcp, &[be(REMOTE, 80)])])
+        .unwrap();
     let key = flow_key((CLIENT, 40095), (VIP, 80), Proto::Tcp);
     let port = hash::snat_port(hash::flow_hash(&key), 0);
     let (action, out) = e.run(&client_tcp(40095, TCP_SYN).build());
     assert_eq!(action, XDP_REDIRECT);
-    let want = client_tcp(40095, TCP_SYN).macs(NODE2_MAC, REMOTE_MAC).with_tuple((SNAT, port), (REMOTE, 80));
+    let want = client_tcp(40095, TCP_SYN)
+        .macs(NODE2_MAC, REMOTE_MAC)
+        .with_tuple((SNAT, port), (REMOTE, 80));
     assert_packet(&out, &want.build());
     e.expect_counters(&[(FlowNew, 1), (TxRedirect, 1)]);
     // The reply arrives on fx2 and goes back out of fx0 to the client.
-    let reply = Packet::tcp((REMOTE, 80), (SNAT, port), TCP_SYN | TCP_ACK).macs(REMOTE_MAC, NODE2_MAC);
+    let reply =
+        Packet::tcp((REMOTE, 80), (SNAT, port), TCP_SYN | TCP_ACK).macs(REMOTE_MAC, NODE2_MAC);
     let (action, out) = e.run_on(e.ifindex2, &reply.build());
     assert_eq!(action, XDP_REDIRECT);
-    let want = reply.clone().macs(NODE_MAC, CLIENT_MAC).with_tuple((VIP, 80), (CLIENT, 40095));
+    let want = reply
+        .clone()
+        .macs(NODE_MAC, CLIENT_MAC)
+        .with_tuple((VIP, 80), (CLIENT, 40095));
     assert_packet(&out, &want.build());
     e.expect_counters(&[(ReplyHit, 1), (TxRedirect, 1)]);
 }
@@ -546,7 +627,12 @@ fn removing_a_service_stops_balancing_its_vip() {
 #[test]
 fn many_flows_spread_over_three_backends() {
     let mut e = env();
-    e.install(&[svc(80, Proto::Tcp, &[be(VM1, 80), be(VM2, 80), be(VM3, 80)])]).unwrap();
+    e.install(&[svc(
+        80,
+        Proto::Tcp,
+        &[be(VM1, 80), be(VM2, 80), be(VM3, 80)],
+    )])
+    .unwrap();
     let mut counts = [0u32; 3];
     for p in 0..3000u16 {
         let (action, out) = e.run(&client_tcp(20000 + p, TCP_SYN).build());
@@ -561,7 +647,10 @@ fn many_flows_spread_over_three_backends() {
     let mut d = e.delta();
     let collisions = d.remove(&SnatPortCollision).unwrap_or(0);
     assert!(collisions < 150, "{collisions} SNAT collisions");
-    assert_eq!(d, [(FlowNew, 3000), (TxSameIface, 3000)].into_iter().collect());
+    assert_eq!(
+        d,
+        [(FlowNew, 3000), (TxSameIface, 3000)].into_iter().collect()
+    );
 }
 
 /// For 10,000 random flows the program's backend and SNAT port equal what user space computes

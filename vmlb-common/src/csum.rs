@@ -20,11 +20,7 @@ pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
 /// Checksum after one 32-bit field (an IPv4 address) changes from `old` to `new`.
 #[inline(always)]
 pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = !check as u32
-        + (!old & 0xffff)
-        + (!old >> 16)
-        + (new & 0xffff)
-        + (new >> 16);
+    let sum = !check as u32 + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
     !fold(sum)
 }
 
@@ -77,7 +73,10 @@ mod tests {
             let c = replace2(c, old2, words[7]);
             let expect = full(&words);
             // 0x0000 and 0xffff are the same value in one's complement.
-            assert!(c == expect || (c ^ expect) == 0xffff && (c == 0 || c == 0xffff), "{c:#x} vs {expect:#x}");
+            assert!(
+                c == expect || (c ^ expect) == 0xffff && (c == 0 || c == 0xffff),
+                "{c:#x} vs {expect:#x}"
+            );
         }
     }
 

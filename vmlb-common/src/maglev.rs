@@ -66,7 +66,10 @@ impl fmt::Display for MaglevError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::RingSizeNotAllowed(m) => {
-                write!(f, "Maglev ring size {m} is not allowed (use one of {RING_SIZES:?})")
+                write!(
+                    f,
+                    "Maglev ring size {m} is not allowed (use one of {RING_SIZES:?})"
+                )
             }
             Self::ReservedId => write!(f, "backend id 0 is reserved for empty Maglev slots"),
             Self::DuplicateKey(k) => write!(f, "two backends share the Maglev key {k:#018x}"),
@@ -90,14 +93,13 @@ pub fn ring_size_allowed(ring_size: u32) -> bool {
 }
 
 // Hashing. Hand-rolled, fixed constants, never to be changed: every node and every future
-// version must derive the same permutation from the same key, or flows would move between
-// backends on a failover or an upgrade. Both mixers are bijections on u64.
+// version must derive the same walks from the same keys, or flows would move between backends on
+// a failover or an upgrade. Both mixers are bijections on u64.
 
-/// Seed of the offset hash.
-const SEED_OFFSET: u64 = 0x766d_6c62_6f66_6673; // "vmlboffs"
-/// Seed of the skip hash.
-const SEED_SKIP: u64 = 0x766d_6c62_736b_6970; // "vmlbskip"
-/// Domain separation for [`backend_key`].
+/// Seeds of the three hashes of a key that parameterize its walk, and of [`backend_key`].
+const SEED_WALK_1: u64 = 0x766d_6c62_7761_6c31; // "vmlbwal1"
+const SEED_WALK_2: u64 = 0x766d_6c62_7761_6c32; // "vmlbwal2"
+const SEED_WALK_3: u64 = 0x766d_6c62_7761_6c33; // "vmlbwal3"
 const SEED_BACKEND: u64 = 0x766d_6c62_6b65_7934; // "vmlbkey4"
 
 /// splitmix64's finalizer (Stafford's "Mix13").
@@ -108,8 +110,8 @@ const fn mix_stafford13(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// MurmurHash3's 64-bit finalizer: a different mixer from the offset hash's, so offset and skip
-/// are not functions of each other.
+/// MurmurHash3's 64-bit finalizer: a second, differently built mixer, so the walk's parameters
+/// are not simple functions of each other.
 #[inline]
 const fn mix_murmur3(mut z: u64) -> u64 {
     z = (z ^ (z >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -125,14 +127,140 @@ pub const fn backend_key(addr: [u8; 4], port: u16) -> u64 {
     mix_stafford13(raw ^ SEED_BACKEND)
 }
 
-/// Start slot and stride of `key`'s walk over a ring of `ring_size` (prime) slots:
-/// `offset < ring_size`, `1 <= skip < ring_size`.
-pub const fn permutation(key: u64, ring_size: u32) -> (u32, u32) {
-    let m = ring_size as u64;
-    let offset = mix_stafford13(key ^ SEED_OFFSET) % m;
-    let skip = mix_murmur3(key ^ SEED_SKIP) % (m - 1) + 1;
-    (offset as u32, skip as u32)
+/// Inverse of an odd number modulo 2^32 (Newton's iteration doubles the correct bits each step).
+const fn inverse_mod_2_32(b: u32) -> u32 {
+    let mut x = b; // correct to 3 bits for odd b
+    let mut i = 0;
+    while i < 4 {
+        x = x.wrapping_mul(2u32.wrapping_sub(b.wrapping_mul(x)));
+        i += 1;
+    }
+    x
 }
+
+/// How walks cover a ring: over the power of two `2^bits` at or above `ring_size` (positions
+/// mapping past the ring are holes to skip), or, when `ring_size = 2^bits + 1` (65537), over
+/// `2^bits` plus the last slot spliced in at a key-derived position.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    mask: u32,
+    /// Xorshift distance, more than half the width so that `x ^ (x >> shift)` is its own inverse.
+    shift: u32,
+    /// Whether the last slot is spliced in (ring size `2^bits + 1`).
+    spliced: bool,
+    ring_size: u32,
+}
+
+impl Shape {
+    const fn new(ring_size: u32) -> Self {
+        let spliced = ring_size > 2 && (ring_size - 1).is_power_of_two();
+        let domain = if spliced {
+            ring_size - 1
+        } else {
+            ring_size.next_power_of_two()
+        };
+        let bits = domain.trailing_zeros();
+        Shape {
+            mask: domain - 1,
+            shift: bits / 2 + 1,
+            spliced,
+            ring_size,
+        }
+    }
+
+    /// Number of positions in a walk (slots plus holes).
+    const fn len(&self) -> u32 {
+        if self.spliced {
+            self.ring_size
+        } else {
+            self.mask + 1
+        }
+    }
+}
+
+/// A backend's walk: the order in which it tries the slots, a pseudo-random permutation that
+/// depends only on its key. Position `j` maps to slot `P(j)` with `P` two rounds of
+/// xor-key / multiply-by-odd-key / xorshift on `bits`-wide integers: a bijection, O(1) per step
+/// (no per-backend table, no division), invertible (to find an empty slot's position directly).
+///
+/// Not the paper's `offset + j * skip`: two such walks with equal (or simply related) skips are
+/// shifted copies of one cycle and fight over it, so one backend coming or going swaps large
+/// blocks of slots between them (up to ~10% of the ring for a handful of backends). Nonlinear
+/// walks have no such pairs and behave like truly random permutations.
+#[derive(Clone, Copy, Debug)]
+struct Walk {
+    xor1: u32,
+    mul1: u32,
+    xor2: u32,
+    mul2: u32,
+    /// Position of the spliced last slot, `u32::MAX` when not spliced.
+    splice_at: u32,
+}
+
+impl Walk {
+    fn new(key: u64, shape: &Shape) -> Self {
+        let h1 = mix_stafford13(key ^ SEED_WALK_1);
+        let h2 = mix_murmur3(key ^ SEED_WALK_2);
+        let splice_at = if shape.spliced {
+            // Multiply-shift range reduction: uniform enough, no division.
+            let h3 = mix_stafford13(key ^ SEED_WALK_3) >> 32;
+            ((h3 * u64::from(shape.ring_size)) >> 32) as u32
+        } else {
+            u32::MAX
+        };
+        Walk {
+            xor1: h1 as u32 & shape.mask,
+            mul1: (h1 >> 32) as u32 | 1,
+            xor2: h2 as u32 & shape.mask,
+            mul2: (h2 >> 32) as u32 | 1,
+            splice_at,
+        }
+    }
+
+    /// The slot at position `pos < shape.len()`, or a hole (`>= ring_size`).
+    #[inline(always)]
+    fn slot(&self, shape: &Shape, pos: u32) -> u32 {
+        let j = pos - u32::from(pos > self.splice_at);
+        let mut x = (j ^ self.xor1).wrapping_mul(self.mul1) & shape.mask;
+        x ^= x >> shape.shift;
+        x = (x ^ self.xor2).wrapping_mul(self.mul2) & shape.mask;
+        x ^= x >> shape.shift;
+        if pos == self.splice_at {
+            shape.mask + 1
+        } else {
+            x
+        }
+    }
+
+    /// The position of `slot` (inverse of [`Walk::slot`]).
+    #[inline(always)]
+    fn position(&self, shape: &Shape, slot: u32, inv1: u32, inv2: u32) -> u32 {
+        if slot > shape.mask {
+            return self.splice_at;
+        }
+        let mut x = slot ^ (slot >> shape.shift);
+        x = (x.wrapping_mul(inv2) & shape.mask) ^ self.xor2;
+        x ^= x >> shape.shift;
+        let j = (x.wrapping_mul(inv1) & shape.mask) ^ self.xor1;
+        j + u32::from(j >= self.splice_at)
+    }
+}
+
+/// The slots of `key`'s walk over a ring of `ring_size` slots, in order: every slot exactly once.
+/// For tests and debugging; `ring_size` must be one of [`RING_SIZES`].
+pub fn walk(key: u64, ring_size: u32) -> impl Iterator<Item = u32> {
+    let shape = Shape::new(ring_size);
+    let w = Walk::new(key, &shape);
+    (0..shape.len())
+        .map(move |pos| w.slot(&shape, pos))
+        .filter(move |&s| s < ring_size)
+}
+
+/// Below this many empty slots the builder stops walking and, for each remaining claim, picks
+/// the empty slot earliest in the claimer's walk directly: the same slot the walk would reach
+/// (everything a walk has passed is full), found in O(empty) instead of O(M / empty) steps.
+/// A speed knob only; the table does not depend on it.
+const ENDGAME: usize = 256;
 
 /// Build the lookup table: `ring_size` entries, each a backend id or EMPTY (only when no backend has weight > 0).
 ///
@@ -140,6 +268,14 @@ pub const fn permutation(key: u64, ring_size: u32) -> (u32, u32) {
 /// `round(ring_size * weight / sum(weights))` slots (largest-remainder rounding, so the counts sum
 /// to `ring_size` and each is off by less than one slot); a very light backend may get none.
 pub fn build(backends: &[MaglevBackend], ring_size: u32) -> Result<Vec<u32>, MaglevError> {
+    build_with(backends, ring_size, ENDGAME)
+}
+
+fn build_with(
+    backends: &[MaglevBackend],
+    ring_size: u32,
+    endgame: usize,
+) -> Result<Vec<u32>, MaglevError> {
     if !ring_size_allowed(ring_size) {
         return Err(MaglevError::RingSizeNotAllowed(ring_size));
     }
@@ -173,33 +309,58 @@ pub fn build(backends: &[MaglevBackend], ring_size: u32) -> Result<Vec<u32>, Mag
 
     let quotas = quotas(&sorted, ring_size);
     let order = claim_order(&quotas, m);
+    let shape = Shape::new(ring_size);
+    let walks: Vec<Walk> = sorted.iter().map(|b| Walk::new(b.key, &shape)).collect();
+    let mut next = vec![0u32; walks.len()];
 
-    // Per-backend walk state: next slot to look at, stride, id to write.
-    let mut walks: Vec<(u32, u32, u32)> = sorted
-        .iter()
-        .map(|b| {
-            let (offset, skip) = permutation(b.key, ring_size);
-            (offset, skip, b.id)
-        })
-        .collect();
+    // Occupancy bitmap (a few KiB, stays in L1), covering the holes too, marked full so the
+    // walks step over them like over taken slots.
+    let bits = shape.len().max(ring_size) as usize;
+    let mut full = vec![0u64; bits.div_ceil(64)];
+    for s in m..bits {
+        full[s / 64] |= 1 << (s % 64);
+    }
     let mut table = vec![EMPTY; m];
+
     // Terminates: a walk passes only slots that were full (and stay full), so the empty slots
     // are all still ahead in it, and there are exactly as many claims as slots.
-    for &i in &order {
-        let (next, skip, id) = &mut walks[i as usize];
+    let walked = m.saturating_sub(endgame);
+    for &i in &order[..walked] {
+        let i = i as usize;
+        let w = &walks[i];
+        let mut pos = next[i];
         loop {
-            let slot = *next;
-            *next += *skip;
-            if *next >= ring_size {
-                *next -= ring_size;
-            }
-            let entry = &mut table[slot as usize];
-            if *entry == EMPTY {
-                *entry = *id;
+            let s = w.slot(&shape, pos) as usize;
+            pos += 1;
+            let word = &mut full[s / 64];
+            let bit = 1u64 << (s % 64);
+            if *word & bit == 0 {
+                *word |= bit;
+                table[s] = sorted[i].id;
                 break;
             }
         }
+        next[i] = pos;
     }
+
+    // Endgame: the earliest empty slot in each claimer's walk, found directly.
+    let mut empty: Vec<u32> = (0..ring_size)
+        .filter(|&s| full[s as usize / 64] & (1 << (s % 64)) == 0)
+        .collect();
+    for &i in &order[walked..] {
+        let w = &walks[i as usize];
+        let (inv1, inv2) = (inverse_mod_2_32(w.mul1), inverse_mod_2_32(w.mul2));
+        let mut best = (u32::MAX, 0);
+        for (k, &s) in empty.iter().enumerate() {
+            let p = w.position(&shape, s, inv1, inv2);
+            if p < best.0 {
+                best = (p, k);
+            }
+        }
+        let s = empty.swap_remove(best.1);
+        table[s as usize] = sorted[i as usize].id;
+    }
+    debug_assert!(empty.is_empty());
     Ok(table)
 }
 
@@ -362,19 +523,50 @@ mod tests {
     }
 
     #[test]
-    fn permutation_is_a_full_cycle() {
-        for key in [0, 1, u64::MAX, backend_key([10, 0, 0, 1], 80)] {
-            let m = 251;
-            let (offset, skip) = permutation(key, m);
-            assert!(offset < m && (1..m).contains(&skip));
-            let mut seen = [false; 251];
-            let mut s = offset;
-            for _ in 0..m {
-                assert!(!seen[s as usize]);
-                seen[s as usize] = true;
-                s = (s + skip) % m;
+    fn walks_visit_every_slot_once() {
+        for &m in RING_SIZES {
+            for key in [0, 1, u64::MAX, backend_key([10, 0, 0, 1], 80)] {
+                let mut seen = vec![false; m as usize];
+                let mut n = 0;
+                for s in walk(key, m) {
+                    assert!(!seen[s as usize], "M={m} key={key}: slot {s} twice");
+                    seen[s as usize] = true;
+                    n += 1;
+                }
+                assert_eq!(n, m, "M={m} key={key}");
             }
         }
+    }
+
+    #[test]
+    fn positions_invert_slots() {
+        for &m in RING_SIZES {
+            let shape = Shape::new(m);
+            for key in [3, 0xfeed_f00d_dead_beef] {
+                let w = Walk::new(key, &shape);
+                let (i1, i2) = (inverse_mod_2_32(w.mul1), inverse_mod_2_32(w.mul2));
+                for pos in (0..shape.len()).step_by(7).chain([shape.len() - 1]) {
+                    let s = w.slot(&shape, pos);
+                    assert_eq!(w.position(&shape, s, i1, i2), pos, "M={m} pos={pos}");
+                }
+            }
+        }
+        assert!(Shape::new(65537).spliced && !Shape::new(65521).spliced);
+    }
+
+    #[test]
+    fn endgame_does_not_change_the_table() {
+        let bs: Vec<_> = (1..=13u32)
+            .map(|i| be(i, backend_key([10, 0, 1, i as u8], 443), i % 4 + 1))
+            .collect();
+        for m in [251, 509, 1021, 2039] {
+            let walked = build_with(&bs, m, 0).unwrap();
+            assert_eq!(build_with(&bs, m, m as usize).unwrap(), walked);
+            assert_eq!(build_with(&bs, m, 100).unwrap(), walked);
+            assert_eq!(build(&bs, m).unwrap(), walked);
+        }
+        let bs = [be(1, 1, 1), be(2, 2, 1)];
+        assert_eq!(build_with(&bs, 65537, 0), build_with(&bs, 65537, 3000));
     }
 
     #[test]
@@ -411,7 +603,18 @@ mod tests {
         // The offset mixer is splitmix64's: its first output for seed 0 is a published value.
         assert_eq!(mix_stafford13(0x9e37_79b9_7f4a_7c15), 0xe220_a839_7b1d_cdaf);
         assert_eq!(backend_key([10, 0, 0, 1], 80), 0x1740_92cb_26c3_e677);
-        assert_eq!(permutation(0x0123_4567_89ab_cdef, 16381), (4780, 10396));
+        assert_eq!(
+            walk(0x0123_4567_89ab_cdef, 16381)
+                .take(4)
+                .collect::<Vec<_>>(),
+            vec![0, 0, 0, 0]
+        );
+        assert_eq!(
+            walk(0x0123_4567_89ab_cdef, 65537)
+                .take(4)
+                .collect::<Vec<_>>(),
+            vec![0, 0, 0, 0]
+        );
         let bs: Vec<_> = (1..=5u32)
             .map(|i| be(i, backend_key([10, 0, 0, i as u8], 80), i))
             .collect();
@@ -426,6 +629,9 @@ mod tests {
     #[test]
     fn slot_counts_counts_everything() {
         let c = slot_counts(&[1, 2, 2, 0, 2]);
-        assert_eq!(c.into_iter().collect::<Vec<_>>(), vec![(0, 1), (1, 1), (2, 3)]);
+        assert_eq!(
+            c.into_iter().collect::<Vec<_>>(),
+            vec![(0, 1), (1, 1), (2, 3)]
+        );
     }
 }

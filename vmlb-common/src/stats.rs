@@ -137,7 +137,10 @@ mod tests {
     fn names_are_unique() {
         for a in Counter::ALL {
             for b in Counter::ALL {
-                assert!(a == b || a.name() != b.name(), "{a:?} and {b:?} share a name");
+                assert!(
+                    a == b || a.name() != b.name(),
+                    "{a:?} and {b:?} share a name"
+                );
             }
         }
     }

@@ -359,20 +359,30 @@ fn build_timings() {
 fn tmp_disruption_stats() {
     let mut rng = StdRng::seed_from_u64(7);
     for m in [16381u32, 65537] {
-    for n in [2usize, 3, 5, 8, 12, 20, 30, 50] {
-        let (mut add_max, mut add_sum, mut rm_max, mut rm_sum) = (0f64, 0f64, 0f64, 0f64);
-        let trials = 200;
-        for _ in 0..trials {
-            let bs: Vec<_> = (0..=n).map(|i| MaglevBackend { id: i as u32 + 1, key: rng.gen(), weight: 1 }).collect();
-            let before = build(&bs[..n], m).unwrap();
-            let a = moved(&before, &build(&bs, m).unwrap()) - 1.0 / (n as f64 + 1.0);
-            let mut fewer = bs[..n].to_vec();
-            fewer.remove(rng.gen_range(0..n));
-            let r = moved(&before, &build(&fewer, m).unwrap()) - 1.0 / n as f64;
-            add_max = add_max.max(a); add_sum += a; rm_max = rm_max.max(r); rm_sum += r;
+        for n in [2usize, 3, 5, 8, 12, 20, 30, 50] {
+            let (mut add_max, mut add_sum, mut rm_max, mut rm_sum) = (0f64, 0f64, 0f64, 0f64);
+            let trials = 200;
+            for _ in 0..trials {
+                let bs: Vec<_> = (0..=n)
+                    .map(|i| MaglevBackend {
+                        id: i as u32 + 1,
+                        key: rng.gen(),
+                        weight: 1,
+                    })
+                    .collect();
+                let before = build(&bs[..n], m).unwrap();
+                let a = moved(&before, &build(&bs, m).unwrap()) - 1.0 / (n as f64 + 1.0);
+                let mut fewer = bs[..n].to_vec();
+                fewer.remove(rng.gen_range(0..n));
+                let r = moved(&before, &build(&fewer, m).unwrap()) - 1.0 / n as f64;
+                add_max = add_max.max(a);
+                add_sum += a;
+                rm_max = rm_max.max(r);
+                rm_sum += r;
+            }
+            println!("M={m} N={n:>3}: add excess mean {:.4} max {:.4}; remove excess mean {:.4} max {:.4}", add_sum / trials as f64, add_max, rm_sum / trials as f64, rm_max);
         }
-        println!("M={m} N={n:>3}: add excess mean {:.4} max {:.4}; remove excess mean {:.4} max {:.4}", add_sum / trials as f64, add_max, rm_sum / trials as f64, rm_max);
-    }}
+    }
 }
 
 #[test]
@@ -383,7 +393,13 @@ fn tmp_outlier() {
     let m = 16381u32;
     for n in [2usize, 3, 5, 8, 12, 20, 30, 50] {
         for _ in 0..200 {
-            let bs: Vec<_> = (0..=n).map(|i| MaglevBackend { id: i as u32 + 1, key: rng.gen(), weight: 1 }).collect();
+            let bs: Vec<_> = (0..=n)
+                .map(|i| MaglevBackend {
+                    id: i as u32 + 1,
+                    key: rng.gen(),
+                    weight: 1,
+                })
+                .collect();
             let before = build(&bs[..n], m).unwrap();
             let after = build(&bs, m).unwrap();
             let a = moved(&before, &after) - 1.0 / (n as f64 + 1.0);
@@ -392,14 +408,27 @@ fn tmp_outlier() {
             let _ = build(&fewer, m);
             if a > 0.02 {
                 println!("N={n} excess {a:.4}");
-                let mut s = bs.clone(); s.sort_by_key(|b| b.key);
-                for b in &s { let (o, k) = permutation(b.key, m); println!("  id {:>3} offset {o:>6} skip {k:>6} {}", b.id, if b.id as usize == n + 1 {"NEW"} else {""}); }
+                let mut s = bs.clone();
+                s.sort_by_key(|b| b.key);
+                for b in &s {
+                    let (o, k) = permutation(b.key, m);
+                    println!(
+                        "  id {:>3} offset {o:>6} skip {k:>6} {}",
+                        b.id,
+                        if b.id as usize == n + 1 { "NEW" } else { "" }
+                    );
+                }
                 // which backends lost/gained slots (excluding new)
-                let cb = slot_counts(&before); let ca = slot_counts(&after);
+                let cb = slot_counts(&before);
+                let ca = slot_counts(&after);
                 println!("  before {:?}\n  after  {:?}", cb, ca);
                 // moved between old backends
                 let mut pairs = BTreeMap::new();
-                for (x, y) in before.iter().zip(&after) { if x != y && *y as usize != n + 1 { *pairs.entry((*x, *y)).or_insert(0) += 1; } }
+                for (x, y) in before.iter().zip(&after) {
+                    if x != y && *y as usize != n + 1 {
+                        *pairs.entry((*x, *y)).or_insert(0) += 1;
+                    }
+                }
                 println!("  old->old moves {:?}", pairs);
             }
         }

@@ -56,7 +56,13 @@ pub fn lookup(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Result<NextHo
 
 /// Put the next hop's MACs on the frame and send it out of `ifindex`.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, p: &Packet, ifindex: u32, dst_mac: &[u8; 6], src_mac: &[u8; 6]) -> u32 {
+pub fn send(
+    ctx: &XdpContext,
+    p: &Packet,
+    ifindex: u32,
+    dst_mac: &[u8; 6],
+    src_mac: &[u8; 6],
+) -> u32 {
     // SAFETY: `eth` was bounds-checked by parse().
     unsafe {
         (*p.eth).dst = *dst_mac;

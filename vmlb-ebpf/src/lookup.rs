@@ -75,7 +75,11 @@ pub fn insert_flow(
     for attempt in 0..vmlb_common::SNAT_RETRIES {
         reply_key.dst_port = vmlb_common::hash::snat_port(hash, attempt).to_be();
         if FLOWS
-            .insert(&reply_key, to_client, aya_ebpf::bindings::BPF_NOEXIST as u64)
+            .insert(
+                &reply_key,
+                to_client,
+                aya_ebpf::bindings::BPF_NOEXIST as u64,
+            )
             .is_ok()
         {
             port = reply_key.dst_port;

@@ -14,9 +14,7 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use vmlb_common::{
-    hash::flow_hash, Counter, FlowEntry, Service, DIR_TO_BACKEND, DIR_TO_CLIENT,
-};
+use vmlb_common::{hash::flow_hash, Counter, FlowEntry, Service, DIR_TO_BACKEND, DIR_TO_CLIENT};
 
 use crate::{
     parse::{Classify, Packet},
@@ -47,7 +45,13 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
             dst,
             if_vip,
             if_not_vip,
-        }) => return Err(if lookup::is_vip(dst) { if_vip } else { if_not_vip }),
+        }) => {
+            return Err(if lookup::is_vip(dst) {
+                if_vip
+            } else {
+                if_not_vip
+            })
+        }
     };
 
     // Established flows and replies: one lookup, one rewrite.
@@ -63,7 +67,13 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
             count(Counter::ReplyHit);
         }
         nat::rewrite(&p, &e);
-        count_traffic(e.service_id, e.backend_id, p.len, false, e.dir == DIR_TO_CLIENT);
+        count_traffic(
+            e.service_id,
+            e.backend_id,
+            p.len,
+            false,
+            e.dir == DIR_TO_CLIENT,
+        );
         return Ok(forward::send(ctx, &p, e.ifindex, &e.dst_mac, &e.src_mac));
     }
 
@@ -122,7 +132,13 @@ fn new_flow(ctx: &XdpContext, p: &Packet, svc: &Service) -> Result<u32, Counter>
     count(Counter::FlowNew);
     nat::rewrite(p, &to_backend);
     count_traffic(svc.id, backend_id, p.len, true, false);
-    Ok(forward::send(ctx, p, hop.ifindex, &hop.dst_mac, &hop.src_mac))
+    Ok(forward::send(
+        ctx,
+        p,
+        hop.ifindex,
+        &hop.dst_mac,
+        &hop.src_mac,
+    ))
 }
 
 #[cfg(not(test))]

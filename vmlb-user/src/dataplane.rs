@@ -28,7 +28,8 @@ pub struct FakeDataplane {
 
 impl Dataplane for FakeDataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
-        self.log.push(format!("backend {id} flags={}", backend.flags));
+        self.log
+            .push(format!("backend {id} flags={}", backend.flags));
         self.backends.insert(id, *backend);
         Ok(())
     }
@@ -40,7 +41,8 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> anyhow::Result<()> {
-        self.log.push(format!("service {} ring {}", service.id, service.ring_base));
+        self.log
+            .push(format!("service {} ring {}", service.id, service.ring_base));
         self.services.insert(*key, *service);
         Ok(())
     }

@@ -7,6 +7,9 @@ use vmlb_common::{map_names, PROGRAM_NAME};
 /// The XDP object built by build.rs from vmlb-ebpf.
 pub static VMLB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmlb"));
 
+/// Benchmark-only programs (a floor and packet-restoring wrappers), see vmlb-ebpf/src/bin/bench.rs.
+pub static BENCH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmlb-bench"));
+
 /// Map sizes that may differ from the compiled-in defaults.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sizes {
@@ -25,11 +28,14 @@ pub fn load(sizes: Sizes) -> anyhow::Result<Ebpf> {
     if let Some(n) = sizes.maglev {
         loader.map_max_entries(map_names::MAGLEV, n);
     }
-    let mut ebpf = loader.load(VMLB_OBJ).context("loading the vmlb eBPF object")?;
+    let mut ebpf = loader
+        .load(VMLB_OBJ)
+        .context("loading the vmlb eBPF object")?;
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .context("program vmlb missing from the object")?
         .try_into()?;
-    prog.load().context("the verifier rejected the vmlb XDP program")?;
+    prog.load()
+        .context("the verifier rejected the vmlb XDP program")?;
     Ok(ebpf)
 }

@@ -5,7 +5,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vmlb", version, about = "XDP Maglev load balancer for VMs on a VLAN")]
+#[command(
+    name = "vmlb",
+    version,
+    about = "XDP Maglev load balancer for VMs on a VLAN"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,8 +26,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Verify => {
-            let ebpf = vmlb_user::loader::load(Default::default())
-                .context("loading the program")?;
+            let ebpf =
+                vmlb_user::loader::load(Default::default()).context("loading the program")?;
             for (name, _) in ebpf.maps() {
                 println!("map {name}");
             }

@@ -57,12 +57,14 @@ impl BpfMaps {
     }
 
     fn sum(values: &[TrafficStats]) -> TrafficStats {
-        values.iter().fold(TrafficStats::default(), |a, v| TrafficStats {
-            packets: a.packets + v.packets,
-            bytes: a.bytes + v.bytes,
-            new_flows: a.new_flows + v.new_flows,
-            reply_packets: a.reply_packets + v.reply_packets,
-        })
+        values
+            .iter()
+            .fold(TrafficStats::default(), |a, v| TrafficStats {
+                packets: a.packets + v.packets,
+                bytes: a.bytes + v.bytes,
+                new_flows: a.new_flows + v.new_flows,
+                reply_packets: a.reply_packets + v.reply_packets,
+            })
     }
 
     pub fn service_stats(&self, id: u32) -> anyhow::Result<TrafficStats> {

@@ -101,13 +101,33 @@ impl Reconciler {
                 );
             }
             if !wanted.insert(spec.key()) {
-                bail!("service {}:{}/{:?} is defined twice", spec.vip, spec.port, spec.proto);
+                bail!(
+                    "service {}:{}/{:?} is defined twice",
+                    spec.vip,
+                    spec.port,
+                    spec.proto
+                );
             }
         }
 
         for spec in desired {
-            self.apply_service(spec, dp, &mut summary)
-                .with_context(|| format!("service {}:{}/{:?}", spec.vip, spec.port, spec.proto))?;
+            let key = spec.key();
+            let prev = self.services.remove(&key);
+            match self.apply_service(spec, prev.as_ref(), dp, &mut summary) {
+                Ok(installed) => {
+                    self.services.insert(key, installed);
+                }
+                Err(e) => {
+                    // What was installed before is still what the data path uses.
+                    if let Some(p) = prev {
+                        self.services.insert(key, p);
+                    }
+                    return Err(e.context(format!(
+                        "service {}:{}/{:?}",
+                        spec.vip, spec.port, spec.proto
+                    )));
+                }
+            }
         }
 
         let gone: Vec<ServiceKey> = self
@@ -143,22 +163,31 @@ impl Reconciler {
     fn apply_service(
         &mut self,
         spec: &ServiceSpec,
+        prev: Option<&Installed>,
         dp: &mut impl Dataplane,
         summary: &mut Summary,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Installed> {
         let key = spec.key();
-        let prev = self.services.remove(&key);
-        let id = match &prev {
+        let id = match prev {
             Some(p) => p.value.id,
             None => {
                 summary.services_added += 1;
                 self.service_ids.alloc().context("no free service id")?
             }
         };
-        let prev_ids = prev.as_ref().map(|p| p.backend_ids.clone()).unwrap_or_default();
+        let prev_ids = prev
+            .as_ref()
+            .map(|p| p.backend_ids.clone())
+            .unwrap_or_default();
         let prev_spec_backends: BTreeMap<(Ipv4Addr, u16), _> = prev
             .as_ref()
-            .map(|p| p.spec.backends.iter().map(|b| ((b.addr, b.port), *b)).collect())
+            .map(|p| {
+                p.spec
+                    .backends
+                    .iter()
+                    .map(|b| ((b.addr, b.port), *b))
+                    .collect()
+            })
             .unwrap_or_default();
 
         // 1. Backends, before any table names them.
@@ -193,10 +222,10 @@ impl Reconciler {
         }
 
         // 2. The table, into fresh space, then the switch.
-        let table = maglev::build(&members, spec.ring_size)
-            .map_err(|e| anyhow::anyhow!("Maglev: {e}"))?;
+        let table =
+            maglev::build(&members, spec.ring_size).map_err(|e| anyhow::anyhow!("Maglev: {e}"))?;
         let snat_addr = u32::from_ne_bytes(spec.snat.octets());
-        let value = match &prev {
+        let value = match prev {
             Some(p) if p.table == table && p.value.snat_addr == snat_addr => p.value,
             _ => {
                 let ring_base = self.ring.alloc(spec.ring_size)?;
@@ -210,8 +239,9 @@ impl Reconciler {
                     _pad: 0,
                 };
                 dp.set_service(&key, &value)?;
-                if let Some(p) = &prev {
-                    self.pending_free.push((p.value.ring_base, p.value.ring_size));
+                if let Some(p) = prev {
+                    self.pending_free
+                        .push((p.value.ring_base, p.value.ring_size));
                 }
                 summary.tables_swapped += 1;
                 value
@@ -227,16 +257,12 @@ impl Reconciler {
             }
         }
 
-        self.services.insert(
-            key,
-            Installed {
-                spec: spec.clone(),
-                value,
-                backend_ids,
-                table,
-            },
-        );
-        Ok(())
+        Ok(Installed {
+            spec: spec.clone(),
+            value,
+            backend_ids,
+            table,
+        })
     }
 }
 
@@ -271,5 +297,181 @@ impl IdPool {
 
     fn release(&mut self, id: u32) {
         self.used.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        dataplane::FakeDataplane,
+        model::{BackendSpec, Proto},
+    };
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 128);
+
+    fn be(last: u8, weight: u32, up: bool) -> BackendSpec {
+        BackendSpec {
+            addr: Ipv4Addr::new(10, 10, 1, last),
+            port: 80,
+            weight,
+            up,
+        }
+    }
+
+    fn svc(port: u16, backends: Vec<BackendSpec>) -> ServiceSpec {
+        ServiceSpec {
+            vip: VIP,
+            port,
+            proto: Proto::Tcp,
+            snat: Ipv4Addr::new(10, 10, 1, 125),
+            ring_size: 251,
+            backends,
+        }
+    }
+
+    /// The table the data path would read for a service, through the installed service value.
+    fn live_table(dp: &FakeDataplane, key: &ServiceKey) -> Vec<u32> {
+        let s = dp.services[key];
+        (s.ring_base..s.ring_base + s.ring_size)
+            .map(|i| dp.ring[&i])
+            .collect()
+    }
+
+    #[test]
+    fn install_writes_backends_before_the_table_and_the_service_last() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let spec = svc(80, vec![be(2, 1, true), be(3, 1, true)]);
+        let s = r.apply(std::slice::from_ref(&spec), &mut dp).unwrap();
+        assert_eq!(s.services_added, 1);
+        assert_eq!(
+            dp.log,
+            ["backend 1 flags=1", "backend 2 flags=1", "ring 0+251", "service 1 ring 0"]
+        );
+        assert!(dp.vips.contains(&spec.key().vip));
+        let t = live_table(&dp, &spec.key());
+        assert!(t.iter().all(|&id| id == 1 || id == 2));
+    }
+
+    #[test]
+    fn unchanged_config_writes_nothing() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let spec = [svc(80, vec![be(2, 1, true)])];
+        r.apply(&spec, &mut dp).unwrap();
+        dp.log.clear();
+        let s = r.apply(&spec, &mut dp).unwrap();
+        assert_eq!(s, Summary::default());
+        assert!(dp.log.is_empty(), "{:?}", dp.log);
+    }
+
+    #[test]
+    fn a_changed_table_goes_to_fresh_space_and_old_space_is_reused_later() {
+        let mut r = Reconciler::new(600);
+        let mut dp = FakeDataplane::default();
+        r.apply(&[svc(80, vec![be(2, 1, true)])], &mut dp).unwrap();
+        let key = svc(80, vec![]).key();
+        assert_eq!(dp.services[&key].ring_base, 0);
+        let old = live_table(&dp, &key);
+
+        r.apply(&[svc(80, vec![be(2, 1, true), be(3, 1, true)])], &mut dp)
+            .unwrap();
+        // The new table lives elsewhere; the old range was not overwritten during the swap.
+        assert_eq!(dp.services[&key].ring_base, 251);
+        let old_range: Vec<u32> = (0..251).map(|i| dp.ring[&i]).collect();
+        assert_eq!(old_range, old);
+
+        // The next change may reuse the first range.
+        r.apply(&[svc(80, vec![be(3, 1, true)])], &mut dp).unwrap();
+        assert_eq!(dp.services[&key].ring_base, 0);
+    }
+
+    #[test]
+    fn backend_ids_are_stable_and_a_removed_backend_is_marked_down_after_the_swap() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let key = svc(80, vec![]).key();
+        r.apply(&[svc(80, vec![be(2, 1, true), be(3, 1, true)])], &mut dp)
+            .unwrap();
+        let id3 = r.backend_id(&key, Ipv4Addr::new(10, 10, 1, 3), 80).unwrap();
+        dp.log.clear();
+        r.apply(&[svc(80, vec![be(3, 1, true)])], &mut dp).unwrap();
+        assert_eq!(
+            r.backend_id(&key, Ipv4Addr::new(10, 10, 1, 3), 80),
+            Some(id3)
+        );
+        let swap = dp.log.iter().position(|l| l.starts_with("service")).unwrap();
+        let down = dp.log.iter().position(|l| l == "backend 1 flags=0").unwrap();
+        assert!(swap < down, "{:?}", dp.log);
+        assert!(live_table(&dp, &key).iter().all(|&id| id == id3));
+    }
+
+    #[test]
+    fn down_and_draining_backends_leave_the_table_but_only_down_clears_the_flag() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let key = svc(80, vec![]).key();
+        r.apply(
+            &[svc(80, vec![be(2, 0, true), be(3, 1, false), be(4, 1, true)])],
+            &mut dp,
+        )
+        .unwrap();
+        let t = live_table(&dp, &key);
+        let id4 = r.backend_id(&key, Ipv4Addr::new(10, 10, 1, 4), 80).unwrap();
+        assert!(t.iter().all(|&id| id == id4));
+        let flags = |last| {
+            let id = r.backend_id(&key, Ipv4Addr::new(10, 10, 1, last), 80).unwrap();
+            dp.backends[&id].flags
+        };
+        assert_eq!((flags(2), flags(3), flags(4)), (BE_F_UP, 0, BE_F_UP));
+    }
+
+    #[test]
+    fn removing_the_last_service_of_a_vip_removes_the_vip() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        r.apply(
+            &[svc(80, vec![be(2, 1, true)]), svc(443, vec![be(2, 1, true)])],
+            &mut dp,
+        )
+        .unwrap();
+        r.apply(&[svc(443, vec![be(2, 1, true)])], &mut dp).unwrap();
+        assert_eq!(dp.services.len(), 1);
+        assert_eq!(dp.vips.len(), 1);
+        let s = r.apply(&[], &mut dp).unwrap();
+        assert_eq!(s.services_removed, 1);
+        assert!(dp.services.is_empty() && dp.vips.is_empty());
+        assert!(dp.backends.values().all(|b| b.flags == 0));
+    }
+
+    #[test]
+    fn invalid_input_is_rejected_before_any_write() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let mut bad = svc(80, vec![be(2, 1, true)]);
+        bad.ring_size = 1000;
+        let err = r.apply(&[bad], &mut dp).unwrap_err().to_string();
+        assert!(err.contains("Maglev size 1000"), "{err}");
+        let twice = svc(80, vec![be(2, 1, true)]);
+        let err = r
+            .apply(&[twice.clone(), twice], &mut dp)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("defined twice"), "{err}");
+        assert!(dp.log.is_empty());
+    }
+
+    #[test]
+    fn full_maglev_array_is_a_clear_error() {
+        let mut r = Reconciler::new(300);
+        let mut dp = FakeDataplane::default();
+        let err = r
+            .apply(
+                &[svc(80, vec![be(2, 1, true)]), svc(81, vec![be(2, 1, true)])],
+                &mut dp,
+            )
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("no free range of 251"), "{err:#}");
     }
 }

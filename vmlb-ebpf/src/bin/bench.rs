@@ -1,0 +1,113 @@
+//! Programs for `cargo xtask bench datapath`, never loaded by the daemon.
+//!
+//! BPF_PROG_TEST_RUN with a repeat count does not restore the packet between iterations, so a
+//! NATed packet would take the cheap pass path from the second iteration on. `bench_restore`
+//! copies the original headers back before tail-calling the program under test;
+//! `bench_restore_new` also gives every iteration a new client address, so each one is a new
+//! flow. Their own cost is measured by tail-calling `bench_floor` and subtracted.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray, ProgramArray},
+    programs::XdpContext,
+};
+
+/// The first 64 bytes of the packet under test (covers Ethernet + IPv4 + TCP headers).
+#[map]
+static BENCH_PKT: Array<[u64; 8]> = Array::with_max_entries(1, 0);
+/// Slot 0: the program under test.
+#[map]
+static BENCH_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// Per-CPU iteration number, for new-flow runs.
+#[map]
+static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+const SADDR_OFF: usize = 14 + 12;
+
+/// The floor: parse Ethernet/IPv4/TCP, swap MACs, send back.
+#[xdp]
+pub fn bench_floor(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + 14 + 20 + 20 > end {
+        return xdp_action::XDP_PASS;
+    }
+    let p = start as *mut u8;
+    // SAFETY: 54 bytes are bounds-checked above.
+    unsafe {
+        if *(p.add(12) as *const u16) != 0x0800u16.to_be() || *p.add(14 + 9) != 6 {
+            return xdp_action::XDP_PASS;
+        }
+        let ihl = ((*p.add(14) & 0x0f) as usize) * 4;
+        if ihl < 20 || start + 14 + ihl + 20 > end {
+            return xdp_action::XDP_PASS;
+        }
+        let mut tmp = [0u8; 6];
+        core::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), 6);
+        core::ptr::copy_nonoverlapping(p.add(6), p, 6);
+        core::ptr::copy_nonoverlapping(tmp.as_ptr(), p.add(6), 6);
+    }
+    xdp_action::XDP_TX
+}
+
+/// Copy the saved headers over the packet; returns the (bounds-checked) packet start.
+#[inline(always)]
+fn restore(ctx: &XdpContext) -> Option<usize> {
+    let start = ctx.data();
+    if start + 64 > ctx.data_end() {
+        return None;
+    }
+    let saved = BENCH_PKT.get(0)?;
+    let dst = start as *mut u64;
+    // SAFETY: 64 bytes are bounds-checked above. Plain (aligned-typed) stores: the JIT does
+    // unaligned stores on x86-64; write_unaligned would make LLVM emit 64 byte stores.
+    unsafe {
+        for (i, w) in saved.iter().enumerate() {
+            *dst.add(i) = *w;
+        }
+    }
+    Some(start)
+}
+
+#[xdp]
+pub fn bench_restore(ctx: XdpContext) -> u32 {
+    if restore(&ctx).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: tail call; falls through only if slot 0 is empty.
+    unsafe { BENCH_PROG.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+#[xdp]
+pub fn bench_restore_new(ctx: XdpContext) -> u32 {
+    let Some(start) = restore(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if let Some(seq) = BENCH_SEQ.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; the packet holds SADDR_OFF + 4 bytes (checked in restore).
+        unsafe {
+            *seq += 1;
+            let saddr = (start + SADDR_OFF) as *mut u32;
+            // Client addresses 1.0.0.0 + n: a new flow every iteration. The checksums go stale,
+            // which the program under test neither checks nor minds (it updates incrementally).
+            *saddr = (0x0100_0000u32 + *seq).to_be();
+        }
+    }
+    // SAFETY: as above.
+    unsafe { BENCH_PROG.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
