@@ -260,6 +260,7 @@ pub fn flow_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: Proto) -> Flo
         src_port: src.1.to_be(),
         dst_port: dst.1.to_be(),
         proto: proto.number(),
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }

@@ -7,7 +7,7 @@ use std::{
     fs, io,
     net::Ipv4Addr,
     os::{
-        fd::{FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::{fs::PermissionsExt as _, process::CommandExt as _},
     },
     path::PathBuf,
@@ -24,6 +24,8 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 128);
 /// The node's address on the VLAN: SNAT source towards the VMs (the EgressIP's role).
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 125);
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 50);
+const VM1_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
+const VM2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 3);
 /// The node's VLAN-side interface (untagged: this kernel has no 802.1Q devices).
 pub const NODE_DEV: &str = "vlan1512";
 pub const NODE_MAC: &str = "02:00:0a:0a:01:7d";
@@ -52,11 +54,19 @@ pub struct Lab {
 /// checksum and metadata saying so, which XDP cannot see; once the node rewrites and XDP_TXes
 /// such a frame the metadata is gone and the receiver rightly drops it. Real NICs on the VLAN put
 /// complete checksums on the wire, which is what vmlb updates incrementally.
-fn plug(segment: &Netns, ns: &Netns, dev: &str, mac: &str, port: &str, port_mac: &str) -> anyhow::Result<()> {
-    veth(ns, dev, mac, segment, port, port_mac)?;
+/// The bridge port's MAC is `mac` with its second byte set to 0x15.
+fn plug(segment: &Netns, ns: &Netns, dev: &str, mac: &str, port: &str) -> anyhow::Result<()> {
+    let port_mac = format!("02:15{}", &mac[5..]);
+    veth(ns, dev, mac, segment, port, &port_mac)?;
     segment.ip(&["link", "set", port, "master", BRIDGE])?;
     ns.exec(&["ethtool", "-K", dev, "tx", "off"])
         .context("turning off checksum offload (needs ethtool)")?;
+    Ok(())
+}
+
+fn permanent_neigh(ns: &Netns, addr: Ipv4Addr, mac: &str, dev: &str) -> anyhow::Result<()> {
+    let cmd = format!("neigh replace {addr} lladdr {mac} dev {dev} nud permanent");
+    ns.ip(&cmd.split(' ').collect::<Vec<_>>())?;
     Ok(())
 }
 
@@ -89,7 +99,7 @@ fn attach_xdp_pass(ifindex: u32) -> io::Result<OwnedFd> {
     let prog = bpf(BPF_PROG_LOAD, &attr)?;
     // prog_fd, target_ifindex, attach_type, flags. The link holds its own program reference.
     let mut attr = [0u64; 16];
-    attr[0] = std::os::fd::AsRawFd::as_raw_fd(&prog) as u64 | (u64::from(ifindex) << 32);
+    attr[0] = prog.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
     attr[1] = BPF_XDP | (XDP_FLAGS_DRV_MODE << 32);
     bpf(BPF_LINK_CREATE, &attr)
 }
@@ -103,16 +113,13 @@ impl Lab {
         segment.ip(&["link", "set", BRIDGE, "up"])?;
 
         let client = Netns::new("client")?;
-        plug(&segment, &client, "eth0", CLIENT_MAC, "p-client", "02:15:12:00:00:50")?;
+        plug(&segment, &client, "eth0", CLIENT_MAC, "p-client")?;
         client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
         // Nothing answers ARP for the VIP yet (a later issue): point it at the node by hand.
-        client.ip(&[
-            "neigh", "replace", &VIP.to_string(), "lladdr", NODE_MAC, "dev", "eth0", "nud",
-            "permanent",
-        ])?;
+        permanent_neigh(&client, VIP, NODE_MAC, "eth0")?;
 
         let node = Netns::new("node")?;
-        plug(&segment, &node, NODE_DEV, NODE_MAC, NODE_PEER, "02:15:12:00:01:25")?;
+        plug(&segment, &node, NODE_DEV, NODE_MAC, NODE_PEER)?;
         node.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", NODE_DEV])?;
         // bpf_fib_lookup answers FWD_DISABLED unless the ingress device forwards.
         node.sysctl("net.ipv4.ip_forward", "1")?;
@@ -128,20 +135,14 @@ impl Lab {
         };
 
         let mut vms = Vec::new();
-        for (i, (name, addr)) in [("vm1", Ipv4Addr::new(10, 10, 1, 2)), ("vm2", Ipv4Addr::new(10, 10, 1, 3))]
-            .into_iter()
-            .enumerate()
-        {
+        for (name, addr) in [("vm1", VM1_ADDR), ("vm2", VM2_ADDR)] {
             let ns = Netns::new(name)?;
             let mac = format!("02:00:0a:0a:01:{:02x}", addr.octets()[3]);
-            plug(&segment, &ns, "eth0", &mac, &format!("p-{name}"), &format!("02:15:12:00:00:{i:02x}"))?;
+            plug(&segment, &ns, "eth0", &mac, &format!("p-{name}"))?;
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
             // User space keeps backend neighbours resolved (the program passes a new flow to the
             // kernel while they are not): here, by hand.
-            node.ip(&[
-                "neigh", "replace", &addr.to_string(), "lladdr", &mac, "dev", NODE_DEV, "nud",
-                "permanent",
-            ])?;
+            permanent_neigh(&node, addr, &mac, NODE_DEV)?;
             vms.push(Vm { name, addr, ns });
         }
         Ok(Self {
@@ -153,24 +154,27 @@ impl Lab {
         })
     }
 
-    /// Interface statistics and neighbour tables of every namespace, for failure reports.
+    /// Interface statistics, neighbour tables, veth XDP counters (xdp_tx, xdp_tx_errors) and TCP
+    /// checksum errors of every namespace, for failure reports.
     pub fn describe(&self) -> String {
         let mut out = String::new();
-        let mut show = |ns: &Netns, args: &[&str]| {
-            let text = match ns.ip(args) {
+        let mut show = |ns: &Netns, cmd: &[&str]| {
+            let text = match ns.exec(cmd) {
                 Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
                 Err(e) => format!("{e:#}\n"),
             };
-            out += &format!("--- {} ip {}\n{text}", ns.name(), args.join(" "));
+            out += &format!("--- {}: {}\n{text}", ns.name(), cmd.join(" "));
         };
         for ns in [&self.client, &self.node, &self.segment]
             .into_iter()
             .chain(self.vms.iter().map(|v| &v.ns))
         {
-            show(ns, &["-s", "link"]);
-            show(ns, &["neigh"]);
+            show(ns, &["ip", "-s", "link"]);
+            show(ns, &["ip", "neigh"]);
+            show(ns, &["nstat", "-asz", "TcpInCsumErrors", "TcpInSegs"]);
         }
-        show(&self.node, &["link", "show", NODE_DEV]);
+        show(&self.node, &["ethtool", "-S", NODE_DEV]);
+        show(&self.segment, &["ethtool", "-S", NODE_PEER]);
         out
     }
 }
@@ -199,7 +203,11 @@ impl Httpd {
         fs::create_dir_all(&docs)?;
         fs::write(docs.join("index.html"), format!("{name}\n"))?;
         // The workers run as www-data and must read the document root whatever the umask.
-        for (p, mode) in [(&dir, 0o755), (&docs, 0o755), (&docs.join("index.html"), 0o644)] {
+        for (p, mode) in [
+            (&dir, 0o755),
+            (&docs, 0o755),
+            (&docs.join("index.html"), 0o644),
+        ] {
             fs::set_permissions(p, fs::Permissions::from_mode(mode))?;
         }
         let d = dir.display();
@@ -269,7 +277,11 @@ CustomLog "{d}/access.log" vmlb
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("apache2 for {} exited ({status}): {}", self.name, self.logs());
+                bail!(
+                    "apache2 for {} exited ({status}): {}",
+                    self.name,
+                    self.logs()
+                );
             }
             let last = match curl(ns, &url, 1) {
                 Ok(body) if body.trim() == self.name => break,
@@ -277,7 +289,11 @@ CustomLog "{d}/access.log" vmlb
                 Err(e) => format!("{e:#}"),
             };
             if Instant::now() > deadline {
-                bail!("apache2 for {} not ready after 10 s ({last}): {}", self.name, self.logs());
+                bail!(
+                    "apache2 for {} not ready after 10 s ({last}): {}",
+                    self.name,
+                    self.logs()
+                );
             }
             thread::sleep(Duration::from_millis(100));
         }

@@ -409,7 +409,8 @@ fn occupy(e: &mut Env, key: FlowKey) {
         dst_mac: [0; 6],
         src_mac: [0; 6],
         dir: DIR_TO_CLIENT,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     e.maps.flows.insert(key, taken, 0).unwrap();
 }

@@ -38,8 +38,9 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// SNAT source ports are chosen in [SNAT_PORT_MIN, SNAT_PORT_MAX]; the node's own ephemeral range
 /// (32768-60999 by default) is outside it so locally originated connections never collide.
+/// The range holds a prime number of ports (31741) so that every probe step visits every port.
 pub const SNAT_PORT_MIN: u16 = 1024;
-pub const SNAT_PORT_MAX: u16 = 32767;
+pub const SNAT_PORT_MAX: u16 = 32764;
 /// Candidate ports tried per new flow before the flow is dropped as `DropSnatExhausted`.
 pub const SNAT_RETRIES: u32 = 8;
 
@@ -99,7 +100,10 @@ pub struct FlowKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two fields, not `[u8; 3]`: LLVM's BPF backend turns a 3-byte zero fill into a call to a
+    // byte-loop memset, on every packet.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(size_of::<FlowKey>() == 16);
 
@@ -128,7 +132,8 @@ pub struct FlowEntry {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     pub dir: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(size_of::<FlowEntry>() == 40);
 

@@ -52,13 +52,16 @@ pub const fn maglev_slot(hash: u32, ring_size: u32) -> u32 {
 
 const SNAT_RANGE: u32 = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
 
-/// The `attempt`-th SNAT source port candidate for a flow, in host byte order. Starts at a
-/// point derived from the flow hash (independent of the Maglev slot, which uses the low bits)
-/// and probes linearly, so a collision costs one more NOEXIST insert.
+/// The `attempt`-th SNAT source port candidate for a flow, in host byte order. Double hashing:
+/// start and step both come from the flow hash (independent of the Maglev slot, which uses the
+/// low bits), so flows that collide on a start port do not pile into one run of busy ports as
+/// they would with linear probing. The range is prime, so any step reaches every port.
 #[inline(always)]
 pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
     let start = fmix(hash ^ 0x9e37_79b9) % SNAT_RANGE;
-    (SNAT_PORT_MIN as u32 + (start + attempt) % SNAT_RANGE) as u16
+    let step = 1 + fmix(hash ^ 0x85eb_ca6b) % (SNAT_RANGE - 1);
+    // attempt < SNAT_RETRIES, so attempt * step cannot overflow.
+    (SNAT_PORT_MIN as u32 + (start + attempt * step) % SNAT_RANGE) as u16
 }
 
 #[cfg(test)]
@@ -72,7 +75,8 @@ mod tests {
             src_port: sport.to_be(),
             dst_port: 80u16.to_be(),
             proto: 6,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 
@@ -92,14 +96,26 @@ mod tests {
     }
 
     #[test]
-    fn snat_ports_stay_in_range_and_probe_linearly() {
+    fn snat_candidates_are_in_range_and_distinct() {
         for sport in 0..2000u16 {
             let h = flow_hash(&key(sport));
-            let p0 = snat_port(h, 0);
-            assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p0));
-            let p1 = snat_port(h, 1);
-            assert!(p1 == p0 + 1 || (p0 == SNAT_PORT_MAX && p1 == SNAT_PORT_MIN));
+            let mut seen = [0u16; crate::SNAT_RETRIES as usize];
+            for (a, slot) in seen.iter_mut().enumerate() {
+                *slot = snat_port(h, a as u32);
+                assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(slot));
+            }
+            for i in 0..seen.len() {
+                assert!(!seen[..i].contains(&seen[i]), "repeated candidate {seen:?}");
+            }
         }
+    }
+
+    #[test]
+    fn snat_range_is_prime() {
+        let n = SNAT_RANGE;
+        assert!((2..n)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d)));
     }
 
     #[test]

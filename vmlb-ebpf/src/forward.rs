@@ -23,26 +23,42 @@ pub struct NextHop {
 /// when a flow is created; the result is kept in its conntrack entry.
 #[inline(always)]
 pub fn lookup(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Result<NextHop, Counter> {
-    // SAFETY: all-zero is a valid bpf_fib_lookup (a plain C struct of integers and unions).
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = p.key.proto;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: `ip` was bounds-checked by parse(); writing plain union fields.
-    unsafe {
-        params.__bindgen_anon_1.tot_len = u16::from_be((*p.ip).tot_len);
-        params.__bindgen_anon_3.ipv4_src = src;
-        params.__bindgen_anon_4.ipv4_dst = dst;
+    // The helper's argument must be initialised to the last byte (the verifier insists). It is
+    // written as eight volatile words because LLVM merges plain zero stores into a `memset`,
+    // which the BPF backend emits as a call to a byte loop. `struct bpf_fib_lookup` on bpfel:
+    // family, l4_protocol, sport, dport, tot_len | ifindex, tos | ipv4_src (+12 bytes of
+    // ipv6_src) | ipv4_dst (+12) | tbid, smac, dmac.
+    const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+    let mut raw = core::mem::MaybeUninit::<[u64; 8]>::uninit();
+    // SAFETY: `ip` was bounds-checked by parse().
+    let tot_len = unsafe { u16::from_be((*p.ip).tot_len) } as u64;
+    let words = [
+        AF_INET as u64 | (p.key.proto as u64) << 8 | tot_len << 48,
+        ctx.ingress_ifindex() as u64 & 0xffff_ffff,
+        src as u64,
+        0,
+        dst as u64,
+        0,
+        0,
+        0,
+    ];
+    let base = raw.as_mut_ptr().cast::<u64>();
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: in bounds of the 8-word buffer.
+        unsafe { base.add(i).write_volatile(*w) };
     }
-    // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
+    let params = base.cast::<FibParams>();
+    // SAFETY: `params` is a fully initialised bpf_fib_lookup of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut params,
+            params,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
     };
+    // SAFETY: the helper filled it in; it is still initialised.
+    let params = unsafe { &*params };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: params.ifindex,

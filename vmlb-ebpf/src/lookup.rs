@@ -69,7 +69,8 @@ pub fn insert_flow(
         src_port: to_backend.dst_port,
         dst_port: 0,
         proto: key.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let mut port = 0u16;
     for attempt in 0..vmlb_common::SNAT_RETRIES {

@@ -110,7 +110,8 @@ fn new_flow(ctx: &XdpContext, p: &Packet, svc: &Service) -> Result<u32, Counter>
         dst_mac: hop.dst_mac,
         src_mac: hop.src_mac,
         dir: DIR_TO_BACKEND,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     // SAFETY: `eth` was bounds-checked by parse().
     let (client_mac, our_mac) = unsafe { ((*p.eth).src, (*p.eth).dst) };
@@ -125,7 +126,8 @@ fn new_flow(ctx: &XdpContext, p: &Packet, svc: &Service) -> Result<u32, Counter>
         dst_mac: client_mac,
         src_mac: our_mac,
         dir: DIR_TO_CLIENT,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     lookup::insert_flow(k, hash, &mut to_backend, &to_client)?;
 

@@ -143,7 +143,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Classify> {
             src_port: (*ports).src,
             dst_port: (*ports).dst,
             proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     };
     Ok(Packet {

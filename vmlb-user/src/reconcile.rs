@@ -347,7 +347,12 @@ mod tests {
         assert_eq!(s.services_added, 1);
         assert_eq!(
             dp.log,
-            ["backend 1 flags=1", "backend 2 flags=1", "ring 0+251", "service 1 ring 0"]
+            [
+                "backend 1 flags=1",
+                "backend 2 flags=1",
+                "ring 0+251",
+                "service 1 ring 0"
+            ]
         );
         assert!(dp.vips.contains(&spec.key().vip));
         let t = live_table(&dp, &spec.key());
@@ -401,8 +406,16 @@ mod tests {
             r.backend_id(&key, Ipv4Addr::new(10, 10, 1, 3), 80),
             Some(id3)
         );
-        let swap = dp.log.iter().position(|l| l.starts_with("service")).unwrap();
-        let down = dp.log.iter().position(|l| l == "backend 1 flags=0").unwrap();
+        let swap = dp
+            .log
+            .iter()
+            .position(|l| l.starts_with("service"))
+            .unwrap();
+        let down = dp
+            .log
+            .iter()
+            .position(|l| l == "backend 1 flags=0")
+            .unwrap();
         assert!(swap < down, "{:?}", dp.log);
         assert!(live_table(&dp, &key).iter().all(|&id| id == id3));
     }
@@ -413,7 +426,10 @@ mod tests {
         let mut dp = FakeDataplane::default();
         let key = svc(80, vec![]).key();
         r.apply(
-            &[svc(80, vec![be(2, 0, true), be(3, 1, false), be(4, 1, true)])],
+            &[svc(
+                80,
+                vec![be(2, 0, true), be(3, 1, false), be(4, 1, true)],
+            )],
             &mut dp,
         )
         .unwrap();
@@ -421,7 +437,9 @@ mod tests {
         let id4 = r.backend_id(&key, Ipv4Addr::new(10, 10, 1, 4), 80).unwrap();
         assert!(t.iter().all(|&id| id == id4));
         let flags = |last| {
-            let id = r.backend_id(&key, Ipv4Addr::new(10, 10, 1, last), 80).unwrap();
+            let id = r
+                .backend_id(&key, Ipv4Addr::new(10, 10, 1, last), 80)
+                .unwrap();
             dp.backends[&id].flags
         };
         assert_eq!((flags(2), flags(3), flags(4)), (BE_F_UP, 0, BE_F_UP));
@@ -432,7 +450,10 @@ mod tests {
         let mut r = Reconciler::new(1000);
         let mut dp = FakeDataplane::default();
         r.apply(
-            &[svc(80, vec![be(2, 1, true)]), svc(443, vec![be(2, 1, true)])],
+            &[
+                svc(80, vec![be(2, 1, true)]),
+                svc(443, vec![be(2, 1, true)]),
+            ],
             &mut dp,
         )
         .unwrap();
@@ -472,6 +493,9 @@ mod tests {
                 &mut dp,
             )
             .unwrap_err();
-        assert!(format!("{err:#}").contains("no free range of 251"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("no free range of 251"),
+            "{err:#}"
+        );
     }
 }
