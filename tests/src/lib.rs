@@ -2,5 +2,6 @@
 //! drives the real XDP program through BPF_PROG_TEST_RUN.
 
 pub mod fixture;
+pub mod lab;
 pub mod netns;
 pub mod packet;

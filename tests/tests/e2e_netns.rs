@@ -23,14 +23,7 @@ use vmlb_user::{
     reconcile::Reconciler,
 };
 
-// lab.rs is compiled here until tests/src/lib.rs declares it; it names `crate::netns`.
-mod netns {
-    pub use vmlb_tests::netns::*;
-}
-#[path = "../src/lab.rs"]
-mod lab;
-
-use lab::{curl, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP};
+use vmlb_tests::lab::{curl, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP};
 
 const REQUESTS: usize = 40;
 /// With 40 connections split by Maglev over two equal backends, fewer than 5 on one side has a
