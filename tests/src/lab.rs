@@ -4,12 +4,9 @@
 //! panic) removes everything.
 
 use std::{
-    fs, io,
+    fs,
     net::Ipv4Addr,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::{fs::PermissionsExt as _, process::CommandExt as _},
-    },
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::PathBuf,
     process::{Child, Stdio},
     thread,
@@ -17,6 +14,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use aya::{
+    programs::{Xdp, XdpMode},
+    Ebpf,
+};
+use vmlb_user::loader::TOOLS_OBJ;
 
 use crate::netns::{sweep_stale, veth, Netns};
 
@@ -42,7 +44,7 @@ pub struct Vm {
 
 /// Field order is drop order: the peer's XDP link, then the namespaces, the segment last.
 pub struct Lab {
-    _peer_xdp: OwnedFd,
+    _peer_xdp: Ebpf,
     pub client: Netns,
     pub node: Netns,
     pub vms: Vec<Vm>,
@@ -70,38 +72,17 @@ fn permanent_neigh(ns: &Netns, addr: Ipv4Addr, mac: &str, dev: &str) -> anyhow::
     Ok(())
 }
 
-/// Attach a two-instruction `return XDP_PASS` program in native mode to `ifindex` (in the
-/// calling thread's namespace) through a BPF link; closing the returned fd detaches it.
-fn attach_xdp_pass(ifindex: u32) -> io::Result<OwnedFd> {
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_PROG_TYPE_XDP: u64 = 6;
-    const BPF_XDP: u64 = 37;
-    const XDP_FLAGS_DRV_MODE: u64 = 4;
-    // `r0 = 2 (XDP_PASS); exit`, as struct bpf_insn {code, regs, off, imm} in little endian.
-    let insns: [u64; 2] = [0xb7 | (2 << 32), 0x95];
-    let license = c"GPL";
-    let bpf = |cmd: libc::c_long, attr: &[u64; 16]| {
-        // SAFETY: `attr` is a zero-filled union bpf_attr prefix whose pointers (instructions,
-        // license) outlive the call; the kernel copies what it needs.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of_val(attr)) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the bpf syscall returned a new file descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    };
-    let mut attr = [0u64; 16];
-    // prog_type, insn_cnt, insns, license.
-    attr[0] = BPF_PROG_TYPE_XDP | ((insns.len() as u64) << 32);
-    attr[1] = insns.as_ptr() as u64;
-    attr[2] = license.as_ptr() as u64;
-    let prog = bpf(BPF_PROG_LOAD, &attr)?;
-    // prog_fd, target_ifindex, attach_type, flags. The link holds its own program reference.
-    let mut attr = [0u64; 16];
-    attr[0] = prog.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
-    attr[1] = BPF_XDP | (XDP_FLAGS_DRV_MODE << 32);
-    bpf(BPF_LINK_CREATE, &attr)
+/// Attach the tools object's `xdp_pass` in native mode to `dev` in the calling thread's
+/// namespace; dropping the returned object detaches it.
+fn attach_xdp_pass(dev: &str) -> anyhow::Result<Ebpf> {
+    let mut obj = Ebpf::load(TOOLS_OBJ).context("loading the tools object")?;
+    let prog: &mut Xdp = obj
+        .program_mut("xdp_pass")
+        .context("xdp_pass missing")?
+        .try_into()?;
+    prog.load()?;
+    prog.attach(dev, XdpMode::Driver)?;
+    Ok(obj)
 }
 
 impl Lab {
@@ -129,9 +110,8 @@ impl Lab {
         // counts, no xdp_tx_errors), yet on 6.18 the frames then sit in the ring and never
         // reach the bridge. An XDP_PASS program on the peer makes them flow.
         let peer_xdp = {
-            let ifindex = segment.ifindex(NODE_PEER)?;
             let _in_segment = segment.enter()?;
-            attach_xdp_pass(ifindex).context("native XDP_PASS on the node's peer veth")?
+            attach_xdp_pass(NODE_PEER).context("native XDP_PASS on the node's peer veth")?
         };
 
         let mut vms = Vec::new();

@@ -7,8 +7,8 @@ use vmlb_common::{map_names, PROGRAM_NAME};
 /// The XDP object built by build.rs from vmlb-ebpf.
 pub static VMLB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmlb"));
 
-/// Benchmark-only programs (a floor and packet-restoring wrappers), see vmlb-ebpf/src/bin/bench.rs.
-pub static BENCH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmlb-bench"));
+/// Helper programs for the benchmark and the lab (vmlb-ebpf/src/bin/tools.rs).
+pub static TOOLS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmlb-tools"));
 
 /// Map sizes that may differ from the compiled-in defaults.
 #[derive(Clone, Copy, Debug, Default)]

@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<()> {
     let spec = env.services[0].clone();
 
     let mut obj = aya::EbpfLoader::new()
-        .load(loader::BENCH_OBJ)
+        .load(loader::TOOLS_OBJ)
         .context("loading bench object")?;
     for name in ["bench_floor", "bench_restore", "bench_restore_new"] {
         let p: &mut Xdp = obj.program_mut(name).context(name)?.try_into()?;

@@ -1,4 +1,8 @@
-//! Programs for `cargo xtask bench datapath`, never loaded by the daemon.
+//! Helper programs for the benchmark and the lab, never attached by the daemon.
+//!
+//! `xdp_pass` goes on the far end of a lab veth: a veth's XDP_TX only wakes its peer when the
+//! peer runs an XDP program itself (veth_xdp_flush), so without it frames sent back by vmlb
+//! would sit in the peer's ring.
 //!
 //! BPF_PROG_TEST_RUN with a repeat count does not restore the packet between iterations, so a
 //! NATed packet would take the cheap pass path from the second iteration on. `bench_restore`
@@ -26,6 +30,11 @@ static BENCH_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
 static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 const SADDR_OFF: usize = 14 + 12;
+
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
 
 /// The floor: parse Ethernet/IPv4/TCP, swap MACs, send back.
 #[xdp]
