@@ -140,7 +140,12 @@ fn main() -> anyhow::Result<()> {
     let mut obj = aya::EbpfLoader::new()
         .load(loader::TOOLS_OBJ)
         .context("loading bench object")?;
-    for name in ["bench_floor", "bench_restore", "bench_restore_new"] {
+    for name in [
+        "bench_floor",
+        "bench_floor_lookup",
+        "bench_restore",
+        "bench_restore_new",
+    ] {
         let p: &mut Xdp = obj.program_mut(name).context(name)?.try_into()?;
         p.load()?;
     }
@@ -177,8 +182,20 @@ fn main() -> anyhow::Result<()> {
     let floor_fd = xdp(&b.obj, "bench_floor").fd()?.try_clone()?;
     let vmlb_fd = b.vmlb_fd()?;
 
-    // (a) the floor, direct and through the wrapper.
+    // (a) the floor, direct and through the wrapper; and the floor plus one LRU lookup of the
+    // 5-tuple (same key/value sizes as FLOWS, entry present), the least an established path
+    // can cost.
     let floor = b.time(xdp(&b.obj, "bench_floor"), &est, repeat, XDP_TX)?;
+    {
+        let mut lru: aya::maps::HashMap<_, [u32; 4], [u64; 5]> = b
+            .obj
+            .map_mut("BENCH_LRU")
+            .context("BENCH_LRU")?
+            .try_into()?;
+        let w = |o: usize| u32::from_ne_bytes(est[o..o + 4].try_into().expect("4 bytes"));
+        lru.insert([w(26), w(30), w(34), 6], [0u64; 5], 0)?;
+    }
+    let floor_lookup = b.time(xdp(&b.obj, "bench_floor_lookup"), &est, repeat, XDP_TX)?;
     b.set_target(&floor_fd, &est)?;
     let wrap_floor = b.time(xdp(&b.obj, "bench_restore"), &est, repeat, XDP_TX)?;
     let wrap_new_floor = b.time(xdp(&b.obj, "bench_restore_new"), &syn, repeat, XDP_TX)?;
@@ -216,6 +233,11 @@ fn main() -> anyhow::Result<()> {
     let cost = |t: f64, wrap: f64| t - wrap + floor;
     let rows = [
         ("floor (parse, swap MACs, XDP_TX)", floor, floor),
+        (
+            "reference: floor + one 5-tuple LRU lookup",
+            floor_lookup,
+            floor_lookup,
+        ),
         ("vmlb established TCP flow", t_est, cost(t_est, wrap_floor)),
         (
             "vmlb new flow (SYN: miss, Maglev, SNAT port)",
