@@ -9,7 +9,7 @@ use vmlb_common::{
     map_names, Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, TrafficStats,
 };
 
-use crate::dataplane::Dataplane;
+use crate::{dataplane::Dataplane, pins::PinLayout};
 
 pub struct BpfMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,
@@ -27,7 +27,30 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
         .with_context(|| format!("map {name} missing from the object"))
 }
 
+/// Open a pinned map.
+fn open_pinned(layout: &PinLayout, name: &str) -> anyhow::Result<Map> {
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
 impl BpfMaps {
+    /// Open the maps a daemon pinned for one interface.
+    pub fn from_pins(layout: &PinLayout) -> anyhow::Result<Self> {
+        let open = |name| open_pinned(layout, name);
+        Ok(Self {
+            services: open(map_names::SERVICES)?.try_into()?,
+            vips: open(map_names::VIPS)?.try_into()?,
+            backends: open(map_names::BACKENDS)?.try_into()?,
+            maglev: open(map_names::MAGLEV)?.try_into()?,
+            flows: open(map_names::FLOWS)?.try_into()?,
+            stats: open(map_names::STATS)?.try_into()?,
+            svc_stats: open(map_names::SVC_STATS)?.try_into()?,
+            be_stats: open(map_names::BE_STATS)?.try_into()?,
+        })
+    }
+
     /// Take the maps out of a loaded object (the program keeps its references).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         Ok(Self {

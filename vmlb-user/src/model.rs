@@ -1,6 +1,6 @@
 //! Desired state: what services should exist, independent of ids and map layout.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use vmlb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
@@ -51,4 +51,64 @@ impl ServiceSpec {
             _pad: 0,
         }
     }
+}
+
+/// One service as configured: the data path's `ServiceSpec` (every backend `up`; health checks
+/// decide later) plus what the daemon keeps around it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfiguredService {
+    pub spec: ServiceSpec,
+    /// `<ServiceEntry name>/<port name or number>`, for logs, metrics and the CLI.
+    pub name: String,
+    /// ServiceEntry `spec.hosts` and `spec.location`, kept for display.
+    pub hosts: Vec<String>,
+    pub location: Option<String>,
+    /// Where it was defined.
+    pub file: PathBuf,
+    pub line: usize,
+    pub health: HealthSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthKind {
+    /// No probing: every endpoint is up.
+    None,
+    /// A TCP connect to the endpoint's target port.
+    Tcp,
+    /// HTTP/1.1 GET of `path` on the endpoint's target port; 2xx and 3xx are healthy.
+    Http { path: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub kind: HealthKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down endpoint up.
+    pub rise: u32,
+    /// Consecutive failures that take an up endpoint down.
+    pub fall: u32,
+}
+
+impl Default for HealthSpec {
+    /// TCP connect every 2 s, 1 s timeout, up after 2 successes, down after 3 failures
+    /// (haproxy's defaults, with a shorter interval).
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Tcp,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// Settings of this node, from flags or a node config file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The node's address on the VLAN, used as SNAT source unless a service overrides it.
+    pub snat: Option<Ipv4Addr>,
+    /// The VLAN id of the interface (tagged frames are handled in a later issue).
+    pub vlan: Option<u16>,
 }

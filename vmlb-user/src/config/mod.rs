@@ -1,0 +1,1 @@
+//! Source: Istio ServiceEntry YAML -> `model::ConfiguredService`.
