@@ -1,33 +1,45 @@
 //! The lab of DESIGN.md in network namespaces: a client, the "VLAN 1512" segment (a Linux bridge
 //! in its own namespace), the node whose VLAN-side veth runs vmlb, and VMs serving real Apache
-//! httpd. Every address lives only inside these namespaces; deleting them (on drop, also on
-//! panic) removes everything.
+//! httpd. Every address lives only inside these namespaces; deleting them removes everything.
+//!
+//! One builder serves two lifetimes ([`Naming`]): the per-test lab (unique namespace names,
+//! deleted on drop, also on panic) and the persistent lab of `vmlb-lab up|down|status`
+//! ([`persistent`]: fixed `vmlb-lab-*` names, daemonized httpds and a pinned peer XDP link that
+//! outlive the process), so tests and a running lab never collide.
 
 use std::{
     fs,
-    net::Ipv4Addr,
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
-    path::PathBuf,
-    process::{Child, Stdio},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::{
+        fd::AsFd as _,
+        unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::{bail, ensure, Context as _};
 use aya::{
-    programs::{Xdp, XdpMode},
+    programs::{links::FdLink, Xdp, XdpMode},
     Ebpf,
 };
+use nix::sched::{setns, CloneFlags};
 use vmlb_user::loader::TOOLS_OBJ;
 
-use crate::netns::{sweep_stale, veth, Netns};
+use crate::netns::{run, sweep_stale};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 128);
 /// The node's address on the VLAN: SNAT source towards the VMs (the EgressIP's role).
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 125);
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 50);
-const VM1_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
-const VM2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 3);
+pub const VM1_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
+pub const VM2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 3);
+/// A third VM that tests add while the daemon runs.
+pub const VM3_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 4);
 /// The node's VLAN-side interface (untagged: this kernel has no 802.1Q devices).
 pub const NODE_DEV: &str = "vlan1512";
 pub const NODE_MAC: &str = "02:00:0a:0a:01:7d";
@@ -35,20 +47,146 @@ pub const NODE_MAC: &str = "02:00:0a:0a:01:7d";
 pub const NODE_PEER: &str = "p-node";
 const CLIENT_MAC: &str = "02:00:0a:0a:01:32";
 const BRIDGE: &str = "br1512";
+/// The ports every VM serves (the seed's ServiceEntry has 80 and 443; plain HTTP on both is all
+/// an L4 balancer needs).
+pub const VM_PORTS: [u16; 2] = [80, 443];
+
+static NEXT_NS: AtomicU32 = AtomicU32::new(0);
+static NEXT_HTTPD: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace of the lab, driven by name through iproute2 as a person would. Unlike
+/// `netns::Netns` (always unique, always deleted) it can carry a fixed name and outlive the
+/// process, which the persistent lab needs.
+pub struct Ns {
+    name: String,
+    delete_on_drop: bool,
+}
+
+impl Ns {
+    fn create(name: String, delete_on_drop: bool) -> anyhow::Result<Self> {
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self {
+            name,
+            delete_on_drop,
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A handle on a namespace that may exist; never deleted on drop.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            delete_on_drop: false,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn exists(&self) -> bool {
+        Path::new("/run/netns").join(&self.name).exists()
+    }
+
+    /// `ip -n <ns> args...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Run a program inside the namespace and wait for it; fails with its stderr.
+    pub fn exec(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut all = vec!["netns", "exec", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// A `Command` that runs inside the namespace (for spawning servers). `ip netns exec` execs
+    /// the program, so the child's pid is the program's.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.name.as_str()]).arg(program);
+        c
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// Move the calling thread into the namespace until the guard drops (aya resolves interface
+    /// names there; sockets opened meanwhile stay in it).
+    pub fn enter(&self) -> anyhow::Result<Entered> {
+        let orig = fs::File::open("/proc/thread-self/ns/net").context("opening own netns")?;
+        let target = fs::File::open(Path::new("/run/netns").join(&self.name))
+            .with_context(|| format!("opening netns {}", self.name))?;
+        setns(target.as_fd(), CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns into {}", self.name))?;
+        Ok(Entered { orig })
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        // Never panic in a destructor (it may run during a panic); deleting the namespace
+        // destroys the veths and addresses in it.
+        if self.delete_on_drop {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
+    }
+}
+
+/// Restores the thread's original namespace on drop.
+pub struct Entered {
+    orig: fs::File,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let _ = setns(self.orig.as_fd(), CloneFlags::CLONE_NEWNET);
+    }
+}
+
+/// How the lab's namespaces are named and how long they live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Naming {
+    /// `vmlbt-<pid>-l<n>-<tag>`, deleted on drop; `netns::sweep_stale` removes the ones of
+    /// processes that were killed before their destructors ran.
+    PerProcess,
+    /// `vmlb-lab-<tag>`, kept until `vmlb-lab down`.
+    Fixed,
+}
+
+impl Naming {
+    fn ns(self, tag: &str) -> anyhow::Result<Ns> {
+        match self {
+            Naming::PerProcess => {
+                let n = NEXT_NS.fetch_add(1, Ordering::Relaxed);
+                Ns::create(format!("vmlbt-{}-l{n}-{tag}", std::process::id()), true)
+            }
+            Naming::Fixed => Ns::create(format!("{}{tag}", persistent::PREFIX), false),
+        }
+    }
+}
 
 pub struct Vm {
     pub name: &'static str,
     pub addr: Ipv4Addr,
-    pub ns: Netns,
+    pub ns: Ns,
 }
 
 /// Field order is drop order: the peer's XDP link, then the namespaces, the segment last.
 pub struct Lab {
-    _peer_xdp: Ebpf,
-    pub client: Netns,
-    pub node: Netns,
+    _peer_xdp: Option<Ebpf>,
+    pub client: Ns,
+    pub node: Ns,
     pub vms: Vec<Vm>,
-    pub segment: Netns,
+    pub segment: Ns,
+    naming: Naming,
 }
 
 /// Join a veth whose other end is `dev` in `ns` to the segment's bridge. Transmit checksum
@@ -57,49 +195,81 @@ pub struct Lab {
 /// such a frame the metadata is gone and the receiver rightly drops it. Real NICs on the VLAN put
 /// complete checksums on the wire, which is what vmlb updates incrementally.
 /// The bridge port's MAC is `mac` with its second byte set to 0x15.
-fn plug(segment: &Netns, ns: &Netns, dev: &str, mac: &str, port: &str) -> anyhow::Result<()> {
+fn plug(segment: &Ns, ns: &Ns, dev: &str, mac: &str, port: &str) -> anyhow::Result<()> {
     let port_mac = format!("02:15{}", &mac[5..]);
-    veth(ns, dev, mac, segment, port, &port_mac)?;
+    ns.ip(&[
+        "link",
+        "add",
+        dev,
+        "address",
+        mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "address",
+        &port_mac,
+        "netns",
+        &segment.name,
+    ])?;
+    ns.ip(&["link", "set", dev, "up"])?;
+    segment.ip(&["link", "set", port, "up"])?;
     segment.ip(&["link", "set", port, "master", BRIDGE])?;
     ns.exec(&["ethtool", "-K", dev, "tx", "off"])
         .context("turning off checksum offload (needs ethtool)")?;
     Ok(())
 }
 
-fn permanent_neigh(ns: &Netns, addr: Ipv4Addr, mac: &str, dev: &str) -> anyhow::Result<()> {
+fn permanent_neigh(ns: &Ns, addr: Ipv4Addr, mac: &str, dev: &str) -> anyhow::Result<()> {
     let cmd = format!("neigh replace {addr} lladdr {mac} dev {dev} nud permanent");
     ns.ip(&cmd.split(' ').collect::<Vec<_>>())?;
     Ok(())
 }
 
 /// Attach the tools object's `xdp_pass` in native mode to `dev` in the calling thread's
-/// namespace; dropping the returned object detaches it.
-fn attach_xdp_pass(dev: &str) -> anyhow::Result<Ebpf> {
+/// namespace. Without `pin`, dropping the returned object detaches it; with `pin`, the link is
+/// pinned there and stays attached until the pin is removed (or the device goes away).
+fn attach_xdp_pass(dev: &str, pin: Option<&Path>) -> anyhow::Result<Ebpf> {
     let mut obj = Ebpf::load(TOOLS_OBJ).context("loading the tools object")?;
     let prog: &mut Xdp = obj
         .program_mut("xdp_pass")
         .context("xdp_pass missing")?
         .try_into()?;
     prog.load()?;
-    prog.attach(dev, XdpMode::Driver)?;
+    let id = prog.attach(dev, XdpMode::Driver)?;
+    if let Some(pin) = pin {
+        // Taking the link out of the program means dropping the object no longer detaches it.
+        let link = FdLink::try_from(prog.take_link(id)?).context("XDP link is not a bpf_link")?;
+        link.pin(pin)
+            .with_context(|| format!("pinning the peer XDP link at {}", pin.display()))?;
+    }
     Ok(obj)
 }
 
 impl Lab {
+    /// The per-test lab: unique names, everything deleted when it drops.
     pub fn new() -> anyhow::Result<Self> {
         sweep_stale();
-        let segment = Netns::new("seg")?;
+        Self::build(Naming::PerProcess, None)
+    }
+
+    /// Build the seed's topology. `peer_pin` (fixed naming) pins the peer's XDP link instead of
+    /// holding it in the returned value. On error a per-process lab is deleted by its drop; a
+    /// fixed one is left for `persistent::down`.
+    fn build(naming: Naming, peer_pin: Option<&Path>) -> anyhow::Result<Self> {
+        let segment = naming.ns("seg")?;
         // STP is off by default, so ports forward as soon as they are up.
         segment.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         segment.ip(&["link", "set", BRIDGE, "up"])?;
 
-        let client = Netns::new("client")?;
+        let client = naming.ns("client")?;
         plug(&segment, &client, "eth0", CLIENT_MAC, "p-client")?;
         client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
         // Nothing answers ARP for the VIP yet (a later issue): point it at the node by hand.
         permanent_neigh(&client, VIP, NODE_MAC, "eth0")?;
 
-        let node = Netns::new("node")?;
+        let node = naming.ns("node")?;
         plug(&segment, &node, NODE_DEV, NODE_MAC, NODE_PEER)?;
         node.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", NODE_DEV])?;
         // bpf_fib_lookup answers FWD_DISABLED unless the ingress device forwards.
@@ -111,34 +281,46 @@ impl Lab {
         // reach the bridge. An XDP_PASS program on the peer makes them flow.
         let peer_xdp = {
             let _in_segment = segment.enter()?;
-            attach_xdp_pass(NODE_PEER).context("native XDP_PASS on the node's peer veth")?
+            attach_xdp_pass(NODE_PEER, peer_pin)
+                .context("native XDP_PASS on the node's peer veth")?
         };
 
-        let mut vms = Vec::new();
-        for (name, addr) in [("vm1", VM1_ADDR), ("vm2", VM2_ADDR)] {
-            let ns = Netns::new(name)?;
-            let mac = format!("02:00:0a:0a:01:{:02x}", addr.octets()[3]);
-            plug(&segment, &ns, "eth0", &mac, &format!("p-{name}"))?;
-            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-            // User space keeps backend neighbours resolved (the program passes a new flow to the
-            // kernel while they are not): here, by hand.
-            permanent_neigh(&node, addr, &mac, NODE_DEV)?;
-            vms.push(Vm { name, addr, ns });
-        }
-        Ok(Self {
-            _peer_xdp: peer_xdp,
+        let mut lab = Self {
+            // A pinned link keeps itself attached; the object is not needed any more.
+            _peer_xdp: peer_pin.is_none().then_some(peer_xdp),
             client,
             node,
-            vms,
+            vms: Vec::new(),
             segment,
-        })
+            naming,
+        };
+        lab.add_vm("vm1", VM1_ADDR)?;
+        lab.add_vm("vm2", VM2_ADDR)?;
+        Ok(lab)
+    }
+
+    /// Plug one more VM into the segment (its namespace named like the lab's) and give the node
+    /// a permanent neighbour for it: user space keeps backend neighbours resolved (the program
+    /// passes a new flow to the kernel while they are not); here, by hand.
+    pub fn add_vm(&mut self, name: &'static str, addr: Ipv4Addr) -> anyhow::Result<&Vm> {
+        let ns = self.naming.ns(name)?;
+        let mac = vm_mac(addr);
+        plug(&self.segment, &ns, "eth0", &mac, &format!("p-{name}"))?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        permanent_neigh(&self.node, addr, &mac, NODE_DEV)?;
+        self.vms.push(Vm { name, addr, ns });
+        Ok(self.vms.last().expect("just pushed"))
+    }
+
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
+        self.vms.iter().find(|v| v.name == name)
     }
 
     /// Interface statistics, neighbour tables, veth XDP counters (xdp_tx, xdp_tx_errors) and TCP
     /// checksum errors of every namespace, for failure reports.
     pub fn describe(&self) -> String {
         let mut out = String::new();
-        let mut show = |ns: &Netns, cmd: &[&str]| {
+        let mut show = |ns: &Ns, cmd: &[&str]| {
             let text = match ns.exec(cmd) {
                 Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
                 Err(e) => format!("{e:#}\n"),
@@ -159,45 +341,102 @@ impl Lab {
     }
 }
 
+/// A VM's MAC: 02:00 then its IPv4 address, so a neighbour table reads at a glance.
+fn vm_mac(addr: Ipv4Addr) -> String {
+    let [a, b, c, d] = addr.octets();
+    format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
 /// `curl -sS --max-time <secs> <url>` inside `ns`: the body, or an error with curl's stderr.
-pub fn curl(ns: &Netns, url: &str, secs: u32) -> anyhow::Result<String> {
+pub fn curl(ns: &Ns, url: &str, secs: u32) -> anyhow::Result<String> {
     let out = ns.exec(&["curl", "-sS", "--max-time", &secs.to_string(), url])?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Apache httpd serving "<name>\n" on `addr:80` inside a namespace, with its own config, logs and
-/// document root in a temporary directory. Dropping it stops the whole process group.
-pub struct Httpd {
-    pub name: String,
-    dir: PathBuf,
-    child: Child,
-    /// Access log bytes written before the test's traffic (the readiness probe).
-    log_start: usize,
+/// One HTTP/1.1 keep-alive connection opened from inside a namespace (the socket stays there),
+/// for checks that need a connection to live across a change: each `get` reuses it.
+pub struct HttpConn {
+    reader: BufReader<TcpStream>,
 }
 
-impl Httpd {
-    pub fn start(ns: &Netns, name: &str, addr: Ipv4Addr) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("vmlb-e2e-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let docs = dir.join("htdocs");
-        fs::create_dir_all(&docs)?;
-        fs::write(docs.join("index.html"), format!("{name}\n"))?;
-        // The workers run as www-data and must read the document root whatever the umask.
-        for (p, mode) in [
-            (&dir, 0o755),
-            (&docs, 0o755),
-            (&docs.join("index.html"), 0o644),
-        ] {
-            fs::set_permissions(p, fs::Permissions::from_mode(mode))?;
+impl HttpConn {
+    pub fn open(ns: &Ns, to: SocketAddr) -> anyhow::Result<Self> {
+        let stream = {
+            let _in_ns = ns.enter()?;
+            TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                .with_context(|| format!("connecting to {to} from {}", ns.name()))?
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// The local (client-side) port, to find this connection in logs.
+    pub fn local_port(&self) -> anyhow::Result<u16> {
+        Ok(self.reader.get_ref().local_addr()?.port())
+    }
+
+    /// GET `path` on this connection; the body of a 200 answer (which must carry a
+    /// Content-Length, as Apache's static files do).
+    pub fn get(&mut self, path: &str) -> anyhow::Result<String> {
+        self.reader
+            .get_mut()
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: vms.vlan-1512.org\r\n\r\n").as_bytes())
+            .context("sending a request on the kept-alive connection")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).context("reading status")?;
+        ensure!(line.starts_with("HTTP/1.1 200"), "status line {line:?}");
+        let mut len = None;
+        loop {
+            line.clear();
+            self.reader
+                .read_line(&mut line)
+                .context("reading headers")?;
+            ensure!(!line.is_empty(), "connection closed inside the headers");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = Some(v.trim().parse::<usize>()?);
+                }
+            }
         }
-        let d = dir.display();
-        // log_config and unixd are compiled into Debian's apache2; the rest are modules.
-        // %a is the client address and %{remote}p its port: what the SNAT must rewrite.
-        let conf = format!(
-            r#"ServerRoot "{d}"
+        let mut body = vec![0; len.context("no Content-Length")?];
+        self.reader.read_exact(&mut body).context("reading body")?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// Write an Apache httpd site serving "<name>\n" on `addr` ports 80 and 443 into `dir` (config,
+/// document root, logs and pid file all inside it); returns the config's path.
+fn write_site(dir: &Path, name: &str, addr: Ipv4Addr) -> anyhow::Result<PathBuf> {
+    let _ = fs::remove_dir_all(dir);
+    let docs = dir.join("htdocs");
+    fs::create_dir_all(&docs)?;
+    fs::write(docs.join("index.html"), format!("{name}\n"))?;
+    // The workers run as www-data and must read the document root whatever the umask.
+    for (p, mode) in [
+        (dir, 0o755),
+        (&docs, 0o755),
+        (&docs.join("index.html"), 0o644),
+    ] {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))?;
+    }
+    let d = dir.display();
+    let listen: String = VM_PORTS
+        .iter()
+        .map(|p| format!("Listen {addr}:{p}\n"))
+        .collect();
+    // log_config and unixd are compiled into Debian's apache2; the rest are modules.
+    // %a is the client address and %{remote}p its port: what the SNAT must rewrite. Keep-alive
+    // is on so one connection can carry many requests (tests check that it keeps its backend).
+    let conf = format!(
+        r#"ServerRoot "{d}"
 ServerName {name}
-Listen {addr}:80
-PidFile "{d}/httpd.pid"
+{listen}PidFile "{d}/httpd.pid"
 DefaultRuntimeDir "{d}"
 Mutex file:{d} default
 ErrorLog "{d}/error.log"
@@ -214,7 +453,9 @@ ThreadsPerChild 16
 MaxRequestWorkers 16
 MinSpareThreads 1
 MaxSpareThreads 16
-KeepAlive Off
+KeepAlive On
+MaxKeepAliveRequests 0
+KeepAliveTimeout 60
 TypesConfig /etc/mime.types
 DocumentRoot "{d}/htdocs"
 DirectoryIndex index.html
@@ -224,16 +465,78 @@ DirectoryIndex index.html
 LogFormat "%a %{{remote}}p \"%r\" %>s" vmlb
 CustomLog "{d}/access.log" vmlb
 "#
-        );
-        let conf_path = dir.join("httpd.conf");
-        fs::write(&conf_path, conf)?;
+    );
+    let conf_path = dir.join("httpd.conf");
+    fs::write(&conf_path, conf)?;
+    Ok(conf_path)
+}
+
+/// Poll until the server at `addr` answers with its page from inside its own namespace (at most
+/// ~10 s). `gone` says why the server can no longer come up (it exited), if it did.
+fn wait_serving(
+    ns: &Ns,
+    name: &str,
+    addr: Ipv4Addr,
+    mut gone: impl FnMut() -> anyhow::Result<Option<String>>,
+) -> anyhow::Result<()> {
+    let url = format!("http://{addr}/");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(why) = gone()? {
+            bail!("apache2 for {name} {why}");
+        }
+        let last = match curl(ns, &url, 1) {
+            Ok(body) if body.trim() == name => return Ok(()),
+            Ok(body) => format!("unexpected body {body:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!("apache2 for {name} not ready after 10 s ({last})");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_or_empty(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
+
+fn site_logs(dir: &Path, name: &str) -> String {
+    let r = |f: &str| read_or_empty(&dir.join(f));
+    format!(
+        "\n--- {name} access.log\n{}--- {name} error.log\n{}--- {name} stderr\n{}",
+        r("access.log"),
+        r("error.log"),
+        r("stderr.log"),
+    )
+}
+
+/// Apache httpd serving "<name>\n" on `addr` ports 80 and 443 inside a namespace, with its own
+/// config, logs and document root in a temporary directory. Dropping it stops the whole process
+/// group.
+pub struct Httpd {
+    pub name: String,
+    dir: PathBuf,
+    child: Child,
+    /// Access log bytes written before the test's traffic (the readiness probe).
+    log_start: usize,
+}
+
+impl Httpd {
+    pub fn start(ns: &Ns, name: &str, addr: Ipv4Addr) -> anyhow::Result<Self> {
+        // Unique per call: tests of one process run in parallel and all have a "vm1".
+        let n = NEXT_HTTPD.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vmlb-e2e-{}-{n}-{name}", std::process::id()));
+        let conf = write_site(&dir, name, addr)?;
         let stderr = fs::File::create(dir.join("stderr.log"))?;
         // `ip netns exec` execs apache2, so the child is apache's parent process; with
         // -DFOREGROUND it neither forks away nor calls setsid, so its own process group holds
         // it and its workers.
         let child = ns
             .command("apache2")
-            .args(["-f", &conf_path.to_string_lossy(), "-DFOREGROUND"])
+            .arg("-f")
+            .arg(&conf)
+            .arg("-DFOREGROUND")
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -246,37 +549,19 @@ CustomLog "{d}/access.log" vmlb
             child,
             log_start: 0,
         };
-        httpd.wait_ready(ns, addr)?;
+        let child = &mut httpd.child;
+        let ready = wait_serving(ns, name, addr, || {
+            Ok(child.try_wait()?.map(|s| format!("exited ({s})")))
+        });
+        if let Err(e) = ready.and_then(|()| httpd.skip_probe_lines()) {
+            bail!("{e:#}: {}", httpd.logs());
+        }
         Ok(httpd)
     }
 
-    /// Poll until the server answers with its page from inside its own namespace (at most ~10 s),
-    /// then until that request is logged, so the test's traffic is told apart from the probe.
-    fn wait_ready(&mut self, ns: &Netns, addr: Ipv4Addr) -> anyhow::Result<()> {
-        let url = format!("http://{addr}/");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "apache2 for {} exited ({status}): {}",
-                    self.name,
-                    self.logs()
-                );
-            }
-            let last = match curl(ns, &url, 1) {
-                Ok(body) if body.trim() == self.name => break,
-                Ok(body) => format!("unexpected body {body:?}"),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() > deadline {
-                bail!(
-                    "apache2 for {} not ready after 10 s ({last}): {}",
-                    self.name,
-                    self.logs()
-                );
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+    /// Wait until the readiness request is logged (Apache logs after answering), so the test's
+    /// traffic is told apart from the probe.
+    fn skip_probe_lines(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let log = self.read("access.log");
@@ -292,7 +577,7 @@ CustomLog "{d}/access.log" vmlb
     }
 
     fn read(&self, file: &str) -> String {
-        fs::read_to_string(self.dir.join(file)).unwrap_or_default()
+        read_or_empty(&self.dir.join(file))
     }
 
     /// Access log lines written after readiness: "<client addr> <client port> \"<request>\" <status>".
@@ -307,29 +592,271 @@ CustomLog "{d}/access.log" vmlb
 
     /// Everything the server logged, for failure reports.
     pub fn logs(&self) -> String {
-        format!(
-            "\n--- {0} access.log\n{1}--- {0} error.log\n{2}--- {0} stderr\n{3}",
-            self.name,
-            self.read("access.log"),
-            self.read("error.log"),
-            self.read("stderr.log"),
-        )
+        site_logs(&self.dir, &self.name)
     }
+
+    /// Stop the server (as a VM whose service dies): its ports then refuse connections.
+    pub fn stop(self) {}
 }
 
 impl Drop for Httpd {
     fn drop(&mut self) {
-        let pgid = -(self.child.id() as i32);
-        // SIGTERM lets the parent stop its workers; SIGKILL the group if that takes over 5 s.
-        // SAFETY: kill(2) with a process group id we created; no memory is involved.
-        unsafe { libc::kill(pgid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        // SAFETY: as above; workers left behind by a dead parent are killed too.
-        unsafe { libc::kill(pgid, libc::SIGKILL) };
+        stop_group(self.child.id(), Duration::from_secs(5), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// SIGTERM the process group `pgid` (a server's parent stops its workers), wait until `done` or
+/// `grace` passes, then SIGKILL the group so no worker is left behind by a dead parent.
+pub fn stop_group(pgid: u32, grace: Duration, mut done: impl FnMut() -> bool) {
+    let Ok(pgid) = i32::try_from(pgid) else {
+        return;
+    };
+    // SAFETY: kill(2) with a process group id we created; no memory is involved.
+    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while !done() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+}
+
+/// Whether `pid` runs `comm` (not a zombie): guards against signalling a recycled pid.
+pub fn pid_runs(pid: u32, comm: &str) -> bool {
+    let stat = read_or_empty(Path::new(&format!("/proc/{pid}/stat")));
+    // "<pid> (<comm>) <state> ..."; comm may hold spaces, so split at the last ')'.
+    match stat.rsplit_once(") ") {
+        Some((head, tail)) => head.ends_with(&format!("({comm}")) && !tail.starts_with('Z'),
+        None => false,
+    }
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    read_or_empty(Path::new("/proc/self/mountinfo"))
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+/// Mount a bpffs of our own at `dir` (idempotent). Pins must live on a bpffs that every
+/// `ip netns exec` sees: that command remounts /sys for the namespace, hiding any bpffs at
+/// /sys/fs/bpf, and a bpffs mounted inside it would die with the process. A mount made in the
+/// root mount namespace before `ip netns exec` runs is copied into it, so the daemon, a restarted
+/// daemon and `vmlb inspect` all share it. Unmounting releases every pin in it.
+pub fn mount_bpffs(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir)?;
+    if !is_mountpoint(dir) {
+        run("mount", &["-t", "bpf", "bpf", &dir.to_string_lossy()])
+            .with_context(|| format!("mounting a bpffs at {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Unmount a bpffs mounted by `mount_bpffs` (no-op if it is not mounted); never panics.
+pub fn unmount_bpffs(dir: &Path) {
+    if is_mountpoint(dir) {
+        let _ = Command::new("umount").arg(dir).status();
+    }
+}
+
+/// The lab that outlives the process: `vmlb-lab up | down | status`. Fixed namespace names
+/// (`vmlb-lab-*`), Apache daemons with pid files and the peer's pinned XDP link all under
+/// [`STATE_DIR`], so `down` can remove everything from any state, even a half-built one.
+pub mod persistent {
+    use super::*;
+
+    pub const PREFIX: &str = "vmlb-lab-";
+    pub const STATE_DIR: &str = "/run/vmlb-lab";
+    pub const CLIENT: &str = "vmlb-lab-client";
+    pub const NODE: &str = "vmlb-lab-node";
+    const VMS: [(&str, Ipv4Addr); 2] = [("vm1", VM1_ADDR), ("vm2", VM2_ADDR)];
+    /// Where the daemon's metrics listen inside the node namespace (its own loopback).
+    pub const METRICS_ADDR: &str = "127.0.0.1:9434";
+
+    fn state() -> PathBuf {
+        PathBuf::from(STATE_DIR)
+    }
+    /// The lab's own bpffs (see `mount_bpffs`): holds the peer link and the daemon's pins.
+    pub fn bpf_dir() -> PathBuf {
+        state().join("bpf")
+    }
+    fn peer_pin() -> PathBuf {
+        bpf_dir().join("peer-xdp-link")
+    }
+    /// `--pin-dir` for a daemon run in the lab.
+    pub fn daemon_pin_dir() -> PathBuf {
+        bpf_dir().join("vmlb")
+    }
+    /// `--run-dir` for a daemon run in the lab.
+    pub fn daemon_run_dir() -> PathBuf {
+        state().join("vmlb")
+    }
+    /// A daemon started in the lab writes its pid here, so `down` can stop one left behind.
+    pub fn daemon_pid_file() -> PathBuf {
+        state().join("vmlb.pid")
+    }
+    pub fn daemon_log() -> PathBuf {
+        state().join("vmlb.log")
+    }
+
+    /// Every namespace the lab may have made, including VMs added later.
+    fn lab_namespaces() -> Vec<String> {
+        let out = Command::new("ip").args(["netns", "list"]).output();
+        let list = out.map(|o| o.stdout).unwrap_or_default();
+        String::from_utf8_lossy(&list)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(PREFIX))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn pid_in(file: &Path) -> Option<u32> {
+        read_or_empty(file).trim().parse().ok()
+    }
+
+    fn httpd_pid(vm: &str) -> Option<u32> {
+        pid_in(&state().join(vm).join("httpd.pid")).filter(|&p| pid_runs(p, "apache2"))
+    }
+
+    fn daemon_pid() -> Option<u32> {
+        pid_in(&daemon_pid_file()).filter(|&p| pid_runs(p, "vmlb"))
+    }
+
+    /// Fully up: every namespace, both httpds and the pinned peer link are there.
+    fn is_up() -> bool {
+        let names = lab_namespaces();
+        ["seg", "client", "node", "vm1", "vm2"]
+            .iter()
+            .all(|t| names.contains(&format!("{PREFIX}{t}")))
+            && VMS.iter().all(|(vm, _)| httpd_pid(vm).is_some())
+            && peer_pin().exists()
+    }
+
+    /// Start Apache as a daemon in `ns` (it forks away and writes its pid file) and wait until it
+    /// serves; returns its pid.
+    fn start_daemonized_httpd(ns: &Ns, name: &str, addr: Ipv4Addr) -> anyhow::Result<u32> {
+        let dir = state().join(name);
+        let conf = write_site(&dir, name, addr)?;
+        let status = ns
+            .command("apache2")
+            .arg("-f")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("stderr.log"))?)
+            .status()
+            .context("spawning apache2")?;
+        let logs = || site_logs(&dir, name);
+        ensure!(status.success(), "apache2 for {name}: {status}{}", logs());
+        wait_serving(ns, name, addr, || Ok(None)).with_context(logs)?;
+        pid_in(&dir.join("httpd.pid")).with_context(|| format!("no pid file for {name}"))
+    }
+
+    /// Build the lab unless it is fully up; a partial one is removed and rebuilt. Returns false
+    /// when it was already up.
+    pub fn up() -> anyhow::Result<bool> {
+        if is_up() {
+            return Ok(false);
+        }
+        if !lab_namespaces().is_empty() || state().exists() {
+            eprintln!("vmlb-lab: the lab is partly up; removing it first");
+            down()?;
+        }
+        let built = (|| {
+            fs::create_dir_all(state())?;
+            fs::set_permissions(state(), fs::Permissions::from_mode(0o755))?;
+            mount_bpffs(&bpf_dir())?;
+            let lab = Lab::build(Naming::Fixed, Some(&peer_pin()))?;
+            for vm in &lab.vms {
+                start_daemonized_httpd(&vm.ns, vm.name, vm.addr)?;
+            }
+            anyhow::Ok(())
+        })();
+        if let Err(e) = built {
+            let _ = down();
+            return Err(e.context("building the lab (what was built is removed again)"));
+        }
+        Ok(true)
+    }
+
+    /// Remove everything `up` (and a daemon run in the lab) may have created, from any state:
+    /// returns what it removed.
+    pub fn down() -> anyhow::Result<Vec<String>> {
+        let mut done = Vec::new();
+        // A daemon left running would keep its XDP link and maps: stop it first.
+        if let Some(pid) = daemon_pid() {
+            stop_group(pid, Duration::from_secs(10), || !pid_runs(pid, "vmlb"));
+            done.push(format!("vmlb daemon (pid {pid})"));
+        }
+        for (vm, _) in VMS {
+            if let Some(pid) = httpd_pid(vm) {
+                // Apache's daemon calls setsid: its pid is its workers' process group.
+                stop_group(pid, Duration::from_secs(5), || !pid_runs(pid, "apache2"));
+                done.push(format!("httpd {vm} (pid {pid})"));
+            }
+        }
+        // Releases the peer's XDP link and any daemon pins.
+        if is_mountpoint(&bpf_dir()) {
+            unmount_bpffs(&bpf_dir());
+            done.push(format!("bpffs {}", bpf_dir().display()));
+        }
+        for ns in lab_namespaces() {
+            run("ip", &["netns", "del", &ns])?;
+            done.push(format!("netns {ns}"));
+        }
+        if state().exists() {
+            ensure!(
+                !is_mountpoint(&bpf_dir()),
+                "{} is still mounted",
+                bpf_dir().display()
+            );
+            fs::remove_dir_all(state())?;
+            done.push(format!("state dir {STATE_DIR}"));
+        }
+        Ok(done)
+    }
+
+    /// What exists, for a person: namespaces, httpds, the peer link, a daemon, and whether the VIP
+    /// answers from the client.
+    pub fn status() -> String {
+        let mut out = String::new();
+        let names = lab_namespaces();
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        for t in ["client", "seg", "node", "vm1", "vm2"] {
+            let n = format!("{PREFIX}{t}");
+            out += &format!("netns {n:<18} {}\n", yes(names.contains(&n)));
+        }
+        for n in names.iter().filter(|n| {
+            !["client", "seg", "node", "vm1", "vm2"]
+                .iter()
+                .any(|t| **n == format!("{PREFIX}{t}"))
+        }) {
+            out += &format!("netns {n:<18} yes (added)\n");
+        }
+        for (vm, addr) in VMS {
+            let pid = httpd_pid(vm).map_or("not running".into(), |p| format!("pid {p}"));
+            out += &format!("httpd {vm} ({addr})    {pid}\n");
+        }
+        out += &format!("peer XDP link pinned  {}\n", yes(peer_pin().exists()));
+        let daemon = daemon_pid().map_or("not running".into(), |p| format!("pid {p}"));
+        out += &format!("vmlb daemon           {daemon}\n");
+        if names.iter().any(|n| n == CLIENT) {
+            let answer = match curl(&Ns::named(CLIENT), &format!("http://{VIP}/"), 2) {
+                Ok(body) => format!("yes, answered by {}", body.trim()),
+                Err(e) => {
+                    // Only curl's own message, not the whole `ip netns exec` command line.
+                    let e = format!("{e:#}");
+                    let why = e.rsplit("failed: ").next().unwrap_or(&e);
+                    format!("no ({why}); is a daemon running? `cargo xtask run`")
+                }
+            };
+            out += &format!("VIP {VIP}:80 reachable from the client: {answer}\n");
+        }
+        out
     }
 }

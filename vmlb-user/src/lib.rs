@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod loader;
@@ -16,3 +17,4 @@ pub mod model;
 pub mod pins;
 pub mod reconcile;
 pub mod ring_alloc;
+pub mod state;

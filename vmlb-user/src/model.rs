@@ -11,6 +11,21 @@ pub enum Proto {
 }
 
 impl Proto {
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
     pub const fn number(self) -> u8 {
         match self {
             Proto::Tcp => IPPROTO_TCP,

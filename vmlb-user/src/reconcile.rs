@@ -17,7 +17,11 @@ use vmlb_common::{
     Backend, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, SVC_F_SNAT,
 };
 
-use crate::{dataplane::Dataplane, model::ServiceSpec, ring_alloc::RingAlloc};
+use crate::{
+    dataplane::Dataplane,
+    model::{BackendSpec, Proto, ServiceSpec},
+    ring_alloc::RingAlloc,
+};
 
 #[derive(Debug)]
 struct Installed {
@@ -59,6 +63,87 @@ impl Reconciler {
             service_ids: IdPool::new(MAX_SERVICES),
             backend_ids: IdPool::new(MAX_BACKENDS),
         }
+    }
+
+    /// Rebuild the in-memory state from what a previous daemon left in the maps (pinned), so the
+    /// next `apply` of the same configuration writes nothing and established flows keep their
+    /// backend ids. `ring(base, len)` reads a table from the `MAGLEV` array.
+    pub fn adopt(
+        ring_entries: u32,
+        services: &[(ServiceKey, Service)],
+        backends: &[(u32, Backend)],
+        ring: impl Fn(u32, u32) -> anyhow::Result<Vec<u32>>,
+    ) -> anyhow::Result<Self> {
+        let mut r = Self::new(ring_entries);
+        for (key, value) in services {
+            if !r.ring.reserve(value.ring_base, value.ring_size) {
+                bail!(
+                    "pinned service {} has a Maglev table at {}+{} that overlaps another or lies                      outside the array",
+                    value.id,
+                    value.ring_base,
+                    value.ring_size
+                );
+            }
+            r.service_ids.mark_used(value.id);
+            let mut backend_ids = BTreeMap::new();
+            let mut specs = Vec::new();
+            for (id, b) in backends
+                .iter()
+                .filter(|(_, b)| b.service_id == value.id && b.addr != 0)
+            {
+                let addr = Ipv4Addr::from(b.addr.to_ne_bytes());
+                let port = u16::from_be(b.port);
+                r.backend_ids.mark_used(*id);
+                backend_ids.insert((addr, port), *id);
+                // The weight is not in the maps; only `up` and the table are compared later.
+                specs.push(BackendSpec {
+                    addr,
+                    port,
+                    weight: 0,
+                    up: b.flags & BE_F_UP != 0,
+                });
+            }
+            let spec = ServiceSpec {
+                vip: Ipv4Addr::from(key.vip.to_ne_bytes()),
+                port: u16::from_be(key.port),
+                proto: Proto::from_number(key.proto).with_context(|| {
+                    format!("pinned service {} has protocol {}", value.id, key.proto)
+                })?,
+                snat: Ipv4Addr::from(value.snat_addr.to_ne_bytes()),
+                ring_size: value.ring_size,
+                backends: specs,
+            };
+            let table = ring(value.ring_base, value.ring_size)?;
+            r.vips.insert(key.vip);
+            r.services.insert(
+                *key,
+                Installed {
+                    spec,
+                    value: *value,
+                    backend_ids,
+                    table,
+                },
+            );
+        }
+        Ok(r)
+    }
+
+    /// Backends installed as down (health), as (address, port) probe targets.
+    pub fn down_backends(&self) -> BTreeSet<crate::health::Target> {
+        self.services
+            .values()
+            .flat_map(|i| i.spec.backends.iter())
+            .filter(|b| !b.up)
+            .map(|b| crate::health::Target {
+                addr: b.addr,
+                port: b.port,
+            })
+            .collect()
+    }
+
+    /// No service installed.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
     }
 
     /// The installed value of a service, if any.
@@ -295,6 +380,11 @@ impl IdPool {
         None
     }
 
+    fn mark_used(&mut self, id: u32) {
+        self.used.insert(id);
+        self.next = if id + 1 >= self.max { 1 } else { id + 1 };
+    }
+
     fn release(&mut self, id: u32) {
         self.used.remove(&id);
     }
@@ -464,6 +554,46 @@ mod tests {
         assert_eq!(s.services_removed, 1);
         assert!(dp.services.is_empty() && dp.vips.is_empty());
         assert!(dp.backends.values().all(|b| b.flags == 0));
+    }
+
+    #[test]
+    fn an_adopted_state_needs_no_writes_for_the_same_config() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let desired = [
+            svc(80, vec![be(2, 1, true), be(3, 1, false)]),
+            svc(443, vec![be(2, 1, true)]),
+        ];
+        r.apply(&desired, &mut dp).unwrap();
+        let services: Vec<_> = dp.services.iter().map(|(k, v)| (*k, *v)).collect();
+        let backends: Vec<_> = dp.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        let ring = dp.ring.clone();
+        let mut adopted = Reconciler::adopt(1000, &services, &backends, |base, len| {
+            Ok((base..base + len).map(|i| ring[&i]).collect())
+        })
+        .unwrap();
+        dp.log.clear();
+        let s = adopted.apply(&desired, &mut dp).unwrap();
+        assert_eq!(s, Summary::default());
+        assert!(dp.log.is_empty(), "{:?}", dp.log);
+        // New ids do not collide with adopted ones, and new tables avoid adopted ring space.
+        adopted
+            .apply(
+                &[
+                    desired[0].clone(),
+                    desired[1].clone(),
+                    svc(8080, vec![be(4, 1, true)]),
+                ],
+                &mut dp,
+            )
+            .unwrap();
+        let key = svc(8080, vec![]).key();
+        let v = dp.services[&key];
+        assert!(v.id > 2 && v.ring_base >= 2 * 251, "{v:?}");
+        let id4 = adopted
+            .backend_id(&key, Ipv4Addr::new(10, 10, 1, 4), 80)
+            .unwrap();
+        assert!(id4 > 3);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! quick when already done), so every command works on a fresh machine of the project's kind.
 
 use std::{
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -35,6 +36,36 @@ enum Task {
         #[command(subcommand)]
         which: Bench,
     },
+    /// The seed's lab in network namespaces that outlive the command (vmlb-lab-*). Root.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+    /// The lab demo (no arguments) or the vmlb binary (`-- <args>`). Root.
+    ///
+    /// Without arguments: bring the lab up, run the vmlb daemon on its node with
+    /// deploy/serviceentry-vms.yaml, show requests to the VIP and live counters until Ctrl-C (at
+    /// most 10 minutes), then stop the daemon and take the lab down. With `-- <args>`: build and
+    /// run vmlb with those arguments (e.g. `-- run --iface eth1 --config se.yaml`).
+    Run {
+        /// Stop the live view after this many seconds (for non-interactive use).
+        #[arg(long, conflicts_with = "args")]
+        duration: Option<u64>,
+        /// Arguments for the vmlb binary (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Build the lab (idempotent): client, VLAN segment, node (vlan1512 = 10.10.1.125), two VMs
+    /// running Apache httpd.
+    Up,
+    /// Remove everything the lab created, also when it is only partly up.
+    Down,
+    /// Show what exists and whether the VIP answers.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -69,13 +100,57 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Where cargo puts binaries (CARGO_TARGET_DIR is relative to the workspace when relative).
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root_dir().join(dir),
+        None => root_dir().join("target"),
+    }
+}
+
+/// Build the vmlb binary (dev profile) and return its path.
+fn build_vmlb() -> anyhow::Result<PathBuf> {
+    run(cargo().args(["build", "-p", "vmlb-user", "--bin", "vmlb"]))?;
+    Ok(target_dir().join("debug").join("vmlb"))
+}
+
+/// The lab logic lives in the vmlb-tests crate (it needs aya and vmlb); this crate stays light.
+fn vmlb_lab(args: &[&str]) -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "-p",
+        "vmlb-tests",
+        "--bin",
+        "vmlb-lab",
+        "--",
+    ])
+    .args(args);
+    cmd
+}
+
+extern "C" fn ignore(_: libc::c_int) {}
+
+/// Ctrl-C reaches the whole foreground process group: let the lab (our child) handle it and tear
+/// itself down while we wait. A handler, not SIG_IGN, so the child starts with the default.
+fn outlive_ctrl_c() {
+    let handler = ignore as extern "C" fn(libc::c_int);
+    // SAFETY: the handler does nothing.
+    unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+}
+
 fn setup() -> anyhow::Result<()> {
     run(Command::new("bash").arg("scripts/bootstrap.sh"))
 }
 
-fn require_root(what: &str) -> anyhow::Result<()> {
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
         bail!("{what} loads XDP programs and creates network namespaces: run it as root");
     }
     Ok(())
@@ -101,6 +176,9 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             require_root("the test suite")?;
             setup()?;
+            // The daemon's end-to-end tests run the vmlb binary, which `cargo test` does not
+            // build (it is a dependency's binary); building it here saves them the wait.
+            build_vmlb()?;
             // The default members: everything but the BPF-only crate, which build.rs compiles.
             run(cargo().args(["test", "--"]).args(args))
         }
@@ -123,6 +201,38 @@ fn main() -> anyhow::Result<()> {
                     "datapath-bench",
                 ])
                 .env("VMLB_BENCH_REPEAT", repeat.to_string()))
+        }
+        Task::Lab { action } => {
+            require_root("the lab")?;
+            setup()?;
+            run(&mut vmlb_lab(&[match action {
+                LabAction::Up => "up",
+                LabAction::Down => "down",
+                LabAction::Status => "status",
+            }]))
+        }
+        Task::Run { duration, args } if args.is_empty() => {
+            require_root("the lab demo")?;
+            setup()?;
+            let vmlb = build_vmlb()?;
+            let config = root_dir().join("deploy/serviceentry-vms.yaml");
+            let mut cmd = vmlb_lab(&["demo"]);
+            cmd.arg("--vmlb").arg(&vmlb).arg("--config").arg(&config);
+            if let Some(secs) = duration {
+                cmd.args(["--duration", &secs.to_string()]);
+            }
+            outlive_ctrl_c();
+            run(&mut cmd)
+        }
+        Task::Run { args, .. } => {
+            if !is_root() {
+                bail!("vmlb attaches XDP programs and pins BPF maps: run `cargo xtask run -- ...` as root");
+            }
+            setup()?;
+            let vmlb = build_vmlb()?;
+            // Replace this process, so signals (Ctrl-C, SIGTERM, SIGHUP) reach vmlb directly.
+            let err = Command::new(&vmlb).args(&args).exec();
+            Err(err).with_context(|| format!("executing {}", vmlb.display()))
         }
     }
 }

@@ -1,0 +1,535 @@
+//! `vmlb inspect` and `vmlb simulate` against the real program: a service is installed through
+//! the reconciler, packets create flows (BPF_PROG_TEST_RUN), the maps are pinned the way the
+//! daemon pins them and a state file is written; then every `inspect` view must agree with what
+//! was configured and sent, and `simulate` must predict exactly the backend and SNAT port the
+//! program then chooses.
+//!
+//! Needs root (BPF, network namespaces, bpffs); part of the normal test run.
+
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::IterableMap as _;
+use nix::sched::{setns, unshare, CloneFlags};
+use serde_json::Value;
+use vmlb_common::{
+    hash, map_names, Counter, FlowEntry, DIR_TO_CLIENT, SNAT_PORT_MAX, SNAT_PORT_MIN,
+};
+use vmlb_tests::{
+    fixture::*,
+    packet::{Packet, TCP_ACK, TCP_SYN},
+};
+use vmlb_user::{
+    cli::{
+        inspect::{inspect_to, InspectArgs, InspectCommand},
+        simulate::{simulate_to, SimulateArgs},
+        Output, PinArgs,
+    },
+    model::Proto,
+    state::{self, DaemonState, ServiceState},
+};
+
+const IFACE: &str = "fx0";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(p: &Path) -> bool {
+    let c = CString::new(p.as_os_str().as_encoded_bytes()).expect("path without NUL");
+    // SAFETY: a valid C string and a zeroed out-parameter of the right type.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// `/sys/fs/bpf/vmlb-test-<pid>-inspect`, removed on drop (also when the test panics).
+///
+/// Where /sys/fs/bpf is not a bpffs (containers, minimal hosts), this thread gets a private
+/// mount namespace with a bpffs mounted there, so nothing shows up on the host; drop unmounts it
+/// and returns the thread to its original mount namespace (before the fixture's network
+/// namespaces are deleted with `ip netns del`, which must run in the host's mount namespace).
+struct PinRoot {
+    root: PathBuf,
+    orig_mnt: Option<File>,
+}
+
+impl PinRoot {
+    fn new() -> Self {
+        let base = Path::new("/sys/fs/bpf");
+        let mut orig_mnt = None;
+        if !is_bpffs(base) {
+            let orig = File::open("/proc/thread-self/ns/mnt").expect("own mount namespace");
+            unshare(CloneFlags::CLONE_NEWNS).expect("unshare the mount namespace");
+            orig_mnt = Some(orig);
+            let none = CString::new("none").unwrap();
+            let root = CString::new("/").unwrap();
+            let bpf = CString::new("bpf").unwrap();
+            let target = CString::new("/sys/fs/bpf").unwrap();
+            // SAFETY: valid C strings; null data is allowed for both calls.
+            unsafe {
+                // Private first, so the bpffs mount does not propagate to the host.
+                assert_eq!(
+                    libc::mount(
+                        none.as_ptr(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null()
+                    ),
+                    0,
+                    "make / private: {}",
+                    std::io::Error::last_os_error()
+                );
+                assert_eq!(
+                    libc::mount(
+                        bpf.as_ptr(),
+                        target.as_ptr(),
+                        bpf.as_ptr(),
+                        0,
+                        std::ptr::null()
+                    ),
+                    0,
+                    "mount bpffs: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        let root = base.join(format!("vmlb-test-{}-inspect", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let guard = Self { root, orig_mnt };
+        std::fs::create_dir(&guard.root).expect("creating the pin root");
+        guard
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        // Never panic here: this may run while a failed assertion unwinds.
+        let _ = std::fs::remove_dir_all(&self.root);
+        if let Some(orig) = &self.orig_mnt {
+            let target = CString::new("/sys/fs/bpf").unwrap();
+            // SAFETY: a valid C string.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+            let _ = setns(orig.as_fd(), CloneFlags::CLONE_NEWNS);
+        }
+    }
+}
+
+/// A run directory for the state file, removed on drop.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Pin every map as the daemon does: `<root>/<iface>/<MAP NAME>`.
+fn pin_maps(env: &Env, root: &Path) {
+    let dir = root.join(IFACE);
+    std::fs::create_dir(&dir).unwrap();
+    let m = &env.maps;
+    for (name, data) in [
+        (map_names::SERVICES, m.services.map()),
+        (map_names::VIPS, m.vips.map()),
+        (map_names::BACKENDS, m.backends.map()),
+        (map_names::MAGLEV, m.maglev.map()),
+        (map_names::FLOWS, m.flows.map()),
+        (map_names::STATS, m.stats.map()),
+        (map_names::SVC_STATS, m.svc_stats.map()),
+        (map_names::BE_STATS, m.be_stats.map()),
+    ] {
+        data.pin(dir.join(name))
+            .unwrap_or_else(|e| panic!("pinning {name}: {e}"));
+    }
+}
+
+struct Cli {
+    pins: PathBuf,
+    run: PathBuf,
+}
+
+impl Cli {
+    fn pin_args(&self) -> PinArgs {
+        PinArgs {
+            pin_dir: self.pins.clone(),
+            // One interface has state: the CLI finds it.
+            iface: None,
+        }
+    }
+
+    fn inspect(&self, what: InspectCommand, output: Output) -> anyhow::Result<String> {
+        let args = InspectArgs {
+            pins: self.pin_args(),
+            run_dir: self.run.clone(),
+            output,
+            what,
+        };
+        let mut out = Vec::new();
+        inspect_to(&args, &mut out)?;
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    #[track_caller]
+    fn json(&self, what: InspectCommand) -> Value {
+        let text = self.inspect(what.clone(), Output::Json).unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what:?}: {e}\n{text}"))
+    }
+
+    #[track_caller]
+    fn simulate(&self, proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Value {
+        let args = SimulateArgs {
+            pins: self.pin_args(),
+            output: Output::Json,
+            proto,
+            src: SocketAddrV4::new(src.0, src.1),
+            dst: SocketAddrV4::new(dst.0, dst.1),
+        };
+        let mut out = Vec::new();
+        simulate_to(&args, &mut out).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+}
+
+fn client_syn(sport: u16) -> Vec<u8> {
+    Packet::tcp((CLIENT, sport), (VIP, 80), TCP_SYN)
+        .macs(CLIENT_MAC, NODE_MAC)
+        .build()
+}
+
+/// Run a client SYN; returns the rewritten (source, destination) as "ip:port" strings.
+fn send_syn(env: &Env, sport: u16) -> (String, String) {
+    let (action, out) = env.run(&client_syn(sport));
+    assert_eq!(action, XDP_TX, "SYN from port {sport}");
+    tuple(&out)
+}
+
+/// Source and destination of an Ethernet + IPv4 (no options) + TCP/UDP frame.
+fn tuple(frame: &[u8]) -> (String, String) {
+    let ip = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    (
+        format!("{}:{}", ip(26), port(34)),
+        format!("{}:{}", ip(30), port(36)),
+    )
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
+}
+
+#[test]
+fn inspect_and_simulate_agree_with_the_data_path() {
+    let mut env = Env::new().expect("fixture environment (needs root)");
+    let spec = svc(80, Proto::Tcp, &[be(VM1, 8080), be(VM2, 8080)]);
+    env.install(std::slice::from_ref(&spec)).unwrap();
+    let key = spec.key();
+
+    // Traffic: four client flows, one reply, one packet to a port without a service.
+    let clients = [40000u16, 40001, 40002, 40003];
+    let mut sent = Vec::new();
+    for sport in clients {
+        let (snat, backend) = send_syn(&env, sport);
+        sent.push((format!("{CLIENT}:{sport}"), snat, backend));
+    }
+    let (snat0, backend0) = (sent[0].1.clone(), sent[0].2.clone());
+    let b0: SocketAddrV4 = backend0.parse().unwrap();
+    let s0: SocketAddrV4 = snat0.parse().unwrap();
+    let reply = Packet::tcp(
+        (*b0.ip(), b0.port()),
+        (*s0.ip(), s0.port()),
+        TCP_SYN | TCP_ACK,
+    )
+    .macs(VM1_MAC, NODE_MAC)
+    .build();
+    assert_eq!(env.run(&reply).0, XDP_TX);
+    let stray = Packet::tcp((CLIENT, 1234), (VIP, 81), TCP_SYN)
+        .macs(CLIENT_MAC, NODE_MAC)
+        .build();
+    assert_eq!(env.run(&stray).0, XDP_DROP);
+
+    // Declared after `env`, so dropped before it (see PinRoot).
+    let pins = PinRoot::new();
+    pin_maps(&env, &pins.root);
+    let run = RunDir(std::env::temp_dir().join(format!("vmlb-test-{}-run", std::process::id())));
+    let mut svc_state = ServiceState::installed(
+        "web/http",
+        &["web.example.com".to_string()],
+        &spec,
+        &env.reconciler,
+    )
+    .expect("service installed");
+    svc_state.backends[1].last_error = Some("probe: connection refused".into());
+    state::write_atomic(
+        &state::state_path(&run.0, IFACE),
+        &DaemonState {
+            iface: IFACE.into(),
+            pid: std::process::id(),
+            generation: 1,
+            updated_unix: 0,
+            services: vec![svc_state],
+        },
+    )
+    .unwrap();
+    let cli = Cli {
+        pins: pins.root.clone(),
+        run: run.0.clone(),
+    };
+    let ring_size = u64::from(spec.ring_size);
+    let svc_id = env.reconciler.service(&key).unwrap().id;
+    let be_id = |addr| env.reconciler.backend_id(&key, addr, 8080).unwrap();
+
+    // services
+    let v = cli.json(InspectCommand::Services);
+    assert_eq!(v["iface"], IFACE);
+    let svcs = v["services"].as_array().unwrap();
+    assert_eq!(svcs.len(), 1, "{v}");
+    let sv = &svcs[0];
+    assert_eq!(sv["id"], svc_id);
+    assert_eq!(sv["name"], "web/http");
+    assert_eq!(sv["vip"], VIP.to_string());
+    assert_eq!((sv["port"].as_u64(), s(&sv["proto"])), (Some(80), "tcp"));
+    assert_eq!(sv["snat"], SNAT.to_string());
+    assert_eq!(sv["ring_size"], ring_size);
+    assert_eq!(
+        (sv["backends"].as_u64(), sv["backends_up"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(sv["hosts"][0], "web.example.com");
+    assert_eq!(sv["stats"]["new_flows"], 4);
+    assert_eq!(sv["stats"]["packets"], 5);
+    assert_eq!(sv["stats"]["reply_packets"], 1);
+
+    // backends
+    let v = cli.json(InspectCommand::Backends);
+    let bes = v["backends"].as_array().unwrap();
+    assert_eq!(bes.len(), 2, "{v}");
+    let addrs: BTreeSet<&str> = bes.iter().map(|b| s(&b["addr"])).collect();
+    assert_eq!(addrs, BTreeSet::from(["10.10.1.2", "10.10.1.3"]));
+    let mut slots = 0;
+    for b in bes {
+        let addr: Ipv4Addr = s(&b["addr"]).parse().unwrap();
+        assert_eq!(b["id"], be_id(addr));
+        assert_eq!(
+            (b["port"].as_u64(), b["up"].as_bool()),
+            (Some(8080), Some(true))
+        );
+        assert_eq!(
+            (b["service"].as_str(), b["service_id"].as_u64()),
+            (Some("web/http"), Some(svc_id.into()))
+        );
+        assert_eq!(b["weight"], 1);
+        assert!(b["slots"].as_u64().unwrap() > 0, "{b}");
+        slots += b["slots"].as_u64().unwrap();
+        let flows_to_it = sent
+            .iter()
+            .filter(|f| f.2.starts_with(&format!("{addr}:")))
+            .count();
+        assert_eq!(b["stats"]["new_flows"], flows_to_it as u64, "{b}");
+    }
+    assert_eq!(slots, ring_size);
+    let vm2 = bes.iter().find(|b| b["addr"] == VM2.to_string()).unwrap();
+    assert_eq!(vm2["last_error"], "probe: connection refused");
+
+    // maglev, by address and by name
+    let v = cli.json(InspectCommand::Maglev {
+        service: "10.10.1.128:80/tcp".into(),
+    });
+    let by_name = cli.json(InspectCommand::Maglev {
+        service: "web/http".into(),
+    });
+    assert_eq!(v, by_name);
+    assert_eq!(v["service"]["name"], "web/http");
+    assert_eq!(v["empty_slots"], 0);
+    let table: Vec<u32> = serde_json::from_value(v["table"].clone()).unwrap();
+    assert_eq!(table, env.reconciler.table(&key).unwrap());
+    let per_be: u64 = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["slots"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_be, ring_size);
+    let share: f64 = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["share_percent"].as_f64().unwrap())
+        .sum();
+    assert!((share - 100.0).abs() < 1e-6, "{share}");
+    let e = cli
+        .inspect(
+            InspectCommand::Maglev {
+                service: "10.10.1.128:81/tcp".into(),
+            },
+            Output::Json,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("installed: 10.10.1.128:80/tcp (web/http)"),
+        "{e}"
+    );
+
+    // flows: exactly the four clients, as the program rewrote them
+    let v = cli.json(InspectCommand::Flows);
+    let flows = v["flows"].as_array().unwrap();
+    let got: BTreeSet<(String, String, String)> = flows
+        .iter()
+        .map(|f| {
+            assert_eq!(f["vip"], format!("{VIP}:80"));
+            assert_eq!((s(&f["proto"]), s(&f["service"])), ("tcp", "web/http"));
+            let backend: SocketAddrV4 = s(&f["backend"]).parse().unwrap();
+            assert_eq!(f["backend_id"], be_id(*backend.ip()));
+            (
+                s(&f["client"]).to_string(),
+                s(&f["snat"]).to_string(),
+                s(&f["backend"]).to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, sent.iter().cloned().collect());
+
+    // nat: the reverse entries of the same four
+    let v = cli.json(InspectCommand::Nat);
+    let nat = v["nat"].as_array().unwrap();
+    let got: BTreeSet<(String, String, String)> = nat
+        .iter()
+        .map(|n| {
+            assert_eq!(n["vip"], format!("{VIP}:80"));
+            (
+                s(&n["client"]).to_string(),
+                s(&n["snat"]).to_string(),
+                s(&n["backend"]).to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, sent.iter().cloned().collect());
+
+    // stats: the counters the traffic moved
+    let v = cli.json(InspectCommand::Stats);
+    let counter = |name: &str| {
+        let c = v["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        (c["value"].as_u64().unwrap(), c["drop"].as_bool().unwrap())
+    };
+    assert_eq!(v["counters"].as_array().unwrap().len(), Counter::ALL.len());
+    assert_eq!(counter("flow_new"), (4, false));
+    assert_eq!(counter("reply_hit"), (1, false));
+    assert_eq!(counter("tx_same_iface"), (5, false));
+    assert_eq!(counter("drop_unknown_port"), (1, true));
+    assert_eq!(counter("drop_no_backend"), (0, true));
+    assert_eq!(v["services"][0]["stats"]["new_flows"], 4);
+    assert_eq!(v["backends"].as_array().unwrap().len(), 2);
+
+    // Table output of every view reads as intended.
+    for what in [
+        InspectCommand::Services,
+        InspectCommand::Backends,
+        InspectCommand::Maglev {
+            service: "web/http".into(),
+        },
+        InspectCommand::Flows,
+        InspectCommand::Nat,
+        InspectCommand::Stats,
+    ] {
+        let t = cli.inspect(what.clone(), Output::Table).unwrap();
+        assert!(t.lines().count() >= 2, "{what:?}:\n{t}");
+        println!("$ vmlb inspect {what:?}\n{t}");
+    }
+    let t = cli.inspect(InspectCommand::Flows, Output::Table).unwrap();
+    assert!(
+        t.contains(&format!("{CLIENT}:40000  ->  {VIP}:80  =>  {snat0}")),
+        "{t}"
+    );
+
+    // simulate: a new flow is predicted exactly, then reported as established.
+    let sport = 41000;
+    let p = cli.simulate(Proto::Tcp, (CLIENT, sport), (VIP, 80));
+    assert_eq!(p["verdict"], "new", "{p}");
+    assert_eq!(p["snat_attempt"], 0);
+    let (snat, backend) = send_syn(&env, sport);
+    assert_eq!(
+        (s(&p["snat"]), s(&p["backend"])),
+        (snat.as_str(), backend.as_str())
+    );
+    let p2 = cli.simulate(Proto::Tcp, (CLIENT, sport), (VIP, 80));
+    assert_eq!(p2["verdict"], "established", "{p2}");
+    assert_eq!(
+        (s(&p2["snat"]), s(&p2["backend"])),
+        (snat.as_str(), backend.as_str())
+    );
+    assert_eq!(p2["backend_id"], p["backend_id"]);
+
+    // A taken first SNAT candidate: simulate and the program both move to the second one.
+    let sport = 41001;
+    let fkey = flow_key((CLIENT, sport), (VIP, 80), Proto::Tcp);
+    let h = hash::flow_hash(&fkey);
+    let p = cli.simulate(Proto::Tcp, (CLIENT, sport), (VIP, 80));
+    let b: SocketAddrV4 = s(&p["backend"]).parse().unwrap();
+    let taken = flow_key(
+        (*b.ip(), b.port()),
+        (SNAT, hash::snat_port(h, 0)),
+        Proto::Tcp,
+    );
+    let squatter = FlowEntry {
+        src_addr: 0,
+        dst_addr: 0,
+        src_port: 0,
+        dst_port: 0,
+        service_id: svc_id,
+        backend_id: 0,
+        ifindex: 0,
+        dst_mac: [0; 6],
+        src_mac: [0; 6],
+        dir: DIR_TO_CLIENT,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    env.maps.flows.insert(taken, squatter, 0).unwrap();
+    let p = cli.simulate(Proto::Tcp, (CLIENT, sport), (VIP, 80));
+    assert_eq!(p["snat_attempt"], 1, "{p}");
+    let port2 = hash::snat_port(h, 1);
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port2));
+    assert_eq!(p["snat"], format!("{SNAT}:{port2}"));
+    let (snat, backend) = send_syn(&env, sport);
+    assert_eq!(
+        (s(&p["snat"]), s(&p["backend"])),
+        (snat.as_str(), backend.as_str())
+    );
+
+    // A reply, a port without a service, an address that is not a VIP.
+    let p = cli.simulate(Proto::Tcp, (*b0.ip(), b0.port()), (*s0.ip(), s0.port()));
+    assert_eq!(
+        (s(&p["verdict"]), s(&p["client"]), s(&p["vip"])),
+        ("reply", sent[0].0.as_str(), "10.10.1.128:80")
+    );
+    let p = cli.simulate(Proto::Udp, (CLIENT, 5000), (VIP, 80));
+    assert_eq!(
+        (s(&p["verdict"]), s(&p["counter"])),
+        ("dropped", "drop_unknown_port")
+    );
+    assert_eq!(p["message"], "dropped: no service on 10.10.1.128:80/udp");
+    let p = cli.simulate(Proto::Tcp, (CLIENT, 5000), (REMOTE, 80));
+    assert_eq!(
+        (s(&p["verdict"]), s(&p["counter"])),
+        ("passed", "pass_not_vip")
+    );
+
+    // Without the state file the maps alone still answer, by address.
+    drop(run);
+    let v = cli.json(InspectCommand::Services);
+    assert_eq!(v["services"][0]["name"], Value::Null);
+    let v = cli.json(InspectCommand::Backends);
+    assert_eq!(v["backends"][0]["service"], "10.10.1.128:80/tcp");
+    assert_eq!(v["backends"][0]["weight"], Value::Null);
+}

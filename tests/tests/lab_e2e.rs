@@ -1,0 +1,796 @@
+//! End to end through the daemon: `vmlb run` on the node of a per-test lab (unique namespace
+//! names, so tests run in parallel and beside a `vmlb-lab up` lab), configured by a ServiceEntry
+//! file the test edits, with the client sending real HTTP to Apache VMs through the VIP.
+//!
+//! Needs root, apache2, curl, wrk and ethtool (scripts/bootstrap.sh installs them). `cargo test`
+//! builds a dependency's library but not its binaries, so the first test of this process runs
+//! `cargo build -p vmlb-user --bin vmlb` once (`cargo xtask test` has already built it).
+//!
+//! Each test owns a directory `<tmp>/vmlb-lab-e2e-<pid>-<n>` with the config, the daemon's run
+//! dir and logs, and a bpffs of its own for `--pin-dir`: `ip netns exec` remounts /sys, so pins
+//! under /sys/fs/bpf would not outlive the daemon process, and a restarted daemon must find
+//! them. Dropping a test's `World` kills the daemon, stops the servers, deletes the namespaces,
+//! unmounts the bpffs (which releases every pin) and removes the directory, also on failure;
+//! directories of killed test processes are swept by the next run.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU16, AtomicU32, Ordering},
+        OnceLock,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _};
+use serde_json::Value;
+use vmlb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+use vmlb_tests::lab::{
+    curl, mount_bpffs, stop_group, unmount_bpffs, HttpConn, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP,
+    VM1_ADDR, VM2_ADDR, VM3_ADDR,
+};
+
+/// Metrics ports, one per daemon start (each node namespace has its own loopback, so this only
+/// keeps logs unambiguous).
+static NEXT_PORT: AtomicU16 = AtomicU16::new(19434);
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+const DIR_PREFIX: &str = "vmlb-lab-e2e-";
+
+/// Fast health checks for the test that stops a VM: down after 2 failed probes 500 ms apart.
+const FAST_HEALTH: &[(&str, &str)] = &[
+    ("vmlb.io/health-interval", "500ms"),
+    ("vmlb.io/health-timeout", "300ms"),
+    ("vmlb.io/health-fall", "2"),
+];
+
+/// The vmlb binary, built once per test process.
+fn vmlb_bin() -> &'static Path {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ lives in the workspace");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(&cargo)
+            .args(["build", "-p", "vmlb-user", "--bin", "vmlb"])
+            .current_dir(root)
+            .output()
+            .map_err(|e| format!("running {cargo}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo build -p vmlb-user --bin vmlb failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root.join("target"), |t| root.join(t));
+        Ok(target.join("debug").join("vmlb"))
+    });
+    built.as_deref().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A ServiceEntry like the seed's: VIP 10.10.1.128 on `ports`, one endpoint per address (taken
+/// as written, so a test can write an invalid one).
+fn service_entry(endpoints: &[&str], ports: &[u16], annotations: &[(&str, &str)]) -> String {
+    let mut y = String::from(
+        "apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata:\n  name: vms\n",
+    );
+    if !annotations.is_empty() {
+        y += "  annotations:\n";
+        for (k, v) in annotations {
+            y += &format!("    {k}: \"{v}\"\n");
+        }
+    }
+    y += &format!("spec:\n  hosts:\n  - vms.vlan-1512.org\n  addresses:\n  - {VIP}\n  ports:\n");
+    for p in ports {
+        let name = if *p == 443 { "https" } else { "http" };
+        y += &format!("  - number: {p}\n    name: {name}\n    protocol: TCP\n");
+    }
+    y += "  resolution: STATIC\n  location: MESH_EXTERNAL\n  endpoints:\n";
+    for e in endpoints {
+        y += &format!("  - address: \"{e}\"\n");
+    }
+    y
+}
+
+/// Delete directories (and unmount the bpffs) of test processes that were killed.
+fn sweep_stale_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !Path::new("/proc").join(pid).exists() {
+            unmount_bpffs(&e.path().join("bpf"));
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// One test's directory; dropping it unmounts its bpffs (releasing the pins) and removes it.
+struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    fn new() -> anyhow::Result<Self> {
+        sweep_stale_dirs();
+        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{n}", std::process::id()));
+        fs::create_dir_all(path.join("run"))?;
+        let dir = Self { path };
+        mount_bpffs(&dir.pins())?;
+        Ok(dir)
+    }
+    fn pins(&self) -> PathBuf {
+        self.path.join("bpf")
+    }
+    fn config(&self) -> PathBuf {
+        self.path.join("services.yaml")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        unmount_bpffs(&self.pins());
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The daemon, in its own process group; dropping it stops it (SIGTERM, SIGKILL after 5 s).
+struct Daemon {
+    child: Child,
+    metrics: SocketAddr,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let child = &mut self.child;
+        stop_group(child.id(), Duration::from_secs(5), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        let _ = child.wait();
+    }
+}
+
+/// One test's world. Field order is drop order: daemon, servers, namespaces, then the pins.
+struct World {
+    daemon: Option<Daemon>,
+    servers: Vec<Httpd>,
+    lab: Lab,
+    dir: TestDir,
+    /// Daemon starts so far; each writes daemon-<n>.log.
+    starts: usize,
+}
+
+impl World {
+    /// Lab, httpd on vm1 and vm2, the config, and a ready daemon.
+    fn start(config: &str) -> anyhow::Result<Self> {
+        let bin = vmlb_bin();
+        let lab = Lab::new().context("building the lab")?;
+        let servers = lab
+            .vms
+            .iter()
+            .map(|vm| Httpd::start(&vm.ns, vm.name, vm.addr))
+            .collect::<anyhow::Result<_>>()?;
+        let mut w = Self {
+            daemon: None,
+            servers,
+            lab,
+            dir: TestDir::new()?,
+            starts: 0,
+        };
+        fs::write(w.dir.config(), config)?;
+        w.start_daemon(bin)?;
+        Ok(w)
+    }
+
+    fn start_daemon(&mut self, bin: &Path) -> anyhow::Result<()> {
+        self.starts += 1;
+        let log = fs::File::create(self.log_path(self.starts))?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], NEXT_PORT.fetch_add(1, Ordering::Relaxed)));
+        let child = self
+            .lab
+            .node
+            .command(bin)
+            .args([
+                "run",
+                "--iface",
+                NODE_DEV,
+                "--xdp-mode",
+                "native",
+                "--config",
+            ])
+            .arg(self.dir.config())
+            .args(["--snat-addr", &NODE_ADDR.to_string(), "--pin-dir"])
+            .arg(self.dir.pins())
+            .arg("--run-dir")
+            .arg(self.dir.path.join("run"))
+            .args(["--metrics-addr", &metrics.to_string()])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning vmlb run")?;
+        self.daemon = Some(Daemon { child, metrics });
+        self.wait_ready()
+    }
+
+    fn log_path(&self, n: usize) -> PathBuf {
+        self.dir.path.join(format!("daemon-{n}.log"))
+    }
+
+    /// The current daemon's output so far.
+    fn log(&self) -> String {
+        fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
+    }
+
+    fn daemon(&mut self) -> anyhow::Result<&mut Daemon> {
+        self.daemon.as_mut().context("no daemon")
+    }
+
+    /// Fail if the daemon has exited.
+    fn daemon_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.daemon()?.child.try_wait()? {
+            bail!("vmlb exited ({status}):\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    fn readyz(&mut self) -> anyhow::Result<()> {
+        let url = format!("http://{}/readyz", self.daemon()?.metrics);
+        self.lab
+            .node
+            .exec(&["curl", "-sf", "--max-time", "1", &url])?;
+        Ok(())
+    }
+
+    /// Poll /readyz from inside the node namespace (at most 20 s).
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.daemon_alive()?;
+            let last = match self.readyz() {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if Instant::now() > deadline {
+                bail!(
+                    "not ready after 20 s ({last:#}); vmlb's output:\n{}",
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Replace the config the way editors and ConfigMap updates do: write aside, rename over.
+    fn write_config(&self, text: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.path.join(".services.yaml.tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.dir.config())?;
+        Ok(())
+    }
+
+    /// `vmlb inspect <what> -o json` against this test's pins and run dir.
+    fn inspect(&self, what: &str) -> anyhow::Result<Value> {
+        let out = self.inspect_raw(&[what, "-o", "json"])?;
+        serde_json::from_str(&out).with_context(|| format!("inspect {what} JSON: {out}"))
+    }
+
+    fn inspect_raw(&self, args: &[&str]) -> anyhow::Result<String> {
+        let pins = self.dir.pins();
+        let run = self.dir.path.join("run");
+        let mut all = vec![vmlb_bin().to_str().context("binary path")?, "inspect"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--pin-dir", pins.to_str().context("pin path")?]);
+        all.extend_from_slice(&["--run-dir", run.to_str().context("run path")?]);
+        all.extend_from_slice(&["--iface", NODE_DEV]);
+        let out = self.lab.node.exec(&all)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `n` sequential requests (each a new connection, so a new flow) to the VIP on port 80,
+    /// tagged `t=<tag>-<i>` in the access logs: answers per VM. Any failure fails (after at
+    /// most 3, so a broken path does not cost seconds per remaining request).
+    fn spread(&self, n: usize, tag: &str) -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut answers = BTreeMap::new();
+        let mut failures = Vec::new();
+        for i in 0..n {
+            match curl(&self.lab.client, &format!("http://{VIP}/?t={tag}-{i}"), 2) {
+                Ok(body) => *answers.entry(body.trim().to_string()).or_default() += 1,
+                Err(e) => failures.push(format!("request {i}: {e:#}")),
+            }
+            if failures.len() == 3 {
+                break;
+            }
+        }
+        ensure!(
+            failures.is_empty(),
+            "requests failed (answers so far {answers:?}):\n{}",
+            failures.join("\n")
+        );
+        Ok(answers)
+    }
+
+    fn server(&self, name: &str) -> anyhow::Result<&Httpd> {
+        self.servers
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no server {name}"))
+    }
+
+    /// Access log lines (after readiness) of every server whose request carries `t=<tag>-`.
+    fn tagged_lines(&self, tag: &str) -> BTreeMap<String, Vec<String>> {
+        let needle = format!("t={tag}-");
+        self.servers
+            .iter()
+            .map(|s| {
+                let lines = s.access_lines().into_iter();
+                (
+                    s.name.clone(),
+                    lines.filter(|l| l.contains(&needle)).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Apache logs after answering: wait (at most 5 s) until `n` tagged requests are logged.
+    fn wait_logged(&self, tag: &str, n: usize) -> BTreeMap<String, Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.tagged_lines(tag);
+            if lines.values().map(Vec::len).sum::<usize>() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything that helps to understand a failure.
+    fn report(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.starts {
+            let log = fs::read_to_string(self.log_path(n)).unwrap_or_default();
+            out += &format!("=== vmlb output (start {n})\n{log}");
+        }
+        for what in ["stats", "services", "backends", "flows"] {
+            let text = self
+                .inspect_raw(&[what])
+                .unwrap_or_else(|e| format!("{e:#}\n"));
+            out += &format!("=== vmlb inspect {what}\n{text}");
+        }
+        out += &self.lab.describe();
+        for s in &self.servers {
+            out += &s.logs();
+        }
+        out
+    }
+}
+
+/// Build a world with `config`, run `body`, and on failure print the diagnostics and panic.
+fn scenario(config: &str, body: impl FnOnce(&mut World) -> anyhow::Result<()>) {
+    let mut w = World::start(config).unwrap_or_else(|e| panic!("starting the lab: {e:#}"));
+    if let Err(e) = body(&mut w) {
+        eprintln!("{}", w.report());
+        panic!("{e:#}");
+    }
+}
+
+fn seed_config(extra: &[(&str, &str)]) -> String {
+    service_entry(&["10.10.1.2", "10.10.1.3"], &[80], extra)
+}
+
+#[test]
+fn requests_spread_over_both_vms_with_the_snat_source() {
+    scenario(&seed_config(&[]), |w| {
+        let answers = w.spread(40, "a")?;
+        println!("answers: {answers:?}");
+        // With 40 new flows over two equal backends, fewer than 5 on one has p ~ 1e-7.
+        for vm in ["vm1", "vm2"] {
+            let n = answers.get(vm).copied().unwrap_or(0);
+            ensure!(n >= 5, "{vm} answered {n} of 40: {answers:?}");
+        }
+        ensure!(answers.len() == 2, "unexpected bodies: {answers:?}");
+        let logged = w.wait_logged("a", 40);
+        let snat_ports = SNAT_PORT_MIN..=SNAT_PORT_MAX;
+        for (vm, lines) in &logged {
+            ensure!(
+                lines.len() == answers[vm],
+                "{vm} logged {} requests but answered {}",
+                lines.len(),
+                answers[vm]
+            );
+            for line in lines {
+                let mut f = line.split(' ');
+                let addr: Option<Ipv4Addr> = f.next().and_then(|a| a.parse().ok());
+                let port: Option<u16> = f.next().and_then(|p| p.parse().ok());
+                ensure!(
+                    addr == Some(NODE_ADDR) && port.is_some_and(|p| snat_ports.contains(&p)),
+                    "{vm} saw a client other than {NODE_ADDR}:{snat_ports:?}: {line}"
+                );
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_keepalive_connection_keeps_its_backend() {
+    scenario(&seed_config(&[]), |w| {
+        // One curl, 20 URLs: curl reuses its connection; %{num_connects} says how many it opened.
+        let urls: Vec<String> = (0..20).map(|i| format!("http://{VIP}/?t=b-{i}")).collect();
+        let mut args = vec!["curl", "-sS", "--max-time", "10", "-w", "%{num_connects}\n"];
+        args.extend(urls.iter().map(String::as_str));
+        let out = w.lab.client.exec(&args)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        ensure!(lines.len() == 40, "want body + connects per URL:\n{text}");
+        let bodies: BTreeSet<&str> = lines.iter().step_by(2).copied().collect();
+        let connects: u32 = lines
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|c| c.parse::<u32>().unwrap_or(99))
+            .sum();
+        ensure!(connects == 1, "curl opened {connects} connections:\n{text}");
+        ensure!(
+            bodies.len() == 1,
+            "one connection, several backends: {bodies:?}"
+        );
+        // The VM saw one client port for all of them: one SNATed connection.
+        let logged = w.wait_logged("b", 20);
+        let vm = *bodies.first().expect("one body");
+        let ports: BTreeSet<&str> = logged[vm]
+            .iter()
+            .filter_map(|l| l.split(' ').nth(1))
+            .collect();
+        ensure!(
+            logged[vm].len() == 20 && ports.len() == 1,
+            "{vm} logged {} requests from ports {ports:?}",
+            logged[vm].len()
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn adding_a_vm_moves_about_a_third_of_new_flows_and_no_established_one() {
+    scenario(&seed_config(&[]), |w| {
+        let vm3 = w.lab.add_vm("vm3", VM3_ADDR)?;
+        let server = Httpd::start(&vm3.ns, "vm3", VM3_ADDR)?;
+        w.servers.push(server);
+
+        // Established before the edit: 12 kept-alive connections. If the daemon re-balanced
+        // established flows, ~1/3 would move and break; all 12 staying by chance has p ~ 0.008.
+        let vip = SocketAddr::from((VIP, 80));
+        let mut conns = Vec::new();
+        for i in 0..12 {
+            let mut c = HttpConn::open(&w.lab.client, vip)?;
+            let body = c.get(&format!("/?t=c-before-{i}"))?;
+            conns.push((c, body));
+        }
+
+        w.write_config(&service_entry(
+            &["10.10.1.2", "10.10.1.3", "10.10.1.4"],
+            &[80],
+            &[],
+        ))?;
+        // The reload has happened once a new connection lands on vm3 (at most 100 tries, 15 s).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut tries = 0;
+        loop {
+            w.daemon_alive()?;
+            let body = curl(
+                &w.lab.client,
+                &format!("http://{VIP}/?t=c-probe-{tries}"),
+                2,
+            );
+            if body.is_ok_and(|b| b.trim() == "vm3") {
+                break;
+            }
+            tries += 1;
+            ensure!(
+                tries < 100 && Instant::now() < deadline,
+                "vm3 never answered after the config edit ({tries} tries)"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+
+        let answers = w.spread(60, "c-new")?;
+        println!("60 new connections after adding vm3: {answers:?}");
+        let on_vm3 = answers.get("vm3").copied().unwrap_or(0);
+        // Maglev gives the third backend ~1/3 of the table: 20 of 60 expected; 9..=33 is
+        // 15 %..55 %, far outside sampling noise.
+        ensure!(
+            (9..=33).contains(&on_vm3),
+            "vm3 got {on_vm3} of 60 new flows: {answers:?}"
+        );
+
+        for (i, (c, before)) in conns.iter_mut().enumerate() {
+            let after = c
+                .get(&format!("/?t=c-after-{i}"))
+                .with_context(|| format!("established connection {i} (was on {before})"))?;
+            ensure!(
+                after == *before,
+                "established connection {i} moved from {} to {}",
+                before.trim(),
+                after.trim()
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_stopped_vm_leaves_within_the_health_check_window() {
+    scenario(&seed_config(FAST_HEALTH), |w| {
+        let answers = w.spread(20, "d-before")?;
+        ensure!(answers.len() == 2, "both VMs first: {answers:?}");
+
+        let i = w
+            .servers
+            .iter()
+            .position(|s| s.name == "vm2")
+            .context("vm2")?;
+        w.servers.remove(i).stop();
+        let stopped = Instant::now();
+        // Down after fall (2) failed probes 500 ms apart, plus up to one interval until the
+        // first, the 300 ms timeout and the reconcile: ~2 s; allow 4 s.
+        let window = Duration::from_secs(4);
+        let mut batches = 0;
+        loop {
+            ensure!(
+                stopped.elapsed() < window,
+                "vm2 still chosen {:?} after its httpd stopped",
+                stopped.elapsed()
+            );
+            // A request that Maglev sends to vm2 is refused at once (RST), so batches are quick.
+            let batch: Vec<String> = (0..10)
+                .map(|j| {
+                    curl(
+                        &w.lab.client,
+                        &format!("http://{VIP}/?t=d-wait-{batches}-{j}"),
+                        1,
+                    )
+                    .map_or_else(|e| format!("failed: {e:#}"), |b| b.trim().to_string())
+                })
+                .collect();
+            if batch.iter().all(|b| b == "vm1") {
+                break;
+            }
+            println!("{:?} after the stop: {batch:?}", stopped.elapsed());
+            batches += 1;
+        }
+        println!(
+            "vm2 left the table {:?} after its httpd stopped",
+            stopped.elapsed()
+        );
+        let answers = w.spread(30, "d-after")?;
+        ensure!(
+            answers.keys().eq(["vm1"].iter()),
+            "after removal: {answers:?}"
+        );
+        let backends = w.inspect("backends")?;
+        let vm2_up: Vec<bool> = rows(&backends, "backends")?
+            .iter()
+            .filter(|b| b["addr"] == VM2_ADDR.to_string())
+            .map(|b| b["up"].as_bool().unwrap_or(true))
+            .collect();
+        ensure!(
+            vm2_up == [false],
+            "vm2's data-path state: {vm2_up:?}\n{backends:#}"
+        );
+        Ok(())
+    });
+}
+
+/// wrk's totals: (requests, socket error counts, non-2xx/3xx responses).
+fn parse_wrk(out: &str) -> anyhow::Result<(u64, Vec<u64>, u64)> {
+    let mut requests = None;
+    let mut socket_errors = Vec::new();
+    let mut non_2xx = 0;
+    for line in out.lines().map(str::trim) {
+        if let Some((n, _)) = line.split_once(" requests in ") {
+            requests = Some(n.trim().parse()?);
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            socket_errors = rest
+                .split(',')
+                .filter_map(|f| f.split_whitespace().nth(1)?.parse().ok())
+                .collect();
+        } else if let Some(n) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            non_2xx = n.trim().parse()?;
+        }
+    }
+    Ok((
+        requests.context("no request count")?,
+        socket_errors,
+        non_2xx,
+    ))
+}
+
+#[test]
+fn restarting_the_daemon_under_load_fails_no_request() {
+    scenario(&seed_config(&[]), |w| {
+        let wrk = w
+            .lab
+            .client
+            .command("wrk")
+            .args(["-t1", "-c4", "-d6s", "--timeout", "2s"])
+            .arg(format!("http://{VIP}/"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning wrk (apt-get install wrk)")?;
+        // The load is flowing once the VMs log it (at most 3 s).
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let logged = || {
+            w.servers
+                .iter()
+                .map(|s| s.access_lines().len())
+                .sum::<usize>()
+        };
+        while logged() < 50 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        ensure!(logged() >= 50, "wrk's load never reached the VMs");
+
+        // kill -9: no cleanup at all; the pinned link keeps the program attached meanwhile.
+        let d = w.daemon()?;
+        d.child.kill()?;
+        d.child.wait()?;
+        let restarted = Instant::now();
+        w.start_daemon(vmlb_bin())?;
+        println!("daemon restarted and ready in {:?}", restarted.elapsed());
+
+        // wrk stops by itself after 6 s; its --timeout bounds every request.
+        let out = wrk.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("{text}");
+        ensure!(
+            out.status.success(),
+            "wrk failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (requests, socket_errors, non_2xx) = parse_wrk(&text)?;
+        ensure!(requests > 0, "wrk made no request");
+        ensure!(
+            socket_errors.iter().all(|&n| n == 0),
+            "socket errors (connect, read, write, timeout): {socket_errors:?}"
+        );
+        ensure!(non_2xx == 0, "{non_2xx} non-2xx/3xx responses");
+        // And the restarted daemon still serves new flows.
+        w.spread(10, "e-after")?;
+        Ok(())
+    });
+}
+
+/// The array under `key` of an inspect JSON object.
+fn rows<'a>(v: &'a Value, key: &str) -> anyhow::Result<&'a Vec<Value>> {
+    v[key]
+        .as_array()
+        .with_context(|| format!("no {key:?} array in {v:#}"))
+}
+
+#[test]
+fn inspect_agrees_with_the_configuration() {
+    scenario(
+        &service_entry(&["10.10.1.2", "10.10.1.3"], &[80, 443], &[]),
+        |w| {
+            // Traffic on both ports first, so both services have flows to show.
+            for port in [80, 443] {
+                let body = curl(&w.lab.client, &format!("http://{VIP}:{port}/"), 2)?;
+                ensure!(body.starts_with("vm"), "port {port}: {body:?}");
+            }
+
+            let services = w.inspect("services")?;
+            let mut seen = BTreeMap::new();
+            for s in rows(&services, "services")? {
+                ensure!(
+                    s["vip"] == VIP.to_string()
+                        && s["proto"] == "tcp"
+                        && s["snat"] == NODE_ADDR.to_string()
+                        && s["backends"] == 2,
+                    "service row {s:#}"
+                );
+                let port = s["port"].as_u64().context("port")?;
+                seen.insert(
+                    port,
+                    (
+                        s["name"].clone(),
+                        s["ring_size"].as_u64().context("ring_size")?,
+                    ),
+                );
+            }
+            ensure!(
+                seen.keys().copied().eq([80, 443]),
+                "services {:?}, want ports 80 and 443:\n{services:#}",
+                seen.keys()
+            );
+            ensure!(
+                seen[&80].0 == "vms/http" && seen[&443].0 == "vms/https",
+                "names {seen:?}"
+            );
+
+            let backends = w.inspect("backends")?;
+            let mut pairs = BTreeSet::new();
+            let mut slots: BTreeMap<u64, u64> = BTreeMap::new();
+            for b in rows(&backends, "backends")? {
+                let addr: Ipv4Addr = b["addr"].as_str().context("addr")?.parse()?;
+                let port = b["port"].as_u64().context("port")?;
+                ensure!(b["up"] == true, "backend not up: {b:#}");
+                pairs.insert((addr, port));
+                *slots.entry(port).or_default() += b["slots"].as_u64().context("slots")?;
+            }
+            let want: BTreeSet<(Ipv4Addr, u64)> = [VM1_ADDR, VM2_ADDR]
+                .into_iter()
+                .flat_map(|a| [(a, 80), (a, 443)])
+                .collect();
+            ensure!(
+                pairs == want,
+                "backends {pairs:?}, want {want:?}:\n{backends:#}"
+            );
+            // Every slot of each Maglev table names one of its backends.
+            for (port, (_, ring)) in &seen {
+                ensure!(
+                    slots.get(port) == Some(ring),
+                    "port {port}: backends hold {:?} slots of {ring}",
+                    slots.get(port)
+                );
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn a_malformed_edit_is_refused_and_the_old_config_keeps_serving() {
+    scenario(&seed_config(&[]), |w| {
+        let before = w.spread(20, "g-before")?;
+        ensure!(before.len() == 2, "both VMs first: {before:?}");
+
+        // Drops vm2 and adds an invalid address: applying any part of it would take vm2 away.
+        let bad = service_entry(&["10.10.1.2", "10.10.1.300"], &[80], &[]);
+        let line = 1 + bad
+            .lines()
+            .position(|l| l.contains("10.10.1.300"))
+            .context("bad line")?;
+        w.write_config(&bad)?;
+        let want = format!("{}:{line}", w.dir.config().display());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.log().contains(&want) {
+            w.daemon_alive()?;
+            ensure!(
+                Instant::now() < deadline,
+                "the daemon never reported {want} for the invalid address"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        w.daemon_alive()?;
+        w.readyz().context("/readyz after the refused edit")?;
+
+        let after = w.spread(30, "g-after")?;
+        println!("after the refused edit: {after:?}");
+        ensure!(
+            after.keys().eq(["vm1", "vm2"].iter()),
+            "the old config (vm1 and vm2) must keep serving: {after:?}"
+        );
+        ensure!(
+            !w.server("vm2")?.access_lines().is_empty(),
+            "vm2 logged nothing"
+        );
+        Ok(())
+    });
+}

@@ -1,0 +1,522 @@
+//! The daemon: wires the stages together and owns the one loop that changes the data path.
+//!
+//! sources (ServiceEntry files, SIGHUP, health events) -> desired services -> reconcile ->
+//! BPF maps. Startup either adopts a pinned program (a restart: nothing is reloaded, flows keep
+//! going) or loads, attaches and pins a new one. A bad configuration is refused as a whole and
+//! the previous one keeps serving.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    programs::{links::FdLink, links::PinnedLink, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use notify::Watcher as _;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+use vmlb_common::{map_names, PROGRAM_NAME};
+
+use crate::{
+    cli::run::{RunArgs, XdpModeArg},
+    config,
+    health::{HealthChecker, HealthEvent, Target},
+    loader::VMLB_OBJ,
+    maps::BpfMaps,
+    metrics::{self, MetricsSource},
+    model::{ConfiguredService, NodeConfig, ServiceSpec},
+    pins::PinLayout,
+    reconcile::Reconciler,
+    state::{self, BackendState, DaemonState, ServiceState},
+};
+
+const ALL_MAPS: [&str; 8] = [
+    map_names::SERVICES,
+    map_names::VIPS,
+    map_names::BACKENDS,
+    map_names::MAGLEV,
+    map_names::FLOWS,
+    map_names::STATS,
+    map_names::SVC_STATS,
+    map_names::BE_STATS,
+];
+
+/// Wait this long after the last file event before reloading: editors write a file in several
+/// steps (truncate, write, rename), and one reload should see the finished file.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What keeps the program attached while the daemon runs.
+enum Attachment {
+    /// Loaded by this process; the link is pinned so it outlives us.
+    Loaded { _ebpf: Ebpf, link: PinnedLink },
+    /// Found pinned from an earlier daemon.
+    Adopted { link: PinnedLink },
+}
+
+impl Attachment {
+    fn into_link(self) -> PinnedLink {
+        match self {
+            Attachment::Loaded { link, .. } | Attachment::Adopted { link } => link,
+        }
+    }
+}
+
+pub fn init_tracing() {
+    // aya-log (and any `log` user) records become tracing events.
+    let _ = tracing_log::LogTracer::init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node = node_config(&args)?;
+    let layout = PinLayout::new(&args.pin_dir, &args.iface);
+    let (attachment, maps) = attach_or_adopt(&args, &layout)?;
+
+    // Whatever the maps hold (a previous daemon's services, or nothing) is the starting point,
+    // so applying the same configuration again writes nothing.
+    let mut reconciler = adopt_state(&maps, args.maglev_entries)?;
+    let maps = Arc::new(Mutex::new(maps));
+
+    let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(256);
+    let mut health = HealthChecker::new(health_tx);
+    let shared_state = Arc::new(RwLock::new(DaemonState {
+        iface: args.iface.clone(),
+        pid: std::process::id(),
+        ..Default::default()
+    }));
+    let state_path = state::state_path(&args.run_dir, &args.iface);
+
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let source = MetricsSource::new(maps.clone(), shared_state.clone());
+    let metrics_task = tokio::spawn(metrics::serve(args.metrics_addr, source.clone(), async {
+        let _ = metrics_stopped.await;
+    }));
+
+    let mut configured: Option<Vec<ConfiguredService>> = match config::load(&args.configs, &node) {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            for e in &errors.0 {
+                error!("{e}");
+            }
+            if reconciler.is_empty() {
+                bail!(
+                    "the configuration is invalid ({} error(s), listed above)",
+                    errors.0.len()
+                );
+            }
+            warn!("keeping the adopted data-path state until the configuration is fixed");
+            None
+        }
+    };
+
+    let mut ctx = Ctx {
+        iface: args.iface.clone(),
+        generation: 0,
+        maps: maps.clone(),
+        shared_state: shared_state.clone(),
+        state_path,
+    };
+    if let Some(c) = &configured {
+        health.update_with_initial(health_targets(c), &reconciler.down_backends());
+        ctx.apply(&mut reconciler, c, &health)
+            .context("applying the initial configuration")?;
+    }
+    source.set_ready(true);
+    info!(iface = %args.iface, metrics = %args.metrics_addr, "vmlb is serving");
+
+    let (reload_tx, mut reload_rx) = mpsc::channel::<()>(16);
+    let _watcher = watch_configs(&args.configs, reload_tx)?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                reload(&args, &node, &mut configured, &mut health, &mut reconciler, &mut ctx);
+            }
+            Some(()) = reload_rx.recv() => {
+                // Let the burst of events from one save settle, then reload once.
+                tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                while reload_rx.try_recv().is_ok() {}
+                info!("configuration changed on disk: reloading");
+                reload(&args, &node, &mut configured, &mut health, &mut reconciler, &mut ctx);
+            }
+            Some(ev) = health_rx.recv() => {
+                info!(backend = %format!("{}:{}", ev.target.addr, ev.target.port), up = ev.up, reason = %ev.reason, "health changed");
+                if let Some(c) = &configured {
+                    if let Err(e) = ctx.apply(&mut reconciler, c, &health) {
+                        error!("applying a health change: {e:#}");
+                    }
+                }
+            }
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+        }
+    }
+
+    source.set_ready(false);
+    health.shutdown().await;
+    let _ = stop_metrics.send(());
+    let _ = metrics_task.await;
+    let link = attachment.into_link();
+    if args.detach_on_exit {
+        let fd_link: FdLink = link.unpin().context("unpinning the XDP link")?;
+        drop(fd_link);
+        for name in ALL_MAPS {
+            let _ = std::fs::remove_file(layout.map(name));
+        }
+        let _ = std::fs::remove_dir(layout.dir());
+        let _ = std::fs::remove_file(&ctx.state_path);
+        info!(iface = %args.iface, "detached; pinned state removed");
+    } else {
+        info!(iface = %args.iface, pins = %layout.dir().display(), "left attached: the program keeps forwarding and the next daemon adopts it");
+    }
+    Ok(())
+}
+
+/// The daemon's handles for applying a configuration.
+struct Ctx {
+    iface: String,
+    generation: u64,
+    maps: Arc<Mutex<BpfMaps>>,
+    shared_state: Arc<RwLock<DaemonState>>,
+    state_path: PathBuf,
+}
+
+impl Ctx {
+    /// Desired services (configuration + current health) -> the maps, then publish the state.
+    fn apply(
+        &mut self,
+        reconciler: &mut Reconciler,
+        configured: &[ConfiguredService],
+        health: &HealthChecker,
+    ) -> anyhow::Result<()> {
+        let desired = desired(configured, health);
+        let summary = {
+            let mut maps = self.maps.lock().expect("maps lock");
+            reconciler.apply(&desired, &mut *maps)?
+        };
+        if summary != Default::default() {
+            info!(?summary, "data path updated");
+        }
+        self.generation += 1;
+        let mut st = daemon_state(&self.iface, configured, reconciler, health, &desired);
+        st.generation = self.generation;
+        st.updated_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Err(e) = state::write_atomic(&self.state_path, &st) {
+            warn!("writing {}: {e:#}", self.state_path.display());
+        }
+        *self.shared_state.write().expect("state lock") = st;
+        Ok(())
+    }
+}
+
+/// Parse everything first; only a fully valid configuration replaces the running one.
+fn reload(
+    args: &RunArgs,
+    node: &NodeConfig,
+    configured: &mut Option<Vec<ConfiguredService>>,
+    health: &mut HealthChecker,
+    reconciler: &mut Reconciler,
+    ctx: &mut Ctx,
+) {
+    match config::load(&args.configs, node) {
+        Err(errors) => {
+            for e in &errors.0 {
+                error!("{e}");
+            }
+            error!(
+                "configuration refused ({} error(s)); the previous configuration keeps serving",
+                errors.0.len()
+            );
+        }
+        Ok(c) => {
+            if configured.as_ref() == Some(&c) {
+                info!("configuration unchanged");
+                return;
+            }
+            health.update(health_targets(&c));
+            match ctx.apply(reconciler, &c, health) {
+                Ok(()) => *configured = Some(c),
+                Err(e) => error!("configuration refused by the data path: {e:#}"),
+            }
+        }
+    }
+}
+
+fn desired(configured: &[ConfiguredService], health: &HealthChecker) -> Vec<ServiceSpec> {
+    configured
+        .iter()
+        .map(|c| {
+            let mut spec = c.spec.clone();
+            for b in &mut spec.backends {
+                b.up = health.is_up(&Target {
+                    addr: b.addr,
+                    port: b.port,
+                });
+            }
+            spec
+        })
+        .collect()
+}
+
+/// One probe target per backend address:port (the first service's health settings win when
+/// several services share an endpoint).
+fn health_targets(configured: &[ConfiguredService]) -> Vec<(Target, crate::model::HealthSpec)> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for c in configured {
+        for b in &c.spec.backends {
+            let t = Target {
+                addr: b.addr,
+                port: b.port,
+            };
+            if seen.insert(t.clone()) {
+                out.push((t, c.health.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn daemon_state(
+    iface: &str,
+    configured: &[ConfiguredService],
+    reconciler: &Reconciler,
+    health: &HealthChecker,
+    desired: &[ServiceSpec],
+) -> DaemonState {
+    let states = health.states();
+    let services = configured
+        .iter()
+        .zip(desired)
+        .map(|(c, spec)| {
+            let key = spec.key();
+            let id = reconciler.service(&key).map_or(0, |s| s.id);
+            ServiceState {
+                name: c.name.clone(),
+                vip: spec.vip,
+                port: spec.port,
+                proto: spec.proto.name().to_string(),
+                id,
+                hosts: c.hosts.clone(),
+                snat: spec.snat,
+                ring_size: spec.ring_size,
+                backends: spec
+                    .backends
+                    .iter()
+                    .map(|b| BackendState {
+                        addr: b.addr,
+                        port: b.port,
+                        id: reconciler.backend_id(&key, b.addr, b.port).unwrap_or(0),
+                        weight: b.weight,
+                        up: b.up,
+                        last_error: states
+                            .iter()
+                            .find(|s| s.target.addr == b.addr && s.target.port == b.port)
+                            .and_then(|s| s.last_error.clone()),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    DaemonState {
+        iface: iface.to_string(),
+        pid: std::process::id(),
+        services,
+        ..Default::default()
+    }
+}
+
+fn adopt_state(maps: &BpfMaps, ring_entries: u32) -> anyhow::Result<Reconciler> {
+    let services: Vec<_> = maps.services.iter().collect::<Result<_, _>>()?;
+    let mut backends = Vec::new();
+    for (id, b) in maps.backends.iter().enumerate() {
+        let b = b?;
+        if b.addr != 0 {
+            backends.push((id as u32, b));
+        }
+    }
+    let ring_entries = ring_entries.max(maps.maglev.len());
+    let r = Reconciler::adopt(ring_entries, &services, &backends, |base, len| {
+        (base..base + len)
+            .map(|i| Ok(maps.maglev.get(&i, 0)?))
+            .collect()
+    })?;
+    if !services.is_empty() {
+        info!(
+            services = services.len(),
+            "adopted the services found in the pinned maps"
+        );
+    }
+    Ok(r)
+}
+
+fn node_config(args: &RunArgs) -> anyhow::Result<NodeConfig> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct File {
+        snat_address: Option<Ipv4Addr>,
+        vlan: Option<u16>,
+    }
+    let file: File = match &args.node_config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading node config {}", p.display()))?;
+            serde_norway::from_str(&text).with_context(|| format!("node config {}", p.display()))?
+        }
+        None => File::default(),
+    };
+    Ok(NodeConfig {
+        snat: args.snat_addr.or(file.snat_address),
+        vlan: args.vlan.or(file.vlan),
+    })
+}
+
+/// Adopt a pinned program if one is attached to this interface; otherwise load, attach and pin.
+fn attach_or_adopt(args: &RunArgs, layout: &PinLayout) -> anyhow::Result<(Attachment, BpfMaps)> {
+    if layout.link().exists() {
+        let link = PinnedLink::from_pin(layout.link())
+            .with_context(|| format!("opening the pinned link {}", layout.link().display()))?;
+        let maps = BpfMaps::from_pins(layout)?;
+        info!(iface = %args.iface, "adopted the pinned XDP program: nothing reloaded, flows keep going");
+        return Ok((Attachment::Adopted { link }, maps));
+    }
+
+    if crate::pins::ensure_bpffs(&args.pin_dir)
+        .with_context(|| format!("mounting a BPF filesystem for {}", args.pin_dir.display()))?
+    {
+        info!(pin_dir = %args.pin_dir.display(), "mounted a BPF filesystem for the pins");
+    }
+    std::fs::create_dir_all(layout.dir()).with_context(|| {
+        format!(
+            "creating {} (is bpffs mounted at /sys/fs/bpf?)",
+            layout.dir().display()
+        )
+    })?;
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, layout.map(n))).collect();
+    for (name, path) in &paths {
+        // Reuses a map pinned there (state from an earlier daemon), else creates and pins it.
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.map_max_entries(map_names::FLOWS, args.flow_entries);
+    loader.map_max_entries(map_names::MAGLEV, args.maglev_entries);
+    let mut ebpf = loader
+        .load(VMLB_OBJ)
+        .context("loading the vmlb eBPF object")?;
+    if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+        tracing::debug!("no eBPF log records to forward: {e}");
+    }
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("program vmlb missing from the object")?
+        .try_into()?;
+    prog.load()
+        .context("the verifier rejected the vmlb XDP program")?;
+    let link_id = match args.xdp_mode {
+        XdpModeArg::Native => prog.attach(&args.iface, XdpMode::Driver).with_context(|| {
+            format!(
+                "attaching in native mode to {} (try --xdp-mode skb if the driver lacks XDP)",
+                args.iface
+            )
+        })?,
+        XdpModeArg::Skb => prog
+            .attach(&args.iface, XdpMode::Skb)
+            .with_context(|| format!("attaching in generic (skb) mode to {}", args.iface))?,
+        XdpModeArg::Auto => match prog.attach(&args.iface, XdpMode::Driver) {
+            Ok(id) => {
+                info!(iface = %args.iface, "attached in native (driver) mode");
+                id
+            }
+            Err(e) => {
+                warn!(iface = %args.iface, "native XDP failed ({e}); falling back to generic (skb) mode");
+                prog.attach(&args.iface, XdpMode::Skb).with_context(|| {
+                    format!("attaching to {} in native and in generic mode (does the interface exist in this namespace?)", args.iface)
+                })?
+            }
+        },
+    };
+    let link: FdLink = prog.take_link(link_id)?.try_into().context(
+        "the kernel attached without a BPF link (netlink); vmlb needs bpf_link to pin it",
+    )?;
+    let link = link
+        .pin(layout.link())
+        .with_context(|| format!("pinning the link at {}", layout.link().display()))?;
+    let maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    info!(iface = %args.iface, pins = %layout.dir().display(), "loaded, attached and pinned");
+    Ok((Attachment::Loaded { _ebpf: ebpf, link }, maps))
+}
+
+/// Watch the configured files (through their directories: editors replace files by rename)
+/// and the configured directories; a change to one of those files, or to a YAML file in one of
+/// those directories, asks for a reload.
+fn watch_configs(
+    paths: &[PathBuf],
+    tx: mpsc::Sender<()>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    let files: BTreeSet<PathBuf> = paths
+        .iter()
+        .filter(|p| !p.is_dir())
+        .map(|p| absolute(p))
+        .collect();
+    let conf_dirs: BTreeSet<PathBuf> = paths
+        .iter()
+        .filter(|p| p.is_dir())
+        .map(|p| absolute(p))
+        .collect();
+    let relevant = move |p: &Path| {
+        files.contains(p)
+            || (p.parent().is_some_and(|d| conf_dirs.contains(d))
+                && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+    };
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !matches!(ev.kind, notify::EventKind::Access(_))
+                && ev.paths.iter().any(|p| relevant(p))
+            {
+                let _ = tx.try_send(());
+            }
+        }
+    })
+    .context("starting the file watcher")?;
+    let mut dirs = BTreeSet::new();
+    for p in paths {
+        let dir: &Path = if p.is_dir() {
+            p
+        } else {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+        };
+        dirs.insert(dir.to_path_buf());
+    }
+    for d in dirs {
+        watcher
+            .watch(&d, notify::RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", d.display()))?;
+    }
+    Ok(watcher)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}

@@ -1,0 +1,270 @@
+//! The daemon's state file: what the maps cannot say (service names, ServiceEntry hosts, weights,
+//! health-check verdicts), for `vmlb inspect` and the metrics labels. The maps stay the truth for
+//! everything the data path uses; this file only adds names, so a missing or stale file degrades
+//! the output to addresses and ids, never to wrong forwarding facts.
+//!
+//! Written by the daemon after every reconcile and health change with `write_atomic`, so a reader
+//! sees the previous or the next version, never a torn one.
+
+use std::{
+    io::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use vmlb_common::ServiceKey;
+
+use crate::{model::ServiceSpec, reconcile::Reconciler};
+
+/// Default root of the per-interface run directories.
+pub const DEFAULT_RUN_ROOT: &str = "/run/vmlb";
+
+/// `<run_root>/<iface>/state.json`.
+pub fn state_path(run_root: &Path, iface: &str) -> PathBuf {
+    run_root.join(iface).join("state.json")
+}
+
+/// Everything the daemon knows beyond the maps. Fields added later get `#[serde(default)]` so
+/// an older file still parses.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct DaemonState {
+    pub iface: String,
+    pub pid: u32,
+    /// Bumped on every write; lets a reader tell whether it raced a reconcile.
+    #[serde(default)]
+    pub generation: u64,
+    /// Seconds since the Unix epoch of this write.
+    #[serde(default)]
+    pub updated_unix: u64,
+    pub services: Vec<ServiceState>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ServiceState {
+    /// `<ServiceEntry name>/<port name or number>`.
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// "tcp" or "udp".
+    pub proto: String,
+    /// Service id (index of `SVC_STATS`).
+    pub id: u32,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub snat: Ipv4Addr,
+    pub ring_size: u32,
+    pub backends: Vec<BackendState>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BackendState {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// Backend id (index of `BACKENDS` / `BE_STATS`).
+    pub id: u32,
+    pub weight: u32,
+    /// The health verdict the daemon last installed.
+    pub up: bool,
+    /// Why the last health check failed, while it keeps failing.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// Lowercase protocol name from an IP protocol number ("tcp", "udp", or the number).
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        vmlb_common::IPPROTO_TCP => "tcp".into(),
+        vmlb_common::IPPROTO_UDP => "udp".into(),
+        n => n.to_string(),
+    }
+}
+
+impl DaemonState {
+    /// The service listening on a `SERVICES` key, if the daemon named it.
+    pub fn service(&self, key: &ServiceKey) -> Option<&ServiceState> {
+        let vip = Ipv4Addr::from(key.vip.to_ne_bytes());
+        let port = u16::from_be(key.port);
+        let proto = proto_name(key.proto);
+        self.services
+            .iter()
+            .find(|s| s.vip == vip && s.port == port && s.proto == proto)
+    }
+
+    /// A backend by id (unique across services) and address: a stale file whose ids were since
+    /// reused for other backends yields nothing rather than another backend's weight.
+    pub fn backend(
+        &self,
+        id: u32,
+        addr: Ipv4Addr,
+        port: u16,
+    ) -> Option<(&ServiceState, &BackendState)> {
+        self.services.iter().find_map(|s| {
+            let b = s.backends.iter().find(|b| b.id == id)?;
+            (b.addr == addr && b.port == port).then_some((s, b))
+        })
+    }
+}
+
+impl ServiceState {
+    /// The state of an installed service: ids, SNAT address and ring size from the reconciler,
+    /// `up` and weights from the spec as applied (health included). `last_error` starts empty;
+    /// the daemon fills it from its health checker. None if the service is not installed.
+    pub fn installed(
+        name: &str,
+        hosts: &[String],
+        spec: &ServiceSpec,
+        reconciler: &Reconciler,
+    ) -> Option<Self> {
+        let key = spec.key();
+        let svc = reconciler.service(&key)?;
+        let backends = spec
+            .backends
+            .iter()
+            .filter_map(|b| {
+                Some(BackendState {
+                    addr: b.addr,
+                    port: b.port,
+                    id: reconciler.backend_id(&key, b.addr, b.port)?,
+                    weight: b.weight,
+                    up: b.up,
+                    last_error: None,
+                })
+            })
+            .collect();
+        Some(Self {
+            name: name.to_string(),
+            vip: spec.vip,
+            port: spec.port,
+            proto: proto_name(spec.proto.number()),
+            id: svc.id,
+            hosts: hosts.to_vec(),
+            snat: Ipv4Addr::from(svc.snat_addr.to_ne_bytes()),
+            ring_size: svc.ring_size,
+            backends,
+        })
+    }
+}
+
+/// Write `s` to `path` atomically: a temporary file in the same directory, fsynced, renamed over
+/// the old one (rename within a filesystem is atomic, so readers never see half a file).
+pub fn write_atomic(path: &Path, s: &DaemonState) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no parent directory", path.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        serde_json::to_writer_pretty(&mut f, s)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        anyhow::Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Read the state file; `Ok(None)` when there is none (no daemon has run on this interface).
+pub fn read(path: &Path) -> anyhow::Result<Option<DaemonState>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("parsing {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DaemonState {
+        DaemonState {
+            iface: "eth1".into(),
+            pid: 42,
+            generation: 3,
+            updated_unix: 1_700_000_000,
+            services: vec![ServiceState {
+                name: "web/http".into(),
+                vip: Ipv4Addr::new(10, 10, 1, 128),
+                port: 80,
+                proto: "tcp".into(),
+                id: 1,
+                hosts: vec!["web.example.com".into()],
+                snat: Ipv4Addr::new(10, 10, 1, 125),
+                ring_size: 251,
+                backends: vec![BackendState {
+                    addr: Ipv4Addr::new(10, 10, 1, 2),
+                    port: 8080,
+                    id: 7,
+                    weight: 1,
+                    up: false,
+                    last_error: Some("connection refused".into()),
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_replaces_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = state_path(dir.path(), "eth1");
+        assert_eq!(read(&path).unwrap(), None);
+        let mut s = sample();
+        write_atomic(&path, &s).unwrap();
+        assert_eq!(read(&path).unwrap(), Some(s.clone()));
+        s.generation = 4;
+        write_atomic(&path, &s).unwrap();
+        assert_eq!(read(&path).unwrap(), Some(s));
+        // Only the state file is left behind, no temporary.
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state.json"]);
+    }
+
+    #[test]
+    fn lookups_by_key_and_backend_id() {
+        let s = sample();
+        let key = ServiceKey {
+            vip: u32::from_ne_bytes([10, 10, 1, 128]),
+            port: 80u16.to_be(),
+            proto: vmlb_common::IPPROTO_TCP,
+            _pad: 0,
+        };
+        assert_eq!(s.service(&key).unwrap().name, "web/http");
+        assert!(s
+            .service(&ServiceKey {
+                proto: vmlb_common::IPPROTO_UDP,
+                ..key
+            })
+            .is_none());
+        let vm = Ipv4Addr::new(10, 10, 1, 2);
+        assert_eq!(s.backend(7, vm, 8080).unwrap().0.name, "web/http");
+        assert!(s.backend(8, vm, 8080).is_none());
+        assert!(
+            s.backend(7, vm, 8081).is_none(),
+            "id reused for another backend"
+        );
+    }
+
+    #[test]
+    fn a_garbled_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, "{").unwrap();
+        let e = format!("{:#}", read(&path).unwrap_err());
+        assert!(e.contains("state.json"), "{e}");
+    }
+}
