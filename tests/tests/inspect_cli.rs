@@ -13,13 +13,16 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
 };
 
 use aya::maps::IterableMap as _;
 use nix::sched::{setns, unshare, CloneFlags};
 use serde_json::Value;
 use vmlb_common::{
-    hash, map_names, Counter, FlowEntry, DIR_TO_CLIENT, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    hash, map_names, Counter, FlowEntry, DEFAULT_FLOW_ENTRIES, DIR_TO_CLIENT, SNAT_PORT_MAX,
+    SNAT_PORT_MIN,
 };
 use vmlb_tests::{
     fixture::*,
@@ -31,7 +34,10 @@ use vmlb_user::{
         simulate::{simulate_to, SimulateArgs},
         Output, PinArgs,
     },
+    maps::BpfMaps,
+    metrics::{MetricsSource, SharedReader},
     model::Proto,
+    pins::PinLayout,
     state::{self, DaemonState, ServiceState},
 };
 
@@ -430,6 +436,38 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     assert_eq!(counter("drop_no_backend"), (0, true));
     assert_eq!(v["services"][0]["stats"]["new_flows"], 4);
     assert_eq!(v["backends"].as_array().unwrap().len(), 2);
+
+    // Metrics read the same pinned maps (the BpfMaps StatsReader) with the daemon's names.
+    let layout = PinLayout::new(&pins.root, IFACE);
+    let reader: SharedReader = Arc::new(Mutex::new(BpfMaps::from_pins(&layout).unwrap()));
+    let st = state::read(&state::state_path(&run.0, IFACE))
+        .unwrap()
+        .unwrap();
+    let metrics = MetricsSource::new(reader, Arc::new(RwLock::new(st)));
+    let started = Instant::now();
+    let text = metrics.encode().unwrap();
+    println!("scrape took {:?}", started.elapsed());
+    let labels = r#"service="web/http",vip="10.10.1.128",port="80",proto="tcp""#;
+    for line in [
+        format!("vmlb_service_new_flows_total{{{labels}}} 4"),
+        format!("vmlb_service_packets_total{{{labels}}} 5"),
+        r#"vmlb_backend_up{service="web/http",backend="10.10.1.2:8080"} 1"#.into(),
+        r#"vmlb_backend_weight{service="web/http",backend="10.10.1.3:8080"} 1"#.into(),
+        r#"vmlb_datapath_packets_total{counter="flow_new"} 4"#.into(),
+        r#"vmlb_drops_total{reason="unknown_port"} 1"#.into(),
+        r#"vmlb_map_entries{map="FLOWS"} 8"#.into(),
+        format!(r#"vmlb_map_capacity{{map="FLOWS"}} {DEFAULT_FLOW_ENTRIES}"#),
+        r#"vmlb_map_entries{map="SERVICES"} 1"#.into(),
+        r#"vmlb_map_entries{map="VIPS"} 1"#.into(),
+        r#"vmlb_map_entries{map="BACKENDS"} 2"#.into(),
+        format!(r#"vmlb_map_entries{{map="MAGLEV"}} {ring_size}"#),
+        "vmlb_maps_readable 1".into(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
 
     // Table output of every view reads as intended.
     for what in [

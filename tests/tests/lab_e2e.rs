@@ -217,6 +217,8 @@ impl World {
             .arg("--run-dir")
             .arg(self.dir.path.join("run"))
             .args(["--metrics-addr", &metrics.to_string()])
+            // Plain text logs (tracing colours them otherwise), for the reports.
+            .env("NO_COLOR", "1")
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -292,11 +294,12 @@ impl World {
     fn inspect_raw(&self, args: &[&str]) -> anyhow::Result<String> {
         let pins = self.dir.pins();
         let run = self.dir.path.join("run");
+        // The pin options belong to `inspect` itself, before the subcommand.
         let mut all = vec![vmlb_bin().to_str().context("binary path")?, "inspect"];
-        all.extend_from_slice(args);
         all.extend_from_slice(&["--pin-dir", pins.to_str().context("pin path")?]);
         all.extend_from_slice(&["--run-dir", run.to_str().context("run path")?]);
         all.extend_from_slice(&["--iface", NODE_DEV]);
+        all.extend_from_slice(args);
         let out = self.lab.node.exec(&all)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -559,12 +562,8 @@ fn a_stopped_vm_leaves_within_the_health_check_window() {
             // A request that Maglev sends to vm2 is refused at once (RST), so batches are quick.
             let batch: Vec<String> = (0..10)
                 .map(|j| {
-                    curl(
-                        &w.lab.client,
-                        &format!("http://{VIP}/?t=d-wait-{batches}-{j}"),
-                        1,
-                    )
-                    .map_or_else(|e| format!("failed: {e:#}"), |b| b.trim().to_string())
+                    let url = format!("http://{VIP}/?t=d-wait-{batches}-{j}");
+                    curl(&w.lab.client, &url, 1).map_or("failed".into(), |b| b.trim().to_string())
                 })
                 .collect();
             if batch.iter().all(|b| b == "vm1") {

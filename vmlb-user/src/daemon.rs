@@ -101,7 +101,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state_path = state::state_path(&args.run_dir, &args.iface);
 
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let source = MetricsSource::new(maps.clone(), shared_state.clone());
+    // Scrapes read through their own handles on the pinned maps: reads need no lock, and a
+    // scrape walking FLOWS must not hold up a reconcile.
+    let scrape_maps = Arc::new(Mutex::new(BpfMaps::from_pins(&layout)?));
+    let source = MetricsSource::new(scrape_maps, shared_state.clone());
     let metrics_task = tokio::spawn(metrics::serve(args.metrics_addr, source.clone(), async {
         let _ = metrics_stopped.await;
     }));

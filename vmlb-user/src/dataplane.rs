@@ -13,6 +13,10 @@ pub trait Dataplane {
     fn remove_service(&mut self, key: &ServiceKey) -> anyhow::Result<()>;
     fn set_vip(&mut self, vip: u32) -> anyhow::Result<()>;
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()>;
+    /// Zero the traffic counters of a service id / backend id about to be (re)used, so it does
+    /// not inherit a previous holder's numbers.
+    fn clear_service_stats(&mut self, id: u32) -> anyhow::Result<()>;
+    fn clear_backend_stats(&mut self, id: u32) -> anyhow::Result<()>;
 }
 
 /// In-memory dataplane for tests of reconcile.
@@ -57,6 +61,14 @@ impl Dataplane for FakeDataplane {
     }
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()> {
         self.vips.remove(&vip);
+        Ok(())
+    }
+    fn clear_service_stats(&mut self, id: u32) -> anyhow::Result<()> {
+        self.log.push(format!("clear service stats {id}"));
+        Ok(())
+    }
+    fn clear_backend_stats(&mut self, id: u32) -> anyhow::Result<()> {
+        self.log.push(format!("clear backend stats {id}"));
         Ok(())
     }
 }

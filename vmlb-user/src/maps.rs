@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     Ebpf,
 };
 use vmlb_common::{
@@ -137,4 +137,22 @@ impl Dataplane for BpfMaps {
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()> {
         self.vips.remove(&vip).context("removing a VIP")
     }
+
+    fn clear_service_stats(&mut self, id: u32) -> anyhow::Result<()> {
+        let zero = PerCpuValues::try_from(vec![TrafficStats::default(); nr_cpus()?])?;
+        self.svc_stats
+            .set(id, zero, 0)
+            .with_context(|| format!("clearing service {id}'s counters"))
+    }
+
+    fn clear_backend_stats(&mut self, id: u32) -> anyhow::Result<()> {
+        let zero = PerCpuValues::try_from(vec![TrafficStats::default(); nr_cpus()?])?;
+        self.be_stats
+            .set(id, zero, 0)
+            .with_context(|| format!("clearing backend {id}'s counters"))
+    }
+}
+
+fn nr_cpus() -> anyhow::Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, e)| anyhow::anyhow!("reading the possible CPUs: {e}"))
 }

@@ -257,7 +257,9 @@ impl Reconciler {
             Some(p) => p.value.id,
             None => {
                 summary.services_added += 1;
-                self.service_ids.alloc().context("no free service id")?
+                let id = self.service_ids.alloc().context("no free service id")?;
+                dp.clear_service_stats(id)?;
+                id
             }
         };
         let prev_ids = prev
@@ -285,7 +287,11 @@ impl Reconciler {
             }
             let bid = match prev_ids.get(&k) {
                 Some(&bid) => bid,
-                None => self.backend_ids.alloc().context("no free backend id")?,
+                None => {
+                    let bid = self.backend_ids.alloc().context("no free backend id")?;
+                    dp.clear_backend_stats(bid)?;
+                    bid
+                }
             };
             backend_ids.insert(k, bid);
             if prev_spec_backends.get(&k).is_none_or(|old| old.up != b.up) {
@@ -438,7 +444,10 @@ mod tests {
         assert_eq!(
             dp.log,
             [
+                "clear service stats 1",
+                "clear backend stats 1",
                 "backend 1 flags=1",
+                "clear backend stats 2",
                 "backend 2 flags=1",
                 "ring 0+251",
                 "service 1 ring 0"

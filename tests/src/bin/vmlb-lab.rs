@@ -186,6 +186,7 @@ fn show(args: &DemoArgs) -> anyhow::Result<()> {
         .arg("--run-dir")
         .arg(persistent::daemon_run_dir())
         .args(["--metrics-addr", METRICS_ADDR])
+        .env("NO_COLOR", "1")
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -280,16 +281,19 @@ fn wait_ready(node: &Ns, daemon: &mut Daemon) -> anyhow::Result<()> {
 /// `vmlb inspect stats -o json` in the node namespace, as numeric leaves by JSON path.
 fn stats(node: &Ns, args: &DemoArgs) -> anyhow::Result<BTreeMap<String, f64>> {
     let pins = persistent::daemon_pin_dir();
+    let run = persistent::daemon_run_dir();
     let out = node.exec(&[
         &args.vmlb.to_string_lossy(),
         "inspect",
+        "--pin-dir",
+        &pins.to_string_lossy(),
+        "--run-dir",
+        &run.to_string_lossy(),
+        "--iface",
+        NODE_DEV,
         "stats",
         "-o",
         "json",
-        "--pin-dir",
-        &pins.to_string_lossy(),
-        "--iface",
-        NODE_DEV,
     ])?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("stats JSON")?;
     let mut leaves = BTreeMap::new();

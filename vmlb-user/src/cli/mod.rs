@@ -54,10 +54,10 @@ pub enum ConfigCommand {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PinArgs {
     /// Root of the pin directories (one per interface below it).
-    #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+    #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT)]
     pub pin_dir: PathBuf,
     /// Interface whose state to read; may be omitted when only one interface has state.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub iface: Option<String>,
 }
 
