@@ -609,20 +609,27 @@ impl Drop for Httpd {
     }
 }
 
-/// SIGTERM the process group `pgid` (a server's parent stops its workers), wait until `done` or
-/// `grace` passes, then SIGKILL the group so no worker is left behind by a dead parent.
-pub fn stop_group(pgid: u32, grace: Duration, mut done: impl FnMut() -> bool) {
-    let Ok(pgid) = i32::try_from(pgid) else {
+/// SIGTERM `pid` and, when it leads a process group (servers we spawn do), the whole group: a
+/// server's parent stops its workers. Wait until `done` or `grace` passes, then SIGKILL the same
+/// way, so no worker is left behind by a dead parent.
+pub fn stop_group(pid: u32, grace: Duration, mut done: impl FnMut() -> bool) {
+    let Ok(pid) = i32::try_from(pid) else {
         return;
     };
-    // SAFETY: kill(2) with a process group id we created; no memory is involved.
-    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    // SAFETY: getpgid and kill(2) take plain ids; no memory is involved.
+    let target = if unsafe { libc::getpgid(pid) } == pid {
+        -pid
+    } else {
+        pid
+    };
+    // SAFETY: as above.
+    unsafe { libc::kill(target, libc::SIGTERM) };
     let deadline = Instant::now() + grace;
     while !done() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: as above.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    unsafe { libc::kill(target, libc::SIGKILL) };
 }
 
 /// Whether `pid` runs `comm` (not a zombie): guards against signalling a recycled pid.

@@ -84,6 +84,24 @@ pub fn init_tracing() {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = node_config(&args)?;
     let layout = PinLayout::new(&args.pin_dir, &args.iface);
+    // The configuration is read before anything is loaded: a daemon refused for a bad file
+    // leaves no trace. With a pinned program to adopt it keeps serving the adopted state.
+    let mut configured: Option<Vec<ConfiguredService>> = match config::load(&args.configs, &node) {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            for e in &errors.0 {
+                error!("{e}");
+            }
+            if !layout.link().exists() {
+                bail!(
+                    "the configuration is invalid ({} error(s), listed above)",
+                    errors.0.len()
+                );
+            }
+            warn!("keeping the adopted data-path state until the configuration is fixed");
+            None
+        }
+    };
     let (attachment, maps) = attach_or_adopt(&args, &layout)?;
 
     // Whatever the maps hold (a previous daemon's services, or nothing) is the starting point,
@@ -108,23 +126,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics_task = tokio::spawn(metrics::serve(args.metrics_addr, source.clone(), async {
         let _ = metrics_stopped.await;
     }));
-
-    let mut configured: Option<Vec<ConfiguredService>> = match config::load(&args.configs, &node) {
-        Ok(c) => Some(c),
-        Err(errors) => {
-            for e in &errors.0 {
-                error!("{e}");
-            }
-            if reconciler.is_empty() {
-                bail!(
-                    "the configuration is invalid ({} error(s), listed above)",
-                    errors.0.len()
-                );
-            }
-            warn!("keeping the adopted data-path state until the configuration is fixed");
-            None
-        }
-    };
 
     let mut ctx = Ctx {
         iface: args.iface.clone(),

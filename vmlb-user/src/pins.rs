@@ -68,15 +68,17 @@ fn is_bpffs(path: &Path) -> bool {
 /// `ip netns exec` get a private one, so their pins would not survive them. Run the daemon with
 /// `nsenter --net=...` instead, or pass a --pin-dir on a bpffs mounted in the host namespace.
 pub fn ensure_bpffs(root: &Path) -> std::io::Result<bool> {
+    // Already on a BPF filesystem if the nearest existing ancestor is one (the directories
+    // below it are created later).
+    if root.ancestors().find(|p| p.exists()).is_some_and(is_bpffs) {
+        return Ok(false);
+    }
     let sys_bpf = Path::new("/sys/fs/bpf");
     let mount_at = if root.starts_with(sys_bpf) {
         sys_bpf
     } else {
         root
     };
-    if is_bpffs(mount_at) {
-        return Ok(false);
-    }
     std::fs::create_dir_all(mount_at)?;
     let target = std::ffi::CString::new(mount_at.as_os_str().as_encoded_bytes())?;
     // SAFETY: plain mount(2) with valid C strings; no data argument.

@@ -141,11 +141,6 @@ impl Reconciler {
             .collect()
     }
 
-    /// No service installed.
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
-    }
-
     /// The installed value of a service, if any.
     pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
         self.services.get(key).map(|i| &i.value)

@@ -38,6 +38,22 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// println! that ignores a closed stdout (Ctrl-C on `cargo xtask run | tee log` kills the
+/// reader first): the demo must still stop the daemon and take the lab down.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+macro_rules! esay {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
     // Only an atomic store: async-signal-safe.
     STOP.store(true, Ordering::Relaxed);
@@ -149,7 +165,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             args.config.display()
         );
     }
-    println!(
+    let _down = LabDown;
+    say!(
         "{}",
         if persistent::up()? {
             "lab up"
@@ -157,16 +174,23 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             "lab already up: using it"
         }
     );
-    let result = show(&args);
-    if let Err(e) = &result {
-        eprintln!("vmlb-lab demo failed: {e:#}");
+    // Say what failed before the lab (and the daemon's log in it) goes away.
+    show(&args).map_err(|e| {
+        esay!("{e:#}");
+        anyhow::anyhow!("the lab demo failed (above)")
+    })
+}
+
+/// Takes the lab down when the demo ends in any way: success, error, Ctrl-C, or a panic.
+struct LabDown;
+
+impl Drop for LabDown {
+    fn drop(&mut self) {
+        match persistent::down() {
+            Ok(done) => say!("lab down ({} things removed)", done.len()),
+            Err(e) => esay!("lab down failed: {e:#}; run `cargo xtask lab down`"),
+        }
     }
-    // Always tear down, also after a failure or Ctrl-C.
-    match persistent::down() {
-        Ok(done) => println!("lab down ({} things removed)", done.len()),
-        Err(e) => eprintln!("lab down failed: {e:#}; run `cargo xtask lab down`"),
-    }
-    result
 }
 
 fn daemon_log() -> String {
@@ -177,6 +201,9 @@ fn show(args: &DemoArgs) -> anyhow::Result<()> {
     let node = Ns::named(NODE);
     let client = Ns::named(CLIENT);
     fs::create_dir_all(persistent::daemon_run_dir())?;
+    // Made here, on the lab's bpffs: the daemon mounts a bpffs of its own at a pin dir that is
+    // not on one yet, and under `ip netns exec` that mount (and its pins) would die with it.
+    fs::create_dir_all(persistent::daemon_pin_dir())?;
     let log = fs::File::create(persistent::daemon_log())?;
     let mut cmd = node.command(&args.vmlb);
     cmd.args(["run", "--iface", NODE_DEV, "--config"])
@@ -191,31 +218,31 @@ fn show(args: &DemoArgs) -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    println!("starting in {NODE}: {cmd:?}");
+    say!("starting in {NODE}: {cmd:?}");
     let mut daemon = Daemon {
         child: cmd.spawn().context("spawning vmlb run")?,
     };
     fs::write(persistent::daemon_pid_file(), daemon.child.id().to_string())?;
     wait_ready(&node, &mut daemon)?;
-    println!(
+    say!(
         "vmlb is ready (pid {}, log {})",
         daemon.child.id(),
         persistent::daemon_log().display()
     );
 
     let url = format!("http://{VIP}/");
-    println!("a few requests to {url} from {CLIENT}:");
+    say!("a few requests to {url} from {CLIENT}:");
     for i in 1..=6 {
         match curl(&client, &url, 2) {
-            Ok(body) => println!("  #{i} answered by {}", body.trim()),
-            Err(e) => println!("  #{i} failed: {}", short(&e)),
+            Ok(body) => say!("  #{i} answered by {}", body.trim()),
+            Err(e) => say!("  #{i} failed: {}", short(&e)),
         }
     }
 
     let limit = args.duration.unwrap_or(MAX_DEMO).min(MAX_DEMO);
     match args.duration {
-        Some(_) => println!("live view every {TICK:?} for {limit:?}:"),
-        None => println!("live view every {TICK:?}, Ctrl-C to stop (at most {limit:?}):"),
+        Some(_) => say!("live view every {TICK:?} for {limit:?}:"),
+        None => say!("live view every {TICK:?}, Ctrl-C to stop (at most {limit:?}):"),
     }
     let start = Instant::now();
     let mut before = stats(&node, args).unwrap_or_default();
@@ -235,7 +262,7 @@ fn show(args: &DemoArgs) -> anyhow::Result<()> {
             }
             Err(e) => format!("inspect stats: {}", short(&e)),
         };
-        println!(
+        say!(
             "[{:>4}s] {} | {counters}",
             start.elapsed().as_secs(),
             answered.join("  ")
@@ -247,7 +274,7 @@ fn show(args: &DemoArgs) -> anyhow::Result<()> {
             thread::sleep(Duration::from_millis(100));
         }
     }
-    println!("stopping vmlb (SIGTERM): {}", daemon.stop());
+    say!("stopping vmlb (SIGTERM): {}", daemon.stop());
     Ok(())
 }
 
@@ -278,8 +305,9 @@ fn wait_ready(node: &Ns, daemon: &mut Daemon) -> anyhow::Result<()> {
     }
 }
 
-/// `vmlb inspect stats -o json` in the node namespace, as numeric leaves by JSON path.
-fn stats(node: &Ns, args: &DemoArgs) -> anyhow::Result<BTreeMap<String, f64>> {
+/// `vmlb inspect stats -o json` in the node namespace: every data-path counter by name, and
+/// each backend's new flows as "<addr>:<port> flows".
+fn stats(node: &Ns, args: &DemoArgs) -> anyhow::Result<BTreeMap<String, u64>> {
     let pins = persistent::daemon_pin_dir();
     let run = persistent::daemon_run_dir();
     let out = node.exec(&[
@@ -296,45 +324,34 @@ fn stats(node: &Ns, args: &DemoArgs) -> anyhow::Result<BTreeMap<String, f64>> {
         "json",
     ])?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("stats JSON")?;
-    let mut leaves = BTreeMap::new();
-    numbers(&json, String::new(), &mut leaves);
-    Ok(leaves)
-}
-
-fn numbers(v: &serde_json::Value, path: String, out: &mut BTreeMap<String, f64>) {
-    let join = |k: &str| {
-        if path.is_empty() {
-            k.to_string()
-        } else {
-            format!("{path}.{k}")
+    let list = |key: &str| json[key].as_array().cloned().unwrap_or_default();
+    let mut all = BTreeMap::new();
+    for c in list("counters") {
+        if let (Some(name), Some(v)) = (c["name"].as_str(), c["value"].as_u64()) {
+            all.insert(name.to_string(), v);
         }
-    };
-    match v {
-        serde_json::Value::Number(n) => {
-            out.insert(path, n.as_f64().unwrap_or(0.0));
-        }
-        serde_json::Value::Object(m) => m.iter().for_each(|(k, v)| numbers(v, join(k), out)),
-        serde_json::Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .for_each(|(i, v)| numbers(v, join(&i.to_string()), out)),
-        _ => {}
     }
+    for b in list("backends") {
+        if let (Some(addr), Some(n)) = (b["addr"].as_str(), b["stats"]["new_flows"].as_u64()) {
+            all.insert(format!("{addr}:{} flows", b["port"]), n);
+        }
+    }
+    Ok(all)
 }
 
-/// The counters that moved since the last tick, "name +delta", at most ten.
-fn deltas(before: &BTreeMap<String, f64>, now: &BTreeMap<String, f64>) -> String {
+/// What moved since the last tick, "name +delta".
+fn deltas(before: &BTreeMap<String, u64>, now: &BTreeMap<String, u64>) -> String {
     let moved: Vec<String> = now
         .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0.0);
-            (d != 0.0).then(|| format!("{k} +{d}"))
+        .filter_map(|(k, &v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d != 0).then(|| format!("{k} +{d}"))
         })
         .collect();
-    match moved.len() {
-        0 => "no counter moved".into(),
-        n if n > 10 => format!("{} (+{} more)", moved[..10].join(" "), n - 10),
-        _ => moved.join(" "),
+    if moved.is_empty() {
+        "no counter moved".into()
+    } else {
+        moved.join("  ")
     }
 }
 
