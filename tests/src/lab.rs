@@ -11,12 +11,9 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::{
-        fd::AsFd as _,
-        unix::{fs::PermissionsExt as _, process::CommandExt as _},
-    },
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
@@ -27,10 +24,12 @@ use aya::{
     programs::{links::FdLink, Xdp, XdpMode},
     Ebpf,
 };
-use nix::sched::{setns, CloneFlags};
 use vmlb_user::loader::TOOLS_OBJ;
 
 use crate::netns::{run, sweep_stale};
+
+/// The lab's namespaces are plain `netns::Netns` (fixed names for the persistent lab).
+pub use crate::netns::{Netns as Ns, NsGuard as Entered};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 128);
 /// The node's address on the VLAN: SNAT source towards the VMs (the EgressIP's role).
@@ -57,100 +56,6 @@ static NEXT_HTTPD: AtomicU32 = AtomicU32::new(0);
 /// A network namespace of the lab, driven by name through iproute2 as a person would. Unlike
 /// `netns::Netns` (always unique, always deleted) it can carry a fixed name and outlive the
 /// process, which the persistent lab needs.
-pub struct Ns {
-    name: String,
-    delete_on_drop: bool,
-}
-
-impl Ns {
-    fn create(name: String, delete_on_drop: bool) -> anyhow::Result<Self> {
-        run("ip", &["netns", "add", &name])?;
-        let ns = Self {
-            name,
-            delete_on_drop,
-        };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// A handle on a namespace that may exist; never deleted on drop.
-    pub fn named(name: &str) -> Self {
-        Self {
-            name: name.to_string(),
-            delete_on_drop: false,
-        }
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn exists(&self) -> bool {
-        Path::new("/run/netns").join(&self.name).exists()
-    }
-
-    /// `ip -n <ns> args...`
-    pub fn ip(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// Run a program inside the namespace and wait for it; fails with its stderr.
-    pub fn exec(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let mut all = vec!["netns", "exec", self.name.as_str()];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// A `Command` that runs inside the namespace (for spawning servers). `ip netns exec` execs
-    /// the program, so the child's pid is the program's.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", self.name.as_str()]).arg(program);
-        c
-    }
-
-    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])?;
-        Ok(())
-    }
-
-    /// Move the calling thread into the namespace until the guard drops (aya resolves interface
-    /// names there; sockets opened meanwhile stay in it).
-    pub fn enter(&self) -> anyhow::Result<Entered> {
-        let orig = fs::File::open("/proc/thread-self/ns/net").context("opening own netns")?;
-        let target = fs::File::open(Path::new("/run/netns").join(&self.name))
-            .with_context(|| format!("opening netns {}", self.name))?;
-        setns(target.as_fd(), CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("setns into {}", self.name))?;
-        Ok(Entered { orig })
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        // Never panic in a destructor (it may run during a panic); deleting the namespace
-        // destroys the veths and addresses in it.
-        if self.delete_on_drop {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
-        }
-    }
-}
-
-/// Restores the thread's original namespace on drop.
-pub struct Entered {
-    orig: fs::File,
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        let _ = setns(self.orig.as_fd(), CloneFlags::CLONE_NEWNET);
-    }
-}
-
 /// How the lab's namespaces are named and how long they live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Naming {
@@ -211,7 +116,7 @@ fn plug(segment: &Ns, ns: &Ns, dev: &str, mac: &str, port: &str) -> anyhow::Resu
         "address",
         &port_mac,
         "netns",
-        &segment.name,
+        segment.name(),
     ])?;
     ns.ip(&["link", "set", dev, "up"])?;
     segment.ip(&["link", "set", port, "up"])?;

@@ -56,21 +56,41 @@ pub fn sweep_stale() {
 
 pub struct Netns {
     name: String,
+    delete_on_drop: bool,
 }
 
 impl Netns {
-    /// A fresh namespace with loopback up. `tag` is a short readable suffix.
+    /// A fresh namespace named `vmlbt-<pid>-<n>-<tag>`, loopback up, deleted on drop.
     pub fn new(tag: &str) -> anyhow::Result<Self> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("vmlbt-{}-{n}-{tag}", std::process::id());
+        Self::create(format!("vmlbt-{}-{n}-{tag}", std::process::id()), true)
+    }
+
+    /// Create a namespace with this exact name, loopback up.
+    pub fn create(name: String, delete_on_drop: bool) -> anyhow::Result<Self> {
         run("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
+        let ns = Self {
+            name,
+            delete_on_drop,
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
+    /// A handle on a namespace that may exist; never deleted on drop.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            delete_on_drop: false,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn exists(&self) -> bool {
+        std::path::Path::new("/run/netns").join(&self.name).exists()
     }
 
     /// `ip -n <ns> args...`
@@ -80,17 +100,18 @@ impl Netns {
         run("ip", &all)
     }
 
-    /// Run a program inside the namespace and wait for it.
+    /// Run a program inside the namespace and wait for it; fails with its stderr.
     pub fn exec(&self, args: &[&str]) -> anyhow::Result<Output> {
         let mut all = vec!["netns", "exec", self.name.as_str()];
         all.extend_from_slice(args);
         run("ip", &all)
     }
 
-    /// A `Command` that runs inside the namespace (for spawning servers).
-    pub fn command(&self, program: &str) -> Command {
+    /// A `Command` that runs inside the namespace (for spawning servers). `ip netns exec` execs
+    /// the program, so the child's pid is the program's.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", self.name.as_str(), program]);
+        c.args(["netns", "exec", self.name.as_str()]).arg(program);
         c
     }
 
@@ -105,13 +126,15 @@ impl Netns {
         Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
     }
 
-    /// Move the calling thread into the namespace until the guard drops. BPF_PROG_TEST_RUN and
-    /// bpf_fib_lookup use the caller's namespace; sockets opened meanwhile live there too.
+    /// Move the calling thread into the namespace until the guard drops. BPF_PROG_TEST_RUN,
+    /// bpf_fib_lookup and aya's interface-name lookups use the caller's namespace; sockets
+    /// opened meanwhile live there too.
     pub fn enter(&self) -> anyhow::Result<NsGuard> {
         let orig = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
         let target = File::open(format!("/run/netns/{}", self.name))
             .with_context(|| format!("opening netns {}", self.name))?;
-        setns(target.as_fd(), CloneFlags::CLONE_NEWNET).context("setns into test netns")?;
+        setns(target.as_fd(), CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns into {}", self.name))?;
         Ok(NsGuard { orig })
     }
 }
@@ -120,9 +143,11 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Never panic in a destructor (it may run during a panic); deleting the namespace
         // destroys the veths and addresses in it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        if self.delete_on_drop {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
     }
 }
 

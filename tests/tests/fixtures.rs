@@ -399,18 +399,8 @@ fn reply_key(port: u16) -> FlowKey {
 
 fn occupy(e: &mut Env, key: FlowKey) {
     let taken = FlowEntry {
-        src_addr: 0,
-        dst_addr: 0,
-        src_port: 0,
-        dst_port: 0,
-        service_id: 0,
-        backend_id: 0,
-        ifindex: 0,
-        dst_mac: [0; 6],
-        src_mac: [0; 6],
         dir: DIR_TO_CLIENT,
-        _pad0: 0,
-        _pad1: 0,
+        ..Default::default()
     };
     e.maps.flows.insert(key, taken, 0).unwrap();
 }

@@ -520,18 +520,9 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         Proto::Tcp,
     );
     let squatter = FlowEntry {
-        src_addr: 0,
-        dst_addr: 0,
-        src_port: 0,
-        dst_port: 0,
         service_id: svc_id,
-        backend_id: 0,
-        ifindex: 0,
-        dst_mac: [0; 6],
-        src_mac: [0; 6],
         dir: DIR_TO_CLIENT,
-        _pad0: 0,
-        _pad1: 0,
+        ..Default::default()
     };
     env.maps.flows.insert(taken, squatter, 0).unwrap();
     let p = cli.simulate(Proto::Tcp, (CLIENT, sport), (VIP, 80));

@@ -118,7 +118,7 @@ pub const DIR_TO_CLIENT: u8 = 1;
 /// with these MACs. The `DIR_TO_CLIENT` entry is inserted with `BPF_NOEXIST`: that insert is what
 /// reserves the SNAT port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
     pub src_addr: u32,
     pub dst_addr: u32,

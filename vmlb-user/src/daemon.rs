@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use aya::{
     programs::{links::FdLink, links::PinnedLink, Xdp, XdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use notify::Watcher as _;
 use tokio::{
@@ -24,13 +24,13 @@ use tokio::{
     sync::mpsc,
 };
 use tracing::{error, info, warn};
-use vmlb_common::{map_names, PROGRAM_NAME};
+use vmlb_common::PROGRAM_NAME;
 
 use crate::{
     cli::run::{RunArgs, XdpModeArg},
     config,
     health::{HealthChecker, HealthEvent, Target},
-    loader::VMLB_OBJ,
+    loader::{self, Sizes, ALL_MAPS},
     maps::BpfMaps,
     metrics::{self, MetricsSource},
     model::{ConfiguredService, NodeConfig, ServiceSpec},
@@ -38,17 +38,6 @@ use crate::{
     reconcile::Reconciler,
     state::{self, BackendState, DaemonState, ServiceState},
 };
-
-const ALL_MAPS: [&str; 8] = [
-    map_names::SERVICES,
-    map_names::VIPS,
-    map_names::BACKENDS,
-    map_names::MAGLEV,
-    map_names::FLOWS,
-    map_names::STATS,
-    map_names::SVC_STATS,
-    map_names::BE_STATS,
-];
 
 /// Wait this long after the last file event before reloading: editors write a file in several
 /// steps (truncate, write, rename), and one reload should see the finished file.
@@ -416,17 +405,11 @@ fn attach_or_adopt(args: &RunArgs, layout: &PinLayout) -> anyhow::Result<(Attach
             layout.dir().display()
         )
     })?;
-    let mut loader = EbpfLoader::new();
-    let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, layout.map(n))).collect();
-    for (name, path) in &paths {
-        // Reuses a map pinned there (state from an earlier daemon), else creates and pins it.
-        loader.map_pin_path(name, path.as_path());
-    }
-    loader.map_max_entries(map_names::FLOWS, args.flow_entries);
-    loader.map_max_entries(map_names::MAGLEV, args.maglev_entries);
-    let mut ebpf = loader
-        .load(VMLB_OBJ)
-        .context("loading the vmlb eBPF object")?;
+    let mut ebpf = loader::load(Sizes {
+        flows: Some(args.flow_entries),
+        maglev: Some(args.maglev_entries),
+        pins: Some(layout.clone()),
+    })?;
     if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
         tracing::debug!("no eBPF log records to forward: {e}");
     }
@@ -434,8 +417,6 @@ fn attach_or_adopt(args: &RunArgs, layout: &PinLayout) -> anyhow::Result<(Attach
         .program_mut(PROGRAM_NAME)
         .context("program vmlb missing from the object")?
         .try_into()?;
-    prog.load()
-        .context("the verifier rejected the vmlb XDP program")?;
     let link_id = match args.xdp_mode {
         XdpModeArg::Native => prog.attach(&args.iface, XdpMode::Driver).with_context(|| {
             format!(

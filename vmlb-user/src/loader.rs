@@ -1,8 +1,24 @@
 //! The embedded eBPF object and how to load it.
 
+use std::path::PathBuf;
+
 use anyhow::Context as _;
 use aya::{programs::Xdp, Ebpf, EbpfLoader};
 use vmlb_common::{map_names, PROGRAM_NAME};
+
+use crate::pins::PinLayout;
+
+/// Every map of the object (the pinned state of a daemon).
+pub const ALL_MAPS: [&str; 8] = [
+    map_names::SERVICES,
+    map_names::VIPS,
+    map_names::BACKENDS,
+    map_names::MAGLEV,
+    map_names::FLOWS,
+    map_names::STATS,
+    map_names::SVC_STATS,
+    map_names::BE_STATS,
+];
 
 /// The XDP object built by build.rs from vmlb-ebpf.
 pub static VMLB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmlb"));
@@ -10,18 +26,28 @@ pub static VMLB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Helper programs for the benchmark and the lab (vmlb-ebpf/src/bin/tools.rs).
 pub static TOOLS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmlb-tools"));
 
-/// Map sizes that may differ from the compiled-in defaults.
-#[derive(Clone, Copy, Debug, Default)]
+/// How to load: map sizes that may differ from the compiled-in defaults, and where to pin.
+#[derive(Clone, Debug, Default)]
 pub struct Sizes {
     /// Entries of the conntrack map (two per connection).
     pub flows: Option<u32>,
     /// Entries of the Maglev array shared by all services' tables.
     pub maglev: Option<u32>,
+    /// Pin every map under this layout: a map already pinned there (an earlier daemon's state)
+    /// is reused, else it is created and pinned.
+    pub pins: Option<PinLayout>,
 }
 
 /// Load the object and its program into the kernel (verifier included), without attaching.
 pub fn load(sizes: Sizes) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
+    let pin_paths: Vec<(&str, PathBuf)> = match &sizes.pins {
+        Some(layout) => ALL_MAPS.iter().map(|n| (*n, layout.map(n))).collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
     if let Some(n) = sizes.flows {
         loader.map_max_entries(map_names::FLOWS, n);
     }

@@ -42,32 +42,58 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 #[map]
 static BENCH_LRU: LruHashMap<[u32; 4], [u64; 5]> = LruHashMap::with_max_entries(1 << 19, 0);
 
-#[xdp]
-pub fn bench_floor_lookup(ctx: XdpContext) -> u32 {
+/// The floor's parse: an Ethernet/IPv4/TCP frame with its whole TCP header present.
+/// Returns the frame start and the L4 offset.
+#[inline(always)]
+fn tcp_frame(ctx: &XdpContext) -> Option<(*mut u8, usize)> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + 14 + 20 + 20 > end {
-        return xdp_action::XDP_PASS;
+        return None;
     }
     let p = start as *mut u8;
-    // SAFETY: 54 bytes are bounds-checked above; the ports are read within them (IHL 5).
+    // SAFETY: 54 bytes are bounds-checked above.
     unsafe {
         if *(p.add(12) as *const u16) != 0x0800u16.to_be() || *p.add(14 + 9) != 6 {
-            return xdp_action::XDP_PASS;
+            return None;
         }
+        let ihl = ((*p.add(14) & 0x0f) as usize) * 4;
+        if ihl < 20 || start + 14 + ihl + 20 > end {
+            return None;
+        }
+        Some((p, 14 + ihl))
+    }
+}
+
+/// Swap the Ethernet addresses of a frame with at least 12 bytes (checked by the caller).
+#[inline(always)]
+unsafe fn swap_macs(p: *mut u8) {
+    let mut tmp = [0u8; 6];
+    // SAFETY: the caller checked the 12 bytes.
+    unsafe {
+        core::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), 6);
+        core::ptr::copy_nonoverlapping(p.add(6), p, 6);
+        core::ptr::copy_nonoverlapping(tmp.as_ptr(), p.add(6), 6);
+    }
+}
+
+#[xdp]
+pub fn bench_floor_lookup(ctx: XdpContext) -> u32 {
+    let Some((p, l4)) = tcp_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: tcp_frame checked the IPv4 header and a whole TCP header at `l4`.
+    unsafe {
         let key = [
             *(p.add(26) as *const u32),
             *(p.add(30) as *const u32),
-            *(p.add(34) as *const u32),
+            *(p.add(l4) as *const u32),
             6,
         ];
         if BENCH_LRU.get_ptr(&key).is_none() {
             return xdp_action::XDP_PASS;
         }
-        let mut tmp = [0u8; 6];
-        core::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), 6);
-        core::ptr::copy_nonoverlapping(p.add(6), p, 6);
-        core::ptr::copy_nonoverlapping(tmp.as_ptr(), p.add(6), 6);
+        swap_macs(p);
     }
     xdp_action::XDP_TX
 }
@@ -75,26 +101,11 @@ pub fn bench_floor_lookup(ctx: XdpContext) -> u32 {
 /// The floor: parse Ethernet/IPv4/TCP, swap MACs, send back.
 #[xdp]
 pub fn bench_floor(ctx: XdpContext) -> u32 {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + 14 + 20 + 20 > end {
+    let Some((p, _)) = tcp_frame(&ctx) else {
         return xdp_action::XDP_PASS;
-    }
-    let p = start as *mut u8;
-    // SAFETY: 54 bytes are bounds-checked above.
-    unsafe {
-        if *(p.add(12) as *const u16) != 0x0800u16.to_be() || *p.add(14 + 9) != 6 {
-            return xdp_action::XDP_PASS;
-        }
-        let ihl = ((*p.add(14) & 0x0f) as usize) * 4;
-        if ihl < 20 || start + 14 + ihl + 20 > end {
-            return xdp_action::XDP_PASS;
-        }
-        let mut tmp = [0u8; 6];
-        core::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), 6);
-        core::ptr::copy_nonoverlapping(p.add(6), p, 6);
-        core::ptr::copy_nonoverlapping(tmp.as_ptr(), p.add(6), 6);
-    }
+    };
+    // SAFETY: tcp_frame checked the frame.
+    unsafe { swap_macs(p) };
     xdp_action::XDP_TX
 }
 

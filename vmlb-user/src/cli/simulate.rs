@@ -469,18 +469,10 @@ mod tests {
             _pad1: 0,
         };
         let taken = FlowEntry {
-            src_addr: 0,
-            dst_addr: 0,
-            src_port: 0,
-            dst_port: 0,
             service_id: 1,
             backend_id: id,
-            ifindex: 0,
-            dst_mac: [0; 6],
-            src_mac: [0; 6],
             dir: DIR_TO_CLIENT,
-            _pad0: 0,
-            _pad1: 0,
+            ..Default::default()
         };
         for i in 0..2 {
             f.flows.insert(reply(i), taken);
