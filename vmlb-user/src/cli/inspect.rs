@@ -258,6 +258,45 @@ pub struct NatRow {
     pub service: String,
 }
 
+/// A conntrack row as table cells (PROTO, a, ->, b, =>, c, ->, d, BE, SERVICE).
+trait ConntrackRow: Serialize + Ord {
+    fn cells(&self) -> Vec<String>;
+}
+
+fn conntrack_cells(
+    proto: &str,
+    [a, b, c, d]: [SocketAddrV4; 4],
+    backend_id: u32,
+    service: &str,
+) -> Vec<String> {
+    vec![
+        proto.to_string(),
+        a.to_string(),
+        "->".into(),
+        b.to_string(),
+        "=>".into(),
+        c.to_string(),
+        "->".into(),
+        d.to_string(),
+        backend_id.to_string(),
+        service.to_string(),
+    ]
+}
+
+impl ConntrackRow for FlowRow {
+    fn cells(&self) -> Vec<String> {
+        let t = [self.client, self.vip, self.snat, self.backend];
+        conntrack_cells(&self.proto, t, self.backend_id, &self.service)
+    }
+}
+
+impl ConntrackRow for NatRow {
+    fn cells(&self) -> Vec<String> {
+        let t = [self.backend, self.snat, self.vip, self.client];
+        conntrack_cells(&self.proto, t, self.backend_id, &self.service)
+    }
+}
+
 #[derive(Serialize, Clone, Debug)]
 pub struct CounterRow {
     pub name: &'static str,
@@ -572,96 +611,61 @@ impl View {
             .filter(|(_, e)| e.dir == dir)
             .collect();
         if dir == DIR_TO_BACKEND {
-            let mut rows: Vec<FlowRow> = entries
-                .iter()
-                .map(|(k, e)| FlowRow {
-                    proto: proto_name(k.proto),
-                    client: sock(k.src_addr, k.src_port),
-                    vip: sock(k.dst_addr, k.dst_port),
-                    snat: sock(e.src_addr, e.src_port),
-                    backend: sock(e.dst_addr, e.dst_port),
-                    backend_id: e.backend_id,
-                    service_id: e.service_id,
-                    service: label(e),
-                })
-                .collect();
-            rows.sort();
-            if json {
-                return write_json(
-                    out,
-                    &serde_json::json!({ "iface": self.iface, "flows": rows }),
-                );
-            }
-            let cells = rows
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.proto.clone(),
-                        r.client.to_string(),
-                        "->".into(),
-                        r.vip.to_string(),
-                        "=>".into(),
-                        r.snat.to_string(),
-                        "->".into(),
-                        r.backend.to_string(),
-                        r.backend_id.to_string(),
-                        r.service.clone(),
-                    ]
-                })
-                .collect::<Vec<_>>();
-            table(
+            let rows = entries.iter().map(|(k, e)| FlowRow {
+                proto: proto_name(k.proto),
+                client: sock(k.src_addr, k.src_port),
+                vip: sock(k.dst_addr, k.dst_port),
+                snat: sock(e.src_addr, e.src_port),
+                backend: sock(e.dst_addr, e.dst_port),
+                backend_id: e.backend_id,
+                service_id: e.service_id,
+                service: label(e),
+            });
+            self.conntrack_view(
                 out,
-                &[
-                    "PROTO", "CLIENT", "", "VIP", "", "SNAT", "", "BACKEND", "BE", "SERVICE",
-                ],
-                &cells,
+                json,
+                "flows",
+                ["CLIENT", "VIP", "SNAT", "BACKEND"],
+                rows,
             )
         } else {
-            let mut rows: Vec<NatRow> = entries
-                .iter()
-                .map(|(k, e)| NatRow {
-                    proto: proto_name(k.proto),
-                    backend: sock(k.src_addr, k.src_port),
-                    snat: sock(k.dst_addr, k.dst_port),
-                    vip: sock(e.src_addr, e.src_port),
-                    client: sock(e.dst_addr, e.dst_port),
-                    backend_id: e.backend_id,
-                    service_id: e.service_id,
-                    service: label(e),
-                })
-                .collect();
-            rows.sort();
-            if json {
-                return write_json(
-                    out,
-                    &serde_json::json!({ "iface": self.iface, "nat": rows }),
-                );
-            }
-            let cells = rows
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.proto.clone(),
-                        r.backend.to_string(),
-                        "->".into(),
-                        r.snat.to_string(),
-                        "=>".into(),
-                        r.vip.to_string(),
-                        "->".into(),
-                        r.client.to_string(),
-                        r.backend_id.to_string(),
-                        r.service.clone(),
-                    ]
-                })
-                .collect::<Vec<_>>();
-            table(
-                out,
-                &[
-                    "PROTO", "BACKEND", "", "SNAT", "", "VIP", "", "CLIENT", "BE", "SERVICE",
-                ],
-                &cells,
-            )
+            let rows = entries.iter().map(|(k, e)| NatRow {
+                proto: proto_name(k.proto),
+                backend: sock(k.src_addr, k.src_port),
+                snat: sock(k.dst_addr, k.dst_port),
+                vip: sock(e.src_addr, e.src_port),
+                client: sock(e.dst_addr, e.dst_port),
+                backend_id: e.backend_id,
+                service_id: e.service_id,
+                service: label(e),
+            });
+            self.conntrack_view(out, json, "nat", ["BACKEND", "SNAT", "VIP", "CLIENT"], rows)
         }
+    }
+
+    /// Both directions print alike: the tuple matched on the wire `a -> b`, the rewrite
+    /// `c -> d`, then the backend id and the service.
+    fn conntrack_view<R: ConntrackRow>(
+        &self,
+        out: &mut dyn Write,
+        json: bool,
+        key: &str,
+        [a, b, c, d]: [&str; 4],
+        rows: impl Iterator<Item = R>,
+    ) -> anyhow::Result<()> {
+        let mut rows: Vec<R> = rows.collect();
+        rows.sort();
+        if json {
+            let mut doc = serde_json::json!({ "iface": self.iface });
+            doc[key] = serde_json::to_value(&rows)?;
+            return write_json(out, &doc);
+        }
+        let cells = rows.iter().map(ConntrackRow::cells).collect::<Vec<_>>();
+        table(
+            out,
+            &["PROTO", a, "", b, "", c, "", d, "BE", "SERVICE"],
+            &cells,
+        )
     }
 
     fn stats(&self, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
