@@ -24,7 +24,7 @@ use vmlb_tests::{
 };
 use vmlb_user::{loader, model::Proto};
 
-const RUNS: usize = 5;
+const RUNS: usize = 9;
 
 struct Bench {
     env: Env,
@@ -126,7 +126,7 @@ fn main() -> anyhow::Result<()> {
     let new_repeat: u32 = std::env::var("VMLB_BENCH_NEW_REPEAT")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(10_000);
 
     let mut env = Env::new().context("bench environment (needs root)")?;
     // 3 VMs x 20 ports = 60 backends, so new-flow runs spread SNAT ports over 60 port spaces.
