@@ -91,6 +91,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
+    // Bound before attaching, so a taken port stops the daemon before it changes anything.
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
     let (attachment, maps) = attach_or_adopt(&args, &layout)?;
 
     // Whatever the maps hold (a previous daemon's services, or nothing) is the starting point,
@@ -112,7 +116,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // scrape walking FLOWS must not hold up a reconcile.
     let scrape_maps = Arc::new(Mutex::new(BpfMaps::from_pins(&layout)?));
     let source = MetricsSource::new(scrape_maps, shared_state.clone());
-    let metrics_task = tokio::spawn(metrics::serve(args.metrics_addr, source.clone(), async {
+    let metrics_task = tokio::spawn(metrics::serve_on(listener, source.clone(), async {
         let _ = metrics_stopped.await;
     }));
 
@@ -151,7 +155,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 reload(&args, &node, &mut configured, &mut health, &mut reconciler, &mut ctx);
             }
             Some(ev) = health_rx.recv() => {
-                info!(backend = %format!("{}:{}", ev.target.addr, ev.target.port), up = ev.up, reason = %ev.reason, "health changed");
+                // health.rs logs the transition itself.
+                tracing::debug!(target = %ev.target, up = ev.up, "applying a health change");
                 if let Some(c) = &configured {
                     if let Err(e) = ctx.apply(&mut reconciler, c, &health) {
                         error!("applying a health change: {e:#}");
