@@ -430,6 +430,9 @@ fn snat_ports_exhausted_drops_without_state() {
         occupy(&mut e, reply_key(hash::snat_port(h, attempt)));
     }
     let before = e.maps.flow_entries().unwrap().len();
+    let records = Records::default();
+    let mut logger = aya_log::EbpfLogger::init_with_logger(&mut e.ebpf, records.clone())
+        .expect("the program carries aya-log records");
     let (action, _) = e.run(&client_tcp(40081, TCP_SYN).build());
     assert_eq!(action, XDP_DROP);
     e.expect_counters(&[
@@ -437,6 +440,28 @@ fn snat_ports_exhausted_drops_without_state() {
         (DropSnatExhausted, 1),
     ]);
     assert_eq!(e.maps.flow_entries().unwrap().len(), before);
+    // The drop is also reported as a log record (the daemon forwards these to tracing).
+    logger.flush();
+    let got = records.0.lock().unwrap().clone();
+    let want = format!("new flow dropped: counter {}", DropSnatExhausted as u32);
+    assert!(
+        got.iter().any(|r| r.contains(&want)),
+        "log records: {got:?}"
+    );
+}
+
+/// Collects aya-log records.
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
 }
 
 /// Two backends; returns the env and a client port whose flow went to VM1.

@@ -27,6 +27,14 @@ pub fn vmlb(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(c) => {
             count(c);
+            if matches!(
+                c,
+                Counter::DropSnatExhausted | Counter::DropFlowInsert | Counter::DropBadBackend
+            ) {
+                // Rare and actionable (the daemon turns these into tracing events); the
+                // counters carry the volume.
+                aya_log_ebpf::warn!(&ctx, "new flow dropped: counter {}", c as u32);
+            }
             if c.is_drop() {
                 xdp_action::XDP_DROP
             } else {

@@ -96,6 +96,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
     let (attachment, maps) = attach_or_adopt(&args, &layout)?;
+    forward_ebpf_logs(&layout);
 
     // Whatever the maps hold (a previous daemon's services, or nothing) is the starting point,
     // so applying the same configuration again writes nothing.
@@ -389,6 +390,41 @@ fn node_config(args: &RunArgs) -> anyhow::Result<NodeConfig> {
     })
 }
 
+/// Turn the program's aya-log records (rare, actionable events such as SNAT exhaustion) into
+/// tracing events. Works the same for a loaded and an adopted program: the logger is found
+/// through the pinned link's program id.
+fn forward_ebpf_logs(layout: &PinLayout) {
+    let logger = PinnedLink::from_pin(layout.link())
+        .map_err(anyhow::Error::from)
+        .and_then(|l| Ok(FdLink::from(l).info()?.program_id()))
+        .and_then(|id| Ok(aya_log::EbpfLogger::init_from_id(id)?));
+    let logger = match logger {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("eBPF log records will not be shown: {e:#}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring-buffer fd for its whole life and always reports that
+    // same fd; the AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("eBPF log records will not be shown: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
 /// Adopt a pinned program if one is attached to this interface; otherwise load, attach and pin.
 fn attach_or_adopt(args: &RunArgs, layout: &PinLayout) -> anyhow::Result<(Attachment, BpfMaps)> {
     if layout.link().exists() {
@@ -415,9 +451,6 @@ fn attach_or_adopt(args: &RunArgs, layout: &PinLayout) -> anyhow::Result<(Attach
         maglev: Some(args.maglev_entries),
         pins: Some(layout.clone()),
     })?;
-    if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-        tracing::debug!("no eBPF log records to forward: {e}");
-    }
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .context("program vmlb missing from the object")?
