@@ -679,6 +679,58 @@ fn restarting_the_daemon_under_load_fails_no_request() {
     });
 }
 
+/// A daemon that finds a different program in the pinned link (an older version, here the lab's
+/// XDP_PASS stand-in) swaps its own in place, against the same pinned maps; the next restart of
+/// the same version adopts it unchanged.
+#[test]
+fn a_different_pinned_program_is_replaced_in_place() {
+    use aya::programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp,
+    };
+    scenario(&seed_config(&[]), |w| {
+        // Put another program into the pinned link, as an older vmlb would have left it.
+        let link_pin = w.dir.pins().join(NODE_DEV).join("link");
+        let mut other = aya::Ebpf::load(vmlb_user::loader::TOOLS_OBJ)?;
+        let pass: &mut Xdp = other
+            .program_mut("xdp_pass")
+            .context("xdp_pass")?
+            .try_into()?;
+        pass.load()?;
+        let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&link_pin)?))?;
+        let id = pass.attach_to_link(link)?;
+        drop(pass.take_link(id)?);
+        drop(other);
+
+        let d = w.daemon()?;
+        d.child.kill()?;
+        d.child.wait()?;
+        w.start_daemon(vmlb_bin())?;
+        ensure!(
+            w.log().contains("replaced the pinned program"),
+            "the daemon did not replace the foreign program:\n{}",
+            w.log()
+        );
+        let answers = w.spread(10, "u")?;
+        ensure!(
+            answers.values().sum::<usize>() == 10,
+            "after the upgrade: {answers:?}"
+        );
+
+        let d = w.daemon()?;
+        d.child.kill()?;
+        d.child.wait()?;
+        w.start_daemon(vmlb_bin())?;
+        ensure!(
+            w.log().contains("adopted the pinned XDP program"),
+            "the same version should adopt:\n{}",
+            w.log()
+        );
+        Ok(())
+    });
+}
+
 /// The array under `key` of an inspect JSON object.
 fn rows<'a>(v: &'a Value, key: &str) -> anyhow::Result<&'a Vec<Value>> {
     v[key]

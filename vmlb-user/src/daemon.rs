@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::{
-    programs::{links::FdLink, links::PinnedLink, Xdp, XdpMode},
+    programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode},
     Ebpf,
 };
 use notify::Watcher as _;
@@ -428,11 +428,7 @@ fn forward_ebpf_logs(layout: &PinLayout) {
 /// Adopt a pinned program if one is attached to this interface; otherwise load, attach and pin.
 fn attach_or_adopt(args: &RunArgs, layout: &PinLayout) -> anyhow::Result<(Attachment, BpfMaps)> {
     if layout.link().exists() {
-        let link = PinnedLink::from_pin(layout.link())
-            .with_context(|| format!("opening the pinned link {}", layout.link().display()))?;
-        let maps = BpfMaps::from_pins(layout)?;
-        info!(iface = %args.iface, "adopted the pinned XDP program: nothing reloaded, flows keep going");
-        return Ok((Attachment::Adopted { link }, maps));
+        return adopt_or_upgrade(args, layout);
     }
 
     if crate::pins::ensure_bpffs(&args.pin_dir)
@@ -487,6 +483,63 @@ fn attach_or_adopt(args: &RunArgs, layout: &PinLayout) -> anyhow::Result<(Attach
     let maps = BpfMaps::from_ebpf(&mut ebpf)?;
     info!(iface = %args.iface, pins = %layout.dir().display(), "loaded, attached and pinned");
     Ok((Attachment::Loaded { _ebpf: ebpf, link }, maps))
+}
+
+/// A program is pinned on this interface. If it is this version's code (same kernel tag), adopt
+/// it: nothing reloaded, flows keep going. Otherwise load this version against the same pinned
+/// maps and swap it into the pinned link in one step (BPF_LINK_UPDATE): no packet goes
+/// unprocessed and the conntrack entries stay. If this version cannot use the pinned maps
+/// (their layout changed), keep the running program and say so.
+fn adopt_or_upgrade(args: &RunArgs, layout: &PinLayout) -> anyhow::Result<(Attachment, BpfMaps)> {
+    let open_link = || {
+        PinnedLink::from_pin(layout.link())
+            .with_context(|| format!("opening the pinned link {}", layout.link().display()))
+    };
+    let attached_id = FdLink::from(open_link()?).info()?.program_id();
+    let attached_tag = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == attached_id)
+        .map(|p| p.tag());
+
+    let adopt = || -> anyhow::Result<(Attachment, BpfMaps)> {
+        let maps = BpfMaps::from_pins(layout)?;
+        info!(iface = %args.iface, "adopted the pinned XDP program: nothing reloaded, flows keep going");
+        Ok((Attachment::Adopted { link: open_link()? }, maps))
+    };
+    let mut ebpf = match loader::load(Sizes {
+        pins: Some(layout.clone()),
+        ..Default::default()
+    }) {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            warn!("this version's program cannot use the pinned maps ({e:#}); keeping the running program (restart with --detach-on-exit once to replace it)");
+            return adopt();
+        }
+    };
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("program vmlb missing from the object")?
+        .try_into()?;
+    if Some(prog.info()?.tag()) == attached_tag {
+        // Same code: the copy just loaded is dropped (the pinned maps stay).
+        return adopt();
+    }
+    let link = XdpLink::try_from(FdLink::from(open_link()?))
+        .context("the pinned link is not an XDP link")?;
+    let id = prog
+        .attach_to_link(link)
+        .context("replacing the program in the pinned link")?;
+    // The link stays pinned; keep it out of the program's own list so nothing detaches it.
+    drop(prog.take_link(id)?);
+    let maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    info!(iface = %args.iface, old_program = attached_id, "replaced the pinned program with this version's in place: flows keep going");
+    Ok((
+        Attachment::Loaded {
+            _ebpf: ebpf,
+            link: open_link()?,
+        },
+        maps,
+    ))
 }
 
 /// Watch the configured files (through their directories: editors replace files by rename)
