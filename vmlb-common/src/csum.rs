@@ -11,17 +11,37 @@ const fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The (unfolded) one's complement difference of a 16-bit field changing from `old` to `new`:
+/// the `~m + m'` of RFC 1624. Differences add up, so several field changes, or the same
+/// address change in two checksums (IPv4 header and pseudo-header), cost one fold each.
+#[inline(always)]
+pub const fn delta2(old: u16, new: u16) -> u32 {
+    !old as u32 + new as u32
+}
+
+/// `delta2` for a 32-bit field (an IPv4 address).
+#[inline(always)]
+pub const fn delta4(old: u32, new: u32) -> u32 {
+    (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// Checksum after changes whose differences add up to `delta` (a few dozen fields at most, so
+/// the sum cannot overflow u32).
+#[inline(always)]
+pub const fn apply(check: u16, delta: u32) -> u16 {
+    !fold(!check as u32 + delta)
+}
+
 /// Checksum after one 16-bit field changes from `old` to `new`.
 #[inline(always)]
 pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
-    !fold(!check as u32 + !old as u32 + new as u32)
+    apply(check, delta2(old, new))
 }
 
 /// Checksum after one 32-bit field (an IPv4 address) changes from `old` to `new`.
 #[inline(always)]
 pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = !check as u32 + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
-    !fold(sum)
+    apply(check, delta4(old, new))
 }
 
 /// UDP: a zero checksum means "none" (RFC 768) and must stay zero; a computed zero is sent as
@@ -73,6 +93,39 @@ mod tests {
             let c = replace2(c, old2, words[7]);
             let expect = full(&words);
             // 0x0000 and 0xffff are the same value in one's complement.
+            assert!(
+                c == expect || (c ^ expect) == 0xffff && (c == 0 || c == 0xffff),
+                "{c:#x} vs {expect:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn summed_deltas_match_a_full_recompute() {
+        let mut rng = 0x9e37_79b9u32;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 17;
+            rng ^= rng << 5;
+            rng
+        };
+        for _ in 0..10_000 {
+            let mut words: [u16; 12] = core::array::from_fn(|_| next() as u16);
+            let check = full(&words);
+            // Two addresses (words 0..4) and two ports (words 8, 9), as NAT changes them.
+            let (a, b) = (next(), next());
+            let old_a = words[0] as u32 | (words[1] as u32) << 16;
+            let old_b = words[2] as u32 | (words[3] as u32) << 16;
+            let (p, q) = (next() as u16, next() as u16);
+            let d = delta4(old_a, a) + delta4(old_b, b) + delta2(words[8], p) + delta2(words[9], q);
+            words[0] = a as u16;
+            words[1] = (a >> 16) as u16;
+            words[2] = b as u16;
+            words[3] = (b >> 16) as u16;
+            words[8] = p;
+            words[9] = q;
+            let c = apply(check, d);
+            let expect = full(&words);
             assert!(
                 c == expect || (c ^ expect) == 0xffff && (c == 0 || c == 0xffff),
                 "{c:#x} vs {expect:#x}"

@@ -11,10 +11,11 @@ pub fn rewrite(p: &Packet, to: &FlowEntry) {
     let k = &p.key;
     // SAFETY: every pointer in `Packet` was bounds-checked by parse().
     unsafe {
+        // Both addresses are in the IPv4 header and in the L4 pseudo-header: one difference.
+        let addrs = csum::delta4(k.src_addr, to.src_addr) + csum::delta4(k.dst_addr, to.dst_addr);
         (*p.ip).saddr = to.src_addr;
         (*p.ip).daddr = to.dst_addr;
-        let ip_check = csum::replace4((*p.ip).check, k.src_addr, to.src_addr);
-        (*p.ip).check = csum::replace4(ip_check, k.dst_addr, to.dst_addr);
+        (*p.ip).check = csum::apply((*p.ip).check, addrs);
 
         (*p.ports).src = to.src_port;
         (*p.ports).dst = to.dst_port;
@@ -24,10 +25,8 @@ pub fn rewrite(p: &Packet, to: &FlowEntry) {
             return;
         }
         // The L4 checksum covers the pseudo-header's addresses and the ports.
-        let mut c = csum::replace4(old, k.src_addr, to.src_addr);
-        c = csum::replace4(c, k.dst_addr, to.dst_addr);
-        c = csum::replace2(c, k.src_port, to.src_port);
-        c = csum::replace2(c, k.dst_port, to.dst_port);
+        let ports = csum::delta2(k.src_port, to.src_port) + csum::delta2(k.dst_port, to.dst_port);
+        let mut c = csum::apply(old, addrs + ports);
         if k.proto == IPPROTO_UDP {
             c = csum::udp_fixup(old, c);
         }
