@@ -15,7 +15,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, LruHashMap, ProgramArray},
     programs::XdpContext,
 };
 
@@ -25,9 +25,11 @@ static BENCH_PKT: Array<[u64; 8]> = Array::with_max_entries(1, 0);
 /// Slot 0: the program under test.
 #[map]
 static BENCH_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
-/// Per-CPU iteration number, for new-flow runs.
+/// Iteration number for new-flow runs. One counter for all CPUs (not per-CPU): the benchmark
+/// thread may move between CPUs, and per-CPU counters would then hand out a client address
+/// twice. Runs are sequential, so the plain increment does not race.
 #[map]
-static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, 0);
 
 const SADDR_OFF: usize = 14 + 12;
 
@@ -144,7 +146,7 @@ pub fn bench_restore_new(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     if let Some(seq) = BENCH_SEQ.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; the packet holds SADDR_OFF + 4 bytes (checked in restore).
+        // SAFETY: the packet holds SADDR_OFF + 4 bytes (checked in restore).
         unsafe {
             *seq += 1;
             let saddr = (start + SADDR_OFF) as *mut u32;
