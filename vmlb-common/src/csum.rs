@@ -70,15 +70,24 @@ mod tests {
         !fold(sum)
     }
 
+    /// xorshift32: deterministic test data without a dependency in a no_std crate.
+    fn xorshift(mut state: u32) -> impl FnMut() -> u32 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        }
+    }
+
+    /// 0x0000 and 0xffff are the same value in one's complement.
+    fn same_checksum(a: u16, b: u16) -> bool {
+        a == b || (a ^ b) == 0xffff && (a == 0 || a == 0xffff)
+    }
+
     #[test]
     fn incremental_matches_full_recompute() {
-        let mut rng = 0x1234_5678u32;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 17;
-            rng ^= rng << 5;
-            rng
-        };
+        let mut next = xorshift(0x1234_5678);
         for _ in 0..10_000 {
             let mut words: [u16; 10] = core::array::from_fn(|_| next() as u16);
             let check = full(&words);
@@ -92,23 +101,13 @@ mod tests {
             words[7] = next() as u16;
             let c = replace2(c, old2, words[7]);
             let expect = full(&words);
-            // 0x0000 and 0xffff are the same value in one's complement.
-            assert!(
-                c == expect || (c ^ expect) == 0xffff && (c == 0 || c == 0xffff),
-                "{c:#x} vs {expect:#x}"
-            );
+            assert!(same_checksum(c, expect), "{c:#x} vs {expect:#x}");
         }
     }
 
     #[test]
     fn summed_deltas_match_a_full_recompute() {
-        let mut rng = 0x9e37_79b9u32;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 17;
-            rng ^= rng << 5;
-            rng
-        };
+        let mut next = xorshift(0x9e37_79b9);
         for _ in 0..10_000 {
             let mut words: [u16; 12] = core::array::from_fn(|_| next() as u16);
             let check = full(&words);
@@ -126,10 +125,7 @@ mod tests {
             words[9] = q;
             let c = apply(check, d);
             let expect = full(&words);
-            assert!(
-                c == expect || (c ^ expect) == 0xffff && (c == 0 || c == 0xffff),
-                "{c:#x} vs {expect:#x}"
-            );
+            assert!(same_checksum(c, expect), "{c:#x} vs {expect:#x}");
         }
     }
 
