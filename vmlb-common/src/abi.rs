@@ -12,6 +12,10 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_SLOTS: &str = "FLOW_SLOTS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const HOPS: &str = "HOPS";
+    pub const NEW_FLOW_RATE: &str = "NEW_FLOW_RATE";
     pub const VIPS: &str = "VIPS";
     pub const STATS: &str = "STATS";
     pub const SVC_STATS: &str = "SVC_STATS";
@@ -29,18 +33,29 @@ pub const MAX_BACKENDS: u32 = 8192;
 /// Default total entries of the `MAGLEV` array: 64 services at the default ring size, twice
 /// over, so every table can be rebuilt into fresh space before the old one is released.
 pub const DEFAULT_MAGLEV_ENTRIES: u32 = 2 * 64 * 16381;
-/// Default `FLOWS` size: two entries per connection, so 256k connections.
-pub const DEFAULT_FLOW_ENTRIES: u32 = 524_288;
+/// Default `FLOWS` size: concurrent flows (connections), whichever CPUs create them.
+pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
+/// `FLOW_SLOTS` holds this many slots per flow of `FLOWS`. A flow's slot is a pure function of
+/// its SNAT tuple (direct-mapped, see `hash::tuple_slot`), so a SNAT port candidate is usable
+/// only if its slot is free: at 4 slots per flow a full flow table leaves 3 in 4 slots free, and
+/// 8 candidates all miss with probability (1/4)^8 (plus slots held back for TIME_WAIT safety).
+pub const SLOTS_PER_FLOW: u32 = 4;
+/// SNAT addresses per service (a pool used by hash) and per node (all services together).
+pub const MAX_SNAT_PER_SERVICE: usize = 4;
+pub const MAX_SNAT_ADDRS: usize = 8;
 
 /// IP protocol numbers used in keys.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// SNAT source ports are chosen in [SNAT_PORT_MIN, SNAT_PORT_MAX]; the node's own ephemeral range
-/// (32768-60999 by default) is outside it so locally originated connections never collide.
-/// The range holds a prime number of ports (31741) so that every probe step visits every port.
+/// Default SNAT source ports: [SNAT_PORT_MIN, SNAT_PORT_MAX]. The node's own ephemeral range
+/// (32768-60999 by default) is outside it so locally originated connections from a SNAT address
+/// that is also the node's own never collide. The range holds a prime number of ports (31741)
+/// so that every probe step visits every port. A dedicated SNAT address may use the whole range
+/// (`SNAT_PORT_MIN..=SNAT_FULL_PORT_MAX`, 64499 ports, also prime).
 pub const SNAT_PORT_MIN: u16 = 1024;
 pub const SNAT_PORT_MAX: u16 = 32764;
+pub const SNAT_FULL_PORT_MAX: u16 = 65522;
 /// Candidate ports tried per new flow before the flow is dropped as `DropSnatExhausted`.
 pub const SNAT_RETRIES: u32 = 8;
 
@@ -55,7 +70,7 @@ pub struct ServiceKey {
 }
 const _: () = assert!(size_of::<ServiceKey>() == 8);
 
-/// `Service::flags`: SNAT the client to `snat_addr` (the only mode so far; DNAT-only later).
+/// `Service::flags`: SNAT the client to `snat_addrs` (the only mode so far; DNAT-only later).
 pub const SVC_F_SNAT: u32 = 1;
 
 /// `SERVICES` value.
@@ -65,16 +80,19 @@ pub struct Service {
     /// Index into `SVC_STATS`, never 0.
     pub id: u32,
     pub flags: u32,
-    /// Node address on the VLAN used as the source towards backends.
-    pub snat_addr: u32,
+    /// Source addresses towards backends (a pool: a flow uses `snat_addrs[hash % snat_count]`).
+    pub snat_addrs: [u32; MAX_SNAT_PER_SERVICE],
+    pub snat_count: u32,
     /// This service's Maglev table is `MAGLEV[ring_base .. ring_base + ring_size]`. User space
     /// writes a new table into unused entries and then replaces this value in one map update,
     /// so a packet sees either the old table or the new one, never a mix.
     pub ring_base: u32,
     pub ring_size: u32,
-    pub _pad: u32,
+    /// SNAT ports are `port_min + (0 .. port_range)` (host order); `port_range` is prime.
+    pub port_min: u16,
+    pub port_range: u16,
 }
-const _: () = assert!(size_of::<Service>() == 24);
+const _: () = assert!(size_of::<Service>() == 40);
 
 /// `Backend::flags`: the backend passes health checks. Without it, existing flows are re-balanced.
 pub const BE_F_UP: u32 = 1;
@@ -107,35 +125,161 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 16);
 
-/// `FlowEntry::dir`: the entry rewrites a client packet towards its backend.
-pub const DIR_TO_BACKEND: u8 = 0;
-/// `FlowEntry::dir`: the entry rewrites a backend's reply back to the client.
-pub const DIR_TO_CLIENT: u8 = 1;
-
-/// `FLOWS` value. Both directions of a NATed connection live in the one conntrack map, each keyed
-/// by the 5-tuple it matches on the wire, so the established path and the reply path are the same
-/// single lookup followed by the same rewrite: replace the addresses and ports with these, send
-/// with these MACs. The `DIR_TO_CLIENT` entry is inserted with `BPF_NOEXIST`: that insert is what
-/// reserves the SNAT port.
+/// `FLOWS` value: where the flow of a client 5-tuple lives in `FLOW_SLOTS`. `gen` must equal
+/// the slot's generation, else the slot was freed and reused since and this index entry is stale
+/// (it is then counted and deleted, never followed).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowEntry {
-    pub src_addr: u32,
-    pub dst_addr: u32,
-    pub src_port: u16,
-    pub dst_port: u16,
+pub struct FlowRef {
+    pub slot: u32,
+    pub gen: u32,
+}
+const _: () = assert!(size_of::<FlowRef>() == 8);
+
+/// Flow states, the low 8 bits of `Flow::ctl`. Every change of `ctl` is a compare-and-swap, by
+/// the data path (claim, SYN -> established -> closing) or by user space's expiry (-> free).
+pub mod flow_state {
+    /// Unused, or expired: claimable once the clock passes `Flow::stamp` (TIME_WAIT safety).
+    pub const FREE: u8 = 0;
+    /// Being written by the CPU that claimed it; treated as absent by readers.
+    pub const CLAIMING: u8 = 1;
+    /// TCP: the client's SYN was forwarded, no answer yet.
+    pub const SYN_SENT: u8 = 2;
+    /// TCP: the backend answered.
+    pub const ESTABLISHED: u8 = 3;
+    /// TCP: FIN or RST seen from either side, since `Flow::stamp`.
+    pub const CLOSING: u8 = 4;
+    /// UDP: any packet keeps it alive.
+    pub const UDP: u8 = 5;
+}
+
+/// `ctl` layout: generation << 8 | state.
+pub const FLOW_GEN_SHIFT: u32 = 8;
+
+/// `FLOW_SLOTS` value: one NATed flow, both directions. Its index is a pure function of the SNAT
+/// tuple (`hash::tuple_slot`), so a backend's reply finds it with one array access, and a SNAT
+/// tuple can be held by at most one flow at a time (the one in its slot), including while it
+/// waits out the backend's TIME_WAIT after close. The client direction finds it through `FLOWS`.
+/// One slot per flow means the two directions are created, found, expired and freed as one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// generation << 8 | state (`flow_state`); changed only by compare-and-swap.
+    pub ctl: u64,
+    /// Clock (`clock` units) of the last packet, refreshed coarsely (`CLOCK_REFRESH`).
+    pub last_seen: u32,
+    /// CLOSING: when it began. FREE: the earliest time the slot may be claimed again.
+    pub stamp: u32,
     pub service_id: u32,
     pub backend_id: u32,
-    /// Egress interface and MACs: from bpf_fib_lookup when the flow was created (towards the
-    /// backend), or the client packet's own MACs swapped (towards the client).
+    /// The SNAT tuple (the reply's source and destination).
+    pub backend_addr: u32,
+    pub snat_addr: u32,
+    pub backend_port: u16,
+    pub snat_port: u16,
+    /// The client side (the forward 5-tuple's source and destination).
+    pub client_addr: u32,
+    pub vip_addr: u32,
+    pub client_port: u16,
+    pub vip_port: u16,
+    /// Where replies go: the client frame's source MAC and ingress interface.
+    pub client_ifindex: u32,
+    pub client_mac: [u8; 6],
+    pub proto: u8,
+    pub _pad0: u8,
+    pub _pad1: u32,
+}
+const _: () = assert!(size_of::<Flow>() == 64);
+
+impl Flow {
+    pub const fn state(&self) -> u8 {
+        self.ctl as u8
+    }
+    pub const fn gen(&self) -> u32 {
+        (self.ctl >> FLOW_GEN_SHIFT) as u32
+    }
+    /// The client 5-tuple, the flow's `FLOWS` key.
+    pub const fn client_key(&self) -> FlowKey {
+        FlowKey {
+            src_addr: self.client_addr,
+            dst_addr: self.vip_addr,
+            src_port: self.client_port,
+            dst_port: self.vip_port,
+            proto: self.proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
+
+/// The data path's clock: `bpf_ktime_get_coarse_ns() >> CLOCK_SHIFT` (CLOCK_MONOTONIC_COARSE in
+/// units of 2^20 ns, about 1.05 ms), as a wrapping u32 (49 days); compare with wrapping
+/// differences only. User space reads the same clock for expiry.
+pub const CLOCK_SHIFT: u32 = 20;
+/// Established flows write `last_seen` only when it is this many clock units old (~1 s), so the
+/// established path costs no map write per packet (Cilium refreshes coarsely for the same
+/// reason); idle timeouts are accurate to about a second.
+pub const CLOCK_REFRESH: u32 = 1 << 10;
+
+/// Convert a duration in milliseconds to clock units.
+pub const fn clock_units_from_ms(ms: u64) -> u32 {
+    let units = (ms * 1_000_000) >> CLOCK_SHIFT;
+    if units > u32::MAX as u64 / 4 {
+        u32::MAX / 4
+    } else {
+        units as u32
+    }
+}
+
+/// `CONFIG` value (one entry): node-wide settings the data path reads on every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Every SNAT address of every service: a packet to one of them is a reply candidate.
+    pub snat_addrs: [u32; MAX_SNAT_ADDRS],
+    pub snat_count: u32,
+    /// `FLOW_SLOTS` entries (its max_entries).
+    pub slot_count: u32,
+    /// New flows each CPU may create per second (token bucket, `burst` deep); 0 = unlimited.
+    pub new_flow_rate: u32,
+    pub new_flow_burst: u32,
+    /// Non-zero while user space finds the flow table above its pressure threshold: SYN-only
+    /// flows then expire early (see README, flood guard).
+    pub pressure: u32,
+    /// The interface's own MAC: the source of every frame sent back to clients.
+    pub mac: [u8; 6],
+    pub _pad0: u16,
+    pub _pad1: u32,
+}
+const _: () = assert!(size_of::<Config>() == 64);
+
+/// `HOPS` value (per CPU, per backend id): the backend's next hop from `bpf_fib_lookup`,
+/// refreshed when older than `HOP_TTL`, so new flows skip the FIB lookup and a neighbour whose
+/// MAC changed reaches established flows within about a second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hop {
+    /// 0: never looked up.
     pub ifindex: u32,
+    /// Clock of the lookup.
+    pub stamp: u32,
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
-    pub dir: u8,
-    pub _pad0: u8,
-    pub _pad1: u16,
 }
-const _: () = assert!(size_of::<FlowEntry>() == 40);
+const _: () = assert!(size_of::<Hop>() == 20);
+/// ~1 s in clock units.
+pub const HOP_TTL: u32 = 1 << 10;
+
+/// `NEW_FLOW_RATE` value (per CPU): the flood guard's token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateBucket {
+    /// Tokens scaled by 1024, so that refills of less than one flow per clock unit add up.
+    pub tokens: u64,
+    pub stamp: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<RateBucket>() == 16);
 
 /// `SVC_STATS` / `BE_STATS` value (per CPU).
 #[repr(C)]
@@ -158,6 +302,10 @@ mod pod {
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FlowRef {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Hop {}
+    unsafe impl aya::Pod for super::RateBucket {}
     unsafe impl aya::Pod for super::TrafficStats {}
 }

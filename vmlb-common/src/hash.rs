@@ -3,7 +3,9 @@
 //! kernel agrees. Hand-rolled (murmur3's 32-bit mixing) because it must be bit-identical in a
 //! `no_std` BPF program and on the host, forever, and cost a handful of instructions per flow.
 
-use crate::{FlowKey, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use crate::FlowKey;
+#[cfg(test)]
+use crate::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -50,18 +52,77 @@ pub const fn maglev_slot(hash: u32, ring_size: u32) -> u32 {
     }
 }
 
-const SNAT_RANGE: u32 = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
-
-/// The `attempt`-th SNAT source port candidate for a flow, in host byte order. Double hashing:
-/// start and step both come from the flow hash (independent of the Maglev slot, which uses the
-/// low bits), so flows that collide on a start port do not pile into one run of busy ports as
-/// they would with linear probing. The range is prime, so any step reaches every port.
+/// The `attempt`-th SNAT source port candidate for a flow, in host byte order, in
+/// `port_min + [0, range)`. Double hashing: start and step both come from the flow hash
+/// (independent of the Maglev slot, which uses the low bits), so flows that collide on a start
+/// port do not pile into one run of busy ports as they would with linear probing. `range` is
+/// prime (user space guarantees it), so any step reaches every port.
 #[inline(always)]
-pub const fn snat_port(hash: u32, attempt: u32) -> u16 {
-    let start = fmix(hash ^ 0x9e37_79b9) % SNAT_RANGE;
-    let step = 1 + fmix(hash ^ 0x85eb_ca6b) % (SNAT_RANGE - 1);
-    // attempt < SNAT_RETRIES, so attempt * step cannot overflow.
-    (SNAT_PORT_MIN as u32 + (start + attempt * step) % SNAT_RANGE) as u16
+pub const fn snat_port(hash: u32, attempt: u32, port_min: u16, range: u16) -> u16 {
+    let range = if range < 2 { 2 } else { range as u32 };
+    let start = fmix(hash ^ 0x9e37_79b9) % range;
+    let step = 1 + fmix(hash ^ 0x85eb_ca6b) % (range - 1);
+    // attempt < SNAT_RETRIES and step < 65536, so attempt * step cannot overflow.
+    (port_min as u32 + (start + attempt * step) % range) as u16
+}
+
+/// Which SNAT address of a service's pool a flow uses.
+#[inline(always)]
+pub const fn snat_pick(hash: u32, count: u32) -> u32 {
+    if count <= 1 {
+        0
+    } else {
+        (hash >> 16) % count
+    }
+}
+
+/// The `FLOW_SLOTS` index of a SNAT tuple: backend address and port, SNAT address and port
+/// (wire order), protocol. The reply path computes it from the packet alone, and the new-flow
+/// path claims exactly this slot, so one SNAT tuple can never be held by two flows.
+#[inline(always)]
+pub const fn tuple_slot(
+    backend_addr: u32,
+    snat_addr: u32,
+    backend_port: u16,
+    snat_port: u16,
+    proto: u8,
+    slot_count: u32,
+) -> u32 {
+    let mut h = mix(SEED ^ 0x5a5a_5a5a, backend_addr);
+    h = mix(h, snat_addr);
+    h = mix(h, (backend_port as u32) | ((snat_port as u32) << 16));
+    h = mix(h, proto as u32);
+    let h = fmix(h ^ 13);
+    if slot_count == 0 {
+        0
+    } else {
+        h % slot_count
+    }
+}
+
+/// Smallest prime-sized range of ports starting at `min` that fits in `[min, max]`: the largest
+/// prime p <= max - min + 1 (user space; double hashing needs a prime range).
+pub const fn prime_range(min: u16, max: u16) -> u16 {
+    if max <= min {
+        return 2;
+    }
+    let mut n = (max - min) as u32 + 1;
+    while n > 2 {
+        let mut d = 2;
+        let mut prime = true;
+        while d * d <= n {
+            if n % d == 0 {
+                prime = false;
+                break;
+            }
+            d += 1;
+        }
+        if prime {
+            return n as u16;
+        }
+        n -= 1;
+    }
+    2
 }
 
 #[cfg(test)]
@@ -101,12 +162,32 @@ mod tests {
             let h = flow_hash(&key(sport));
             let mut seen = [0u16; crate::SNAT_RETRIES as usize];
             for (a, slot) in seen.iter_mut().enumerate() {
-                *slot = snat_port(h, a as u32);
+                *slot = snat_port(h, a as u32, SNAT_PORT_MIN, SNAT_RANGE as u16);
                 assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(slot));
             }
             for i in 0..seen.len() {
                 assert!(!seen[..i].contains(&seen[i]), "repeated candidate {seen:?}");
             }
+        }
+    }
+
+    const SNAT_RANGE: u32 = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+
+    #[test]
+    fn prime_range_matches_the_default_and_full_ranges() {
+        assert_eq!(prime_range(SNAT_PORT_MIN, SNAT_PORT_MAX) as u32, SNAT_RANGE);
+        assert_eq!(prime_range(SNAT_PORT_MIN, u16::MAX), 64499);
+        assert_eq!(prime_range(1024, 1033), 7);
+    }
+
+    #[test]
+    fn tuple_slots_spread() {
+        let mut counts = [0u32; 16];
+        for p in 0..16000u16 {
+            counts[tuple_slot(1, 2, 80u16.to_be(), p.to_be(), 6, 16) as usize] += 1;
+        }
+        for c in counts {
+            assert!((800..1200).contains(&c), "uneven spread {counts:?}");
         }
     }
 

@@ -23,10 +23,11 @@ pub enum Counter {
     DropUnknownPort = 6,
     /// The service has no backend with weight > 0 (every Maglev slot empty).
     DropNoBackend = 7,
-    /// Every candidate SNAT port was taken for this backend.
+    /// Every candidate SNAT tuple was held (by a live flow, or waiting out TIME_WAIT safety).
     DropSnatExhausted = 8,
-    /// The conntrack map refused the new flow.
-    DropFlowInsert = 9,
+    /// The flow table is full (`FLOWS` refused the new flow's index): the new flow is refused,
+    /// established flows are never evicted for it.
+    DropFlowTableFull = 9,
     /// The next hop's MAC is not resolved: the packet goes to the kernel untouched, no flow is
     /// created (user space keeps backend neighbours resolved).
     PassNoNeigh = 10,
@@ -50,11 +51,31 @@ pub enum Counter {
     PassUnsupportedProto = 19,
     /// An entry named a backend id that does not exist (map changed under the flow).
     DropBadBackend = 20,
+    /// A `FLOWS` index entry whose flow slot was freed or reused: half of a flow. Deleted,
+    /// never followed; the packet is treated as having no flow.
+    FlowStale = 21,
+    /// To a SNAT address, but no live flow holds the tuple: left to the kernel (a late packet
+    /// of an expired flow, or the node's own traffic when the SNAT address is also its own).
+    PassReplyNoFlow = 22,
+    /// TCP to a VIP without a flow and not a SYN (policy: dropped, no state created).
+    DropTcpNoFlow = 23,
+    /// A new flow from a martian source (0/8, 127/8, 224/4, 240/4, broadcast, a VIP or SNAT
+    /// address): dropped, never NATed.
+    DropMartian = 24,
+    /// A new flow over this CPU's new-flow rate limit (flood guard).
+    DropFlood = 25,
+    /// A flow saw FIN or RST and entered closing (event).
+    FlowClosing = 26,
+    /// A SYN reused the client 5-tuple of a closing flow: a new flow with a new SNAT tuple
+    /// (the old one waits out TIME_WAIT safety).
+    FlowTupleReuse = 27,
+    /// A backend's next hop was (re)looked up with bpf_fib_lookup (event).
+    HopLookup = 28,
 }
 
 impl Counter {
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 29;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIpv4,
@@ -66,7 +87,7 @@ impl Counter {
         Counter::DropUnknownPort,
         Counter::DropNoBackend,
         Counter::DropSnatExhausted,
-        Counter::DropFlowInsert,
+        Counter::DropFlowTableFull,
         Counter::PassNoNeigh,
         Counter::PassFibFailed,
         Counter::FlowNew,
@@ -78,6 +99,14 @@ impl Counter {
         Counter::TxRedirect,
         Counter::PassUnsupportedProto,
         Counter::DropBadBackend,
+        Counter::FlowStale,
+        Counter::PassReplyNoFlow,
+        Counter::DropTcpNoFlow,
+        Counter::DropMartian,
+        Counter::DropFlood,
+        Counter::FlowClosing,
+        Counter::FlowTupleReuse,
+        Counter::HopLookup,
     ];
 
     /// snake_case name, used as a metric label and in the CLI.
@@ -92,7 +121,7 @@ impl Counter {
             Counter::DropUnknownPort => "drop_unknown_port",
             Counter::DropNoBackend => "drop_no_backend",
             Counter::DropSnatExhausted => "drop_snat_exhausted",
-            Counter::DropFlowInsert => "drop_flow_insert",
+            Counter::DropFlowTableFull => "drop_flow_table_full",
             Counter::PassNoNeigh => "pass_no_neigh",
             Counter::PassFibFailed => "pass_fib_failed",
             Counter::FlowNew => "flow_new",
@@ -104,6 +133,14 @@ impl Counter {
             Counter::TxRedirect => "tx_redirect",
             Counter::PassUnsupportedProto => "pass_unsupported_proto",
             Counter::DropBadBackend => "drop_bad_backend",
+            Counter::FlowStale => "flow_stale",
+            Counter::PassReplyNoFlow => "pass_reply_no_flow",
+            Counter::DropTcpNoFlow => "drop_tcp_no_flow",
+            Counter::DropMartian => "drop_martian",
+            Counter::DropFlood => "drop_flood",
+            Counter::FlowClosing => "flow_closing",
+            Counter::FlowTupleReuse => "flow_tuple_reuse",
+            Counter::HopLookup => "hop_lookup",
         }
     }
 
@@ -116,8 +153,11 @@ impl Counter {
                 | Counter::DropUnknownPort
                 | Counter::DropNoBackend
                 | Counter::DropSnatExhausted
-                | Counter::DropFlowInsert
+                | Counter::DropFlowTableFull
                 | Counter::DropBadBackend
+                | Counter::DropTcpNoFlow
+                | Counter::DropMartian
+                | Counter::DropFlood
         )
     }
 }

@@ -5,9 +5,9 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use vmlb_common::Counter;
+use vmlb_common::{Counter, Hop, HOP_TTL};
 
-use crate::{parse::Packet, stats::count};
+use crate::{maps::HOPS, parse::Packet, stats::count};
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
@@ -19,10 +19,46 @@ pub struct NextHop {
     pub src_mac: [u8; 6],
 }
 
-/// Route `src -> dst` as if forwarding the packet received on the ingress interface. Only done
-/// when a flow is created; the result is kept in its conntrack entry.
+/// The next hop towards backend `id` at `addr`, from this CPU's cache when younger than
+/// `HOP_TTL`, else from the FIB (and cached). An established flow keeps its last known hop when a
+/// refresh fails (the kernel is re-resolving the neighbour); a new flow is not created without
+/// a hop.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Result<NextHop, Counter> {
+pub fn hop(
+    ctx: &XdpContext,
+    p: &Packet,
+    id: u32,
+    src: u32,
+    addr: u32,
+    now: u32,
+    established: bool,
+) -> Result<Hop, Counter> {
+    let cached = HOPS.get_ptr_mut(id).ok_or(Counter::DropBadBackend)?;
+    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
+    unsafe {
+        // ifindex 0: never looked up.
+        let valid = (*cached).ifindex != 0;
+        if valid && now.wrapping_sub((*cached).stamp) < HOP_TTL {
+            return Ok(*cached);
+        }
+        count(Counter::HopLookup);
+        match lookup(ctx, p, src, addr) {
+            Ok(h) => {
+                (*cached).ifindex = h.ifindex;
+                (*cached).dst_mac = h.dst_mac;
+                (*cached).src_mac = h.src_mac;
+                (*cached).stamp = now;
+                Ok(*cached)
+            }
+            Err(_) if established && valid => Ok(*cached),
+            Err(c) => Err(c),
+        }
+    }
+}
+
+/// Route `src -> dst` as if forwarding the packet received on the ingress interface.
+#[inline(always)]
+fn lookup(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Result<NextHop, Counter> {
     // The helper's argument must be initialised to the last byte (the verifier insists). It is
     // written as eight volatile words because LLVM merges plain zero stores into a `memset`,
     // which the BPF backend emits as a call to a byte loop. `struct bpf_fib_lookup` on bpfel:

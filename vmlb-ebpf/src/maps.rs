@@ -2,14 +2,18 @@
 //! user space may change at load time (`EbpfLoader::set_max_entries`).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use vmlb_common::{
-    Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, TrafficStats, DEFAULT_FLOW_ENTRIES,
-    DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    Backend, Config, Counter, Flow, FlowKey, FlowRef, Hop, RateBucket, Service, ServiceKey,
+    TrafficStats, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    SLOTS_PER_FLOW,
 };
+
+/// BPF_F_MMAPABLE: user space maps `FLOW_SLOTS` to sweep it and to free slots with the same
+/// compare-and-swap the data path uses (a map update syscall could not be atomic with it).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -25,12 +29,29 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_ENTRIES, 0);
 
-/// Conntrack, both directions (see `FlowEntry`). LRU: idle flows age out under pressure.
-/// BPF_F_NO_COMMON_LRU: each CPU keeps its own LRU list, so creating a flow takes no global
-/// lock (measured ~20% cheaper per new flow); both entries of a flow are created on one CPU.
+/// The flow index: client 5-tuple -> its slot in `FLOW_SLOTS`. A plain preallocated hash, not
+/// an LRU: nothing is ever evicted behind our back (an LRU split a live flow's two directions
+/// under pressure), and its capacity is global, whichever CPU creates a flow (a per-CPU LRU
+/// gives each CPU max_entries / ncpus). Flows leave it through expiry only.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+pub static FLOWS: HashMap<FlowKey, FlowRef> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// The flows themselves, direct-mapped by SNAT tuple (see `vmlb_common::Flow`).
+#[map]
+pub static FLOW_SLOTS: Array<Flow> =
+    Array::with_max_entries(DEFAULT_FLOW_ENTRIES * SLOTS_PER_FLOW, BPF_F_MMAPABLE);
+
+/// Node-wide settings, one entry (see `vmlb_common::Config`).
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Each backend's next hop, per CPU (so a refresh never tears a MAC another CPU is reading).
+#[map]
+pub static HOPS: PerCpuArray<Hop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// The flood guard's token bucket, per CPU.
+#[map]
+pub static NEW_FLOW_RATE: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

@@ -1,31 +1,31 @@
-//! NAT: rewrite addresses and ports to a conntrack entry's, with incremental checksums.
+//! NAT: rewrite addresses and ports, with incremental checksums.
 
-use vmlb_common::{csum, FlowEntry, IPPROTO_UDP};
+use vmlb_common::{csum, IPPROTO_UDP};
 
 use crate::parse::Packet;
 
-/// Rewrite the packet's 5-tuple to `to`'s addresses and ports. Both directions use this: towards
-/// the backend (DNAT + SNAT) and back to the client (the reverse).
+/// Rewrite the packet's 5-tuple to `src:sport -> dst:dport` (addresses and ports in wire
+/// order). Both directions use this: towards the backend (DNAT + SNAT) and back to the client.
 #[inline(always)]
-pub fn rewrite(p: &Packet, to: &FlowEntry) {
+pub fn rewrite(p: &Packet, src: u32, sport: u16, dst: u32, dport: u16) {
     let k = &p.key;
     // SAFETY: every pointer in `Packet` was bounds-checked by parse().
     unsafe {
         // Both addresses are in the IPv4 header and in the L4 pseudo-header: one difference.
-        let addrs = csum::delta4(k.src_addr, to.src_addr) + csum::delta4(k.dst_addr, to.dst_addr);
-        (*p.ip).saddr = to.src_addr;
-        (*p.ip).daddr = to.dst_addr;
+        let addrs = csum::delta4(k.src_addr, src) + csum::delta4(k.dst_addr, dst);
+        (*p.ip).saddr = src;
+        (*p.ip).daddr = dst;
         (*p.ip).check = csum::apply((*p.ip).check, addrs);
 
-        (*p.ports).src = to.src_port;
-        (*p.ports).dst = to.dst_port;
+        (*p.ports).src = sport;
+        (*p.ports).dst = dport;
         let old = *p.l4_check;
         if k.proto == IPPROTO_UDP && old == 0 {
             // UDP without checksum stays without.
             return;
         }
         // The L4 checksum covers the pseudo-header's addresses and the ports.
-        let ports = csum::delta2(k.src_port, to.src_port) + csum::delta2(k.dst_port, to.dst_port);
+        let ports = csum::delta2(k.src_port, sport) + csum::delta2(k.dst_port, dport);
         let mut c = csum::apply(old, addrs + ports);
         if k.proto == IPPROTO_UDP {
             c = csum::udp_fixup(old, c);

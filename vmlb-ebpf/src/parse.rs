@@ -56,9 +56,17 @@ pub struct Packet {
     /// The L4 checksum field.
     pub l4_check: *mut u16,
     pub key: FlowKey,
+    /// TCP flags (byte 13 of the TCP header); 0 for UDP.
+    pub tcp_flags: u8,
     /// Bytes on the wire, for the traffic counters.
     pub len: u64,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+const TCP_FLAGS_OFF: usize = 13;
 
 /// Why a packet is not balanceable; the caller turns it into a counter.
 pub enum Classify {
@@ -135,6 +143,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Classify> {
         ptr_at(ctx, l4_off).ok_or(exception(Counter::DropTruncated, Counter::PassTruncated))?;
     let l4_check: *mut u16 = ptr_at(ctx, l4_off + check_off)
         .ok_or(exception(Counter::DropTruncated, Counter::PassTruncated))?;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        let f: *mut u8 = ptr_at(ctx, l4_off + TCP_FLAGS_OFF)
+            .ok_or(exception(Counter::DropTruncated, Counter::PassTruncated))?;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe { *f }
+    } else {
+        0
+    };
     // SAFETY: bounds-checked by ptr_at.
     let key = unsafe {
         FlowKey {
@@ -153,6 +169,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Classify> {
         ports,
         l4_check,
         key,
+        tcp_flags,
         len: (ctx.data_end() - ctx.data()) as u64,
     })
 }

@@ -95,7 +95,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
-    let (attachment, maps) = attach_or_adopt(&args, &layout)?;
+    let (attachment, mut maps) = attach_or_adopt(&args, &layout)?;
+    let mac = iface_mac(&args.iface)?;
+    maps.init_config(mac)?;
+    maps.update_config(|c| {
+        c.new_flow_rate = args.new_flow_rate;
+        c.new_flow_burst = args.new_flow_burst;
+    })?;
     forward_ebpf_logs(&layout);
 
     // Whatever the maps hold (a previous daemon's services, or nothing) is the starting point,
@@ -120,6 +126,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics_task = tokio::spawn(metrics::serve_on(listener, source.clone(), async {
         let _ = metrics_stopped.await;
     }));
+
+    let sweeper = spawn_sweeper(&args, &layout, maps.clone())?;
 
     let mut ctx = Ctx {
         iface: args.iface.clone(),
@@ -170,6 +178,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     source.set_ready(false);
+    sweeper.stop();
     health.shutdown().await;
     let _ = stop_metrics.send(());
     let _ = metrics_task.await;
@@ -317,7 +326,7 @@ fn daemon_state(
                 proto: spec.proto.name().to_string(),
                 id,
                 hosts: c.hosts.clone(),
-                snat: spec.snat,
+                snat: spec.snat.clone(),
                 ring_size: spec.ring_size,
                 backends: spec
                     .backends
@@ -595,4 +604,77 @@ fn watch_configs(
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The interface's MAC address (the source of frames vmlb sends to clients).
+fn iface_mac(iface: &str) -> anyhow::Result<[u8; 6]> {
+    let path = format!("/sys/class/net/{iface}/address");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    anyhow::ensure!(parts.len() == 6, "{path}: not a MAC address: {text:?}");
+    for (o, p) in mac.iter_mut().zip(parts) {
+        *o = u8::from_str_radix(p, 16).with_context(|| format!("{path}: bad MAC {text:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// The flow sweeper: a thread that ends expired flows every `--flow-sweep-interval` and raises
+/// or lowers the flood guard's pressure flag.
+struct Sweeper {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    fn stop(mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_sweeper(
+    args: &RunArgs,
+    layout: &PinLayout,
+    shared: Arc<Mutex<BpfMaps>>,
+) -> anyhow::Result<Sweeper> {
+    // Its own handles: a sweep walks every slot and must not hold up a reconcile.
+    let mut own = BpfMaps::from_pins(layout)?;
+    let timeouts = args.timeouts();
+    let interval = args.flow_sweep_interval;
+    let capacity = own.flow_capacity()? as u64;
+    let threshold = capacity * args.flow_pressure_percent as u64 / 100;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("vmlb-sweep".into())
+        .spawn(move || {
+            let mut pressure = false;
+            loop {
+                let s = crate::conntrack::sweep(&own.slots, &mut own.flows, &timeouts, pressure);
+                let now_pressure = s.live() >= threshold;
+                if now_pressure != pressure {
+                    pressure = now_pressure;
+                    if pressure {
+                        warn!(live = s.live(), capacity, "flow table under pressure: SYN-only flows now expire early");
+                    } else {
+                        info!(live = s.live(), capacity, "flow table pressure over");
+                    }
+                    let mut m = shared.lock().expect("maps lock");
+                    if let Err(e) = m.update_config(|c| c.pressure = pressure as u32) {
+                        error!("setting the flow pressure flag: {e:#}");
+                    }
+                }
+                tracing::trace!(?s, "flow sweep");
+                match stopped.recv_timeout(interval) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            }
+        })?;
+    Ok(Sweeper {
+        stop,
+        thread: Some(thread),
+    })
 }

@@ -13,6 +13,8 @@ pub trait Dataplane {
     fn remove_service(&mut self, key: &ServiceKey) -> anyhow::Result<()>;
     fn set_vip(&mut self, vip: u32) -> anyhow::Result<()>;
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()>;
+    /// The node's SNAT addresses (every service's pool): packets to them are reply candidates.
+    fn set_snat_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> anyhow::Result<()>;
     /// Zero the traffic counters of a service id / backend id about to be (re)used, so it does
     /// not inherit a previous holder's numbers.
     fn clear_service_stats(&mut self, id: u32) -> anyhow::Result<()>;
@@ -26,6 +28,7 @@ pub struct FakeDataplane {
     pub ring: BTreeMap<u32, u32>,
     pub services: BTreeMap<ServiceKey, Service>,
     pub vips: std::collections::BTreeSet<u32>,
+    pub snat_addrs: Vec<std::net::Ipv4Addr>,
     /// Every write, in order, to check ordering guarantees.
     pub log: Vec<String>,
 }
@@ -61,6 +64,11 @@ impl Dataplane for FakeDataplane {
     }
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()> {
         self.vips.remove(&vip);
+        Ok(())
+    }
+    fn set_snat_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> anyhow::Result<()> {
+        self.log.push(format!("snat addrs {addrs:?}"));
+        self.snat_addrs = addrs.to_vec();
         Ok(())
     }
     fn clear_service_stats(&mut self, id: u32) -> anyhow::Result<()> {

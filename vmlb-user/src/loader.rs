@@ -9,12 +9,16 @@ use vmlb_common::{map_names, PROGRAM_NAME};
 use crate::pins::PinLayout;
 
 /// Every map of the object (the pinned state of a daemon).
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 12] = [
     map_names::SERVICES,
     map_names::VIPS,
     map_names::BACKENDS,
     map_names::MAGLEV,
     map_names::FLOWS,
+    map_names::FLOW_SLOTS,
+    map_names::CONFIG,
+    map_names::HOPS,
+    map_names::NEW_FLOW_RATE,
     map_names::STATS,
     map_names::SVC_STATS,
     map_names::BE_STATS,
@@ -29,7 +33,7 @@ pub static TOOLS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 /// How to load: map sizes that may differ from the compiled-in defaults, and where to pin.
 #[derive(Clone, Debug, Default)]
 pub struct Sizes {
-    /// Entries of the conntrack map (two per connection).
+    /// Concurrent flows (`FLOWS`; `FLOW_SLOTS` gets `SLOTS_PER_FLOW` times as many).
     pub flows: Option<u32>,
     /// Entries of the Maglev array shared by all services' tables.
     pub maglev: Option<u32>,
@@ -50,6 +54,10 @@ pub fn load(sizes: Sizes) -> anyhow::Result<Ebpf> {
     }
     if let Some(n) = sizes.flows {
         loader.map_max_entries(map_names::FLOWS, n);
+        loader.map_max_entries(
+            map_names::FLOW_SLOTS,
+            n.saturating_mul(vmlb_common::SLOTS_PER_FLOW),
+        );
     }
     if let Some(n) = sizes.maglev {
         loader.map_max_entries(map_names::MAGLEV, n);

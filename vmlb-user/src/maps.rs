@@ -6,17 +6,22 @@ use aya::{
     Ebpf,
 };
 use vmlb_common::{
-    map_names, Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, TrafficStats,
+    map_names, Backend, Config, Counter, Flow, FlowKey, FlowRef, Service, ServiceKey,
+    TrafficStats, MAX_SNAT_ADDRS,
 };
 
-use crate::{dataplane::Dataplane, pins::PinLayout};
+use crate::{conntrack::SlotTable, dataplane::Dataplane, pins::PinLayout};
 
 pub struct BpfMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub vips: HashMap<MapData, u32, u32>,
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
-    pub flows: HashMap<MapData, FlowKey, FlowEntry>,
+    /// The flow index (client 5-tuple -> slot).
+    pub flows: HashMap<MapData, FlowKey, FlowRef>,
+    /// The flows (`FLOW_SLOTS`), mapped into this process.
+    pub slots: SlotTable,
+    pub config: Array<MapData, Config>,
     pub stats: PerCpuArray<MapData, u64>,
     pub svc_stats: PerCpuArray<MapData, TrafficStats>,
     pub be_stats: PerCpuArray<MapData, TrafficStats>,
@@ -45,6 +50,8 @@ impl BpfMaps {
             backends: open(map_names::BACKENDS)?.try_into()?,
             maglev: open(map_names::MAGLEV)?.try_into()?,
             flows: open(map_names::FLOWS)?.try_into()?,
+            slots: slot_table(open(map_names::FLOW_SLOTS)?)?,
+            config: open(map_names::CONFIG)?.try_into()?,
             stats: open(map_names::STATS)?.try_into()?,
             svc_stats: open(map_names::SVC_STATS)?.try_into()?,
             be_stats: open(map_names::BE_STATS)?.try_into()?,
@@ -59,6 +66,8 @@ impl BpfMaps {
             backends: take(ebpf, map_names::BACKENDS)?.try_into()?,
             maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
             flows: take(ebpf, map_names::FLOWS)?.try_into()?,
+            slots: slot_table(take(ebpf, map_names::FLOW_SLOTS)?)?,
+            config: take(ebpf, map_names::CONFIG)?.try_into()?,
             stats: take(ebpf, map_names::STATS)?.try_into()?,
             svc_stats: take(ebpf, map_names::SVC_STATS)?.try_into()?,
             be_stats: take(ebpf, map_names::BE_STATS)?.try_into()?,
@@ -98,10 +107,44 @@ impl BpfMaps {
         Ok(Self::sum(&self.be_stats.get(&id, 0)?))
     }
 
-    /// Every conntrack entry (both directions).
-    pub fn flow_entries(&self) -> anyhow::Result<Vec<(FlowKey, FlowEntry)>> {
-        Ok(self.flows.iter().collect::<Result<Vec<_>, _>>()?)
+    /// Every live flow, with its slot.
+    pub fn live_flows(&self) -> Vec<(u32, Flow)> {
+        self.slots.live().collect()
     }
+
+    /// Flow capacity: concurrent flows (`FLOWS`' max_entries), whichever CPUs create them.
+    pub fn flow_capacity(&self) -> anyhow::Result<u32> {
+        use aya::maps::IterableMap as _;
+        Ok(self.flows.map().info()?.max_entries())
+    }
+
+    pub fn config(&self) -> anyhow::Result<Config> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Change the node-wide settings with `f` (read, modify, write: only the daemon writes).
+    pub fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
+        let mut c = self.config()?;
+        f(&mut c);
+        self.config.set(0, c, 0).context("writing CONFIG")
+    }
+
+    /// Settings that follow from the maps and the interface: the slot count (FLOW_SLOTS' size)
+    /// and the interface's MAC (the source of frames sent to clients).
+    pub fn init_config(&mut self, mac: [u8; 6]) -> anyhow::Result<()> {
+        let slots = self.slots.len() as u32;
+        self.update_config(|c| {
+            c.slot_count = slots;
+            c.mac = mac;
+        })
+    }
+}
+
+fn slot_table(m: Map) -> anyhow::Result<SlotTable> {
+    let Map::Array(data) = m else {
+        anyhow::bail!("FLOW_SLOTS is not an array map");
+    };
+    SlotTable::map(&data)
 }
 
 impl Dataplane for BpfMaps {
@@ -136,6 +179,21 @@ impl Dataplane for BpfMaps {
 
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()> {
         self.vips.remove(&vip).context("removing a VIP")
+    }
+
+    fn set_snat_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            addrs.len() <= MAX_SNAT_ADDRS,
+            "{} SNAT addresses; at most {MAX_SNAT_ADDRS}",
+            addrs.len()
+        );
+        self.update_config(|c| {
+            c.snat_addrs = [0; MAX_SNAT_ADDRS];
+            for (o, a) in c.snat_addrs.iter_mut().zip(addrs) {
+                *o = u32::from_ne_bytes(a.octets());
+            }
+            c.snat_count = addrs.len() as u32;
+        })
     }
 
     fn clear_service_stats(&mut self, id: u32) -> anyhow::Result<()> {

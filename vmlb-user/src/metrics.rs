@@ -131,11 +131,13 @@ impl StatsReader for BpfMaps {
                 capped_keys(&self.vips)?.len(),
                 self.vips.map(),
             )?,
-            hash(
-                map_names::FLOWS,
-                capped_keys(&self.flows)?.len(),
-                self.flows.map(),
-            )?,
+            // Live flows (one slot each) against the flow capacity: concurrent flows,
+            // whichever CPUs create them.
+            MapUsage {
+                map: map_names::FLOWS,
+                entries: self.slots.live().count() as u64,
+                capacity: self.flow_capacity()?.into(),
+            },
             MapUsage {
                 map: map_names::BACKENDS,
                 entries: StatsReader::backends(self)?.len() as u64,

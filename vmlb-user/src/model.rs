@@ -40,8 +40,12 @@ pub struct ServiceSpec {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub proto: Proto,
-    /// Node address on the VLAN that backends see as the client.
-    pub snat: Ipv4Addr,
+    /// Source addresses towards the backends (a pool, used by flow hash; at most
+    /// `vmlb_common::MAX_SNAT_PER_SERVICE`).
+    pub snat: Vec<Ipv4Addr>,
+    /// SNAT source ports (inclusive). The default keeps clear of the node's own ephemeral
+    /// ports; a dedicated SNAT address may use 1024-65535.
+    pub snat_ports: (u16, u16),
     /// Maglev table size (one of `vmlb_common::maglev::RING_SIZES`).
     pub ring_size: u32,
     pub backends: Vec<BackendSpec>,

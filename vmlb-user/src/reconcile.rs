@@ -14,7 +14,8 @@ use std::net::Ipv4Addr;
 use anyhow::{bail, Context as _};
 use vmlb_common::{
     maglev::{self, MaglevBackend},
-    Backend, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, SVC_F_SNAT,
+    hash, Backend, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
+    MAX_SNAT_PER_SERVICE, SVC_F_SNAT,
 };
 
 use crate::{
@@ -109,7 +110,14 @@ impl Reconciler {
                 proto: Proto::from_number(key.proto).with_context(|| {
                     format!("pinned service {} has protocol {}", value.id, key.proto)
                 })?,
-                snat: Ipv4Addr::from(value.snat_addr.to_ne_bytes()),
+                snat: value.snat_addrs[..(value.snat_count as usize).min(MAX_SNAT_PER_SERVICE)]
+                    .iter()
+                    .map(|a| Ipv4Addr::from(a.to_ne_bytes()))
+                    .collect(),
+                snat_ports: (
+                    value.port_min,
+                    value.port_min.saturating_add(value.port_range.saturating_sub(1)),
+                ),
                 ring_size: value.ring_size,
                 backends: specs,
             };
@@ -190,6 +198,33 @@ impl Reconciler {
             }
         }
 
+        // SNAT addresses: the data path must know a new one (to translate its replies) before
+        // any flow uses it, and forgets an old one only after no service names it.
+        let installed_snat: BTreeSet<Ipv4Addr> = self
+            .services
+            .values()
+            .flat_map(|i| i.spec.snat.iter().copied())
+            .collect();
+        let desired_snat: BTreeSet<Ipv4Addr> =
+            desired.iter().flat_map(|s| s.snat.iter().copied()).collect();
+        let both: BTreeSet<Ipv4Addr> = installed_snat.union(&desired_snat).copied().collect();
+        if desired_snat.len() > MAX_SNAT_ADDRS {
+            bail!(
+                "{} SNAT addresses in use; a node supports at most {MAX_SNAT_ADDRS}",
+                desired_snat.len()
+            );
+        }
+        // During a change from one full set to another the union may not fit: then the new
+        // set is written first (replies to a retired address pass to the kernel meanwhile).
+        let during = if both.len() <= MAX_SNAT_ADDRS {
+            &both
+        } else {
+            &desired_snat
+        };
+        if *during != installed_snat {
+            dp.set_snat_addrs(&during.iter().copied().collect::<Vec<_>>())?;
+        }
+
         for spec in desired {
             let key = spec.key();
             let prev = self.services.remove(&key);
@@ -237,6 +272,9 @@ impl Reconciler {
             dp.remove_vip(*vip)?;
         }
         self.vips = vips;
+        if *during != desired_snat {
+            dp.set_snat_addrs(&desired_snat.iter().copied().collect::<Vec<_>>())?;
+        }
         Ok(summary)
     }
 
@@ -310,19 +348,29 @@ impl Reconciler {
         // 2. The table, into fresh space, then the switch.
         let table =
             maglev::build(&members, spec.ring_size).map_err(|e| anyhow::anyhow!("Maglev: {e}"))?;
-        let snat_addr = u32::from_ne_bytes(spec.snat.octets());
+        let (snat_addrs, snat_count) = snat_pool(&spec.snat)?;
+        let (port_min, port_max) = spec.snat_ports;
+        let port_range = hash::prime_range(port_min, port_max);
+        let same_snat = |v: &Service| {
+            v.snat_addrs == snat_addrs
+                && v.snat_count == snat_count
+                && v.port_min == port_min
+                && v.port_range == port_range
+        };
         let value = match prev {
-            Some(p) if p.table == table && p.value.snat_addr == snat_addr => p.value,
+            Some(p) if p.table == table && same_snat(&p.value) => p.value,
             _ => {
                 let ring_base = self.ring.alloc(spec.ring_size)?;
                 dp.write_ring(ring_base, &table)?;
                 let value = Service {
                     id,
                     flags: SVC_F_SNAT,
-                    snat_addr,
+                    snat_addrs,
+                    snat_count,
                     ring_base,
                     ring_size: spec.ring_size,
-                    _pad: 0,
+                    port_min,
+                    port_range,
                 };
                 dp.set_service(&key, &value)?;
                 if let Some(p) = prev {
@@ -389,6 +437,21 @@ impl IdPool {
     fn release(&mut self, id: u32) {
         self.used.remove(&id);
     }
+}
+
+/// A service's SNAT pool as the data path stores it.
+fn snat_pool(addrs: &[Ipv4Addr]) -> anyhow::Result<([u32; MAX_SNAT_PER_SERVICE], u32)> {
+    if addrs.is_empty() || addrs.len() > MAX_SNAT_PER_SERVICE {
+        anyhow::bail!(
+            "a service needs 1 to {MAX_SNAT_PER_SERVICE} SNAT addresses, not {}",
+            addrs.len()
+        );
+    }
+    let mut out = [0u32; MAX_SNAT_PER_SERVICE];
+    for (o, a) in out.iter_mut().zip(addrs) {
+        *o = u32::from_ne_bytes(a.octets());
+    }
+    Ok((out, addrs.len() as u32))
 }
 
 #[cfg(test)]

@@ -53,7 +53,8 @@ pub struct ServiceState {
     pub id: u32,
     #[serde(default)]
     pub hosts: Vec<String>,
-    pub snat: Ipv4Addr,
+    /// The SNAT pool.
+    pub snat: Vec<Ipv4Addr>,
     pub ring_size: u32,
     pub backends: Vec<BackendState>,
 }
@@ -140,7 +141,10 @@ impl ServiceState {
             proto: proto_name(spec.proto.number()),
             id: svc.id,
             hosts: hosts.to_vec(),
-            snat: Ipv4Addr::from(svc.snat_addr.to_ne_bytes()),
+            snat: svc.snat_addrs[..(svc.snat_count as usize).min(svc.snat_addrs.len())]
+                .iter()
+                .map(|a| Ipv4Addr::from(a.to_ne_bytes()))
+                .collect(),
             ring_size: svc.ring_size,
             backends,
         })
@@ -201,7 +205,7 @@ mod tests {
                 proto: "tcp".into(),
                 id: 1,
                 hosts: vec!["web.example.com".into()],
-                snat: Ipv4Addr::new(10, 10, 1, 125),
+                snat: vec![Ipv4Addr::new(10, 10, 1, 125)],
                 ring_size: 251,
                 backends: vec![BackendState {
                     addr: Ipv4Addr::new(10, 10, 1, 2),

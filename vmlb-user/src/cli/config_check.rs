@@ -109,7 +109,12 @@ fn table(services: &[ConfiguredService]) -> String {
                 } else {
                     backends.join(", ")
                 },
-                s.spec.snat.to_string(),
+                s.spec
+                    .snat
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 s.spec.ring_size.to_string(),
                 health(s),
             ]

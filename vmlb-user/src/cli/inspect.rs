@@ -26,14 +26,13 @@ use std::{
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 use vmlb_common::{
-    Backend, FlowEntry, FlowKey, Service, ServiceKey, TrafficStats, BE_F_UP, DIR_TO_BACKEND,
-    DIR_TO_CLIENT,
+    Backend, Flow, Service, ServiceKey, TrafficStats, BE_F_UP,
 };
 
 use super::{Output, PinArgs};
 use crate::{
     maps::BpfMaps,
-    metrics::{capped_entries, service_addr, StatsReader},
+    metrics::{service_addr, StatsReader},
     pins::PinLayout,
     state::{self, proto_name, DaemonState, DEFAULT_RUN_ROOT},
 };
@@ -142,8 +141,8 @@ pub fn inspect_to(args: &InspectArgs, out: &mut dyn Write) -> anyhow::Result<()>
         InspectCommand::Services => v.services(json, out),
         InspectCommand::Backends => v.backends(json, out),
         InspectCommand::Maglev { service } => v.maglev(service, json, out),
-        InspectCommand::Flows => v.flows(json, out, DIR_TO_BACKEND),
-        InspectCommand::Nat => v.flows(json, out, DIR_TO_CLIENT),
+        InspectCommand::Flows => v.flows(json, out, false),
+        InspectCommand::Nat => v.flows(json, out, true),
         InspectCommand::Stats => v.stats(json, out),
     }
 }
@@ -182,7 +181,8 @@ pub struct ServiceRef {
 pub struct ServiceRow {
     #[serde(flatten)]
     pub service: ServiceRef,
-    pub snat: Ipv4Addr,
+    /// The SNAT pool, comma-separated.
+    pub snat: String,
     pub ring_base: u32,
     pub ring_size: u32,
     /// BACKENDS entries of this service, and how many of them are up.
@@ -243,6 +243,8 @@ pub struct FlowRow {
     pub backend_id: u32,
     pub service_id: u32,
     pub service: String,
+    /// syn_sent, established, closing or udp.
+    pub state: String,
 }
 
 /// A reply's conntrack entry: `backend -> snat` is rewritten to `vip -> client`.
@@ -256,6 +258,7 @@ pub struct NatRow {
     pub backend_id: u32,
     pub service_id: u32,
     pub service: String,
+    pub state: String,
 }
 
 /// A conntrack row as table cells (PROTO, a, ->, b, =>, c, ->, d, BE, SERVICE).
@@ -370,7 +373,11 @@ impl View {
                 let mine = backends.iter().filter(|(_, b)| b.service_id == s.id);
                 Ok(ServiceRow {
                     service: self.service_ref(k, s),
-                    snat: ip(s.snat_addr),
+                    snat: s.snat_addrs[..(s.snat_count as usize).min(s.snat_addrs.len())]
+                        .iter()
+                        .map(|a| ip(*a).to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
                     ring_base: s.ring_base,
                     ring_size: s.ring_size,
                     backends: mine.clone().count(),
@@ -598,28 +605,34 @@ impl View {
         Ok(())
     }
 
-    fn flows(&self, json: bool, out: &mut dyn Write, dir: u8) -> anyhow::Result<()> {
+    fn flows(&self, json: bool, out: &mut dyn Write, nat: bool) -> anyhow::Result<()> {
         let labels = self.labels(&self.service_list()?);
-        let label = |e: &FlowEntry| {
+        let label = |e: &Flow| {
             labels
                 .get(&e.service_id)
                 .cloned()
                 .unwrap_or_else(|| format!("id {}", e.service_id))
         };
-        let entries: Vec<(FlowKey, FlowEntry)> = capped_entries(&self.maps.flows)?
+        // Every live flow is one row in both views: its client side (`flows`) and its SNAT
+        // tuple (`nat`).
+        let entries: Vec<Flow> = self
+            .maps
+            .live_flows()
             .into_iter()
-            .filter(|(_, e)| e.dir == dir)
+            .take(MAX_FLOWS_LISTED)
+            .map(|(_, f)| f)
             .collect();
-        if dir == DIR_TO_BACKEND {
-            let rows = entries.iter().map(|(k, e)| FlowRow {
-                proto: proto_name(k.proto),
-                client: sock(k.src_addr, k.src_port),
-                vip: sock(k.dst_addr, k.dst_port),
-                snat: sock(e.src_addr, e.src_port),
-                backend: sock(e.dst_addr, e.dst_port),
+        if !nat {
+            let rows = entries.iter().map(|e| FlowRow {
+                proto: proto_name(e.proto),
+                client: sock(e.client_addr, e.client_port),
+                vip: sock(e.vip_addr, e.vip_port),
+                snat: sock(e.snat_addr, e.snat_port),
+                backend: sock(e.backend_addr, e.backend_port),
                 backend_id: e.backend_id,
                 service_id: e.service_id,
                 service: label(e),
+                state: state_name(e.state()).into(),
             });
             self.conntrack_view(
                 out,
@@ -629,15 +642,16 @@ impl View {
                 rows,
             )
         } else {
-            let rows = entries.iter().map(|(k, e)| NatRow {
-                proto: proto_name(k.proto),
-                backend: sock(k.src_addr, k.src_port),
-                snat: sock(k.dst_addr, k.dst_port),
-                vip: sock(e.src_addr, e.src_port),
-                client: sock(e.dst_addr, e.dst_port),
+            let rows = entries.iter().map(|e| NatRow {
+                proto: proto_name(e.proto),
+                backend: sock(e.backend_addr, e.backend_port),
+                snat: sock(e.snat_addr, e.snat_port),
+                vip: sock(e.vip_addr, e.vip_port),
+                client: sock(e.client_addr, e.client_port),
                 backend_id: e.backend_id,
                 service_id: e.service_id,
                 service: label(e),
+                state: state_name(e.state()).into(),
             });
             self.conntrack_view(out, json, "nat", ["BACKEND", "SNAT", "VIP", "CLIENT"], rows)
         }
@@ -925,5 +939,18 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "ID  NAME       PACKETS\n 1  web          12345\n10  mail-long        7\n"
         );
+    }
+}
+
+/// `inspect flows|nat` lists at most this many flows (a full table can hold millions).
+const MAX_FLOWS_LISTED: usize = 100_000;
+
+fn state_name(s: u8) -> &'static str {
+    match s {
+        vmlb_common::flow_state::SYN_SENT => "syn_sent",
+        vmlb_common::flow_state::ESTABLISHED => "established",
+        vmlb_common::flow_state::CLOSING => "closing",
+        vmlb_common::flow_state::UDP => "udp",
+        _ => "free",
     }
 }

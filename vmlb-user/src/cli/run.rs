@@ -41,9 +41,43 @@ pub struct RunArgs {
     /// attached and keeps forwarding; the next daemon adopts it.
     #[arg(long)]
     pub detach_on_exit: bool,
-    /// Conntrack entries (two per connection).
+    /// Concurrent flows (connections) the flow table holds, whichever CPUs create them. A full
+    /// table refuses new flows (drop_flow_table_full) and never evicts a live one. Memory:
+    /// about 64 bytes per flow in the index plus 4 slots of 64 bytes.
     #[arg(long, default_value_t = vmlb_common::DEFAULT_FLOW_ENTRIES)]
     pub flow_entries: u32,
+    /// Flood guard: new flows each CPU may create per second (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub new_flow_rate: u32,
+    /// Flood guard: burst above --new-flow-rate (flows per CPU).
+    #[arg(long, default_value_t = 1000)]
+    pub new_flow_burst: u32,
+    /// Flood guard: above this share of --flow-entries in use, SYN-only flows expire after
+    /// --tcp-syn-pressure-timeout instead of --tcp-syn-timeout.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub flow_pressure_percent: u8,
+    /// TCP flow with a SYN and no answer yet.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tcp_syn_timeout: std::time::Duration,
+    /// TCP SYN-only flow while the table is under pressure.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tcp_syn_pressure_timeout: std::time::Duration,
+    /// Idle established TCP flow (RFC 5382's floor for NATs: 2h4m).
+    #[arg(long, default_value = "2h 4m", value_parser = humantime::parse_duration)]
+    pub tcp_established_timeout: std::time::Duration,
+    /// TCP flow after FIN or RST.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tcp_closing_timeout: std::time::Duration,
+    /// Idle UDP flow.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub udp_timeout: std::time::Duration,
+    /// A closed TCP flow's SNAT tuple is not reused for this long after the close began (the
+    /// VM's TIME_WAIT: 60 s on Linux).
+    #[arg(long, default_value = "61s", value_parser = humantime::parse_duration)]
+    pub snat_time_wait: std::time::Duration,
+    /// How often expired flows are swept.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub flow_sweep_interval: std::time::Duration,
     /// Entries of the array holding every service's Maglev table.
     #[arg(long, default_value_t = vmlb_common::DEFAULT_MAGLEV_ENTRIES)]
     pub maglev_entries: u32,
@@ -54,6 +88,19 @@ pub enum XdpModeArg {
     Auto,
     Native,
     Skb,
+}
+
+impl RunArgs {
+    pub fn timeouts(&self) -> crate::conntrack::Timeouts {
+        crate::conntrack::Timeouts {
+            syn: self.tcp_syn_timeout,
+            syn_pressure: self.tcp_syn_pressure_timeout,
+            established: self.tcp_established_timeout,
+            closing: self.tcp_closing_timeout,
+            udp: self.udp_timeout,
+            time_wait: self.snat_time_wait,
+        }
+    }
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -20,7 +20,8 @@ use std::{
 use aya::maps::MapError;
 use serde::Serialize;
 use vmlb_common::{
-    hash, Backend, FlowEntry, FlowKey, Service, ServiceKey, BE_F_UP, DIR_TO_BACKEND, SNAT_RETRIES,
+    flow_state as st, hash, Backend, Config, Flow, FlowKey, Service, ServiceKey, BE_F_UP,
+    MAX_SNAT_PER_SERVICE, SNAT_RETRIES,
 };
 
 use super::{inspect, Output, PinArgs};
@@ -62,7 +63,15 @@ fn parse_proto(s: &str) -> Result<Proto, String> {
 
 /// The lookups the data path makes, so `predict` runs on the real maps or on a fake.
 pub trait PathMaps {
-    fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowEntry>>;
+    /// The live flow indexed under a client 5-tuple (index entry and slot generation agree).
+    fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<Flow>>;
+    /// `FLOW_SLOTS[index]`.
+    fn slot(&self, index: u32) -> anyhow::Result<Option<Flow>>;
+    fn config(&self) -> anyhow::Result<Config>;
+    /// The data path's clock now (`conntrack::now`).
+    fn now(&self) -> u32 {
+        crate::conntrack::now()
+    }
     fn service(&self, key: &ServiceKey) -> anyhow::Result<Option<Service>>;
     fn is_vip(&self, addr: u32) -> anyhow::Result<bool>;
     /// `MAGLEV[index]`, None outside the array.
@@ -81,8 +90,19 @@ fn found<T>(r: Result<T, MapError>) -> anyhow::Result<Option<T>> {
 }
 
 impl PathMaps for BpfMaps {
-    fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowEntry>> {
-        found(self.flows.get(key, 0))
+    fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<Flow>> {
+        let Some(r) = found(self.flows.get(key, 0))? else {
+            return Ok(None);
+        };
+        Ok(self
+            .slot(r.slot)?
+            .filter(|f| f.gen() == r.gen && f.state() > st::CLAIMING))
+    }
+    fn slot(&self, index: u32) -> anyhow::Result<Option<Flow>> {
+        Ok(((index as usize) < self.slots.len()).then(|| self.slots.get(index as usize)))
+    }
+    fn config(&self) -> anyhow::Result<Config> {
+        BpfMaps::config(self)
     }
     fn service(&self, key: &ServiceKey) -> anyhow::Result<Option<Service>> {
         found(self.services.get(key, 0))
@@ -187,32 +207,62 @@ pub fn predict(
         })
     };
 
-    // 1. Conntrack: an established flow (unless its backend went down) or a reply.
+    // 1. A reply: to a SNAT address, the tuple's slot holds the flow or nothing.
+    let cfg = maps.config()?;
+    let n = (cfg.snat_count as usize).min(cfg.snat_addrs.len());
+    if cfg.snat_addrs[..n].contains(&key.dst_addr) {
+        let idx = hash::tuple_slot(
+            key.src_addr,
+            key.dst_addr,
+            key.src_port,
+            key.dst_port,
+            key.proto,
+            cfg.slot_count,
+        );
+        return done(match maps.slot(idx)? {
+            Some(f)
+                if f.state() > st::CLAIMING
+                    && (f.backend_addr, f.snat_addr, f.backend_port, f.snat_port, f.proto)
+                        == (
+                            key.src_addr,
+                            key.dst_addr,
+                            key.src_port,
+                            key.dst_port,
+                            key.proto,
+                        ) =>
+            {
+                Outcome::Reply {
+                    service_id: f.service_id,
+                    backend_id: f.backend_id,
+                    vip: sock(f.vip_addr, f.vip_port),
+                    client: sock(f.client_addr, f.client_port),
+                }
+            }
+            _ => Outcome::Passed {
+                counter: PassReplyNoFlow.name(),
+                message: format!("passed: no live flow holds the SNAT tuple {src} -> {dst}"),
+            },
+        });
+    }
+
+    // 2. The client direction of a live flow (unless its backend went down).
     let mut rebalanced = false;
-    if let Some(e) = maps.flow(&key)? {
-        if e.dir != DIR_TO_BACKEND {
-            return done(Outcome::Reply {
-                service_id: e.service_id,
-                backend_id: e.backend_id,
-                vip: sock(e.src_addr, e.src_port),
-                client: sock(e.dst_addr, e.dst_port),
-            });
-        }
+    if let Some(f) = maps.flow(&key)? {
         let up = maps
-            .backend(e.backend_id)?
+            .backend(f.backend_id)?
             .is_some_and(|b| b.flags & BE_F_UP != 0);
         if up {
             return done(Outcome::Established {
-                service_id: e.service_id,
-                backend_id: e.backend_id,
-                backend: sock(e.dst_addr, e.dst_port),
-                snat: sock(e.src_addr, e.src_port),
+                service_id: f.service_id,
+                backend_id: f.backend_id,
+                backend: sock(f.backend_addr, f.backend_port),
+                snat: sock(f.snat_addr, f.snat_port),
             });
         }
         rebalanced = true;
     }
 
-    // 2. The service.
+    // 3. The service (a TCP packet here is taken to be a SYN: only a SYN opens a flow).
     let Some(svc) = maps.service(&skey)? else {
         return done(if rebalanced {
             dropped(
@@ -229,7 +279,7 @@ pub fn predict(
         });
     };
 
-    // 3. Maglev.
+    // 4. Maglev.
     let h = hash::flow_hash(&key);
     let slot = hash::maglev_slot(h, svc.ring_size);
     let backend_id = maps.maglev(svc.ring_base + slot)?.unwrap_or(0);
@@ -246,19 +296,17 @@ pub fn predict(
         ));
     };
 
-    // 4. The SNAT port: the first candidate whose reply entry does not exist yet.
+    // 5. The SNAT tuple: the first candidate whose slot is free and past its TIME_WAIT hold.
+    let pick = hash::snat_pick(h, svc.snat_count) as usize & (MAX_SNAT_PER_SERVICE - 1);
+    let snat = svc.snat_addrs[pick];
+    let now = maps.now();
     for attempt in 0..SNAT_RETRIES {
-        let port = hash::snat_port(h, attempt);
-        let reply = FlowKey {
-            src_addr: be.addr,
-            dst_addr: svc.snat_addr,
-            src_port: be.port,
-            dst_port: port.to_be(),
-            proto: key.proto,
-            _pad0: 0,
-            _pad1: 0,
-        };
-        if maps.flow(&reply)?.is_none() {
+        let port = hash::snat_port(h, attempt, svc.port_min, svc.port_range);
+        let idx = hash::tuple_slot(be.addr, snat, be.port, port.to_be(), key.proto, cfg.slot_count);
+        let free = maps
+            .slot(idx)?
+            .is_some_and(|f| f.state() == st::FREE && (now.wrapping_sub(f.stamp) as i32) >= 0);
+        if free {
             return done(Outcome::New {
                 service_id: svc.id,
                 rebalanced,
@@ -266,7 +314,7 @@ pub fn predict(
                 slot,
                 backend_id,
                 backend: sock(be.addr, be.port),
-                snat: sock(svc.snat_addr, port.to_be()),
+                snat: sock(snat, port.to_be()),
                 snat_attempt: attempt,
             });
         }
@@ -274,8 +322,8 @@ pub fn predict(
     done(dropped(
         DropSnatExhausted,
         format!(
-            "dropped: SNAT ports exhausted (all {SNAT_RETRIES} candidates towards backend {} are \
-             in use)",
+            "dropped: SNAT tuples exhausted (all {SNAT_RETRIES} candidates towards backend {} \
+             are held)",
             sock(be.addr, be.port)
         ),
     ))
@@ -348,14 +396,15 @@ mod tests {
     use std::collections::BTreeMap;
 
     use clap::Parser as _;
-    use vmlb_common::{DIR_TO_CLIENT, IPPROTO_TCP};
+    use vmlb_common::{IPPROTO_TCP, SNAT_PORT_MIN};
 
     use super::*;
     use crate::cli::{Cli, Command};
 
     #[derive(Default)]
     struct Fake {
-        flows: BTreeMap<FlowKey, FlowEntry>,
+        flows: BTreeMap<FlowKey, Flow>,
+        slots: BTreeMap<u32, Flow>,
         services: BTreeMap<ServiceKey, Service>,
         vips: Vec<u32>,
         maglev: Vec<u32>,
@@ -363,8 +412,23 @@ mod tests {
     }
 
     impl PathMaps for Fake {
-        fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowEntry>> {
+        fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<Flow>> {
             Ok(self.flows.get(key).copied())
+        }
+        fn slot(&self, index: u32) -> anyhow::Result<Option<Flow>> {
+            Ok((index < SLOTS).then(|| self.slots.get(&index).copied().unwrap_or_default()))
+        }
+        fn config(&self) -> anyhow::Result<Config> {
+            let mut c = Config {
+                slot_count: SLOTS,
+                snat_count: 1,
+                ..Default::default()
+            };
+            c.snat_addrs[0] = n("10.0.0.9");
+            Ok(c)
+        }
+        fn now(&self) -> u32 {
+            NOW
         }
         fn service(&self, key: &ServiceKey) -> anyhow::Result<Option<Service>> {
             Ok(self.services.get(key).copied())
@@ -388,6 +452,9 @@ mod tests {
     }
 
     const RING: u32 = 7;
+    const SLOTS: u32 = 4096;
+    const RANGE: u16 = 31741;
+    const NOW: u32 = 1_000_000;
 
     /// VIP 10.0.0.1:80/tcp, SNAT 10.0.0.9, ring of 7 at base 3 alternating backends 1 and 2.
     fn fake() -> Fake {
@@ -400,10 +467,12 @@ mod tests {
         let svc = Service {
             id: 1,
             flags: 1,
-            snat_addr: n("10.0.0.9"),
+            snat_addrs: [n("10.0.0.9"), 0, 0, 0],
+            snat_count: 1,
             ring_base: 3,
             ring_size: RING,
-            _pad: 0,
+            port_min: SNAT_PORT_MIN,
+            port_range: RANGE,
         };
         let be = |last: &str| Backend {
             addr: n(last),
@@ -436,7 +505,7 @@ mod tests {
     }
 
     #[test]
-    fn new_flow_follows_the_hash_and_skips_taken_snat_ports() {
+    fn new_flow_follows_the_hash_and_skips_held_snat_tuples() {
         let mut f = fake();
         let (src, dst) = (a("192.0.2.1:40000"), a("10.0.0.1:80"));
         let p = predict(&f, Proto::Tcp, src, dst).unwrap();
@@ -451,36 +520,43 @@ mod tests {
             _pad1: 0,
         };
         let h = hash::flow_hash(&key);
+        let port = |attempt| hash::snat_port(h, attempt, SNAT_PORT_MIN, RANGE);
         assert_eq!(id, 1 + hash::maglev_slot(h, RING) % 2);
-        assert_eq!(
-            (snat, attempt),
-            (a(&format!("10.0.0.9:{}", hash::snat_port(h, 0))), 0)
-        );
+        assert_eq!((snat, attempt), (a(&format!("10.0.0.9:{}", port(0))), 0));
 
-        // Take the first two candidates: the third is chosen; take all: exhausted.
+        // Hold the first two candidates' slots: the third is chosen; hold all: exhausted.
         let be = f.backends[id as usize];
-        let reply = |attempt| FlowKey {
-            src_addr: be.addr,
-            dst_addr: n("10.0.0.9"),
-            src_port: be.port,
-            dst_port: hash::snat_port(h, attempt).to_be(),
-            proto: IPPROTO_TCP,
-            _pad0: 0,
-            _pad1: 0,
+        let slot_of = |attempt| {
+            hash::tuple_slot(be.addr, n("10.0.0.9"), be.port, port(attempt).to_be(), 6, SLOTS)
         };
-        let taken = FlowEntry {
+        let held = |attempt| Flow {
+            ctl: st::ESTABLISHED as u64,
+            backend_addr: be.addr,
+            snat_addr: n("10.0.0.9"),
+            backend_port: be.port,
+            snat_port: port(attempt).to_be(),
+            proto: IPPROTO_TCP,
             service_id: 1,
             backend_id: id,
-            dir: DIR_TO_CLIENT,
+            client_addr: n("192.0.2.77"),
+            client_port: 1234u16.to_be(),
+            vip_addr: n("10.0.0.1"),
+            vip_port: 80u16.to_be(),
             ..Default::default()
         };
         for i in 0..2 {
-            f.flows.insert(reply(i), taken);
+            f.slots.insert(slot_of(i), held(i));
         }
         let (_, snat, attempt) = new_flow(&predict(&f, Proto::Tcp, src, dst).unwrap());
-        assert_eq!((snat.port(), attempt), (hash::snat_port(h, 2), 2));
+        assert_eq!((snat.port(), attempt), (port(2), 2));
+        // A closed flow's tuple is held until its stamp passes, like a live one.
         for i in 0..SNAT_RETRIES {
-            f.flows.insert(reply(i), taken);
+            let mut fl = held(i);
+            if i % 2 == 0 {
+                fl.ctl = st::FREE as u64;
+                fl.stamp = NOW + 100;
+            }
+            f.slots.insert(slot_of(i), fl);
         }
         let p = predict(&f, Proto::Tcp, src, dst).unwrap();
         assert!(
@@ -494,16 +570,8 @@ mod tests {
             "{p:?}"
         );
 
-        // The client's own entry makes it established; a down backend rebalances it.
-        let est = FlowEntry {
-            src_addr: n("10.0.0.9"),
-            dst_addr: be.addr,
-            src_port: 2000u16.to_be(),
-            dst_port: be.port,
-            dir: DIR_TO_BACKEND,
-            ..taken
-        };
-        f.flows.insert(key, est);
+        // The client's own index entry makes it established; a down backend rebalances it.
+        f.flows.insert(key, held(1));
         let p = predict(&f, Proto::Tcp, src, dst).unwrap();
         assert_eq!(
             p.outcome,
@@ -511,7 +579,7 @@ mod tests {
                 service_id: 1,
                 backend_id: id,
                 backend: sock(be.addr, be.port),
-                snat: a("10.0.0.9:2000"),
+                snat: sock(n("10.0.0.9"), port(1).to_be()),
             }
         );
         f.backends[id as usize].flags = 0;
@@ -524,18 +592,24 @@ mod tests {
                     ..
                 }
             ),
-            "rebalanced, then the same exhausted ports: {p:?}"
+            "rebalanced, then the same held tuples: {p:?}"
         );
-        // And the reply entry of a flow is recognised as a reply.
-        let r = reply(0);
-        let p = predict(
-            &f,
-            Proto::Tcp,
-            sock(be.addr, be.port),
-            sock(r.dst_addr, r.dst_port),
-        )
-        .unwrap();
+        // A backend's packet to a held tuple is a reply; to a free one it passes.
+        let p = predict(&f, Proto::Tcp, sock(be.addr, be.port), a(&format!("10.0.0.9:{}", port(1))))
+            .unwrap();
         assert!(matches!(p.outcome, Outcome::Reply { .. }), "{p:?}");
+        let p = predict(&f, Proto::Tcp, sock(be.addr, be.port), a(&format!("10.0.0.9:{}", port(0))))
+            .unwrap();
+        assert!(
+            matches!(
+                p.outcome,
+                Outcome::Passed {
+                    counter: "pass_reply_no_flow",
+                    ..
+                }
+            ),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::{
 };
 
 use tracing::debug;
-use vmlb_common::maglev::{DEFAULT_RING_SIZE, RING_SIZES};
+use vmlb_common::{
+    maglev::{DEFAULT_RING_SIZE, RING_SIZES},
+    MAX_SNAT_PER_SERVICE, SNAT_PORT_MAX, SNAT_PORT_MIN,
+};
 
 use super::{
     yaml::{self, Kind, Node, NULL},
@@ -26,6 +29,7 @@ pub const API_VERSIONS: &[&str] = &[
 ];
 
 const SNAT: &str = "vmlb.io/snat-address";
+const SNAT_PORTS: &str = "vmlb.io/snat-ports";
 const MODE: &str = "vmlb.io/mode";
 const MAGLEV_SIZE: &str = "vmlb.io/maglev-size";
 const HEALTH: &str = "vmlb.io/health-check";
@@ -40,7 +44,13 @@ const FALL: &str = "vmlb.io/health-fall";
 pub const ANNOTATIONS: &[(&str, &str)] = &[
     (
         SNAT,
-        "IPv4 source address towards the VMs (default: the node's --snat-addr)",
+        "IPv4 source address(es) towards the VMs, comma-separated, at most 4 (a pool used by \
+         flow hash; default: the node's --snat-addr)",
+    ),
+    (
+        SNAT_PORTS,
+        "SNAT source port range, e.g. 1024-65535 on a dedicated SNAT address (default \
+         1024-32764, clear of the node's ephemeral ports)",
     ),
     (
         MODE,
@@ -235,7 +245,8 @@ fn service_entry(doc: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> V
                 vip,
                 port: port.number,
                 proto: port.proto,
-                snat,
+                snat: snat.clone(),
+                snat_ports: opts.snat_ports,
                 ring_size: opts.ring_size,
                 backends: backends.clone(),
             };
@@ -413,7 +424,8 @@ fn endpoints<'a>(v: &Val<'a>, names: &[&str], errs: &mut Vec<ConfigError>) -> Ve
 }
 
 struct Options {
-    snat: Option<Ipv4Addr>,
+    snat: Option<Vec<Ipv4Addr>>,
+    snat_ports: (u16, u16),
     ring_size: u32,
     health: HealthSpec,
 }
@@ -443,8 +455,38 @@ fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options
     let mut a = Annotations { set, errs };
 
     let snat = a.get(SNAT, |s, _| {
-        s.parse::<Ipv4Addr>()
-            .map_err(|_| format!("invalid IPv4 address {s:?}"))
+        let addrs = s
+            .split(',')
+            .map(|a| {
+                a.trim()
+                    .parse::<Ipv4Addr>()
+                    .map_err(|_| format!("invalid IPv4 address {:?}", a.trim()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if addrs.len() > MAX_SNAT_PER_SERVICE {
+            return Err(format!(
+                "{} addresses; at most {MAX_SNAT_PER_SERVICE} per service",
+                addrs.len()
+            ));
+        }
+        Ok(addrs)
+    });
+    let snat_ports = a.get(SNAT_PORTS, |s, _| {
+        let (lo, hi) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not a range like 1024-65535"))?;
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("invalid port {:?}", p.trim()))
+        };
+        let (lo, hi) = (parse(lo)?, parse(hi)?);
+        if lo < 1024 || hi < lo + 1023 {
+            return Err(format!(
+                "{lo}-{hi}: must start at 1024 or above and hold at least 1024 ports"
+            ));
+        }
+        Ok((lo, hi))
     });
     a.get(MODE, |s, _| match s {
         "snat" => Ok(()),
@@ -492,7 +534,8 @@ fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options
         ));
     }
     Options {
-        snat: snat.or(node.snat),
+        snat: snat.or(node.snat.map(|a| vec![a])),
+        snat_ports: snat_ports.unwrap_or((SNAT_PORT_MIN, SNAT_PORT_MAX)),
         ring_size: ring_size.unwrap_or(DEFAULT_RING_SIZE),
         health,
     }

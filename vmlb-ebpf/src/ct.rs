@@ -1,0 +1,209 @@
+//! Conntrack: the flow index (`FLOWS`), the flow slots (`FLOW_SLOTS`) and their state machine.
+//!
+//! One flow = one slot, found by the client through `FLOWS` and by the backend's reply through
+//! the SNAT tuple's hash, so both directions are created, found, closed and freed as one. A slot
+//! changes hands only by compare-and-swap on `ctl` (generation << 8 | state): a CPU claims a
+//! FREE slot whose TIME_WAIT hold (`stamp`) has passed, writes it, then publishes it; user space
+//! frees expired slots the same way (vmlb-user's conntrack sweep). A `FLOWS` entry whose
+//! generation no longer matches its slot is stale: it is counted and deleted, never followed.
+
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use vmlb_common::{flow_state as st, Config, Counter, Flow, FlowKey, FlowRef, FLOW_GEN_SHIFT};
+
+use crate::maps::{FLOWS, FLOW_SLOTS};
+
+/// The data path's clock (see `vmlb_common::CLOCK_SHIFT`).
+#[inline(always)]
+pub fn now() -> u32 {
+    // SAFETY: plain helper call without arguments.
+    (unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() } >> vmlb_common::CLOCK_SHIFT)
+        as u32
+}
+
+/// Compare-and-swap of a flow's `ctl`. `AtomicU64::compare_exchange` does not exist on the
+/// bpfel target (its spec leaves atomic CAS off), but LLVM lowers the intrinsic to the BPF
+/// `cmpxchg` instruction (kernel >= 5.12), so the intrinsic is used directly.
+#[inline(always)]
+fn cas(f: *mut Flow, old: u64, new: u64) -> bool {
+    use core::intrinsics::{atomic_cxchg, AtomicOrdering::SeqCst};
+    // SAFETY: `ctl` is an aligned u64 inside a live map value.
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(core::ptr::addr_of_mut!((*f).ctl), old, new).1 }
+}
+
+/// Read a flow's `ctl`. An aligned 8-byte load is atomic on every BPF JIT; LLVM's acquire
+/// loads need BPF v4, and the ordering that matters (fields written before `ctl` publishes
+/// them) comes from the writer's full-barrier `cmpxchg`.
+#[inline(always)]
+fn load(f: *mut Flow) -> u64 {
+    // SAFETY: `ctl` is an aligned u64 inside a live map value.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*f).ctl)) }
+}
+
+#[inline(always)]
+pub fn slot(idx: u32) -> Option<*mut Flow> {
+    FLOW_SLOTS.get_ptr_mut(idx)
+}
+
+/// The client direction: the flow of this 5-tuple, if its index entry is current. A stale entry
+/// (slot freed or reused since) is counted, deleted, and reported as no flow.
+#[inline(always)]
+pub fn find(key: &FlowKey) -> Option<(*mut Flow, u64)> {
+    // SAFETY: copied out at once.
+    let r = unsafe { *FLOWS.get_ptr(key)? };
+    let f = slot(r.slot)?;
+    let c = load(f);
+    let state = c as u8;
+    if (c >> FLOW_GEN_SHIFT) as u32 == r.gen && state > st::CLAIMING {
+        return Some((f, c));
+    }
+    crate::stats::count(Counter::FlowStale);
+    let _ = FLOWS.remove(key);
+    None
+}
+
+/// The reply direction: the flow holding the SNAT tuple in slot `idx`, checked field by field
+/// (a slot may hold another tuple that hashes to the same index).
+#[inline(always)]
+pub fn find_reply(idx: u32, key: &FlowKey) -> Option<(*mut Flow, u64)> {
+    let f = slot(idx)?;
+    let c = load(f);
+    if (c as u8) <= st::CLAIMING {
+        return None;
+    }
+    // SAFETY: `f` is a valid map value pointer.
+    let ok = unsafe {
+        (*f).backend_addr == key.src_addr
+            && (*f).snat_addr == key.dst_addr
+            && (*f).backend_port == key.src_port
+            && (*f).snat_port == key.dst_port
+            && (*f).proto == key.proto
+    };
+    ok.then_some((f, c))
+}
+
+/// Move a live flow to `to` (a TCP state change), unless someone changed it first.
+#[inline(always)]
+pub fn transition(f: *mut Flow, c: u64, to: u8, now: u32) -> bool {
+    let new = (c & !0xff) | to as u64;
+    if !cas(f, c, new) {
+        return false;
+    }
+    if to == st::CLOSING {
+        // SAFETY: valid map value; only the CPU that won the CAS writes the closing time.
+        unsafe { (*f).stamp = now };
+    }
+    true
+}
+
+/// TCP flags on a live flow: FIN/RST start closing; a reply ends SYN_SENT. Returns the state.
+#[inline(always)]
+pub fn track(f: *mut Flow, c: u64, flags: u8, reply: bool, now: u32) -> u8 {
+    let state = c as u8;
+    if state == st::UDP || state == st::CLOSING {
+        return state;
+    }
+    if flags & (crate::parse::TCP_FIN | crate::parse::TCP_RST) != 0 {
+        if transition(f, c, st::CLOSING, now) {
+            crate::stats::count(Counter::FlowClosing);
+        }
+        return st::CLOSING;
+    }
+    if reply && state == st::SYN_SENT && transition(f, c, st::ESTABLISHED, now) {
+        return st::ESTABLISHED;
+    }
+    state
+}
+
+/// Keep `last_seen` fresh without a write per packet.
+#[inline(always)]
+pub fn touch(f: *mut Flow, now: u32) {
+    // SAFETY: valid map value pointer; a racing plain store of a clock value is harmless.
+    unsafe {
+        if now.wrapping_sub((*f).last_seen) >= vmlb_common::CLOCK_REFRESH {
+            (*f).last_seen = now;
+        }
+    }
+}
+
+/// Claim slot `idx` for a new flow: it must be FREE and past its TIME_WAIT hold. Returns the
+/// slot and its new `ctl` (state CLAIMING) on success.
+#[inline(always)]
+pub fn claim(idx: u32, now: u32) -> Option<(*mut Flow, u64)> {
+    let f = slot(idx)?;
+    let c = load(f);
+    if c as u8 != st::FREE {
+        return None;
+    }
+    // SAFETY: valid map value pointer. `stamp` of a FREE slot is its earliest reuse time; a
+    // never-used slot has 0, and wrapping comparison treats "ahead by more than half the clock
+    // range" as past, so a slot can never be held for more than ~24 days by a bogus stamp.
+    let hold = unsafe { (*f).stamp };
+    if (now.wrapping_sub(hold) as i32) < 0 {
+        return None;
+    }
+    let claimed = ((c >> FLOW_GEN_SHIFT).wrapping_add(1) << FLOW_GEN_SHIFT) | st::CLAIMING as u64;
+    cas(f, c, claimed).then_some((f, claimed))
+}
+
+/// Make a claimed and written slot visible with its first state; returns the new `ctl`.
+#[inline(always)]
+pub fn publish(f: *mut Flow, claimed: u64, state: u8) -> u64 {
+    // Only this CPU changes a CLAIMING slot, so the swap cannot fail.
+    let c = (claimed & !0xff) | state as u64;
+    cas(f, claimed, c);
+    c
+}
+
+/// Give back a published slot whose flow could not be indexed (no packet was sent for it):
+/// free at once, no TIME_WAIT hold.
+#[inline(always)]
+pub fn release(f: *mut Flow, published: u64) {
+    // SAFETY: valid map value pointer.
+    unsafe { (*f).stamp = 0 };
+    let c = load(f);
+    if c >> FLOW_GEN_SHIFT == published >> FLOW_GEN_SHIFT {
+        cas(f, c, c & !0xff);
+    }
+}
+
+/// Index the new flow under its client 5-tuple. `replace`: an index entry exists (a closing
+/// flow whose tuple the client reuses) and is overwritten.
+#[inline(always)]
+pub fn index(key: &FlowKey, idx: u32, claimed: u64, replace: bool) -> Result<(), Counter> {
+    let r = FlowRef {
+        slot: idx,
+        gen: (claimed >> FLOW_GEN_SHIFT) as u32,
+    };
+    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
+    FLOWS
+        .insert(key, &r, flags as u64)
+        .map_err(|_| Counter::DropFlowTableFull)
+}
+
+/// A source that must never be NATed: 0/8, 127/8, multicast and reserved (224/3), limited
+/// broadcast (in 240/4), or one of our own VIP / SNAT addresses.
+#[inline(always)]
+pub fn martian(src: u32, cfg: &Config) -> bool {
+    let first = src.to_ne_bytes()[0];
+    if first == 0 || first == 127 || first >= 224 {
+        return true;
+    }
+    is_snat_addr(src, cfg) || crate::lookup::is_vip(src)
+}
+
+/// Is `addr` one of the node's SNAT addresses (a reply candidate)?
+#[inline(always)]
+pub fn is_snat_addr(addr: u32, cfg: &Config) -> bool {
+    let n = cfg.snat_count as usize;
+    let mut i = 0;
+    while i < vmlb_common::MAX_SNAT_ADDRS {
+        if i >= n {
+            return false;
+        }
+        if cfg.snat_addrs[i] == addr {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}

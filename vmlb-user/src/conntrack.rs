@@ -1,0 +1,433 @@
+//! Flow expiry: user space's half of the flow lifecycle.
+//!
+//! The data path creates flows and moves them through SYN_SENT -> ESTABLISHED -> CLOSING; only
+//! this sweep ends them. It walks `FLOW_SLOTS` through a shared memory mapping (the map is
+//! BPF_F_MMAPABLE), decides expiry with the pure [`expiry`], frees a slot with the same
+//! compare-and-swap on `ctl` the data path uses (so a flow the data path just touched, or a slot
+//! a CPU is claiming, is never freed under it), stamps the slot with the earliest time its SNAT
+//! tuple may be reused (TIME_WAIT safety), and then deletes the flow's `FLOWS` index entry if it
+//! still names this slot and generation.
+
+use std::{
+    os::fd::AsFd,
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, MapData};
+use vmlb_common::{
+    clock_units_from_ms, flow_state as st, Flow, FlowKey, FlowRef, CLOCK_SHIFT, FLOW_GEN_SHIFT,
+};
+
+/// Flow timeouts (README: "Flow state"). Defaults and why:
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// SYN forwarded, no answer: 60 s covers a client's SYN retransmissions (1+2+4+8+16 s),
+    /// as Cilium's 60 s SYN timeout does.
+    pub syn: Duration,
+    /// SYN-only flows while the table is under pressure (flood guard): 5 s.
+    pub syn_pressure: Duration,
+    /// Idle established TCP: 2 h 4 min, RFC 5382 REQ-5's floor for NATs, which lets TCP
+    /// keepalives (every 2 h by default) hold an idle connection open.
+    pub established: Duration,
+    /// After FIN or RST: 10 s to carry the last ACKs and retransmitted FINs.
+    pub closing: Duration,
+    /// Idle UDP: 60 s (Cilium's non-TCP lifetime; DNS-like exchanges finish far sooner, and
+    /// longer-lived UDP "connections" keep themselves alive).
+    pub udp: Duration,
+    /// A closed TCP flow's SNAT tuple is not reused for this long after the close began: the
+    /// VM keeps (SNAT address, port, VM, port) in TIME_WAIT for 60 s (Linux's fixed
+    /// TCP_TIMEWAIT_LEN), and a SYN reusing it too early is rejected by PAWS about half the
+    /// time. 61 s adds a margin for the clock's granularity.
+    pub time_wait: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            syn: Duration::from_secs(60),
+            syn_pressure: Duration::from_secs(5),
+            established: Duration::from_secs(7440),
+            closing: Duration::from_secs(10),
+            udp: Duration::from_secs(60),
+            time_wait: Duration::from_secs(61),
+        }
+    }
+}
+
+/// The timeouts in the data path's clock units.
+#[derive(Clone, Copy, Debug)]
+struct Units {
+    syn: u32,
+    syn_pressure: u32,
+    established: u32,
+    closing: u32,
+    udp: u32,
+    time_wait: u32,
+}
+
+impl From<&Timeouts> for Units {
+    fn from(t: &Timeouts) -> Self {
+        let u = |d: Duration| clock_units_from_ms(d.as_millis() as u64);
+        Self {
+            syn: u(t.syn),
+            syn_pressure: u(t.syn_pressure),
+            established: u(t.established),
+            closing: u(t.closing),
+            udp: u(t.udp),
+            time_wait: u(t.time_wait),
+        }
+    }
+}
+
+/// Why a flow ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Expiry {
+    Syn,
+    Established,
+    Closing,
+    Udp,
+}
+
+impl Expiry {
+    pub const ALL: [Expiry; 4] = [
+        Expiry::Syn,
+        Expiry::Established,
+        Expiry::Closing,
+        Expiry::Udp,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Expiry::Syn => "syn_timeout",
+            Expiry::Established => "idle",
+            Expiry::Closing => "closed",
+            Expiry::Udp => "udp_idle",
+        }
+    }
+}
+
+/// Has `f` expired at `now`? If so, why, and from when its SNAT tuple may be reused.
+/// Pure: the whole expiry policy, tested without a kernel.
+pub fn expiry(f: &Flow, now: u32, t: &Timeouts, pressure: bool) -> Option<(Expiry, u32)> {
+    let u = Units::from(t);
+    let idle = now.wrapping_sub(f.last_seen);
+    let (why, limit, since) = match f.state() {
+        st::SYN_SENT => (
+            Expiry::Syn,
+            if pressure { u.syn_pressure } else { u.syn },
+            idle,
+        ),
+        st::ESTABLISHED => (Expiry::Established, u.established, idle),
+        st::CLOSING => (Expiry::Closing, u.closing, now.wrapping_sub(f.stamp)),
+        st::UDP => (Expiry::Udp, u.udp, idle),
+        _ => return None,
+    };
+    if since < limit || (since as i32) < 0 {
+        return None;
+    }
+    // TCP: the tuple waits out the VM's TIME_WAIT from when the close began (or from the last
+    // packet, for flows that just went silent). UDP has no TIME_WAIT: free at once.
+    let reuse_at = match why {
+        Expiry::Closing => f.stamp.wrapping_add(u.time_wait),
+        Expiry::Udp => now,
+        Expiry::Syn | Expiry::Established => f.last_seen.wrapping_add(u.time_wait),
+    };
+    // Never earlier than now (the slot is already FREE, a past time just means "now").
+    let reuse_at = if (reuse_at.wrapping_sub(now) as i32) < 0 {
+        now
+    } else {
+        reuse_at
+    };
+    Some((why, reuse_at))
+}
+
+/// The data path's clock, read from user space (CLOCK_MONOTONIC_COARSE, as
+/// bpf_ktime_get_coarse_ns).
+pub fn now() -> u32 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always available on Linux");
+    let ns = ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64;
+    (ns >> CLOCK_SHIFT) as u32
+}
+
+/// `FLOW_SLOTS`, mapped into this process.
+pub struct SlotTable {
+    base: NonNull<Flow>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is shared memory that the kernel keeps alive until munmap; all access to
+// `ctl` is atomic and other fields are read as plain copies (the data path's writes to them are
+// ordered before its `ctl` compare-and-swap).
+unsafe impl Send for SlotTable {}
+unsafe impl Sync for SlotTable {}
+
+impl SlotTable {
+    /// Map the `FLOW_SLOTS` array behind `map` (a handle opened any way: taken from the loaded
+    /// object or from its pin).
+    pub fn map(map: &MapData) -> anyhow::Result<Self> {
+        let info = map.info().context("reading FLOW_SLOTS' info")?;
+        let len = info.max_entries() as usize;
+        if info.value_size() as usize != size_of::<Flow>() {
+            anyhow::bail!(
+                "FLOW_SLOTS holds {}-byte values; this vmlb expects {}",
+                info.value_size(),
+                size_of::<Flow>()
+            );
+        }
+        let page = 4096usize;
+        let bytes = (len * size_of::<Flow>()).div_ceil(page) * page;
+        // SAFETY: mapping a BPF array map fd as the kernel documents (offset 0, shared); the
+        // length is the array's data rounded up to whole pages.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(bytes).context("empty FLOW_SLOTS")?,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                map.fd().as_fd(),
+                0,
+            )
+        }
+        .context("mapping FLOW_SLOTS (it must be created with BPF_F_MMAPABLE)")?;
+        Ok(Self {
+            base: ptr.cast(),
+            len,
+            bytes,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn ctl(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.len);
+        // SAFETY: in bounds; `ctl` is the first, 8-byte aligned field of a page-aligned array.
+        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.base.as_ptr().add(i)).ctl)) }
+    }
+
+    /// A copy of slot `i`.
+    pub fn get(&self, i: usize) -> Flow {
+        assert!(i < self.len);
+        // SAFETY: in bounds; a plain copy of shared memory (see the Sync impl).
+        unsafe { std::ptr::read_volatile(self.base.as_ptr().add(i)) }
+    }
+
+    /// Overwrite slot `i` (tests and tools: not atomic with the data path).
+    pub fn set(&self, i: usize, f: &Flow) {
+        assert!(i < self.len);
+        // SAFETY: in bounds of the shared mapping.
+        unsafe { std::ptr::write_volatile(self.base.as_ptr().add(i), *f) }
+    }
+
+    /// Every live flow with its slot index.
+    pub fn live(&self) -> impl Iterator<Item = (u32, Flow)> + '_ {
+        (0..self.len).filter_map(|i| {
+            let f = self.get(i);
+            (f.state() > st::CLAIMING).then_some((i as u32, f))
+        })
+    }
+
+    /// Free slot `i` if its `ctl` is still `expected`, holding its tuple until `reuse_at`.
+    fn free(&self, i: usize, expected: u64, reuse_at: u32) -> bool {
+        // `stamp` first: a claimer reads it only after seeing FREE, and the swap orders it.
+        // SAFETY: in bounds; `stamp` of a live slot is written only by the CPU that moves it to
+        // CLOSING, which cannot happen once our swap succeeds (it swaps from the same `ctl`).
+        let stamp = unsafe { std::ptr::addr_of_mut!((*self.base.as_ptr().add(i)).stamp) };
+        let old_stamp = unsafe { stamp.read_volatile() };
+        unsafe { stamp.write_volatile(reuse_at) };
+        let freed = self
+            .ctl(i)
+            .compare_exchange(expected, expected & !0xff, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if !freed {
+            // The data path changed the flow meanwhile (e.g. it started closing and wrote its
+            // own stamp after ours, or not): put back what it may rely on.
+            let now_ctl = self.ctl(i).load(Ordering::SeqCst);
+            if now_ctl == expected {
+                unsafe { stamp.write_volatile(old_stamp) };
+            }
+        }
+        freed
+    }
+}
+
+impl Drop for SlotTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        let _ = unsafe { nix::sys::mman::munmap(self.base.cast(), self.bytes) };
+    }
+}
+
+/// What one sweep saw and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Live flows after the sweep, by state.
+    pub syn_sent: u64,
+    pub established: u64,
+    pub closing: u64,
+    pub udp: u64,
+    /// Flows ended by this sweep, by reason (indexed like `Expiry::ALL`).
+    pub expired: [u64; 4],
+    /// Slots holding a closed flow's tuple until its TIME_WAIT hold passes.
+    pub held: u64,
+}
+
+impl Sweep {
+    pub fn live(&self) -> u64 {
+        self.syn_sent + self.established + self.closing + self.udp
+    }
+}
+
+/// End every expired flow. `pressure`: the table is above the flood guard's threshold, so
+/// SYN-only flows expire early.
+pub fn sweep(
+    slots: &SlotTable,
+    index: &mut HashMap<MapData, FlowKey, FlowRef>,
+    t: &Timeouts,
+    pressure: bool,
+) -> Sweep {
+    let mut out = Sweep::default();
+    let now = now();
+    for i in 0..slots.len() {
+        let f = slots.get(i);
+        let state = f.state();
+        if state == st::FREE {
+            if (f.stamp.wrapping_sub(now) as i32) > 0 {
+                out.held += 1;
+            }
+            continue;
+        }
+        if let Some((why, reuse_at)) = expiry(&f, now, t, pressure) {
+            if slots.free(i, f.ctl, reuse_at) {
+                out.expired[why as usize] += 1;
+                let key = f.client_key();
+                // Delete the index entry only if it still names this flow: the client may have
+                // opened a new flow on the same 5-tuple, which has its own slot.
+                if let Ok(r) = index.get(&key, 0) {
+                    if r.slot == i as u32 && r.gen == (f.ctl >> FLOW_GEN_SHIFT) as u32 {
+                        let _ = index.remove(&key);
+                    }
+                }
+                if reuse_at != now {
+                    out.held += 1;
+                }
+                continue;
+            }
+        }
+        match slots.get(i).state() {
+            st::SYN_SENT => out.syn_sent += 1,
+            st::ESTABLISHED => out.established += 1,
+            st::CLOSING => out.closing += 1,
+            st::UDP => out.udp += 1,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Entries of the `FLOWS` index (for `inspect` and tests; the sweep does not need it).
+pub fn index_len(index: &HashMap<MapData, FlowKey, FlowRef>) -> usize {
+    index.keys().count()
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(state: u8, last_seen: u32, stamp: u32) -> Flow {
+        Flow {
+            ctl: (7 << FLOW_GEN_SHIFT) | state as u64,
+            last_seen,
+            stamp,
+            ..Default::default()
+        }
+    }
+
+    fn units(d: Duration) -> u32 {
+        clock_units_from_ms(d.as_millis() as u64)
+    }
+
+    #[test]
+    fn live_flows_within_their_timeouts_stay() {
+        let t = Timeouts::default();
+        let now = 1_000_000;
+        for (state, timeout) in [
+            (st::SYN_SENT, t.syn),
+            (st::ESTABLISHED, t.established),
+            (st::UDP, t.udp),
+        ] {
+            let f = flow(state, now - units(timeout) + 1, 0);
+            assert_eq!(expiry(&f, now, &t, false), None, "state {state}");
+        }
+        let f = flow(st::CLOSING, now, now - units(t.closing) + 1);
+        assert_eq!(expiry(&f, now, &t, false), None);
+    }
+
+    #[test]
+    fn closed_tcp_holds_its_tuple_for_time_wait_from_the_close() {
+        let t = Timeouts::default();
+        let closed = 5_000_000;
+        let now = closed + units(t.closing);
+        let f = flow(st::CLOSING, closed, closed);
+        assert_eq!(
+            expiry(&f, now, &t, false),
+            Some((Expiry::Closing, closed + units(t.time_wait)))
+        );
+    }
+
+    #[test]
+    fn udp_frees_at_once_and_idle_tcp_waits() {
+        let t = Timeouts::default();
+        let now = 9_000_000;
+        let f = flow(st::UDP, now - units(t.udp), 0);
+        assert_eq!(expiry(&f, now, &t, false), Some((Expiry::Udp, now)));
+        let seen = now - units(t.established);
+        let f = flow(st::ESTABLISHED, seen, 0);
+        assert_eq!(
+            expiry(&f, now, &t, false),
+            Some((Expiry::Established, now))
+        );
+        // (time_wait < established: the hold is already over.)
+        let _ = seen;
+    }
+
+    #[test]
+    fn pressure_shortens_only_syn_flows() {
+        let t = Timeouts::default();
+        let now = 3_000_000;
+        let syn = flow(st::SYN_SENT, now - units(t.syn_pressure), 0);
+        assert_eq!(expiry(&syn, now, &t, false), None);
+        assert_eq!(expiry(&syn, now, &t, true).map(|e| e.0), Some(Expiry::Syn));
+        let est = flow(st::ESTABLISHED, now - units(t.syn_pressure), 0);
+        assert_eq!(expiry(&est, now, &t, true), None);
+    }
+
+    #[test]
+    fn clock_wraps_are_handled() {
+        let t = Timeouts::default();
+        let now = 5u32;
+        let f = flow(st::UDP, now.wrapping_sub(units(t.udp)), 0);
+        assert_eq!(expiry(&f, now, &t, false).map(|e| e.0), Some(Expiry::Udp));
+        // A last_seen slightly in the future (a CPU's racing refresh) is not expired.
+        let f = flow(st::UDP, now + 3, 0);
+        assert_eq!(expiry(&f, now, &t, false), None);
+    }
+
+    #[test]
+    fn free_and_claiming_slots_never_expire() {
+        let t = Timeouts::default();
+        for s in [st::FREE, st::CLAIMING] {
+            assert_eq!(expiry(&flow(s, 0, 0), u32::MAX / 2, &t, false), None);
+        }
+    }
+}
