@@ -261,7 +261,11 @@ impl Env {
             .find(|b| self.reconciler.backend_id(&skey, b.addr, b.port) == Some(id))
             .expect("table names a known backend");
         let range = hash::prime_range(spec.snat_ports.0, spec.snat_ports.1);
-        (b.addr, b.port, hash::snat_port(h, 0, spec.snat_ports.0, range))
+        (
+            b.addr,
+            b.port,
+            hash::snat_port(h, 0, spec.snat_ports.0, range),
+        )
     }
 }
 
@@ -281,5 +285,10 @@ pub fn flow_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: Proto) -> Flo
 /// The `attempt`-th SNAT port candidate of a client flow with the default port range.
 pub fn snat_port(key: &FlowKey, attempt: u32) -> u16 {
     let range = hash::prime_range(vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX);
-    hash::snat_port(hash::flow_hash(key), attempt, vmlb_common::SNAT_PORT_MIN, range)
+    hash::snat_port(
+        hash::flow_hash(key),
+        attempt,
+        vmlb_common::SNAT_PORT_MIN,
+        range,
+    )
 }

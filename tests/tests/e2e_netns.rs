@@ -42,11 +42,18 @@ fn curl_through_vip_reaches_both_vms_with_snat_source() {
 
     let mut ebpf = loader::load(Default::default()).expect("loading vmlb");
     let mut maps = BpfMaps::from_ebpf(&mut ebpf).expect("taking the maps");
+    let node_mac: Vec<u8> = vmlb_tests::lab::NODE_MAC
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    maps.init_config(node_mac.try_into().unwrap())
+        .expect("writing CONFIG");
     let spec = ServiceSpec {
         vip: VIP,
         port: 80,
         proto: Proto::Tcp,
-        snat: NODE_ADDR,
+        snat: vec![NODE_ADDR],
+        snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
         ring_size: 16381,
         backends: lab
             .vms
@@ -216,10 +223,7 @@ fn report(
             out += &format!("backend {} ({id}): {:?}\n", vm.name, maps.backend_stats(id));
         }
     }
-    out += &format!(
-        "flows: {}\n",
-        maps.flow_entries().map(|f| f.len()).unwrap_or(0)
-    );
+    out += &format!("flows: {}\n", maps.live_flows().len());
     out += &lab.describe();
     for s in servers {
         out += &s.logs();

@@ -187,7 +187,11 @@ fn non_vip_traffic_passes_untouched() {
         let (action, out) = e.run(&input);
         assert_eq!((action, out), (XDP_PASS, input));
         // The node's own traffic to its SNAT address is told apart by the slot lookup.
-        let c = if dst == SNAT { PassReplyNoFlow } else { PassNotVip };
+        let c = if dst == SNAT {
+            PassReplyNoFlow
+        } else {
+            PassNotVip
+        };
         e.expect_counters(&[(c, 1)]);
     }
 }
@@ -360,10 +364,7 @@ fn fragments_to_a_vip_are_dropped() {
         assert_eq!(action, XDP_DROP, "fragment {frag:#06x}");
         e.expect_counters(&[(DropFragment, 1)]);
     }
-    assert!(
-        e.maps.live_flows().is_empty(),
-        "no state from fragments"
-    );
+    assert!(e.maps.live_flows().is_empty(), "no state from fragments");
 }
 
 #[test]
@@ -713,7 +714,8 @@ fn kernel_and_user_space_agree_on_10000_random_flows() {
         assert_eq!(&out[36..38], &port.to_be_bytes(), "flow {i}: backend port");
         let snat_port = u16::from_be_bytes([out[34], out[35]]);
         assert!(
-            (0..vmlb_common::SNAT_RETRIES).any(|a| vmlb_tests::fixture::snat_port(&key, a) == snat_port),
+            (0..vmlb_common::SNAT_RETRIES)
+                .any(|a| vmlb_tests::fixture::snat_port(&key, a) == snat_port),
             "flow {i}: SNAT port {snat_port} is not one of the flow's candidates"
         );
     }

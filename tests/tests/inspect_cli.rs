@@ -21,8 +21,7 @@ use aya::maps::IterableMap as _;
 use nix::sched::{setns, unshare, CloneFlags};
 use serde_json::Value;
 use vmlb_common::{
-    hash, map_names, Counter, FlowEntry, DEFAULT_FLOW_ENTRIES, DIR_TO_CLIENT, SNAT_PORT_MAX,
-    SNAT_PORT_MIN,
+    flow_state, hash, map_names, Counter, Flow, DEFAULT_FLOW_ENTRIES, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use vmlb_tests::{
     fixture::*,
@@ -511,23 +510,32 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     // A taken first SNAT candidate: simulate and the program both move to the second one.
     let sport = 41001;
     let fkey = flow_key((CLIENT, sport), (VIP, 80), Proto::Tcp);
-    let h = hash::flow_hash(&fkey);
     let p = cli.simulate(Proto::Tcp, (CLIENT, sport), (VIP, 80));
     let b: SocketAddrV4 = s(&p["backend"]).parse().unwrap();
-    let taken = flow_key(
-        (*b.ip(), b.port()),
-        (SNAT, hash::snat_port(h, 0)),
-        Proto::Tcp,
+    let port0 = vmlb_tests::fixture::snat_port(&fkey, 0);
+    let idx = hash::tuple_slot(
+        u32::from_ne_bytes(b.ip().octets()),
+        u32::from_ne_bytes(SNAT.octets()),
+        b.port().to_be(),
+        port0.to_be(),
+        6,
+        env.maps.slots.len() as u32,
     );
-    let squatter = FlowEntry {
+    // Another client's live flow holds the first candidate's tuple.
+    let squatter = Flow {
+        ctl: flow_state::ESTABLISHED as u64,
         service_id: svc_id,
-        dir: DIR_TO_CLIENT,
+        backend_addr: u32::from_ne_bytes(b.ip().octets()),
+        snat_addr: u32::from_ne_bytes(SNAT.octets()),
+        backend_port: b.port().to_be(),
+        snat_port: port0.to_be(),
+        proto: 6,
         ..Default::default()
     };
-    env.maps.flows.insert(taken, squatter, 0).unwrap();
+    env.maps.slots.set(idx as usize, &squatter);
     let p = cli.simulate(Proto::Tcp, (CLIENT, sport), (VIP, 80));
     assert_eq!(p["snat_attempt"], 1, "{p}");
-    let port2 = hash::snat_port(h, 1);
+    let port2 = vmlb_tests::fixture::snat_port(&fkey, 1);
     assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port2));
     assert_eq!(p["snat"], format!("{SNAT}:{port2}"));
     let (snat, backend) = send_syn(&env, sport);

@@ -16,8 +16,7 @@ use crate::maps::{FLOWS, FLOW_SLOTS};
 #[inline(always)]
 pub fn now() -> u32 {
     // SAFETY: plain helper call without arguments.
-    (unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() } >> vmlb_common::CLOCK_SHIFT)
-        as u32
+    (unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() } >> vmlb_common::CLOCK_SHIFT) as u32
 }
 
 /// Compare-and-swap of a flow's `ctl`. `AtomicU64::compare_exchange` does not exist on the
@@ -27,7 +26,9 @@ pub fn now() -> u32 {
 fn cas(f: *mut Flow, old: u64, new: u64) -> bool {
     use core::intrinsics::{atomic_cxchg, AtomicOrdering::SeqCst};
     // SAFETY: `ctl` is an aligned u64 inside a live map value.
-    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(core::ptr::addr_of_mut!((*f).ctl), old, new).1 }
+    unsafe {
+        atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(core::ptr::addr_of_mut!((*f).ctl), old, new).1
+    }
 }
 
 /// Read a flow's `ctl`. An aligned 8-byte load is atomic on every BPF JIT; LLVM's acquire

@@ -9,7 +9,10 @@
 // The BPF `cmpxchg` through the intrinsic (see ct.rs); the eBPF build runs with
 // RUSTC_BOOTSTRAP=1 for build-std anyway.
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "core_intrinsics for BPF cmpxchg, see ct.rs")]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics for BPF cmpxchg, see ct.rs"
+)]
 
 mod ct;
 mod forward;
@@ -118,13 +121,20 @@ fn established(
     ct::touch(f, now);
     // SAFETY: a valid map value pointer; copied out at once.
     let fl = unsafe { &*f };
-    let (snat, sport, baddr, bport) = (fl.snat_addr, fl.snat_port, fl.backend_addr, fl.backend_port);
+    let (snat, sport, baddr, bport) =
+        (fl.snat_addr, fl.snat_port, fl.backend_addr, fl.backend_port);
     let (svc_id, backend_id) = (fl.service_id, fl.backend_id);
     let hop = forward::hop(ctx, p, backend_id, snat, baddr, now, true)?;
     count(Counter::FlowHit);
     nat::rewrite(p, snat, sport, baddr, bport);
     count_traffic(svc_id, backend_id, p.len, false, false);
-    Ok(forward::send(ctx, p, hop.ifindex, &hop.dst_mac, &hop.src_mac))
+    Ok(forward::send(
+        ctx,
+        p,
+        hop.ifindex,
+        &hop.dst_mac,
+        &hop.src_mac,
+    ))
 }
 
 #[inline(always)]
@@ -144,8 +154,12 @@ fn reply(ctx: &XdpContext, p: &Packet, cfg: &Config, now: u32) -> Result<u32, Co
     // SAFETY: a valid map value pointer; copied out at once.
     let fl = unsafe { &*f };
     let (vip, vport, client, cport) = (fl.vip_addr, fl.vip_port, fl.client_addr, fl.client_port);
-    let (svc_id, backend_id, ifindex, mac) =
-        (fl.service_id, fl.backend_id, fl.client_ifindex, fl.client_mac);
+    let (svc_id, backend_id, ifindex, mac) = (
+        fl.service_id,
+        fl.backend_id,
+        fl.client_ifindex,
+        fl.client_mac,
+    );
     count(Counter::ReplyHit);
     nat::rewrite(p, vip, vport, client, cport);
     count_traffic(svc_id, backend_id, p.len, false, true);

@@ -246,7 +246,12 @@ impl SlotTable {
         unsafe { stamp.write_volatile(reuse_at) };
         let freed = self
             .ctl(i)
-            .compare_exchange(expected, expected & !0xff, Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(
+                expected,
+                expected & !0xff,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
             .is_ok();
         if !freed {
             // The data path changed the flow meanwhile (e.g. it started closing and wrote its
@@ -339,7 +344,6 @@ pub fn index_len(index: &HashMap<MapData, FlowKey, FlowRef>) -> usize {
     index.keys().count()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,10 +397,7 @@ mod tests {
         assert_eq!(expiry(&f, now, &t, false), Some((Expiry::Udp, now)));
         let seen = now - units(t.established);
         let f = flow(st::ESTABLISHED, seen, 0);
-        assert_eq!(
-            expiry(&f, now, &t, false),
-            Some((Expiry::Established, now))
-        );
+        assert_eq!(expiry(&f, now, &t, false), Some((Expiry::Established, now)));
         // (time_wait < established: the hold is already over.)
         let _ = seen;
     }

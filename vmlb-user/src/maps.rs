@@ -6,8 +6,8 @@ use aya::{
     Ebpf,
 };
 use vmlb_common::{
-    map_names, Backend, Config, Counter, Flow, FlowKey, FlowRef, Service, ServiceKey,
-    TrafficStats, MAX_SNAT_ADDRS,
+    map_names, Backend, Config, Counter, Flow, FlowKey, FlowRef, Service, ServiceKey, TrafficStats,
+    MAX_SNAT_ADDRS,
 };
 
 use crate::{conntrack::SlotTable, dataplane::Dataplane, pins::PinLayout};

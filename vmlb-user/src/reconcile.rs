@@ -13,8 +13,9 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context as _};
 use vmlb_common::{
+    hash,
     maglev::{self, MaglevBackend},
-    hash, Backend, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
+    Backend, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
     MAX_SNAT_PER_SERVICE, SVC_F_SNAT,
 };
 
@@ -116,7 +117,9 @@ impl Reconciler {
                     .collect(),
                 snat_ports: (
                     value.port_min,
-                    value.port_min.saturating_add(value.port_range.saturating_sub(1)),
+                    value
+                        .port_min
+                        .saturating_add(value.port_range.saturating_sub(1)),
                 ),
                 ring_size: value.ring_size,
                 backends: specs,
@@ -205,8 +208,10 @@ impl Reconciler {
             .values()
             .flat_map(|i| i.spec.snat.iter().copied())
             .collect();
-        let desired_snat: BTreeSet<Ipv4Addr> =
-            desired.iter().flat_map(|s| s.snat.iter().copied()).collect();
+        let desired_snat: BTreeSet<Ipv4Addr> = desired
+            .iter()
+            .flat_map(|s| s.snat.iter().copied())
+            .collect();
         let both: BTreeSet<Ipv4Addr> = installed_snat.union(&desired_snat).copied().collect();
         if desired_snat.len() > MAX_SNAT_ADDRS {
             bail!(

@@ -25,9 +25,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use serde::Serialize;
-use vmlb_common::{
-    Backend, Flow, Service, ServiceKey, TrafficStats, BE_F_UP,
-};
+use vmlb_common::{Backend, Flow, Service, ServiceKey, TrafficStats, BE_F_UP};
 
 use super::{Output, PinArgs};
 use crate::{

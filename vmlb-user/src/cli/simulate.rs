@@ -222,14 +222,19 @@ pub fn predict(
         return done(match maps.slot(idx)? {
             Some(f)
                 if f.state() > st::CLAIMING
-                    && (f.backend_addr, f.snat_addr, f.backend_port, f.snat_port, f.proto)
-                        == (
-                            key.src_addr,
-                            key.dst_addr,
-                            key.src_port,
-                            key.dst_port,
-                            key.proto,
-                        ) =>
+                    && (
+                        f.backend_addr,
+                        f.snat_addr,
+                        f.backend_port,
+                        f.snat_port,
+                        f.proto,
+                    ) == (
+                        key.src_addr,
+                        key.dst_addr,
+                        key.src_port,
+                        key.dst_port,
+                        key.proto,
+                    ) =>
             {
                 Outcome::Reply {
                     service_id: f.service_id,
@@ -302,7 +307,14 @@ pub fn predict(
     let now = maps.now();
     for attempt in 0..SNAT_RETRIES {
         let port = hash::snat_port(h, attempt, svc.port_min, svc.port_range);
-        let idx = hash::tuple_slot(be.addr, snat, be.port, port.to_be(), key.proto, cfg.slot_count);
+        let idx = hash::tuple_slot(
+            be.addr,
+            snat,
+            be.port,
+            port.to_be(),
+            key.proto,
+            cfg.slot_count,
+        );
         let free = maps
             .slot(idx)?
             .is_some_and(|f| f.state() == st::FREE && (now.wrapping_sub(f.stamp) as i32) >= 0);
@@ -527,7 +539,14 @@ mod tests {
         // Hold the first two candidates' slots: the third is chosen; hold all: exhausted.
         let be = f.backends[id as usize];
         let slot_of = |attempt| {
-            hash::tuple_slot(be.addr, n("10.0.0.9"), be.port, port(attempt).to_be(), 6, SLOTS)
+            hash::tuple_slot(
+                be.addr,
+                n("10.0.0.9"),
+                be.port,
+                port(attempt).to_be(),
+                6,
+                SLOTS,
+            )
         };
         let held = |attempt| Flow {
             ctl: st::ESTABLISHED as u64,
@@ -595,11 +614,21 @@ mod tests {
             "rebalanced, then the same held tuples: {p:?}"
         );
         // A backend's packet to a held tuple is a reply; to a free one it passes.
-        let p = predict(&f, Proto::Tcp, sock(be.addr, be.port), a(&format!("10.0.0.9:{}", port(1))))
-            .unwrap();
+        let p = predict(
+            &f,
+            Proto::Tcp,
+            sock(be.addr, be.port),
+            a(&format!("10.0.0.9:{}", port(1))),
+        )
+        .unwrap();
         assert!(matches!(p.outcome, Outcome::Reply { .. }), "{p:?}");
-        let p = predict(&f, Proto::Tcp, sock(be.addr, be.port), a(&format!("10.0.0.9:{}", port(0))))
-            .unwrap();
+        let p = predict(
+            &f,
+            Proto::Tcp,
+            sock(be.addr, be.port),
+            a(&format!("10.0.0.9:{}", port(0))),
+        )
+        .unwrap();
         assert!(
             matches!(
                 p.outcome,
