@@ -483,7 +483,8 @@ mod tests {
             vip: VIP,
             port,
             proto: Proto::Tcp,
-            snat: Ipv4Addr::new(10, 10, 1, 125),
+            snat: vec![Ipv4Addr::new(10, 10, 1, 125)],
+            snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
             ring_size: 251,
             backends,
         }
