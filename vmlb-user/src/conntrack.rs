@@ -364,7 +364,7 @@ mod tests {
     #[test]
     fn live_flows_within_their_timeouts_stay() {
         let t = Timeouts::default();
-        let now = 1_000_000;
+        let now = 100_000_000;
         for (state, timeout) in [
             (st::SYN_SENT, t.syn),
             (st::ESTABLISHED, t.established),
@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn closed_tcp_holds_its_tuple_for_time_wait_from_the_close() {
         let t = Timeouts::default();
-        let closed = 5_000_000;
+        let closed = 50_000_000;
         let now = closed + units(t.closing);
         let f = flow(st::CLOSING, closed, closed);
         assert_eq!(
@@ -392,7 +392,7 @@ mod tests {
     #[test]
     fn udp_frees_at_once_and_idle_tcp_waits() {
         let t = Timeouts::default();
-        let now = 9_000_000;
+        let now = 90_000_000;
         let f = flow(st::UDP, now - units(t.udp), 0);
         assert_eq!(expiry(&f, now, &t, false), Some((Expiry::Udp, now)));
         let seen = now - units(t.established);

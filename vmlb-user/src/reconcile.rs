@@ -508,6 +508,7 @@ mod tests {
         assert_eq!(
             dp.log,
             [
+                "snat addrs [10.10.1.125]",
                 "clear service stats 1",
                 "clear backend stats 1",
                 "backend 1 flags=1",

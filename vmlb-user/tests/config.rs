@@ -104,7 +104,8 @@ fn base_parses_with_target_ports_overrides_and_draining_endpoint() {
                 vip: ip("10.0.0.1"),
                 port: 80,
                 proto: Proto::Tcp,
-                snat: ip("10.10.1.125"),
+                snat: vec![ip("10.10.1.125")],
+                snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
                 ring_size: vmlb_common::maglev::DEFAULT_RING_SIZE,
                 backends: vec![be("10.0.1.1", 80, 1), be("10.0.1.2", 80, 0)],
             },
@@ -141,7 +142,7 @@ fn deploy_example_is_the_seed_with_a_vip() {
                 s.spec.vip,
                 s.spec.port,
                 s.spec.proto,
-                s.spec.snat,
+                s.spec.snat[0],
             )
         })
         .collect();
@@ -242,7 +243,10 @@ fn annotations_override_the_defaults() {
     .replace("  annotations:\n    {", "  annotations: {");
     let services = config::parse_str(&text, Path::new("t.yaml"), &NodeConfig::default()).unwrap();
     let s = &services[0];
-    assert_eq!((s.spec.snat, s.spec.ring_size), (ip("10.10.1.126"), 251));
+    assert_eq!(
+        (s.spec.snat.clone(), s.spec.ring_size),
+        (vec![ip("10.10.1.126")], 251)
+    );
     let health = HealthSpec {
         kind: HealthKind::Http {
             path: "/healthz".into(),
@@ -301,7 +305,7 @@ fn every_error_names_file_line_and_field() {
         ("  location: MESH_EXTERNAL", "  ports: []",
          "t.yaml:19: spec.ports: duplicate key"),
         (ann, "    vmlb.io/maglev-szie: '251'",
-         r#"t.yaml:6: metadata.annotations."vmlb.io/maglev-szie": unknown vmlb annotation; known: vmlb.io/snat-address, vmlb.io/mode, vmlb.io/maglev-size, vmlb.io/health-check, vmlb.io/health-path, vmlb.io/health-interval, vmlb.io/health-timeout, vmlb.io/health-rise, vmlb.io/health-fall"#),
+         r#"t.yaml:6: metadata.annotations."vmlb.io/maglev-szie": unknown vmlb annotation; known: vmlb.io/snat-address, vmlb.io/snat-ports, vmlb.io/mode, vmlb.io/maglev-size, vmlb.io/health-check, vmlb.io/health-path, vmlb.io/health-interval, vmlb.io/health-timeout, vmlb.io/health-rise, vmlb.io/health-fall"#),
         (ann, "    vmlb.io/maglev-size: '1000'",
          r#"t.yaml:6: metadata.annotations."vmlb.io/maglev-size": Maglev size 1000 is not allowed (one of [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 65537, 131071])"#),
         (ann, "    vmlb.io/mode: dnat",
@@ -448,4 +452,44 @@ fn directories_give_their_yaml_files_sorted() {
     let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["web/http", "web/https", "two/http", "two/https"]);
     assert_eq!(services[2].file, d.join("b.yml"));
+}
+
+#[test]
+fn snat_pool_and_port_range_annotations() {
+    let text = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: pool
+  annotations:
+    vmlb.io/snat-address: 10.10.1.125, 10.10.1.126
+    vmlb.io/snat-ports: 1024-65535
+spec:
+  addresses: [10.10.1.128]
+  ports: [{number: 80, name: http, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.10.1.2}]
+"#;
+    let s = &parse(text).expect("valid")[0];
+    assert_eq!(s.spec.snat, vec![ip("10.10.1.125"), ip("10.10.1.126")]);
+    assert_eq!(s.spec.snat_ports, (1024, 65535));
+    for (bad, want) in [
+        ("vmlb.io/snat-ports: 80-90", "must start at 1024"),
+        ("vmlb.io/snat-ports: 2000", "not a range"),
+        (
+            "vmlb.io/snat-address: 10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5",
+            "at most 4 per service",
+        ),
+        (
+            "vmlb.io/snat-address: 10.0.0.1,nope",
+            "invalid IPv4 address \"nope\"",
+        ),
+    ] {
+        let t = text.replace(
+            "    vmlb.io/snat-address: 10.10.1.125, 10.10.1.126\n    vmlb.io/snat-ports: 1024-65535",
+            &format!("    {bad}"),
+        );
+        let e = parse(&t).expect_err(bad).join("\n");
+        assert!(e.contains(want), "{bad}: {e}");
+    }
 }

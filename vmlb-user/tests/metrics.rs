@@ -52,10 +52,12 @@ impl StatsReader for Fake {
         let svc = |id, ring_base| Service {
             id,
             flags: 1,
-            snat_addr: n([10, 10, 1, 125]),
+            snat_addrs: [n([10, 10, 1, 125]), 0, 0, 0],
+            snat_count: 1,
             ring_base,
             ring_size: 251,
-            _pad: 0,
+            port_min: 1024,
+            port_range: 31741,
         };
         // Out of id order: the output is sorted.
         Ok(vec![(key(443), svc(2, 251)), (key(80), svc(1, 0))])
@@ -98,7 +100,7 @@ fn state() -> DaemonState {
             proto: "tcp".into(),
             id: 1,
             hosts: vec![],
-            snat: Ipv4Addr::new(10, 10, 1, 125),
+            snat: vec![Ipv4Addr::new(10, 10, 1, 125)],
             ring_size: 251,
             backends: vec![BackendState {
                 addr: Ipv4Addr::new(10, 10, 1, 2),
