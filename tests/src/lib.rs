@@ -3,5 +3,6 @@
 
 pub mod fixture;
 pub mod lab;
+pub mod load;
 pub mod netns;
 pub mod packet;

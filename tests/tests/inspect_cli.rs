@@ -145,6 +145,8 @@ fn pin_maps(env: &Env, root: &Path) {
         (map_names::BACKENDS, m.backends.map()),
         (map_names::MAGLEV, m.maglev.map()),
         (map_names::FLOWS, m.flows.map()),
+        (map_names::FLOW_SLOTS, m.slots.map_data()),
+        (map_names::CONFIG, m.config.map()),
         (map_names::STATS, m.stats.map()),
         (map_names::SVC_STATS, m.svc_stats.map()),
         (map_names::BE_STATS, m.be_stats.map()),
@@ -454,7 +456,8 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         r#"vmlb_backend_weight{service="web/http",backend="10.10.1.3:8080"} 1"#.into(),
         r#"vmlb_datapath_packets_total{counter="flow_new"} 4"#.into(),
         r#"vmlb_drops_total{reason="unknown_port"} 1"#.into(),
-        r#"vmlb_map_entries{map="FLOWS"} 8"#.into(),
+        // Live flows: four, each one entry for both directions.
+        r#"vmlb_map_entries{map="FLOWS"} 4"#.into(),
         format!(r#"vmlb_map_capacity{{map="FLOWS"}} {DEFAULT_FLOW_ENTRIES}"#),
         r#"vmlb_map_entries{map="SERVICES"} 1"#.into(),
         r#"vmlb_map_entries{map="VIPS"} 1"#.into(),

@@ -846,3 +846,107 @@ fn a_malformed_edit_is_refused_and_the_old_config_keeps_serving() {
         Ok(())
     });
 }
+
+/// A counter of `vmlb inspect stats -o json`.
+fn counter(stats: &Value, name: &str) -> anyhow::Result<u64> {
+    rows(stats, "counters")?
+        .iter()
+        .find(|c| c["name"] == name)
+        .and_then(|c| c["value"].as_u64())
+        .with_context(|| format!("counter {name} missing"))
+}
+
+/// The connection-rate limit of full NAT, raised with a SNAT pool: for two minutes, clients on
+/// 20 addresses open 1200 new connections per second (600 per VM, above the ~520/s that one
+/// SNAT address with the default 31,741 ports can sustain against the VMs' 60 s TIME_WAIT),
+/// each closed by the server first, through a pool of four dedicated SNAT addresses using the
+/// whole port range. No request may fail, and no VM may reject a SYN for a tuple still in
+/// TIME_WAIT (PAWS): vmlb holds every closed SNAT tuple for 61 s before reusing it.
+#[test]
+fn sustained_close_load_from_many_clients_through_a_snat_pool() {
+    const POOL: [&str; 4] = ["10.10.1.121", "10.10.1.122", "10.10.1.123", "10.10.1.124"];
+    let pool = POOL.join(",");
+    let config = seed_config(&[
+        ("vmlb.io/snat-address", pool.as_str()),
+        ("vmlb.io/snat-ports", "1024-65535"),
+        ("vmlb.io/health-check", "none"),
+    ]);
+    scenario(&config, |w| {
+        // The pool addresses are the node's (so the VMs resolve them), but the node's own
+        // connections never use them as a source: that is what makes the whole port range safe.
+        for a in POOL {
+            w.lab
+                .node
+                .ip(&["addr", "add", &format!("{a}/32"), "dev", NODE_DEV])?;
+        }
+        let sources: Vec<Ipv4Addr> = (60..80).map(|d| Ipv4Addr::new(10, 10, 1, d)).collect();
+        for s in &sources {
+            w.lab
+                .client
+                .ip(&["addr", "add", &format!("{s}/24"), "dev", "eth0"])?;
+        }
+        let paws_before: Vec<_> = w
+            .lab
+            .vms
+            .iter()
+            .map(|vm| vmlb_tests::load::tcp_ext(&vm.ns))
+            .collect::<anyhow::Result<_>>()?;
+        let secs: u64 = std::env::var("VMLB_SUSTAINED_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120);
+        let load = vmlb_tests::load::CloseLoad {
+            sources,
+            to: std::net::SocketAddrV4::new(VIP, 80),
+            rate: 1200,
+            duration: Duration::from_secs(secs),
+            workers: 24,
+        };
+        let r = vmlb_tests::load::run(&w.lab.client, &load)?;
+        let stats = w.inspect("stats")?;
+        let mut paws = BTreeMap::new();
+        for (vm, before) in w.lab.vms.iter().zip(&paws_before) {
+            let after = vmlb_tests::load::tcp_ext(&vm.ns)?;
+            for k in ["PAWSTimewait", "TWRecycled", "PAWSActive", "PAWSEstab"] {
+                let d = after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+                paws.insert(format!("{}:{k}", vm.name), d);
+            }
+        }
+        let exhausted = counter(&stats, "drop_snat_exhausted")?;
+        let flows = w.inspect("flows")?;
+        println!(
+            "sustained close load: {} requests in {:.1?} ({:.0}/s), {} failed, answers {:?}, \
+             slowest {:.1?}; drop_snat_exhausted {exhausted}, snat collisions {}, flows live at \
+             the end {}; VM TCP counters {paws:?}",
+            r.requests,
+            r.elapsed,
+            r.requests as f64 / r.elapsed.as_secs_f64(),
+            r.failed,
+            r.answers,
+            r.max_latency,
+            counter(&stats, "snat_port_collision")?,
+            rows(&flows, "flows")?.len(),
+        );
+        ensure!(
+            r.failed == 0,
+            "{} of {} requests failed:\n{}",
+            r.failed,
+            r.requests,
+            r.failures.join("\n")
+        );
+        ensure!(r.requests == 1200 * secs, "{} requests made", r.requests);
+        for vm in ["vm1", "vm2"] {
+            ensure!(
+                r.answers.get(vm).copied().unwrap_or(0) > r.requests / 4,
+                "{vm} served too little: {:?}",
+                r.answers
+            );
+            ensure!(
+                paws[&format!("{vm}:PAWSTimewait")] == 0,
+                "{vm} rejected SYNs by PAWS in TIME_WAIT: {paws:?}"
+            );
+        }
+        ensure!(exhausted == 0, "{exhausted} new flows ran out of SNAT tuples");
+        Ok(())
+    });
+}

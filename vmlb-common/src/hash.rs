@@ -76,6 +76,17 @@ pub const fn snat_pick(hash: u32, count: u32) -> u32 {
     }
 }
 
+/// The pool address a flow's `attempt`-th SNAT candidate uses: the flow's own pick first, then
+/// the others in turn.
+#[inline(always)]
+pub const fn snat_addr_index(pick: u32, attempt: u32, count: u32) -> u32 {
+    if count <= 1 {
+        0
+    } else {
+        (pick + attempt) % count
+    }
+}
+
 /// The `FLOW_SLOTS` index of a SNAT tuple: backend address and port, SNAT address and port
 /// (wire order), protocol. The reply path computes it from the packet alone, and the new-flow
 /// path claims exactly this slot, so one SNAT tuple can never be held by two flows.

@@ -26,7 +26,7 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use vmlb_common::{
     flow_state as st,
-    hash::{flow_hash, snat_pick, snat_port, tuple_slot},
+    hash::{flow_hash, snat_addr_index, snat_pick, snat_port, tuple_slot},
     Config, Counter, Flow, IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RETRIES,
 };
 
@@ -202,24 +202,28 @@ fn new_flow(
     let hash = flow_hash(k);
     let backend_id = lookup::pick_backend(&svc, hash)?;
     let be = lookup::backend(backend_id)?;
-    let pick = snat_pick(hash, svc.snat_count) as usize;
-    let snat = *svc
-        .snat_addrs
-        .get(pick & (MAX_SNAT_PER_SERVICE - 1))
-        .ok_or(Counter::DropBadBackend)?;
-    let hop = forward::hop(ctx, p, backend_id, snat, be.addr, now, false)?;
+    let pick = snat_pick(hash, svc.snat_count);
+    // The FIB source only matters for policy routing; any address of the pool will do.
+    let hop = forward::hop(ctx, p, backend_id, svc.snat_addrs[0], be.addr, now, false)?;
 
     let mut claimed = None;
     for attempt in 0..SNAT_RETRIES {
+        // Each candidate moves on to the next address of the pool as well as to another port,
+        // so a pool of N addresses gives every flow N times the tuple space to find a free one.
+        let a = snat_addr_index(pick, attempt, svc.snat_count) as usize;
+        let snat = *svc
+            .snat_addrs
+            .get(a & (MAX_SNAT_PER_SERVICE - 1))
+            .ok_or(Counter::DropBadBackend)?;
         let port = snat_port(hash, attempt, svc.port_min, svc.port_range).to_be();
         let idx = tuple_slot(be.addr, snat, be.port, port, k.proto, cfg.slot_count);
         if let Some((f, c)) = ct::claim(idx, now) {
-            claimed = Some((f, c, idx, port));
+            claimed = Some((f, c, idx, snat, port));
             break;
         }
         count(Counter::SnatPortCollision);
     }
-    let (f, c, idx, port) = claimed.ok_or(Counter::DropSnatExhausted)?;
+    let (f, c, idx, snat, port) = claimed.ok_or(Counter::DropSnatExhausted)?;
     // SAFETY: the slot is ours (CLAIMING) until published; `eth` was bounds-checked by parse().
     unsafe {
         (*f).last_seen = now;

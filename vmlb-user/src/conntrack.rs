@@ -157,6 +157,7 @@ pub struct SlotTable {
     base: NonNull<Flow>,
     len: usize,
     bytes: usize,
+    map: MapData,
 }
 
 // SAFETY: the mapping is shared memory that the kernel keeps alive until munmap; all access to
@@ -168,7 +169,7 @@ unsafe impl Sync for SlotTable {}
 impl SlotTable {
     /// Map the `FLOW_SLOTS` array behind `map` (a handle opened any way: taken from the loaded
     /// object or from its pin).
-    pub fn map(map: &MapData) -> anyhow::Result<Self> {
+    pub fn map(map: MapData) -> anyhow::Result<Self> {
         let info = map.info().context("reading FLOW_SLOTS' info")?;
         let len = info.max_entries() as usize;
         if info.value_size() as usize != size_of::<Flow>() {
@@ -197,7 +198,13 @@ impl SlotTable {
             base: ptr.cast(),
             len,
             bytes,
+            map,
         })
+    }
+
+    /// The map itself (to pin it, or read its info).
+    pub fn map_data(&self) -> &MapData {
+        &self.map
     }
 
     pub fn len(&self) -> usize {

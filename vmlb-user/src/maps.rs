@@ -144,7 +144,7 @@ fn slot_table(m: Map) -> anyhow::Result<SlotTable> {
     let Map::Array(data) = m else {
         anyhow::bail!("FLOW_SLOTS is not an array map");
     };
-    SlotTable::map(&data)
+    SlotTable::map(data)
 }
 
 impl Dataplane for BpfMaps {

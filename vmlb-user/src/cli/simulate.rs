@@ -302,10 +302,11 @@ pub fn predict(
     };
 
     // 5. The SNAT tuple: the first candidate whose slot is free and past its TIME_WAIT hold.
-    let pick = hash::snat_pick(h, svc.snat_count) as usize & (MAX_SNAT_PER_SERVICE - 1);
-    let snat = svc.snat_addrs[pick];
+    let pick = hash::snat_pick(h, svc.snat_count);
     let now = maps.now();
     for attempt in 0..SNAT_RETRIES {
+        let a = hash::snat_addr_index(pick, attempt, svc.snat_count) as usize;
+        let snat = svc.snat_addrs[a & (MAX_SNAT_PER_SERVICE - 1)];
         let port = hash::snat_port(h, attempt, svc.port_min, svc.port_range);
         let idx = hash::tuple_slot(
             be.addr,
