@@ -439,12 +439,38 @@ fn snat_port_collision_takes_the_next_port() {
     e.expect_counters(&[(SnatPortCollision, 1), (FlowNew, 1), (TxSameIface, 1)]);
 }
 
+/// A client that reuses its 5-tuple gets the same hashed candidates each time: once all eight
+/// are held, random ones are tried.
+#[test]
+fn held_hashed_candidates_fall_back_to_random_ones() {
+    let mut e = one_backend_env();
+    let key = flow_key((CLIENT, 40082), (VIP, 80), Proto::Tcp);
+    let hashed: Vec<u16> = (0..vmlb_common::SNAT_RETRIES)
+        .map(|a| snat_port(&key, a))
+        .collect();
+    for &p in &hashed {
+        occupy(&mut e, p);
+    }
+    let (action, out) = e.run(&client_tcp(40082, TCP_SYN).build());
+    assert_eq!(action, XDP_TX);
+    let port = u16::from_be_bytes([out[34], out[35]]);
+    assert!(!hashed.contains(&port), "a held tuple was given out: {port}");
+    let mut d = e.delta();
+    // Each random try also collides with probability 8/31741.
+    let collisions = d.remove(&SnatPortCollision).unwrap_or(0);
+    assert!((8..16).contains(&collisions), "{collisions} collisions");
+    assert_eq!(d, [(FlowNew, 1), (TxSameIface, 1)].into_iter().collect());
+}
+
 #[test]
 fn snat_ports_exhausted_drops_without_state() {
-    let mut e = one_backend_env();
-    let key = flow_key((CLIENT, 40081), (VIP, 80), Proto::Tcp);
-    for attempt in 0..vmlb_common::SNAT_RETRIES {
-        occupy(&mut e, snat_port(&key, attempt));
+    // Seven SNAT ports (1024-1030), all held: every hashed and random candidate collides.
+    let mut e = env();
+    let mut spec = svc(80, Proto::Tcp, &[be(VM1, 8080)]);
+    spec.snat_ports = (1024, 1030);
+    e.install(&[spec]).unwrap();
+    for port in 1024..=1030 {
+        occupy(&mut e, port);
     }
     let before = e.maps.live_flows().len();
     let records = Records::default();
@@ -453,7 +479,10 @@ fn snat_ports_exhausted_drops_without_state() {
     let (action, _) = e.run(&client_tcp(40081, TCP_SYN).build());
     assert_eq!(action, XDP_DROP);
     e.expect_counters(&[
-        (SnatPortCollision, vmlb_common::SNAT_RETRIES as u64),
+        (
+            SnatPortCollision,
+            (vmlb_common::SNAT_RETRIES + vmlb_common::SNAT_RANDOM_RETRIES) as u64,
+        ),
         (DropSnatExhausted, 1),
     ]);
     assert_eq!(e.maps.live_flows().len(), before);

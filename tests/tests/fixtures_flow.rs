@@ -317,7 +317,7 @@ fn xdp_ct_active_flows_do_not_expire() {
 #[test]
 fn xdp_ct_capacity_when_every_flow_is_created_on_one_cpu() {
     pin_to_cpu0();
-    let mut e = env_with(Some(4096), &[(VM1, 8080), (VM2, 8080)]);
+    let e = env_with(Some(4096), &[(VM1, 8080), (VM2, 8080)]);
     assert_eq!(e.maps.flow_capacity().unwrap(), 4096);
     for i in 0..4096u32 {
         let client = Ipv4Addr::new(10, 40, (i / 250) as u8, (i % 250 + 1) as u8);
@@ -429,7 +429,7 @@ fn xdp_ct_stale_index_entry_is_never_followed() {
 #[test]
 fn xdp_ct_next_hop_is_cached_per_backend() {
     pin_to_cpu0();
-    let mut e = env_with(None, &[(VM1, 8080)]);
+    let e = env_with(None, &[(VM1, 8080)]);
     let before = e.maps.counter(HopLookup).unwrap();
     for i in 0..100 {
         open(&e, CLIENT, 47000 + i);

@@ -56,8 +56,14 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const SNAT_PORT_MIN: u16 = 1024;
 pub const SNAT_PORT_MAX: u16 = 32764;
 pub const SNAT_FULL_PORT_MAX: u16 = 65522;
-/// Candidate ports tried per new flow before the flow is dropped as `DropSnatExhausted`.
+/// SNAT candidates derived from the flow hash, tried first (so `vmlb simulate` can say which
+/// tuple a new flow gets).
 pub const SNAT_RETRIES: u32 = 8;
+/// Then this many random candidates, before the flow is dropped as `DropSnatExhausted`. Needed
+/// because a client reusing its 5-tuple gets the same hashed candidates every time: one that
+/// reconnects eight times within the TIME_WAIT hold would otherwise find all eight held, and
+/// its SYN retries would fail the same way (seen in the sustained lab test).
+pub const SNAT_RANDOM_RETRIES: u32 = 8;
 
 /// `SERVICES` key: a VIP, port and protocol.
 #[repr(C)]

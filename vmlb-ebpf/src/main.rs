@@ -27,7 +27,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use vmlb_common::{
     flow_state as st,
     hash::{flow_hash, snat_addr_index, snat_pick, snat_port, tuple_slot},
-    Config, Counter, Flow, IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RETRIES,
+    Config, Counter, Flow, IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES, SNAT_RETRIES,
 };
 
 use crate::{
@@ -207,7 +207,7 @@ fn new_flow(
     let hop = forward::hop(ctx, p, backend_id, svc.snat_addrs[0], be.addr, now, false)?;
 
     let mut claimed = None;
-    for attempt in 0..SNAT_RETRIES {
+    for attempt in 0..SNAT_RETRIES + SNAT_RANDOM_RETRIES {
         // Each candidate moves on to the next address of the pool as well as to another port,
         // so a pool of N addresses gives every flow N times the tuple space to find a free one.
         let a = snat_addr_index(pick, attempt, svc.snat_count) as usize;
@@ -215,7 +215,14 @@ fn new_flow(
             .snat_addrs
             .get(a & (MAX_SNAT_PER_SERVICE - 1))
             .ok_or(Counter::DropBadBackend)?;
-        let port = snat_port(hash, attempt, svc.port_min, svc.port_range).to_be();
+        let port = if attempt < SNAT_RETRIES {
+            snat_port(hash, attempt, svc.port_min, svc.port_range)
+        } else {
+            // SAFETY: plain helper call.
+            let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
+            snat_port(r, 0, svc.port_min, svc.port_range)
+        }
+        .to_be();
         let idx = tuple_slot(be.addr, snat, be.port, port, k.proto, cfg.slot_count);
         if let Some((f, c)) = ct::claim(idx, now) {
             claimed = Some((f, c, idx, snat, port));

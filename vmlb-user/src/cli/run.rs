@@ -72,8 +72,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub udp_timeout: std::time::Duration,
     /// A closed TCP flow's SNAT tuple is not reused for this long after the close began (the
-    /// VM's TIME_WAIT: 60 s on Linux).
-    #[arg(long, default_value = "61s", value_parser = humantime::parse_duration)]
+    /// VM's TIME_WAIT: 60 s on Linux, run late by up to the timer wheel's granularity).
+    #[arg(long, default_value = "66s", value_parser = humantime::parse_duration)]
     pub snat_time_wait: std::time::Duration,
     /// How often expired flows are swept.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]

@@ -21,7 +21,7 @@ use aya::maps::MapError;
 use serde::Serialize;
 use vmlb_common::{
     flow_state as st, hash, Backend, Config, Flow, FlowKey, Service, ServiceKey, BE_F_UP,
-    MAX_SNAT_PER_SERVICE, SNAT_RETRIES,
+    MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES, SNAT_RETRIES,
 };
 
 use super::{inspect, Output, PinArgs};
@@ -332,14 +332,17 @@ pub fn predict(
             });
         }
     }
-    done(dropped(
-        DropSnatExhausted,
-        format!(
-            "dropped: SNAT tuples exhausted (all {SNAT_RETRIES} candidates towards backend {} \
-             are held)",
-            sock(be.addr, be.port)
-        ),
-    ))
+    // The data path then tries random tuples; which one it gets cannot be foretold.
+    done(Outcome::New {
+        service_id: svc.id,
+        rebalanced,
+        flow_hash: h,
+        slot,
+        backend_id,
+        backend: sock(be.addr, be.port),
+        snat: sock(svc.snat_addrs[0], 0),
+        snat_attempt: SNAT_RETRIES,
+    })
 }
 
 pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
@@ -381,8 +384,15 @@ pub fn describe(p: &Prediction) -> String {
             snat_attempt,
         } => format!(
             "{}: {pkt}\n  service {service_id}, flow hash {flow_hash:#010x}, Maglev slot {slot}\n  \
-             backend {backend_id} {backend}, SNAT port candidate {snat_attempt}\n  \
-             leaves as {snat} -> {backend}\n",
+             backend {backend_id} {backend}, {}\n",
+            if *snat_attempt < SNAT_RETRIES {
+                format!("SNAT port candidate {snat_attempt}\n  leaves as {snat} -> {backend}")
+            } else {
+                format!(
+                    "all {SNAT_RETRIES} hashed SNAT candidates are held: a random free tuple \
+                     of the pool is tried ({SNAT_RANDOM_RETRIES} tries)"
+                )
+            },
             if *rebalanced {
                 "new flow (rebalanced: its backend is down)"
             } else {
@@ -579,16 +589,7 @@ mod tests {
             f.slots.insert(slot_of(i), fl);
         }
         let p = predict(&f, Proto::Tcp, src, dst).unwrap();
-        assert!(
-            matches!(
-                p.outcome,
-                Outcome::Dropped {
-                    counter: "drop_snat_exhausted",
-                    ..
-                }
-            ),
-            "{p:?}"
-        );
+        assert_eq!(new_flow(&p).2, SNAT_RETRIES, "then random tuples: {p:?}");
 
         // The client's own index entry makes it established; a down backend rebalances it.
         f.flows.insert(key, held(1));
@@ -607,8 +608,9 @@ mod tests {
         assert!(
             matches!(
                 p.outcome,
-                Outcome::Dropped {
-                    counter: "drop_snat_exhausted",
+                Outcome::New {
+                    rebalanced: true,
+                    snat_attempt: SNAT_RETRIES,
                     ..
                 }
             ),
