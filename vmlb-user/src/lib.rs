@@ -17,4 +17,5 @@ pub mod model;
 pub mod pins;
 pub mod reconcile;
 pub mod ring_alloc;
+pub mod source;
 pub mod state;
