@@ -42,6 +42,14 @@ impl Default for Timing {
 }
 
 impl Timing {
+    /// How long a node that becomes live waits before it claims VIPs: the others must first see
+    /// its Lease and let go. The same margin that separates "I stop" from "they start" on a
+    /// failure, and at least one renewal interval.
+    pub fn settle(&self) -> Duration {
+        self.renew_every
+            .max(self.lease_duration.saturating_sub(self.renew_deadline))
+    }
+
     pub fn check(&self) -> Result<(), String> {
         if self.renew_every >= self.renew_deadline || self.renew_deadline >= self.lease_duration {
             return Err(format!(
@@ -94,6 +102,9 @@ pub struct Membership {
     renewed_at: Option<Instant>,
     /// When this run of successful renewals began (reset when the deadline passes).
     live_since: Option<Instant>,
+    /// Whether the peers' Leases have been listed: until then a node that believes itself
+    /// alone would take every VIP.
+    synced: bool,
 }
 
 impl Membership {
@@ -104,6 +115,7 @@ impl Membership {
             peers: BTreeMap::new(),
             renewed_at: None,
             live_since: None,
+            synced: false,
         }
     }
 
@@ -140,6 +152,13 @@ impl Membership {
         self.peers.remove(node);
     }
 
+    /// After a (re-)list: peers whose Lease is no longer there are gone, and this node knows
+    /// its peers.
+    pub fn retain_peers(&mut self, present: &BTreeSet<String>) {
+        self.peers.retain(|n, _| present.contains(n));
+        self.synced = true;
+    }
+
     /// Our renewal, sent at `sent`, was accepted.
     pub fn renewed(&mut self, sent: Instant) {
         if !self.me_live(sent) {
@@ -153,9 +172,9 @@ impl Membership {
             .is_some_and(|t| now < t + self.timing.renew_deadline)
     }
 
-    /// Nodes live at `now`. A node counts itself only once it has been live for one renewal
-    /// interval, by when the others have seen its Lease: a joining node takes its VIPs after
-    /// the old owner has let go (a short gap rather than two nodes answering).
+    /// Nodes live at `now`. A node counts itself only once it has been live for
+    /// `Timing::settle`, by when the others have seen its Lease: a joining node takes its VIPs
+    /// after the old owner has let go (a short gap rather than two nodes answering).
     pub fn live(&self, now: Instant) -> BTreeSet<&str> {
         let mut out: BTreeSet<&str> = self
             .peers
@@ -165,8 +184,8 @@ impl Membership {
             .collect();
         let settled = self
             .live_since
-            .is_some_and(|t| now >= t + self.timing.renew_every);
-        if self.me_live(now) && settled {
+            .is_some_and(|t| now >= t + self.timing.settle());
+        if self.me_live(now) && settled && self.synced {
             out.insert(&self.me);
         }
         out
@@ -189,7 +208,7 @@ impl Membership {
     pub fn next_change(&self, now: Instant) -> Option<Instant> {
         let peers = self.peers.values().map(|s| s.at + s.duration);
         let mine = self.renewed_at.map(|t| t + self.timing.renew_deadline);
-        let settle = self.live_since.map(|t| t + self.timing.renew_every);
+        let settle = self.live_since.map(|t| t + self.timing.settle());
         peers.chain(mine).chain(settle).filter(|t| *t > now).min()
     }
 }
@@ -239,6 +258,8 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Membership::new("a", t);
         let mut b = Membership::new("b", t);
+        a.retain_peers(&BTreeSet::new());
+        b.retain_peers(&BTreeSet::new());
         let vips: BTreeSet<Ipv4Addr> = (128..160).map(ip).collect();
         // Both renew at t0 and see each other 10 ms later.
         a.renewed(t0);
@@ -288,6 +309,7 @@ mod tests {
         let mut b = Membership::new("b", t);
         b.renewed(t0);
         b.observe("a", "r1", t.lease_duration, t0);
+        b.retain_peers(&["a".to_string()].into());
         let vip: BTreeSet<Ipv4Addr> = (128..136).map(ip).collect();
         let now = t0 + t.renew_every;
         assert!(b.owned(&vip, now).len() < vip.len());
@@ -296,9 +318,14 @@ mod tests {
 
         let mut c = Membership::new("c", t);
         c.renewed(now);
+        assert!(
+            c.owned(&vip, now + t.settle()).is_empty(),
+            "never before the peers are known"
+        );
+        c.retain_peers(&BTreeSet::new());
         assert!(c.owned(&vip, now).is_empty(), "not settled yet");
-        assert_eq!(c.next_change(now), Some(now + t.renew_every));
-        assert_eq!(c.owned(&vip, now + t.renew_every).len(), vip.len());
+        assert_eq!(c.next_change(now), Some(now + t.settle()));
+        assert_eq!(c.owned(&vip, now + t.settle()).len(), vip.len());
     }
 
     #[test]

@@ -103,6 +103,29 @@ pub fn parse_pool(doc: &serde_json::Value) -> Result<Pool, String> {
     })
 }
 
+/// Every `IPAddressPool` in a YAML file (several documents; other kinds are skipped), as a
+/// ConfigMap mounts it. Pool names must be unique.
+pub fn parse_pools_yaml(text: &str) -> Result<Vec<Pool>, String> {
+    let mut pools: Vec<Pool> = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let v: serde_json::Value =
+            serde::Deserialize::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        if v.is_null() || v.get("kind").and_then(|k| k.as_str()) != Some("IPAddressPool") {
+            continue;
+        }
+        let p = parse_pool(&v).map_err(|e| format!("document {}: {e}", i + 1))?;
+        if pools.iter().any(|q| q.name == p.name) {
+            return Err(format!(
+                "document {}: pool {:?} is defined twice",
+                i + 1,
+                p.name
+            ));
+        }
+        pools.push(p);
+    }
+    Ok(pools)
+}
+
 /// `a.b.c.d/len` or `a.b.c.d-e.f.g.h`. IPv6 is refused: the data path is IPv4 only.
 pub fn parse_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
     let s = s.trim();
@@ -389,6 +412,24 @@ mod tests {
         assert_eq!(got["ns/s254"], Ok(ip("10.0.1.1")), ".255 and .0 skipped");
         let distinct: BTreeSet<_> = got.values().map(|r| *r.as_ref().unwrap()).collect();
         assert_eq!(distinct.len(), 300, "no address given twice");
+    }
+
+    #[test]
+    fn pool_files_hold_several_documents() {
+        let text = "apiVersion: vmlb.io/v1alpha1\nkind: IPAddressPool\nmetadata: {name: a}\n\
+                    spec: {addresses: [10.0.0.0/30]}\n---\nkind: L2Advertisement\n---\n\
+                    apiVersion: vmlb.io/v1alpha1\nkind: IPAddressPool\nmetadata: {name: b}\n\
+                    spec: {addresses: [10.0.1.1-10.0.1.2], autoAssign: false}\n";
+        let p = parse_pools_yaml(text).unwrap();
+        assert_eq!(
+            p.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(!p[1].auto_assign);
+        let twice = format!("{text}---\n{}", text.split("---").next().unwrap());
+        assert!(parse_pools_yaml(&twice)
+            .unwrap_err()
+            .contains("defined twice"));
     }
 
     #[test]
