@@ -10,7 +10,8 @@ use vmlb_common::{
     MAX_SNAT_ADDRS,
 };
 
-use crate::{conntrack::SlotTable, dataplane::Dataplane, pins::PinLayout};
+use super::{pins::PinLayout, Dataplane};
+use crate::conntrack::SlotTable;
 
 pub struct BpfMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,

@@ -1,0 +1,70 @@
+//! The flow sweeper: a thread that ends expired flows every `sweep_interval` (through
+//! `conntrack::sweep`) and raises or lowers the flood guard's pressure flag in `CONFIG`.
+
+use std::sync::{mpsc, Arc, Mutex};
+
+use tracing::{error, info, warn};
+
+use super::options::FlowOptions;
+use crate::dataplane::{maps::BpfMaps, pins::PinLayout};
+
+pub struct Sweeper {
+    stop: mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// `shared`: the daemon's own map handles, locked only to flip the pressure flag (CONFIG is
+    /// read-modify-written, and the reconciler writes it too).
+    pub fn spawn(
+        opts: &FlowOptions,
+        layout: &PinLayout,
+        shared: Arc<Mutex<BpfMaps>>,
+    ) -> anyhow::Result<Self> {
+        // Its own handles: a sweep walks every slot and must not hold up a reconcile.
+        let mut own = BpfMaps::from_pins(layout)?;
+        let timeouts = opts.timeouts;
+        let interval = opts.sweep_interval;
+        let capacity = u64::from(own.flow_capacity()?);
+        let threshold = capacity * u64::from(opts.pressure_percent) / 100;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("vmlb-sweep".into())
+            .spawn(move || {
+                let mut pressure = false;
+                loop {
+                    let s =
+                        crate::conntrack::sweep(&own.slots, &mut own.flows, &timeouts, pressure);
+                    let now_pressure = s.live() >= threshold;
+                    if now_pressure != pressure {
+                        pressure = now_pressure;
+                        if pressure {
+                            warn!(live = s.live(), capacity, "flow table under pressure: SYN-only flows now expire early");
+                        } else {
+                            info!(live = s.live(), capacity, "flow table pressure over");
+                        }
+                        let mut m = shared.lock().expect("maps lock");
+                        if let Err(e) = m.update_config(|c| c.pressure = u32::from(pressure)) {
+                            error!("setting the flow pressure flag: {e:#}");
+                        }
+                    }
+                    tracing::trace!(?s, "flow sweep");
+                    match stopped.recv_timeout(interval) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
