@@ -454,7 +454,10 @@ fn held_hashed_candidates_fall_back_to_random_ones() {
     let (action, out) = e.run(&client_tcp(40082, TCP_SYN).build());
     assert_eq!(action, XDP_TX);
     let port = u16::from_be_bytes([out[34], out[35]]);
-    assert!(!hashed.contains(&port), "a held tuple was given out: {port}");
+    assert!(
+        !hashed.contains(&port),
+        "a held tuple was given out: {port}"
+    );
     let mut d = e.delta();
     // Each random try also collides with probability 8/31741.
     let collisions = d.remove(&SnatPortCollision).unwrap_or(0);

@@ -454,8 +454,9 @@ fn xdp_ct_million_short_connections_through_the_seed_service() {
         snat: Some(SNAT),
         ..Default::default()
     };
-    let services = vmlb_user::source::file::load(&[root.join("deploy/serviceentry-vms.yaml")], &node)
-        .expect("the seed's ServiceEntry");
+    let services =
+        vmlb_user::source::file::load(&[root.join("deploy/serviceentry-vms.yaml")], &node)
+            .expect("the seed's ServiceEntry");
     let specs: Vec<_> = services.into_iter().map(|s| s.spec).collect();
     e.install(&specs).unwrap();
     let t = short(50);

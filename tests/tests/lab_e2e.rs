@@ -946,7 +946,10 @@ fn sustained_close_load_from_many_clients_through_a_snat_pool() {
                 "{vm} rejected SYNs by PAWS in TIME_WAIT: {paws:?}"
             );
         }
-        ensure!(exhausted == 0, "{exhausted} new flows ran out of SNAT tuples");
+        ensure!(
+            exhausted == 0,
+            "{exhausted} new flows ran out of SNAT tuples"
+        );
         Ok(())
     });
 }

@@ -122,7 +122,7 @@ pub const fn prime_range(min: u16, max: u16) -> u16 {
         let mut d = 2;
         let mut prime = true;
         while d * d <= n {
-            if n % d == 0 {
+            if n.is_multiple_of(d) {
                 prime = false;
                 break;
             }

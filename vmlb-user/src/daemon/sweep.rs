@@ -39,7 +39,11 @@ impl Sweeper {
                     if now_pressure != pressure {
                         pressure = now_pressure;
                         if pressure {
-                            warn!(live = s.live(), capacity, "flow table under pressure: SYN-only flows now expire early");
+                            warn!(
+                                live = s.live(),
+                                capacity,
+                                "flow table under pressure: SYN-only flows now expire early"
+                            );
                         } else {
                             info!(live = s.live(), capacity, "flow table pressure over");
                         }

@@ -180,7 +180,10 @@ fn state_name(s: u8) -> &'static str {
 fn rows(entries: &[Flow], label: &dyn Fn(u32) -> String) -> (Vec<FlowRow>, Vec<NatRow>) {
     let (mut flows, mut nat) = (Vec::new(), Vec::new());
     for e in entries {
-        let (client, vip) = (sock(e.client_addr, e.client_port), sock(e.vip_addr, e.vip_port));
+        let (client, vip) = (
+            sock(e.client_addr, e.client_port),
+            sock(e.vip_addr, e.vip_port),
+        );
         let (snat, backend) = (
             sock(e.snat_addr, e.snat_port),
             sock(e.backend_addr, e.backend_port),

@@ -59,7 +59,10 @@ fn kubectl_service_and_slice_become_two_services_with_drain_and_exclusion() {
     let http = &d.services[0];
     assert_eq!(http.spec.vip.to_string(), "10.10.1.128");
     assert_eq!((http.spec.port, http.spec.proto), (80, Proto::Tcp));
-    assert_eq!(http.spec.snat, vec!["10.10.1.125".parse::<std::net::Ipv4Addr>().unwrap()]);
+    assert_eq!(
+        http.spec.snat,
+        vec!["10.10.1.125".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
     // ready -> weight 1; serving + terminating -> drain (0); neither -> left out.
     assert_eq!(
         backends(http),
