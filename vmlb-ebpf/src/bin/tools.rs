@@ -9,13 +9,17 @@
 //! copies the original headers back before tail-calling the program under test;
 //! `bench_restore_new` also gives every iteration a new client address, so each one is a new
 //! flow. Their own cost is measured by tail-calling `bench_floor` and subtracted.
+//!
+//! The `bench_floor_*` programs are references: the floor plus exactly one operation a
+//! load balancer's data path may need, so vmlb's costs can be read as ratios to them.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_NOEXIST},
+    helpers::bpf_fib_lookup,
     macros::{map, xdp},
-    maps::{Array, LruHashMap, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, ProgramArray},
     programs::XdpContext,
 };
 
@@ -38,11 +42,24 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// A reference for the benchmark: the floor plus one lookup of the packet's 5-tuple in an LRU
-/// hash shaped like vmlb's conntrack (16-byte key, 40-byte value), i.e. the least an
-/// established-flow path can cost.
+/// A reference for the benchmark: the floor plus one lookup of the packet's 5-tuple (a 16-byte
+/// key, as vmlb's flow index) in an LRU hash, i.e. the least an established-flow path that finds
+/// its flow by 5-tuple can cost.
 #[map]
 static BENCH_LRU: LruHashMap<[u32; 4], [u64; 5]> = LruHashMap::with_max_entries(1 << 19, 0);
+
+/// New-flow references, reached through `bench_restore_new` (a new key every iteration). Both
+/// are sized by the benchmark to the flow table's capacity, are emptied between rounds, and
+/// hold exactly one entry per iteration afterwards (the benchmark checks that).
+///
+/// A common (global) LRU with a 16-byte key and a 64-byte value, the size of vmlb's `Flow`: what
+/// a design that keeps each flow in one LRU entry pays per new flow, Katran's SYN path included.
+#[map]
+static BENCH_LRU_NEW: LruHashMap<[u32; 4], [u64; 8]> = LruHashMap::with_max_entries(1 << 18, 0);
+/// A preallocated plain hash shaped like vmlb's `FLOWS` index (16-byte key, 8-byte slot and
+/// generation): the one map insert vmlb's new-flow path keeps.
+#[map]
+static BENCH_HASH_NEW: HashMap<[u32; 4], [u32; 2]> = HashMap::with_max_entries(1 << 18, 0);
 
 /// The floor's parse: an Ethernet/IPv4/TCP frame with its whole TCP header present.
 /// Returns the frame start and the L4 offset.
@@ -84,18 +101,116 @@ pub fn bench_floor_lookup(ctx: XdpContext) -> u32 {
     let Some((p, l4)) = tcp_frame(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: tcp_frame checked the IPv4 header and a whole TCP header at `l4`.
+    // SAFETY: tcp_frame checked the frame.
     unsafe {
-        let key = [
-            *(p.add(26) as *const u32),
-            *(p.add(30) as *const u32),
-            *(p.add(l4) as *const u32),
-            6,
-        ];
+        let key = tuple(p, l4);
         if BENCH_LRU.get_ptr(&key).is_none() {
             return xdp_action::XDP_PASS;
         }
         swap_macs(p);
+    }
+    xdp_action::XDP_TX
+}
+
+/// The packet's 5-tuple as the references' key (the same layout as `bench_floor_lookup`'s).
+///
+/// # Safety
+/// `tcp_frame` must have returned `(p, l4)`.
+#[inline(always)]
+unsafe fn tuple(p: *mut u8, l4: usize) -> [u32; 4] {
+    // SAFETY: the caller's tcp_frame checked the IPv4 header and a whole TCP header at `l4`.
+    unsafe {
+        [
+            *(p.add(26) as *const u32),
+            *(p.add(30) as *const u32),
+            *(p.add(l4) as *const u32),
+            6,
+        ]
+    }
+}
+
+/// The floor plus one insert of a new key into the common LRU (fails -> XDP_PASS).
+#[xdp]
+pub fn bench_floor_lru_insert(ctx: XdpContext) -> u32 {
+    let Some((p, l4)) = tcp_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: tcp_frame checked the frame.
+    let key = unsafe { tuple(p, l4) };
+    // Non-zero words from the packet, so the value is built by plain stores, not a memset.
+    let value = [key[0] as u64, key[1] as u64, key[2] as u64, 6, 1, 2, 3, 4];
+    if BENCH_LRU_NEW
+        .insert(&key, &value, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: tcp_frame checked the frame.
+    unsafe { swap_macs(p) };
+    xdp_action::XDP_TX
+}
+
+/// The floor plus one insert of a new key into the preallocated plain hash (fails -> XDP_PASS).
+#[xdp]
+pub fn bench_floor_hash_insert(ctx: XdpContext) -> u32 {
+    let Some((p, l4)) = tcp_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: tcp_frame checked the frame.
+    let key = unsafe { tuple(p, l4) };
+    if BENCH_HASH_NEW
+        .insert(&key, &[key[0], 1], BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: tcp_frame checked the frame.
+    unsafe { swap_macs(p) };
+    xdp_action::XDP_TX
+}
+
+/// The floor plus one `bpf_fib_lookup` of the packet's own source and destination, as received
+/// on its ingress interface; the frame leaves with the next hop's MACs. Not resolved (no route,
+/// no neighbour) -> XDP_PASS, so the benchmark sees it in the return value.
+#[xdp]
+pub fn bench_floor_fib(ctx: XdpContext) -> u32 {
+    let Some((p, _)) = tcp_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    const AF_INET: u64 = 2;
+    // Filled word by word with volatile stores, as vmlb's forward.rs does: the verifier wants
+    // every byte initialised, and LLVM would turn plain zero stores into a byte-loop memset.
+    // Words: family | l4 protocol << 8 | tot_len << 48; ifindex; ipv4_src; ipv4_dst at 16.
+    let mut raw = core::mem::MaybeUninit::<[u64; 8]>::uninit();
+    // SAFETY: tcp_frame checked the IPv4 header (tot_len at 16, addresses at 26 and 30).
+    let words = unsafe {
+        let tot_len = u16::from_be(*(p.add(16) as *const u16)) as u64;
+        [
+            AF_INET | 6 << 8 | tot_len << 48,
+            ctx.ingress_ifindex() as u64 & 0xffff_ffff,
+            *(p.add(26) as *const u32) as u64,
+            0,
+            *(p.add(30) as *const u32) as u64,
+            0,
+            0,
+            0,
+        ]
+    };
+    let base = raw.as_mut_ptr().cast::<u64>();
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: in bounds of the 8-word buffer.
+        unsafe { base.add(i).write_volatile(*w) };
+    }
+    let params = base.cast::<FibParams>();
+    // SAFETY: a fully initialised bpf_fib_lookup (64 bytes) of the size passed.
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, params, 64, 0) };
+    if rc != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the helper filled in the MACs; tcp_frame checked the Ethernet header.
+    unsafe {
+        core::ptr::copy_nonoverlapping((*params).dmac.as_ptr(), p, 6);
+        core::ptr::copy_nonoverlapping((*params).smac.as_ptr(), p.add(6), 6);
     }
     xdp_action::XDP_TX
 }
