@@ -262,7 +262,7 @@ fn every_manifest_is_valid_and_the_daemonset_keeps_its_promises() {
                 }
                 "ServiceEntry" => {
                     let node = NodeConfig::default();
-                    vmlb_user::config::parse_str(&doc.to_string(), Path::new(&at), &node)
+                    vmlb_user::source::file::parse_str(&doc.to_string(), Path::new(&at), &node)
                         .unwrap_or_else(|e| panic!("{at}: {e}"));
                 }
                 "SecurityContextConstraints" => {
