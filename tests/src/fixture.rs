@@ -15,8 +15,7 @@ use aya::{
 };
 use vmlb_common::{hash, Counter, FlowKey, DEFAULT_MAGLEV_ENTRIES, PROGRAM_NAME};
 use vmlb_user::{
-    loader,
-    maps::BpfMaps,
+    dataplane::{loader, maps::BpfMaps},
     model::{BackendSpec, Proto, ServiceSpec},
     reconcile::Reconciler,
 };

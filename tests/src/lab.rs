@@ -24,7 +24,7 @@ use aya::{
     programs::{links::FdLink, Xdp, XdpMode},
     Ebpf,
 };
-use vmlb_user::loader::TOOLS_OBJ;
+use vmlb_user::dataplane::loader::TOOLS_OBJ;
 
 use crate::netns::{run, sweep_stale};
 

@@ -17,8 +17,7 @@ use aya::{
 };
 use vmlb_common::{Counter, DEFAULT_MAGLEV_ENTRIES, PROGRAM_NAME, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use vmlb_user::{
-    loader,
-    maps::BpfMaps,
+    dataplane::{loader, maps::BpfMaps},
     model::{BackendSpec, Proto, ServiceSpec},
     reconcile::Reconciler,
 };

@@ -30,15 +30,16 @@ use vmlb_tests::{
 };
 use vmlb_user::{
     cli::{
-        inspect::{inspect_to, InspectArgs, InspectCommand},
+        inspect::{inspect_to, FlowArgs, InspectArgs, InspectCommand},
         simulate::{simulate_to, SimulateArgs},
         Output, PinArgs,
     },
-    maps::BpfMaps,
-    metrics::{MetricsSource, SharedReader},
+    dataplane::{maps::BpfMaps, pins::PinLayout},
     model::Proto,
-    pins::PinLayout,
-    state::{self, DaemonState, ServiceState},
+    observe::{
+        metrics::{MetricsSource, SharedReader},
+        state::{self, DaemonState, ServiceState},
+    },
 };
 
 const IFACE: &str = "fx0";
@@ -383,7 +384,7 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     );
 
     // flows: exactly the four clients, as the program rewrote them
-    let v = cli.json(InspectCommand::Flows);
+    let v = cli.json(InspectCommand::Flows(FlowArgs::default()));
     let flows = v["flows"].as_array().unwrap();
     let got: BTreeSet<(String, String, String)> = flows
         .iter()
@@ -401,8 +402,61 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         .collect();
     assert_eq!(got, sent.iter().cloned().collect());
 
+    // Filters: by backend (address only, and with its port), by client address, by service,
+    // and a limit that keeps the count of everything that matched.
+    let first_backend: SocketAddrV4 = s(&flows[0]["backend"]).parse().unwrap();
+    let to_first = sent
+        .iter()
+        .filter(|(_, _, b)| *b == first_backend.to_string())
+        .count();
+    assert!(to_first >= 1);
+    for backend in [first_backend.ip().to_string(), first_backend.to_string()] {
+        let v = cli.json(InspectCommand::Flows(FlowArgs {
+            backend: Some(backend),
+            ..Default::default()
+        }));
+        assert_eq!(v["flows"].as_array().unwrap().len(), to_first, "{v}");
+        assert_eq!(v["matched"], to_first);
+    }
+    let client: SocketAddrV4 = sent[0].0.parse().unwrap();
+    let v = cli.json(InspectCommand::Nat(FlowArgs {
+        addr: Some(*client.ip()),
+        ..Default::default()
+    }));
+    let same_ip = sent
+        .iter()
+        .filter(|(c, _, _)| c.starts_with(&format!("{}:", client.ip())))
+        .count();
+    assert_eq!(v["nat"].as_array().unwrap().len(), same_ip, "{v}");
+    let v = cli.json(InspectCommand::Flows(FlowArgs {
+        service: Some("web/http".into()),
+        limit: 1,
+        ..Default::default()
+    }));
+    assert_eq!(
+        (v["flows"].as_array().unwrap().len(), &v["matched"]),
+        (1, &sent.len().into())
+    );
+    let v = cli.json(InspectCommand::Nat(FlowArgs {
+        addr: Some(Ipv4Addr::new(192, 0, 2, 99)),
+        ..Default::default()
+    }));
+    assert_eq!(
+        (v["nat"].as_array().unwrap().len(), &v["matched"]),
+        (0, &0.into())
+    );
+    let unknown = FlowArgs {
+        service: Some("10.10.1.128:81/tcp".into()),
+        ..Default::default()
+    };
+    let e = cli.inspect(InspectCommand::Flows(unknown), Output::Json);
+    assert!(
+        e.is_err(),
+        "an unknown service is an error, not an empty list"
+    );
+
     // nat: the reverse entries of the same four
-    let v = cli.json(InspectCommand::Nat);
+    let v = cli.json(InspectCommand::Nat(FlowArgs::default()));
     let nat = v["nat"].as_array().unwrap();
     let got: BTreeSet<(String, String, String)> = nat
         .iter()
@@ -476,15 +530,17 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         InspectCommand::Maglev {
             service: "web/http".into(),
         },
-        InspectCommand::Flows,
-        InspectCommand::Nat,
+        InspectCommand::Flows(FlowArgs::default()),
+        InspectCommand::Nat(FlowArgs::default()),
         InspectCommand::Stats,
     ] {
         let t = cli.inspect(what.clone(), Output::Table).unwrap();
         assert!(t.lines().count() >= 2, "{what:?}:\n{t}");
         println!("$ vmlb inspect {what:?}\n{t}");
     }
-    let t = cli.inspect(InspectCommand::Flows, Output::Table).unwrap();
+    let t = cli
+        .inspect(InspectCommand::Flows(FlowArgs::default()), Output::Table)
+        .unwrap();
     assert!(
         t.contains(&format!("{CLIENT}:40000  ->  {VIP}:80  =>  {snat0}")),
         "{t}"

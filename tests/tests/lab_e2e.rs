@@ -690,7 +690,7 @@ fn a_different_pinned_program_is_replaced_in_place() {
     scenario(&seed_config(&[]), |w| {
         // Put another program into the pinned link, as an older vmlb would have left it.
         let link_pin = w.dir.pins().join(NODE_DEV).join("link");
-        let mut other = aya::Ebpf::load(vmlb_user::loader::TOOLS_OBJ)?;
+        let mut other = aya::Ebpf::load(vmlb_user::dataplane::loader::TOOLS_OBJ)?;
         let pass: &mut Xdp = other
             .program_mut("xdp_pass")
             .context("xdp_pass")?

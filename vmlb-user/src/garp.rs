@@ -26,6 +26,7 @@ use std::{
 
 use nix::{
     errno::Errno,
+    libc,
     sys::socket::{
         bind, send, socket, AddressFamily, LinkAddr, MsgFlags, SockFlag, SockType,
         SockaddrLike as _,

@@ -647,7 +647,7 @@ mod tests {
 
     #[test]
     fn io_message_drops_os_error_suffix() {
-        let e = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        let e = std::io::Error::from_raw_os_error(nix::errno::Errno::ECONNREFUSED as i32);
         assert_eq!(io_message(&e), "Connection refused");
     }
 }

@@ -3,10 +3,10 @@
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use vmlb_user::{
-    config::{self, ConfigError},
     model::{
         BackendSpec, ConfiguredService, HealthKind, HealthSpec, NodeConfig, Proto, ServiceSpec,
     },
+    source::file::{self as config, ConfigError},
 };
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -379,7 +379,7 @@ fn the_same_vip_port_in_two_files_names_both_places() {
         line: Some(line),
         field: format!("spec.ports[{}]", (port == 443) as u8),
         message: format!(
-            "10.0.0.1:{port}/TCP is defined twice: also by {name} at {}:{line}",
+            "10.0.0.1:{port}/tcp is defined twice: also by {name} at {}:{line}",
             a.display()
         ),
     };

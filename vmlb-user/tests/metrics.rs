@@ -8,7 +8,7 @@ use std::{
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use vmlb_common::{Backend, Counter, Service, ServiceKey, TrafficStats, BE_F_UP, IPPROTO_TCP};
-use vmlb_user::{
+use vmlb_user::observe::{
     metrics::{serve_on, MapUsage, MetricsSource, SharedReader, StatsReader},
     state::{BackendState, DaemonState, ServiceState},
 };

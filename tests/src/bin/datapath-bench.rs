@@ -22,7 +22,7 @@ use vmlb_tests::{
     fixture::*,
     packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN},
 };
-use vmlb_user::{loader, model::Proto};
+use vmlb_user::{dataplane::loader, model::Proto};
 
 const RUNS: usize = 9;
 

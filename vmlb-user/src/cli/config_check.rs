@@ -1,13 +1,13 @@
 //! `vmlb config check`: parse and validate ServiceEntry files without touching the data path.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
+use std::{fmt::Write as _, io::Write as _, net::Ipv4Addr, path::PathBuf};
 
 use serde_json::json;
 
 use super::Output;
 use crate::{
-    config,
     model::{ConfiguredService, HealthKind, NodeConfig},
+    source::file as config,
 };
 
 #[derive(clap::Args, Debug)]
@@ -55,21 +55,24 @@ pub fn check(args: CheckArgs) -> anyhow::Result<()> {
             for e in &errors.0 {
                 eprintln!("{e}");
             }
-            anyhow::bail!("{} error(s) in the configuration", errors.0.len());
+            return Err(super::ExitError::error(
+                super::exit::CONFIG_INVALID,
+                format!("{} error(s) in the configuration", errors.0.len()),
+            ));
         }
     };
-    match args.output {
-        Output::Json => {
-            let list: Vec<_> = services.iter().map(to_json).collect();
-            println!("{}", serde_json::to_string_pretty(&list)?);
-        }
-        Output::Table => print!("{}", table(&services)),
+    let mut out = std::io::stdout().lock();
+    if args.output.is_table() {
+        write!(out, "{}", table(&services))?;
+    } else {
+        let list: Vec<_> = services.iter().map(to_json).collect();
+        super::output::write_doc(&mut out, args.output, &list)?;
     }
     Ok(())
 }
 
 fn vip(s: &ConfiguredService) -> String {
-    let proto = config::proto_name(s.spec.proto);
+    let proto = s.spec.proto.name();
     format!("{}:{}/{proto}", s.spec.vip, s.spec.port)
 }
 
@@ -154,7 +157,7 @@ fn to_json(s: &ConfiguredService) -> serde_json::Value {
         "name": s.name,
         "vip": s.spec.vip,
         "port": s.spec.port,
-        "proto": config::proto_name(s.spec.proto),
+        "proto": s.spec.proto.name(),
         "snat": s.spec.snat,
         "maglev_size": s.spec.ring_size,
         "backends": s.spec.backends.iter().map(|b| json!({
@@ -197,7 +200,7 @@ mod tests {
         assert!(lines[0].starts_with("SERVICE"), "{out}");
         assert!(lines[2].starts_with("vms/http "), "{out}");
         for part in [
-            "10.10.1.128:80/TCP",
+            "10.10.1.128:80/tcp",
             "10.10.1.2:80 w1, 10.10.1.3:80 w1",
             "10.10.1.125",
             "16381",

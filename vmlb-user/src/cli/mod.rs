@@ -1,15 +1,56 @@
-//! The `vmlb` command line: one file per subcommand.
+//! The `vmlb` command line: one file per subcommand, all output through `output`.
 
+pub mod completions;
 pub mod config_check;
 pub mod inspect;
+pub mod output;
 pub mod run;
 pub mod simulate;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
 
-use crate::pins::DEFAULT_PIN_ROOT;
+pub use output::Output;
+
+use crate::dataplane::{
+    maps::BpfMaps,
+    pins::{PinLayout, DEFAULT_PIN_ROOT},
+};
+
+/// Exit statuses, documented in `vmlb --help` and README.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Any runtime failure (cannot attach, no pinned state, ...).
+    pub const FAILURE: u8 = 1;
+    /// The command line is wrong (clap's own status for usage errors).
+    pub const USAGE: u8 = 2;
+    /// The configuration is invalid (`config check`, or `run` refusing to start with it).
+    pub const CONFIG_INVALID: u8 = 3;
+}
+
+/// An error that exits with a specific status (see [`exit`]); anything else exits 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExitError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl ExitError {
+    pub fn error(code: u8, message: impl Into<String>) -> anyhow::Error {
+        Self {
+            code,
+            message: message.into(),
+        }
+        .into()
+    }
+}
+
+const EXIT_HELP: &str = "Exit status:\n  0  success\n  1  failure (cannot attach, no pinned \
+                         state, ...)\n  2  usage error\n  3  the configuration is invalid";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -18,7 +59,8 @@ use crate::pins::DEFAULT_PIN_ROOT;
     about = "XDP Maglev load balancer for VMs on a VLAN",
     long_about = "vmlb answers for service VIPs on a node's VLAN interface and balances their \
                   traffic over VM endpoints with Maglev hashing and full NAT, in XDP. Services \
-                  come from Istio ServiceEntry YAML."
+                  come from Istio ServiceEntry YAML.",
+    after_help = EXIT_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -41,6 +83,11 @@ pub enum Command {
     },
     /// Load the XDP program into the kernel (verifier included) without attaching it, and exit.
     Verify,
+    /// Print a shell completion script (e.g. `vmlb completions bash > /etc/bash_completion.d/vmlb`).
+    Completions(completions::CompletionsArgs),
+    /// Print the man page vmlb(1) (e.g. `vmlb man | man -l -`), or with --dir write one page
+    /// per command.
+    Man(completions::ManArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -61,11 +108,47 @@ pub struct PinArgs {
     pub iface: Option<String>,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Output {
-    #[default]
-    Table,
-    Json,
+impl PinArgs {
+    /// The pin directory of the interface to read: `--iface`, or the only one with pinned
+    /// state.
+    pub fn resolve(&self) -> anyhow::Result<(String, PinLayout)> {
+        let root = &self.pin_dir;
+        let ifaces = PinLayout::interfaces(root);
+        let none = || {
+            anyhow::anyhow!(
+                "no pinned vmlb state under {} (is the daemon running? pass --pin-dir)",
+                root.display()
+            )
+        };
+        let iface = match &self.iface {
+            Some(i) if ifaces.contains(i) => i.clone(),
+            Some(_) if ifaces.is_empty() => return Err(none()),
+            Some(i) => bail!(
+                "no pinned vmlb state for interface {i} under {} (interfaces with state: {})",
+                root.display(),
+                ifaces.join(", ")
+            ),
+            None => match ifaces.as_slice() {
+                [] => return Err(none()),
+                [one] => one.clone(),
+                many => bail!(
+                    "several interfaces have pinned vmlb state under {}: {}; pass --iface",
+                    root.display(),
+                    many.join(", ")
+                ),
+            },
+        };
+        let layout = PinLayout::new(root, &iface);
+        Ok((iface, layout))
+    }
+
+    /// Open the pinned maps of the interface these arguments designate.
+    pub fn open_maps(&self) -> anyhow::Result<(String, BpfMaps)> {
+        let (iface, layout) = self.resolve()?;
+        let maps = BpfMaps::from_pins(&layout)
+            .with_context(|| format!("opening the maps pinned in {}", layout.dir().display()))?;
+        Ok((iface, maps))
+    }
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -78,12 +161,57 @@ pub fn main() -> anyhow::Result<()> {
             command: ConfigCommand::Check(args),
         } => config_check::check(args),
         Command::Verify => {
-            let ebpf = crate::loader::load(Default::default())?;
+            let ebpf = crate::dataplane::loader::load(Default::default())?;
             for (name, _) in ebpf.maps() {
                 println!("map {name}");
             }
             println!("program vmlb: accepted by the verifier");
             Ok(())
         }
+        Command::Completions(args) => completions::completions(args, &mut std::io::stdout()),
+        Command::Man(args) => completions::man(args, &mut std::io::stdout()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_pin_dir_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = PinArgs {
+            pin_dir: dir.path().join("nope"),
+            iface: None,
+        };
+        let e = pins.resolve().unwrap_err().to_string();
+        assert!(e.contains("is the daemon running? pass --pin-dir"), "{e}");
+        // Two interfaces: ask which; one named that has no state: list the ones that do.
+        for i in ["eth1", "eth2"] {
+            std::fs::create_dir(dir.path().join(i)).unwrap();
+        }
+        let pins = PinArgs {
+            pin_dir: dir.path().into(),
+            iface: None,
+        };
+        let e = pins.resolve().unwrap_err().to_string();
+        assert!(e.contains("eth1, eth2; pass --iface"), "{e}");
+        let pins = PinArgs {
+            iface: Some("eth3".into()),
+            ..pins
+        };
+        let e = pins.resolve().unwrap_err().to_string();
+        assert!(e.contains("interfaces with state: eth1, eth2"), "{e}");
+        let pins = PinArgs {
+            iface: Some("eth2".into()),
+            ..pins
+        };
+        assert_eq!(pins.resolve().unwrap().0, "eth2");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
     }
 }

@@ -1,10 +1,15 @@
-//! `vmlb run`: the daemon.
+//! `vmlb run`: the daemon's command line, turned into `daemon::Options`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::ValueEnum;
 
-use crate::pins::DEFAULT_PIN_ROOT;
+use crate::{
+    daemon::{telemetry::LogFormat, Options},
+    dataplane::{attach::XdpMode, pins::DEFAULT_PIN_ROOT},
+    observe::state::DEFAULT_RUN_ROOT,
+    source,
+};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -22,7 +27,7 @@ pub struct RunArgs {
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pub pin_dir: PathBuf,
     /// Where the daemon writes its state file (names, health) for `vmlb inspect`.
-    #[arg(long, default_value = "/run/vmlb")]
+    #[arg(long, default_value = DEFAULT_RUN_ROOT)]
     pub run_dir: PathBuf,
     /// The node's address on the VLAN, the SNAT source (a service may override it with the
     /// vmlb.io/snat-address annotation).
@@ -34,7 +39,7 @@ pub struct RunArgs {
     /// A small YAML node config file (`snatAddress:`, `vlan:`); flags win over it.
     #[arg(long)]
     pub node_config: Option<PathBuf>,
-    /// Prometheus metrics, /healthz and /readyz.
+    /// Prometheus metrics, /healthz and /readyz. Loopback by default: expose it deliberately.
     #[arg(long, default_value = "127.0.0.1:9434")]
     pub metrics_addr: SocketAddr,
     /// Detach the program and remove the pinned state on exit. Without it the program stays
@@ -47,6 +52,9 @@ pub struct RunArgs {
     /// Entries of the array holding every service's Maglev table.
     #[arg(long, default_value_t = vmlb_common::DEFAULT_MAGLEV_ENTRIES)]
     pub maglev_entries: u32,
+    /// Log lines as text (coloured only on a terminal) or JSON (one object per line).
+    #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+    pub log_format: LogFormatArg,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,12 +64,39 @@ pub enum XdpModeArg {
     Skb,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl RunArgs {
+    /// The daemon's options: the node config file merged under the flags.
+    pub fn options(self) -> anyhow::Result<Options> {
+        let node = source::node::load(self.node_config.as_deref(), self.snat_addr, self.vlan)?;
+        Ok(Options {
+            iface: self.iface,
+            configs: self.configs,
+            xdp_mode: match self.xdp_mode {
+                XdpModeArg::Auto => XdpMode::Auto,
+                XdpModeArg::Native => XdpMode::Native,
+                XdpModeArg::Skb => XdpMode::Skb,
+            },
+            pin_dir: self.pin_dir,
+            run_dir: self.run_dir,
+            node,
+            metrics_addr: self.metrics_addr,
+            detach_on_exit: self.detach_on_exit,
+            flow_entries: self.flow_entries,
+            maglev_entries: self.maglev_entries,
+            log_format: match self.log_format {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            },
+        })
+    }
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    crate::daemon::init_tracing();
-    // Two workers: the daemon's work is a few timers, probes and map writes.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(crate::daemon::run(args))
+    crate::daemon::main(args.options()?)
 }

@@ -4,7 +4,7 @@
 //! replay is the kernel's FIB lookup (an unresolved next hop makes the program pass the packet,
 //! `pass_no_neigh`).
 //!
-//! `-o json` prints `Prediction`: `{"proto", "src", "dst", "verdict", ...}` where `verdict` is
+//! `-o json` (or `-o yaml`) prints `Prediction`: `{"proto", "src", "dst", "verdict", ...}` where `verdict` is
 //! one of
 //! - `established`: `{"service_id", "backend_id", "backend", "snat"}` (FLOWS has the flow);
 //! - `new`: `{"service_id", "rebalanced", "flow_hash", "slot", "backend_id", "backend", "snat",
@@ -12,10 +12,7 @@
 //! - `reply`: `{"service_id", "backend_id", "vip", "client"}` (src is a backend, dst a SNAT port);
 //! - `dropped` / `passed`: `{"counter", "message"}` (`counter`: the data-path counter it bumps).
 
-use std::{
-    io::Write,
-    net::{Ipv4Addr, SocketAddrV4},
-};
+use std::{io::Write, net::SocketAddrV4};
 
 use aya::maps::MapError;
 use serde::Serialize;
@@ -23,8 +20,15 @@ use vmlb_common::{
     hash, Backend, FlowEntry, FlowKey, Service, ServiceKey, BE_F_UP, DIR_TO_BACKEND, SNAT_RETRIES,
 };
 
-use super::{inspect, Output, PinArgs};
-use crate::{maps::BpfMaps, model::Proto, state::proto_name};
+use super::{
+    output::{write_doc, Output},
+    PinArgs,
+};
+use crate::{
+    addr::{self, proto_name, sock},
+    dataplane::maps::BpfMaps,
+    model::Proto,
+};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -33,7 +37,7 @@ use crate::{maps::BpfMaps, model::Proto, state::proto_name};
 pub struct SimulateArgs {
     #[command(flatten)]
     pub pins: PinArgs,
-    /// Output format: a short report, or JSON (a stable shape for scripts).
+    /// Output format: a short report, or JSON / YAML (a stable shape for scripts).
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
     /// Protocol of the packet: tcp or udp.
@@ -53,11 +57,7 @@ fn parse_endpoint(s: &str) -> Result<SocketAddrV4, String> {
 }
 
 fn parse_proto(s: &str) -> Result<Proto, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "tcp" => Ok(Proto::Tcp),
-        "udp" => Ok(Proto::Udp),
-        _ => Err(format!("expected tcp or udp, got {s:?}")),
-    }
+    addr::parse_proto(s).ok_or_else(|| format!("expected tcp or udp, got {s:?}"))
 }
 
 /// The lookups the data path makes, so `predict` runs on the real maps or on a fake.
@@ -142,10 +142,6 @@ pub enum Outcome {
     },
 }
 
-fn sock(a: u32, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(a.to_ne_bytes()), u16::from_be(port_be))
-}
-
 fn dropped(c: vmlb_common::Counter, message: String) -> Outcome {
     Outcome::Dropped {
         counter: c.name(),
@@ -163,8 +159,8 @@ pub fn predict(
 ) -> anyhow::Result<Prediction> {
     use vmlb_common::Counter::*;
     let key = FlowKey {
-        src_addr: u32::from_ne_bytes(src.ip().octets()),
-        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
+        src_addr: addr::raw(*src.ip()),
+        dst_addr: addr::raw(*dst.ip()),
         src_port: src.port().to_be(),
         dst_port: dst.port().to_be(),
         proto: proto.number(),
@@ -287,10 +283,10 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 
 /// `simulate`, writing to `out` (tests capture it).
 pub fn simulate_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (_, maps) = inspect::open_maps(&args.pins)?;
+    let (_, maps) = args.pins.open_maps()?;
     let p = predict(&maps, args.proto, args.src, args.dst)?;
-    if args.output == Output::Json {
-        return inspect::write_json(out, &p);
+    if !args.output.is_table() {
+        return write_doc(out, args.output, &p);
     }
     write!(out, "{}", describe(&p))?;
     Ok(())
@@ -346,6 +342,8 @@ pub fn describe(p: &Prediction) -> String {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use std::net::Ipv4Addr;
 
     use clap::Parser as _;
     use vmlb_common::{DIR_TO_CLIENT, IPPROTO_TCP};

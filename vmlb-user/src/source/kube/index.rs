@@ -23,8 +23,8 @@ use super::{
     ADDRESS_POOL, LB_CLASS, LB_IPS, SERVICE_ENTRY_LABEL,
 };
 use crate::{
-    config,
     model::{ConfiguredService, NodeConfig},
+    source::file as config,
 };
 
 /// The object a problem is about, for Events and status conditions.
@@ -249,7 +249,7 @@ impl Index {
                         "{}:{}/{} is already served by {by}",
                         s.spec.vip,
                         s.spec.port,
-                        config::proto_name(s.spec.proto)
+                        s.spec.proto.name()
                     )
                 })
             });

@@ -135,7 +135,7 @@ fn service_entries_need_the_label_and_mean_what_files_mean() {
     let d = ix.derive(&node());
     let names: Vec<&str> = d.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["istio-system/vms/https", "istio-system/vms/http"]);
-    let from_file = crate::config::parse_str(
+    let from_file = crate::source::file::parse_str(
         &entry_fixture()
             .to_string()
             .replace("\"vms\"", "\"istio-system/vms\""),
@@ -208,7 +208,7 @@ fn a_vip_port_claimed_twice_goes_to_the_older_object() {
     assert_eq!(d.problems[0].object.name, "young");
     assert!(d.problems[0]
         .message
-        .contains("10.10.1.128:80/TCP is already served by Service default/vms"));
+        .contains("10.10.1.128:80/tcp is already served by Service default/vms"));
 }
 
 #[test]

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use vmlb_common::ServiceKey;
 
-use crate::{model::ServiceSpec, reconcile::Reconciler};
+use crate::{addr, dataplane::pins::create_private_dir, model::ServiceSpec, reconcile::Reconciler};
 
 /// Default root of the per-interface run directories.
 pub const DEFAULT_RUN_ROOT: &str = "/run/vmlb";
@@ -72,21 +72,11 @@ pub struct BackendState {
     pub last_error: Option<String>,
 }
 
-/// Lowercase protocol name from an IP protocol number ("tcp", "udp", or the number).
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        vmlb_common::IPPROTO_TCP => "tcp".into(),
-        vmlb_common::IPPROTO_UDP => "udp".into(),
-        n => n.to_string(),
-    }
-}
-
 impl DaemonState {
     /// The service listening on a `SERVICES` key, if the daemon named it.
     pub fn service(&self, key: &ServiceKey) -> Option<&ServiceState> {
-        let vip = Ipv4Addr::from(key.vip.to_ne_bytes());
-        let port = u16::from_be(key.port);
-        let proto = proto_name(key.proto);
+        let (vip, port) = (addr::ip(key.vip), u16::from_be(key.port));
+        let proto = addr::proto_name(key.proto);
         self.services
             .iter()
             .find(|s| s.vip == vip && s.port == port && s.proto == proto)
@@ -137,10 +127,10 @@ impl ServiceState {
             name: name.to_string(),
             vip: spec.vip,
             port: spec.port,
-            proto: proto_name(spec.proto.number()),
+            proto: spec.proto.name().to_string(),
             id: svc.id,
             hosts: hosts.to_vec(),
-            snat: Ipv4Addr::from(svc.snat_addr.to_ne_bytes()),
+            snat: addr::ip(svc.snat_addr),
             ring_size: svc.ring_size,
             backends,
         })
@@ -153,7 +143,7 @@ pub fn write_atomic(path: &Path, s: &DaemonState) -> anyhow::Result<()> {
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent directory", path.display()))?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(
         ".{}.tmp.{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),

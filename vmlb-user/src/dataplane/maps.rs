@@ -9,7 +9,7 @@ use vmlb_common::{
     map_names, Backend, Counter, FlowEntry, FlowKey, Service, ServiceKey, TrafficStats,
 };
 
-use crate::{dataplane::Dataplane, pins::PinLayout};
+use super::{pins::PinLayout, Dataplane};
 
 pub struct BpfMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,

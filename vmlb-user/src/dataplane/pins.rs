@@ -5,6 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
+use nix::{
+    mount::{mount, MsFlags},
+    sys::statfs::BPF_FS_MAGIC,
+};
+
 /// Default root of the pin directories (one per interface below it).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/vmlb";
 
@@ -46,18 +51,20 @@ impl PinLayout {
     }
 }
 
-/// The statfs magic of a BPF filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Create `dir` (and missing parents) and make it 0700: the pins are the data path's control
+/// surface (anyone who can open them rewrites forwarding), and the run directory names every
+/// backend. Parents created here are 0700 too; existing parents keep their mode.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct we own; `c` is a valid C string.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
+    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// Make sure `root` lies on a BPF filesystem, mounting one if needed (as Cilium and systemd do
@@ -80,19 +87,13 @@ pub fn ensure_bpffs(root: &Path) -> std::io::Result<bool> {
         root
     };
     std::fs::create_dir_all(mount_at)?;
-    let target = std::ffi::CString::new(mount_at.as_os_str().as_encoded_bytes())?;
-    // SAFETY: plain mount(2) with valid C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"bpffs".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    mount(
+        Some("bpffs"),
+        mount_at,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)?;
     Ok(true)
 }

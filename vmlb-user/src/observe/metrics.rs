@@ -10,7 +10,6 @@
 
 use std::{
     future::Future,
-    net::{Ipv4Addr, SocketAddr},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, RwLock,
@@ -35,8 +34,9 @@ use prometheus_client::{
 use vmlb_common::{map_names, Backend, Counter, Service, ServiceKey, TrafficStats, BE_F_UP};
 
 use crate::{
-    maps::BpfMaps,
-    state::{proto_name, DaemonState},
+    addr::{backend_addr, ip, proto_name, service_addr},
+    dataplane::maps::BpfMaps,
+    observe::state::DaemonState,
 };
 
 /// One map's occupancy.
@@ -180,25 +180,6 @@ impl Snapshot {
             maps: r.map_usage()?,
         })
     }
-}
-
-fn ip(a: u32) -> Ipv4Addr {
-    Ipv4Addr::from(a.to_ne_bytes())
-}
-
-/// "VIP:port/proto" of a `SERVICES` key.
-pub fn service_addr(key: &ServiceKey) -> String {
-    format!(
-        "{}:{}/{}",
-        ip(key.vip),
-        u16::from_be(key.port),
-        proto_name(key.proto)
-    )
-}
-
-/// "addr:port" of a backend.
-pub fn backend_addr(b: &Backend) -> String {
-    format!("{}:{}", ip(b.addr), u16::from_be(b.port))
 }
 
 /// prometheus-client writes label values verbatim; names come from user YAML, so escape them as
@@ -443,16 +424,7 @@ pub struct MetricsSource {
 
 impl MetricsSource {
     pub fn new(reader: SharedReader, state: Arc<RwLock<DaemonState>>) -> Self {
-        Self::with_registry(reader, state, Registry::default())
-    }
-
-    /// Also serve the daemon's own metrics (reloads, reconcile errors, probes...) registered in
-    /// `registry`.
-    pub fn with_registry(
-        reader: SharedReader,
-        state: Arc<RwLock<DaemonState>>,
-        mut registry: Registry,
-    ) -> Self {
+        let mut registry = Registry::default();
         let ready = Arc::new(AtomicBool::new(false));
         registry.register_collector(Box::new(MapCollector {
             reader,
@@ -514,18 +486,6 @@ pub fn router(source: MetricsSource) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(source)
-}
-
-/// Serve the endpoints on `addr` until `shutdown` completes.
-pub async fn serve(
-    addr: SocketAddr,
-    source: MetricsSource,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
-    serve_on(listener, source, shutdown).await
 }
 
 /// Serve on a bound listener (tests bind port 0 and read the port back).

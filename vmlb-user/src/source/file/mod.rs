@@ -1,4 +1,5 @@
-//! Source: Istio ServiceEntry YAML -> `model::ConfiguredService`.
+//! The file source: Istio ServiceEntry YAML -> `model::ConfiguredService`; `watch` says when to
+//! read again.
 //!
 //! Files hold Kubernetes manifests as `kubectl apply` takes them (several documents per file,
 //! `kind: List` too); only ServiceEntries (networking.istio.io v1, v1beta1, v1alpha3) are read,
@@ -9,6 +10,7 @@
 //! Errors are collected over all files, and each names its file, line and field path.
 
 mod serviceentry;
+pub mod watch;
 mod yaml;
 
 use std::{
@@ -17,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::model::{ConfiguredService, NodeConfig, Proto};
+use crate::model::{ConfiguredService, NodeConfig};
 use serviceentry::Parsed;
 pub use serviceentry::{ANNOTATIONS, API_VERSIONS};
 
@@ -99,14 +101,6 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigErrors> {
     }
 }
 
-/// "TCP" / "UDP", as Istio spells protocols.
-pub fn proto_name(proto: Proto) -> &'static str {
-    match proto {
-        Proto::Tcp => "TCP",
-        Proto::Udp => "UDP",
-    }
-}
-
 /// Files as given (whatever their extension), directories expanded; each file once, so passing
 /// a file and its directory does not report every service as defined twice.
 fn expand(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<ConfigError>) {
@@ -178,7 +172,7 @@ fn duplicates(parsed: &[Parsed]) -> Vec<ConfigError> {
         let s = &p.svc;
         let key = (s.spec.vip, s.spec.port, s.spec.proto);
         let (what, first): (String, &ConfiguredService) = if let Some(first) = by_key.get(&key) {
-            let proto = proto_name(s.spec.proto);
+            let proto = s.spec.proto.name();
             (format!("{}:{}/{proto}", s.spec.vip, s.spec.port), first)
         } else if let Some(first) = by_name.get(s.name.as_str()) {
             (format!("service name {}", s.name), first)

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use aya::{programs::Xdp, Ebpf, EbpfLoader};
 use vmlb_common::{map_names, PROGRAM_NAME};
 
-use crate::pins::PinLayout;
+use super::pins::PinLayout;
 
 /// Every map of the object (the pinned state of a daemon).
 pub const ALL_MAPS: [&str; 8] = [

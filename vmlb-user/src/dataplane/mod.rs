@@ -1,5 +1,13 @@
 //! The boundary between reconcile and the kernel: a handful of idempotent writes. `maps::BpfMaps`
 //! implements it on the real maps; tests use `FakeDataplane`.
+//!
+//! Around it: `loader` (the embedded object and how to load it), `pins` (where the maps and the
+//! link live), `attach` (load + attach + pin, adopt a pinned program, upgrade it in place).
+
+pub mod attach;
+pub mod loader;
+pub mod maps;
+pub mod pins;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,141 @@
+//! The one writer of the data path: configured services + health verdicts -> desired state ->
+//! reconcile -> maps, then the state file and the metrics' view of it.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    dataplane::maps::BpfMaps,
+    health::{HealthChecker, Target},
+    model::{ConfiguredService, HealthSpec, ServiceSpec},
+    observe::state::{self, BackendState, DaemonState, ServiceState},
+    reconcile::Reconciler,
+};
+
+/// The daemon's handles for applying a configuration.
+pub struct Applier {
+    pub iface: String,
+    pub generation: u64,
+    pub maps: Arc<Mutex<BpfMaps>>,
+    pub shared_state: Arc<RwLock<DaemonState>>,
+    pub state_path: PathBuf,
+}
+
+impl Applier {
+    /// Desired services (configuration + current health) -> the maps, then publish the state.
+    pub fn apply(
+        &mut self,
+        reconciler: &mut Reconciler,
+        configured: &[ConfiguredService],
+        health: &HealthChecker,
+    ) -> anyhow::Result<()> {
+        let desired = desired(configured, health);
+        let summary = {
+            let mut maps = self.maps.lock().expect("maps lock");
+            reconciler.apply(&desired, &mut *maps)?
+        };
+        if summary != Default::default() {
+            info!(?summary, "data path updated");
+        }
+        self.generation += 1;
+        let mut st = daemon_state(&self.iface, configured, reconciler, health, &desired);
+        st.generation = self.generation;
+        st.updated_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Err(e) = state::write_atomic(&self.state_path, &st) {
+            warn!("writing {}: {e:#}", self.state_path.display());
+        }
+        *self.shared_state.write().expect("state lock") = st;
+        Ok(())
+    }
+}
+
+fn desired(configured: &[ConfiguredService], health: &HealthChecker) -> Vec<ServiceSpec> {
+    configured
+        .iter()
+        .map(|c| {
+            let mut spec = c.spec.clone();
+            for b in &mut spec.backends {
+                b.up = health.is_up(&Target {
+                    addr: b.addr,
+                    port: b.port,
+                });
+            }
+            spec
+        })
+        .collect()
+}
+
+/// One probe target per backend address:port (the first service's health settings win when
+/// several services share an endpoint).
+pub fn health_targets(configured: &[ConfiguredService]) -> Vec<(Target, HealthSpec)> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for c in configured {
+        for b in &c.spec.backends {
+            let t = Target {
+                addr: b.addr,
+                port: b.port,
+            };
+            if seen.insert(t.clone()) {
+                out.push((t, c.health.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn daemon_state(
+    iface: &str,
+    configured: &[ConfiguredService],
+    reconciler: &Reconciler,
+    health: &HealthChecker,
+    desired: &[ServiceSpec],
+) -> DaemonState {
+    let states = health.states();
+    let services = configured
+        .iter()
+        .zip(desired)
+        .map(|(c, spec)| {
+            let key = spec.key();
+            let id = reconciler.service(&key).map_or(0, |s| s.id);
+            ServiceState {
+                name: c.name.clone(),
+                vip: spec.vip,
+                port: spec.port,
+                proto: spec.proto.name().to_string(),
+                id,
+                hosts: c.hosts.clone(),
+                snat: spec.snat,
+                ring_size: spec.ring_size,
+                backends: spec
+                    .backends
+                    .iter()
+                    .map(|b| BackendState {
+                        addr: b.addr,
+                        port: b.port,
+                        id: reconciler.backend_id(&key, b.addr, b.port).unwrap_or(0),
+                        weight: b.weight,
+                        up: b.up,
+                        last_error: states
+                            .iter()
+                            .find(|s| s.target.addr == b.addr && s.target.port == b.port)
+                            .and_then(|s| s.last_error.clone()),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    DaemonState {
+        iface: iface.to_string(),
+        pid: std::process::id(),
+        services,
+        ..Default::default()
+    }
+}

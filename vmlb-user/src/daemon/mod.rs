@@ -1,0 +1,229 @@
+//! The daemon: wires the stages together and owns the one loop that changes the data path.
+//!
+//! sources (ServiceEntry files, SIGHUP, health events) -> desired services -> reconcile ->
+//! BPF maps. Startup either adopts a pinned program (a restart: nothing is reloaded, flows keep
+//! going) or loads, attaches and pins a new one (`dataplane::attach`). A bad configuration is
+//! refused as a whole and the previous one keeps serving. Each stage lives in its own module;
+//! this one only connects them: `options` (what to do), `telemetry` (logs), `apply` (the one
+//! writer of the maps).
+
+mod apply;
+pub mod options;
+pub mod telemetry;
+
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+pub use options::Options;
+
+use crate::{
+    cli::{exit, ExitError},
+    dataplane::{
+        attach::{self, AttachSpec},
+        maps::BpfMaps,
+        pins::PinLayout,
+    },
+    health::{HealthChecker, HealthEvent},
+    model::ConfiguredService,
+    observe::{
+        metrics::{self, MetricsSource},
+        state::{self, DaemonState},
+    },
+    reconcile::Reconciler,
+    source,
+};
+use apply::{health_targets, Applier};
+
+/// Wait this long after the last file event before reloading: editors write a file in several
+/// steps (truncate, write, rename), and one reload should see the finished file.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Set up logging and a small runtime, then run the daemon until SIGTERM/SIGINT.
+pub fn main(opts: Options) -> anyhow::Result<()> {
+    telemetry::init(opts.log_format);
+    // Two workers: the daemon's work is a few timers, probes and map writes.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(opts))
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let layout = PinLayout::new(&opts.pin_dir, &opts.iface);
+    // The configuration is read before anything is loaded: a daemon refused for a bad file
+    // leaves no trace. With a pinned program to adopt it keeps serving the adopted state.
+    let mut configured: Option<Vec<ConfiguredService>> =
+        match source::file::load(&opts.configs, &opts.node) {
+            Ok(c) => Some(c),
+            Err(errors) => {
+                for e in &errors.0 {
+                    error!("{e}");
+                }
+                if !layout.link().exists() {
+                    return Err(ExitError::error(
+                        exit::CONFIG_INVALID,
+                        format!(
+                            "the configuration is invalid ({} error(s), listed above)",
+                            errors.0.len()
+                        ),
+                    ));
+                }
+                warn!("keeping the adopted data-path state until the configuration is fixed");
+                None
+            }
+        };
+    // Bound before attaching, so a taken port stops the daemon before it changes anything.
+    let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
+    let (attachment, maps) = attach::attach_or_adopt(&AttachSpec {
+        iface: opts.iface.clone(),
+        mode: opts.xdp_mode,
+        pin_root: opts.pin_dir.clone(),
+        flow_entries: opts.flow_entries,
+        maglev_entries: opts.maglev_entries,
+    })?;
+    telemetry::forward_ebpf_logs(&layout);
+
+    // Whatever the maps hold (a previous daemon's services, or nothing) is the starting point,
+    // so applying the same configuration again writes nothing.
+    let mut reconciler = attach::adopt_reconciler(&maps, opts.maglev_entries)?;
+    let maps = Arc::new(Mutex::new(maps));
+
+    let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(256);
+    let mut health = HealthChecker::new(health_tx);
+    let shared_state = Arc::new(RwLock::new(DaemonState {
+        iface: opts.iface.clone(),
+        pid: std::process::id(),
+        ..Default::default()
+    }));
+
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Scrapes read through their own handles on the pinned maps: reads need no lock, and a
+    // scrape walking FLOWS must not hold up a reconcile.
+    let scrape_maps = Arc::new(Mutex::new(BpfMaps::from_pins(&layout)?));
+    let metrics_source = MetricsSource::new(scrape_maps, shared_state.clone());
+    let metrics_task = tokio::spawn(metrics::serve_on(listener, metrics_source.clone(), async {
+        let _ = metrics_stopped.await;
+    }));
+
+    let mut applier = Applier {
+        iface: opts.iface.clone(),
+        generation: 0,
+        maps: maps.clone(),
+        shared_state: shared_state.clone(),
+        state_path: state::state_path(&opts.run_dir, &opts.iface),
+    };
+    if let Some(c) = &configured {
+        health.update_with_initial(health_targets(c), &reconciler.down_backends());
+        applier
+            .apply(&mut reconciler, c, &health)
+            .context("applying the initial configuration")?;
+    }
+    metrics_source.set_ready(true);
+    info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving");
+
+    let (reload_tx, mut reload_rx) = mpsc::channel::<()>(16);
+    let _watcher = source::file::watch::watch(&opts.configs, reload_tx)?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let mut stages = Stages {
+        opts: &opts,
+        configured: &mut configured,
+        health: &mut health,
+        reconciler: &mut reconciler,
+        applier: &mut applier,
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                stages.reload();
+            }
+            Some(()) = reload_rx.recv() => {
+                // Let the burst of events from one save settle, then reload once.
+                tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                while reload_rx.try_recv().is_ok() {}
+                info!("configuration changed on disk: reloading");
+                stages.reload();
+            }
+            Some(ev) = health_rx.recv() => {
+                // health.rs logs the transition itself.
+                tracing::debug!(target = %ev.target, up = ev.up, "applying a health change");
+                stages.health_changed();
+            }
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+        }
+    }
+
+    metrics_source.set_ready(false);
+    health.shutdown().await;
+    let _ = stop_metrics.send(());
+    let _ = metrics_task.await;
+    if opts.detach_on_exit {
+        attachment.detach()?;
+        let _ = std::fs::remove_file(&applier.state_path);
+        info!(iface = %opts.iface, "detached; pinned state removed");
+    } else {
+        info!(iface = %opts.iface, pins = %layout.dir().display(), "left attached: the program keeps forwarding and the next daemon adopts it");
+    }
+    Ok(())
+}
+
+/// The loop's mutable state, so each event is one call.
+struct Stages<'a> {
+    opts: &'a Options,
+    configured: &'a mut Option<Vec<ConfiguredService>>,
+    health: &'a mut HealthChecker,
+    reconciler: &'a mut Reconciler,
+    applier: &'a mut Applier,
+}
+
+impl Stages<'_> {
+    /// Parse everything first; only a fully valid configuration replaces the running one.
+    fn reload(&mut self) {
+        match source::file::load(&self.opts.configs, &self.opts.node) {
+            Err(errors) => {
+                for e in &errors.0 {
+                    error!("{e}");
+                }
+                error!(
+                    "configuration refused ({} error(s)); the previous configuration keeps serving",
+                    errors.0.len()
+                );
+            }
+            Ok(c) => {
+                if self.configured.as_ref() == Some(&c) {
+                    info!("configuration unchanged");
+                    return;
+                }
+                self.health.update(health_targets(&c));
+                match self.applier.apply(self.reconciler, &c, self.health) {
+                    Ok(()) => *self.configured = Some(c),
+                    Err(e) => error!("configuration refused by the data path: {e:#}"),
+                }
+            }
+        }
+    }
+
+    fn health_changed(&mut self) {
+        if let Some(c) = self.configured.as_ref() {
+            if let Err(e) = self.applier.apply(self.reconciler, c, self.health) {
+                error!("applying a health change: {e:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! What the daemon needs to know, as plain data: the CLI (or a test) fills it in, the daemon
+//! never sees clap.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use super::telemetry::LogFormat;
+use crate::{dataplane::attach::XdpMode, model::NodeConfig};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The node's VLAN-side interface.
+    pub iface: String,
+    /// ServiceEntry files and directories.
+    pub configs: Vec<PathBuf>,
+    pub xdp_mode: XdpMode,
+    /// Root of the pin directories (`<pin_dir>/<iface>` is this interface's).
+    pub pin_dir: PathBuf,
+    /// Root of the run directories (`<run_dir>/<iface>/state.json`).
+    pub run_dir: PathBuf,
+    /// Flags and node config file, already merged.
+    pub node: NodeConfig,
+    pub metrics_addr: SocketAddr,
+    /// Detach the program and remove the pins on exit.
+    pub detach_on_exit: bool,
+    /// Map sizes for a fresh load.
+    pub flow_entries: u32,
+    pub maglev_entries: u32,
+    pub log_format: LogFormat,
+}

@@ -1,0 +1,260 @@
+//! Getting the program onto the interface: adopt a pinned one (a restart), upgrade it in place
+//! (a new version), or load, attach and pin a new one; and detaching at the end.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::{
+    programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode as AyaXdpMode},
+    Ebpf,
+};
+use tracing::{info, warn};
+use vmlb_common::PROGRAM_NAME;
+
+use super::{
+    loader::{self, Sizes, ALL_MAPS},
+    maps::BpfMaps,
+    pins::{create_private_dir, ensure_bpffs, PinLayout},
+};
+use crate::reconcile::Reconciler;
+
+/// How to attach a newly loaded program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic (skb) mode with a warning.
+    Auto,
+    Native,
+    Skb,
+}
+
+/// What to attach where.
+#[derive(Clone, Debug)]
+pub struct AttachSpec {
+    pub iface: String,
+    pub mode: XdpMode,
+    /// Root of the pin directories; this interface's are in `<pin_root>/<iface>`.
+    pub pin_root: std::path::PathBuf,
+    /// Map sizes for a fresh load (an adopted program keeps its maps' sizes).
+    pub flow_entries: u32,
+    pub maglev_entries: u32,
+}
+
+/// How the program came to run, for logs and `vmlb inspect status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Loaded and attached by this daemon in native mode.
+    LoadedNative,
+    /// Loaded and attached by this daemon in generic (skb) mode.
+    LoadedSkb,
+    /// A previous daemon's program, same code: adopted as it was.
+    Adopted,
+    /// A previous daemon's program replaced in its link by this version's.
+    Upgraded,
+}
+
+/// What keeps the program attached while the daemon runs.
+pub struct Attachment {
+    /// Our own copy of the object when we loaded it (keeps program fds alive until the link
+    /// holds them).
+    _ebpf: Option<Ebpf>,
+    link: PinnedLink,
+    pub origin: Origin,
+    layout: PinLayout,
+}
+
+impl Attachment {
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+
+    /// Unpin the link (detaching the program once the last fd closes) and remove the pins.
+    pub fn detach(self) -> anyhow::Result<()> {
+        let fd_link: FdLink = self.link.unpin().context("unpinning the XDP link")?;
+        drop(fd_link);
+        for name in ALL_MAPS {
+            let _ = std::fs::remove_file(self.layout.map(name));
+        }
+        let _ = std::fs::remove_dir(self.layout.dir());
+        Ok(())
+    }
+}
+
+/// Adopt a pinned program if one is attached to this interface; otherwise load, attach and pin.
+pub fn attach_or_adopt(spec: &AttachSpec) -> anyhow::Result<(Attachment, BpfMaps)> {
+    let layout = PinLayout::new(&spec.pin_root, &spec.iface);
+    if layout.link().exists() {
+        return adopt_or_upgrade(spec, layout);
+    }
+
+    if ensure_bpffs(&spec.pin_root)
+        .with_context(|| format!("mounting a BPF filesystem for {}", spec.pin_root.display()))?
+    {
+        info!(pin_dir = %spec.pin_root.display(), "mounted a BPF filesystem for the pins");
+    }
+    for dir in [spec.pin_root.as_path(), layout.dir()] {
+        create_private_dir(dir).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted at /sys/fs/bpf?)",
+                dir.display()
+            )
+        })?;
+    }
+    let mut ebpf = loader::load(Sizes {
+        flows: Some(spec.flow_entries),
+        maglev: Some(spec.maglev_entries),
+        pins: Some(layout.clone()),
+    })?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("program vmlb missing from the object")?
+        .try_into()?;
+    let iface = &spec.iface;
+    let (link_id, origin) = match spec.mode {
+        XdpMode::Native => (
+            prog.attach(iface, AyaXdpMode::Driver).with_context(|| {
+                format!(
+                    "attaching in native mode to {iface} (try --xdp-mode skb if the driver lacks XDP)"
+                )
+            })?,
+            Origin::LoadedNative,
+        ),
+        XdpMode::Skb => (
+            prog.attach(iface, AyaXdpMode::Skb)
+                .with_context(|| format!("attaching in generic (skb) mode to {iface}"))?,
+            Origin::LoadedSkb,
+        ),
+        XdpMode::Auto => match prog.attach(iface, AyaXdpMode::Driver) {
+            Ok(id) => {
+                info!(%iface, "attached in native (driver) mode");
+                (id, Origin::LoadedNative)
+            }
+            Err(e) => {
+                warn!(%iface, "native XDP failed ({e}); falling back to generic (skb) mode");
+                let id = prog.attach(iface, AyaXdpMode::Skb).with_context(|| {
+                    format!("attaching to {iface} in native and in generic mode (does the interface exist in this namespace?)")
+                })?;
+                (id, Origin::LoadedSkb)
+            }
+        },
+    };
+    let link: FdLink = prog.take_link(link_id)?.try_into().context(
+        "the kernel attached without a BPF link (netlink); vmlb needs bpf_link to pin it",
+    )?;
+    let link = link
+        .pin(layout.link())
+        .with_context(|| format!("pinning the link at {}", layout.link().display()))?;
+    let maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    info!(%iface, pins = %layout.dir().display(), "loaded, attached and pinned");
+    let attachment = Attachment {
+        _ebpf: Some(ebpf),
+        link,
+        origin,
+        layout,
+    };
+    Ok((attachment, maps))
+}
+
+fn open_link(layout: &PinLayout) -> anyhow::Result<PinnedLink> {
+    PinnedLink::from_pin(layout.link())
+        .with_context(|| format!("opening the pinned link {}", layout.link().display()))
+}
+
+/// Id and tag of the program the pinned link runs.
+pub fn pinned_program(link: &Path) -> anyhow::Result<(u32, u64)> {
+    let link = PinnedLink::from_pin(link)
+        .with_context(|| format!("opening the pinned link {}", link.display()))?;
+    let id = FdLink::from(link).info()?.program_id();
+    let tag = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
+        .with_context(|| format!("program {id} of the pinned link is not loaded"))?;
+    Ok((id, tag))
+}
+
+/// A program is pinned on this interface. If it is this version's code (same kernel tag), adopt
+/// it: nothing reloaded, flows keep going. Otherwise load this version against the same pinned
+/// maps and swap it into the pinned link in one step (BPF_LINK_UPDATE): no packet goes
+/// unprocessed and the conntrack entries stay. If this version cannot use the pinned maps
+/// (their layout changed), keep the running program and say so.
+fn adopt_or_upgrade(spec: &AttachSpec, layout: PinLayout) -> anyhow::Result<(Attachment, BpfMaps)> {
+    let iface = &spec.iface;
+    let attached_id = FdLink::from(open_link(&layout)?).info()?.program_id();
+    let attached_tag = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == attached_id)
+        .map(|p| p.tag());
+
+    let adopt = |layout: PinLayout| -> anyhow::Result<(Attachment, BpfMaps)> {
+        let maps = BpfMaps::from_pins(&layout)?;
+        info!(%iface, "adopted the pinned XDP program: nothing reloaded, flows keep going");
+        let attachment = Attachment {
+            _ebpf: None,
+            link: open_link(&layout)?,
+            origin: Origin::Adopted,
+            layout,
+        };
+        Ok((attachment, maps))
+    };
+    let mut ebpf = match loader::load(Sizes {
+        pins: Some(layout.clone()),
+        ..Default::default()
+    }) {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            warn!("this version's program cannot use the pinned maps ({e:#}); keeping the running program (restart with --detach-on-exit once to replace it)");
+            return adopt(layout);
+        }
+    };
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("program vmlb missing from the object")?
+        .try_into()?;
+    if Some(prog.info()?.tag()) == attached_tag {
+        // Same code: the copy just loaded is dropped (the pinned maps stay).
+        return adopt(layout);
+    }
+    let link = XdpLink::try_from(FdLink::from(open_link(&layout)?))
+        .context("the pinned link is not an XDP link")?;
+    let id = prog
+        .attach_to_link(link)
+        .context("replacing the program in the pinned link")?;
+    // The link stays pinned; keep it out of the program's own list so nothing detaches it.
+    drop(prog.take_link(id)?);
+    let maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    info!(%iface, old_program = attached_id, "replaced the pinned program with this version's in place: flows keep going");
+    let attachment = Attachment {
+        _ebpf: Some(ebpf),
+        link: open_link(&layout)?,
+        origin: Origin::Upgraded,
+        layout,
+    };
+    Ok((attachment, maps))
+}
+
+/// Whatever the maps hold (a previous daemon's services, or nothing) as a reconciler, so
+/// applying the same configuration again writes nothing.
+pub fn adopt_reconciler(maps: &BpfMaps, ring_entries: u32) -> anyhow::Result<Reconciler> {
+    let services: Vec<_> = maps.services.iter().collect::<Result<_, _>>()?;
+    let mut backends = Vec::new();
+    for (id, b) in maps.backends.iter().enumerate() {
+        let b = b?;
+        if b.addr != 0 {
+            backends.push((id as u32, b));
+        }
+    }
+    let ring_entries = ring_entries.max(maps.maglev.len());
+    let r = Reconciler::adopt(ring_entries, &services, &backends, |base, len| {
+        (base..base + len)
+            .map(|i| Ok(maps.maglev.get(&i, 0)?))
+            .collect()
+    })?;
+    if !services.is_empty() {
+        info!(
+            services = services.len(),
+            "adopted the services found in the pinned maps"
+        );
+    }
+    Ok(r)
+}
