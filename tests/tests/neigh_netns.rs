@@ -231,6 +231,22 @@ fn a_new_keeper_adopts_and_removes_entries_left_by_a_previous_one() {
     let mut second = keeper_in(&t.node, &rt);
     let entries = rt.block_on(second.entries()).unwrap();
     assert!(entries[&IpAddr::V4(ON_LINK)].is_ours(), "{entries:#?}");
+    // The gateway has a plain dynamic entry, as traffic through the stack leaves behind: a cache
+    // entry, which the keeper turns into a managed one of its own.
+    t.node
+        .ip(&[
+            "neigh",
+            "add",
+            "10.99.0.3",
+            "lladdr",
+            &mac_str(PEER_MAC),
+            "dev",
+            "veth0",
+            "nud",
+            "stale",
+        ])
+        .unwrap();
+    assert!(!rt.block_on(second.entries()).unwrap()[&IpAddr::V4(GATEWAY)].is_ours());
     let r = rt
         .block_on(second.sync([IpAddr::V4(ON_LINK), IpAddr::V4(ROUTED)]))
         .unwrap();
@@ -239,6 +255,8 @@ fn a_new_keeper_adopts_and_removes_entries_left_by_a_previous_one() {
         vec![IpAddr::V4(GATEWAY)],
         "the on-link one is already there"
     );
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert!(rt.block_on(second.entries()).unwrap()[&IpAddr::V4(GATEWAY)].is_ours());
     let r = rt.block_on(second.sync([IpAddr::V4(ROUTED)])).unwrap();
     assert_eq!(
         r.removed,
