@@ -27,6 +27,8 @@ pub struct Options {
     pub maglev_entries: u32,
     pub flows: FlowOptions,
     pub log_format: LogFormat,
+    /// Also serve what the cluster says (`vmlb run --kubernetes`); `None`: files only.
+    pub kubernetes: Option<crate::source::kube::Options>,
 }
 
 /// Flow expiry and the flood guard.
