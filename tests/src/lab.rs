@@ -126,12 +126,6 @@ fn plug(segment: &Ns, ns: &Ns, dev: &str, mac: &str, port: &str) -> anyhow::Resu
     Ok(())
 }
 
-fn permanent_neigh(ns: &Ns, addr: Ipv4Addr, mac: &str, dev: &str) -> anyhow::Result<()> {
-    let cmd = format!("neigh replace {addr} lladdr {mac} dev {dev} nud permanent");
-    ns.ip(&cmd.split(' ').collect::<Vec<_>>())?;
-    Ok(())
-}
-
 /// Attach the tools object's `xdp_pass` in native mode to `dev` in the calling thread's
 /// namespace. Without `pin`, dropping the returned object detaches it; with `pin`, the link is
 /// pinned there and stays attached until the pin is removed (or the device goes away).
@@ -171,8 +165,9 @@ impl Lab {
         let client = naming.ns("client")?;
         plug(&segment, &client, "eth0", CLIENT_MAC, "p-client")?;
         client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
-        // Nothing answers ARP for the VIP yet (a later issue): point it at the node by hand.
-        permanent_neigh(&client, VIP, NODE_MAC, "eth0")?;
+        // No static neighbour anywhere: the client resolves the VIP through ARP, which vmlb's
+        // program answers on the node, and the node resolves the VMs itself (the daemon keeps
+        // managed neighbour entries for its backends).
 
         let node = naming.ns("node")?;
         plug(&segment, &node, NODE_DEV, NODE_MAC, NODE_PEER)?;
@@ -204,15 +199,13 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Plug one more VM into the segment (its namespace named like the lab's) and give the node
-    /// a permanent neighbour for it: user space keeps backend neighbours resolved (the program
-    /// passes a new flow to the kernel while they are not); here, by hand.
+    /// Plug one more VM into the segment (its namespace named like the lab's). The node learns
+    /// its MAC through ARP, as on a real VLAN.
     pub fn add_vm(&mut self, name: &'static str, addr: Ipv4Addr) -> anyhow::Result<&Vm> {
         let ns = self.naming.ns(name)?;
         let mac = vm_mac(addr);
         plug(&self.segment, &ns, "eth0", &mac, &format!("p-{name}"))?;
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        permanent_neigh(&self.node, addr, &mac, NODE_DEV)?;
         self.vms.push(Vm { name, addr, ns });
         Ok(self.vms.last().expect("just pushed"))
     }

@@ -98,10 +98,12 @@ impl Packet {
         self
     }
 
-    /// Rewrite the addresses and ports (what NAT is expected to do), keeping everything else.
+    /// Rewrite the addresses and ports and take one hop off the TTL (what NAT is expected to
+    /// do: vmlb forwards like a router), keeping everything else.
     pub fn with_tuple(mut self, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
         self.src = src.0;
         self.dst = dst.0;
+        self.ttl -= 1;
         match &mut self.l4 {
             L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => {
                 *sport = src.1;
@@ -257,4 +259,22 @@ pub fn diff(got: &[u8], want: &[u8]) -> String {
         }
     }
     s
+}
+
+/// An Ethernet/ARP frame (RFC 826, Ethernet and IPv4), padded to the 60-byte minimum.
+pub fn arp(op: u16, eth_dst: Mac, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&eth_dst);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&op.to_be_bytes());
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa.octets());
+    f.extend_from_slice(&tha);
+    f.extend_from_slice(&tpa.octets());
+    f.resize(60, 0);
+    f
 }

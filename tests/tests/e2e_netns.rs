@@ -70,6 +70,9 @@ fn curl_through_vip_reaches_both_vms_with_snat_source() {
         .apply(std::slice::from_ref(&spec), &mut maps)
         .expect("installing the service");
     attach_native(&mut ebpf, &lab).expect("attaching vmlb in native (driver) mode");
+    // What the daemon does: managed neighbour entries for the backends, so the node resolves
+    // the VMs itself (the lab has no static entries).
+    resolve_backends(&lab).expect("resolving the VMs from the node");
 
     if let Err(e) = check(&lab, &servers, &maps, &reconciler, &spec) {
         eprintln!("{}", report(&lab, &servers, &maps, &reconciler, &spec));
@@ -228,4 +231,27 @@ fn report(
         out += &s.logs();
     }
     out
+}
+
+/// Keep managed neighbour entries for the VMs on the node's interface and wait until the kernel
+/// has resolved them (at most 5 s).
+fn resolve_backends(lab: &Lab) -> anyhow::Result<()> {
+    let _in_node = lab.node.enter()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut keeper = vmlb_user::neigh::NeighKeeper::for_interface(NODE_DEV).await?;
+        let vms: Vec<std::net::IpAddr> = lab.vms.iter().map(|v| v.addr.into()).collect();
+        keeper.sync(vms.clone()).await?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let st = keeper.status().await?;
+            if st.iter().all(|b| b.state.is_usable()) {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "VMs not resolved: {st:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
 }

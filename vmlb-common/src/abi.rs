@@ -76,6 +76,10 @@ pub struct ServiceKey {
 }
 const _: () = assert!(size_of::<ServiceKey>() == 8);
 
+/// `VIPS` value flags: this node owns the VIP, so it answers ARP for it (in file mode a node
+/// owns all its VIPs unless told otherwise; with Kubernetes the VIP's elected node does).
+pub const VIP_F_OWNED: u32 = 1;
+
 /// `Service::flags`: SNAT the client to `snat_addrs` (the only mode so far; DNAT-only later).
 pub const SVC_F_SNAT: u32 = 1;
 
@@ -131,14 +135,16 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 16);
 
-/// `FLOWS` value: where the flow of a client 5-tuple lives in `FLOW_SLOTS`. `gen` must equal
-/// the slot's generation, else the slot was freed and reused since and this index entry is stale
-/// (it is then counted and deleted, never followed).
+/// `FLOWS` value: where the flow of a client 5-tuple lives in `FLOW_SLOTS`. The entry is
+/// current only while that slot is live and holds this very 5-tuple (`Flow::client_key`); else
+/// the slot was freed or reused since, and the entry is stale: counted, deleted, never
+/// followed. (Checking the key rather than a generation lets a new flow insert its index entry
+/// before it has claimed the slot, so the two cache misses overlap.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowRef {
     pub slot: u32,
-    pub gen: u32,
+    pub _pad: u32,
 }
 const _: () = assert!(size_of::<FlowRef>() == 8);
 
@@ -172,7 +178,8 @@ pub const FLOW_GEN_SHIFT: u32 = 8;
 pub struct Flow {
     /// generation << 8 | state (`flow_state`); changed only by compare-and-swap.
     pub ctl: u64,
-    /// Clock (`clock` units) of the last packet, refreshed coarsely (`CLOCK_REFRESH`).
+    /// Clock (`clock` units) when the flow was created, then when the sweep last found it
+    /// `touched`.
     pub last_seen: u32,
     /// CLOSING: when it began. FREE: the earliest time the slot may be claimed again.
     pub stamp: u32,
@@ -192,7 +199,10 @@ pub struct Flow {
     pub client_ifindex: u32,
     pub client_mac: [u8; 6],
     pub proto: u8,
-    pub _pad0: u8,
+    /// Set by the data path when a packet passes (written only when it was 0, so a busy flow
+    /// costs no store per packet); the sweep turns it into `last_seen` and clears it. The
+    /// established and reply paths thus need no clock at all.
+    pub touched: u8,
     pub _pad1: u32,
 }
 const _: () = assert!(size_of::<Flow>() == 64);
@@ -222,10 +232,6 @@ impl Flow {
 /// units of 2^20 ns, about 1.05 ms), as a wrapping u32 (49 days); compare with wrapping
 /// differences only. User space reads the same clock for expiry.
 pub const CLOCK_SHIFT: u32 = 20;
-/// Established flows write `last_seen` only when it is this many clock units old (~1 s), so the
-/// established path costs no map write per packet (Cilium refreshes coarsely for the same
-/// reason); idle timeouts are accurate to about a second.
-pub const CLOCK_REFRESH: u32 = 1 << 10;
 
 /// Convert a duration in milliseconds to clock units.
 pub const fn clock_units_from_ms(ms: u64) -> u32 {
@@ -259,15 +265,17 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 64);
 
-/// `HOPS` value (per CPU, per backend id): the backend's next hop from `bpf_fib_lookup`,
-/// refreshed when older than `HOP_TTL`, so new flows skip the FIB lookup and a neighbour whose
-/// MAC changed reaches established flows within about a second.
+/// `HOPS` value (per CPU, per backend id): the backend's next hop from `bpf_fib_lookup`. New
+/// flows refresh it when older than `HOP_TTL`; established packets only check that it is
+/// valid, and the daemon's sweeper invalidates the hops of live backends every few seconds, so
+/// a neighbour whose MAC changed reaches established flows within seconds without a clock read
+/// per packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Hop {
     /// 0: never looked up.
     pub ifindex: u32,
-    /// Clock of the lookup.
+    /// Clock of the lookup (odd); 0: invalidated by the daemon.
     pub stamp: u32,
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],

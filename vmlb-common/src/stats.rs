@@ -71,11 +71,22 @@ pub enum Counter {
     FlowTupleReuse = 27,
     /// A backend's next hop was (re)looked up with bpf_fib_lookup (event).
     HopLookup = 28,
+    /// VIP traffic or a reply in a frame not addressed to the interface's own MAC (broadcast,
+    /// multicast, another host's): left to the kernel, never NATed.
+    PassOtherMac = 29,
+    /// TTL 0 or 1: forwarding would expire it; left to the kernel, which answers with ICMP
+    /// time-exceeded.
+    PassTtlExceeded = 30,
+    /// An ARP request for an owned VIP, answered with the interface's MAC (event; XDP_TX).
+    ArpReply = 31,
+    /// ARP that is not a request for an owned VIP (other addresses, replies, gratuitous ARP):
+    /// left to the kernel.
+    PassArp = 32,
 }
 
 impl Counter {
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 33;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIpv4,
@@ -107,6 +118,10 @@ impl Counter {
         Counter::FlowClosing,
         Counter::FlowTupleReuse,
         Counter::HopLookup,
+        Counter::PassOtherMac,
+        Counter::PassTtlExceeded,
+        Counter::ArpReply,
+        Counter::PassArp,
     ];
 
     /// snake_case name, used as a metric label and in the CLI.
@@ -141,6 +156,10 @@ impl Counter {
             Counter::FlowClosing => "flow_closing",
             Counter::FlowTupleReuse => "flow_tuple_reuse",
             Counter::HopLookup => "hop_lookup",
+            Counter::PassOtherMac => "pass_other_mac",
+            Counter::PassTtlExceeded => "pass_ttl_exceeded",
+            Counter::ArpReply => "arp_reply",
+            Counter::PassArp => "pass_arp",
         }
     }
 

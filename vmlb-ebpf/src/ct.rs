@@ -4,11 +4,14 @@
 //! the SNAT tuple's hash, so both directions are created, found, closed and freed as one. A slot
 //! changes hands only by compare-and-swap on `ctl` (generation << 8 | state): a CPU claims a
 //! FREE slot whose TIME_WAIT hold (`stamp`) has passed, writes it, then publishes it; user space
-//! frees expired slots the same way (vmlb-user's conntrack sweep). A `FLOWS` entry whose
-//! generation no longer matches its slot is stale: it is counted and deleted, never followed.
+//! frees expired slots the same way (vmlb-user's conntrack sweep). A `FLOWS` entry whose slot
+//! no longer holds its 5-tuple is stale: it is counted and deleted, never followed.
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use vmlb_common::{flow_state as st, Config, Counter, Flow, FlowKey, FlowRef, FLOW_GEN_SHIFT};
+
+/// `-EEXIST` from a map insert with BPF_NOEXIST.
+const EEXIST: i32 = -17;
 
 use crate::maps::{FLOWS, FLOW_SLOTS};
 
@@ -35,7 +38,7 @@ fn cas(f: *mut Flow, old: u64, new: u64) -> bool {
 /// loads need BPF v4, and the ordering that matters (fields written before `ctl` publishes
 /// them) comes from the writer's full-barrier `cmpxchg`.
 #[inline(always)]
-fn load(f: *mut Flow) -> u64 {
+pub fn load(f: *mut Flow) -> u64 {
     // SAFETY: `ctl` is an aligned u64 inside a live map value.
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*f).ctl)) }
 }
@@ -46,7 +49,8 @@ pub fn slot(idx: u32) -> Option<*mut Flow> {
 }
 
 /// The client direction: the flow of this 5-tuple, if its index entry is current. A stale entry
-/// (slot freed or reused since) is counted, deleted, and reported as no flow.
+/// (slot freed or reused since) is counted, deleted, and reported as no flow. A slot still
+/// being claimed (another CPU creating this very flow) is no flow yet, but not stale.
 #[inline(always)]
 pub fn find(key: &FlowKey) -> Option<(*mut Flow, u64)> {
     // SAFETY: copied out at once.
@@ -54,7 +58,18 @@ pub fn find(key: &FlowKey) -> Option<(*mut Flow, u64)> {
     let f = slot(r.slot)?;
     let c = load(f);
     let state = c as u8;
-    if (c >> FLOW_GEN_SHIFT) as u32 == r.gen && state > st::CLAIMING {
+    if state == st::CLAIMING {
+        return None;
+    }
+    // SAFETY: a valid map value pointer.
+    let mine = unsafe {
+        (*f).client_addr == key.src_addr
+            && (*f).vip_addr == key.dst_addr
+            && (*f).client_port == key.src_port
+            && (*f).vip_port == key.dst_port
+            && (*f).proto == key.proto
+    };
+    if mine && state > st::CLAIMING {
         return Some((f, c));
     }
     crate::stats::count(Counter::FlowStale);
@@ -82,56 +97,56 @@ pub fn find_reply(idx: u32, key: &FlowKey) -> Option<(*mut Flow, u64)> {
     ok.then_some((f, c))
 }
 
-/// Move a live flow to `to` (a TCP state change), unless someone changed it first.
+/// Move a live flow to `to` (a TCP state change), unless someone changed it first. Closing
+/// records its time (the only clock read on the established and reply paths, once per flow).
 #[inline(always)]
-pub fn transition(f: *mut Flow, c: u64, to: u8, now: u32) -> bool {
+pub fn transition(f: *mut Flow, c: u64, to: u8) -> bool {
     let new = (c & !0xff) | to as u64;
     if !cas(f, c, new) {
         return false;
     }
     if to == st::CLOSING {
         // SAFETY: valid map value; only the CPU that won the CAS writes the closing time.
-        unsafe { (*f).stamp = now };
+        unsafe { (*f).stamp = now() };
     }
     true
 }
 
 /// TCP flags on a live flow: FIN/RST start closing; a reply ends SYN_SENT. Returns the state.
 #[inline(always)]
-pub fn track(f: *mut Flow, c: u64, flags: u8, reply: bool, now: u32) -> u8 {
+pub fn track(f: *mut Flow, c: u64, flags: u8, reply: bool) -> u8 {
     let state = c as u8;
     if state == st::UDP || state == st::CLOSING {
         return state;
     }
     if flags & (crate::parse::TCP_FIN | crate::parse::TCP_RST) != 0 {
-        if transition(f, c, st::CLOSING, now) {
+        if transition(f, c, st::CLOSING) {
             crate::stats::count(Counter::FlowClosing);
         }
         return st::CLOSING;
     }
-    if reply && state == st::SYN_SENT && transition(f, c, st::ESTABLISHED, now) {
+    if reply && state == st::SYN_SENT && transition(f, c, st::ESTABLISHED) {
         return st::ESTABLISHED;
     }
     state
 }
 
-/// Keep `last_seen` fresh without a write per packet.
+/// Mark the flow as seen since the last sweep, storing only when the mark is not set yet (a busy
+/// flow's cache line is then only read).
 #[inline(always)]
-pub fn touch(f: *mut Flow, now: u32) {
-    // SAFETY: valid map value pointer; a racing plain store of a clock value is harmless.
+pub fn touch(f: *mut Flow) {
+    // SAFETY: valid map value pointer; racing stores of 1 are harmless.
     unsafe {
-        if now.wrapping_sub((*f).last_seen) >= vmlb_common::CLOCK_REFRESH {
-            (*f).last_seen = now;
+        if (*f).touched == 0 {
+            (*f).touched = 1;
         }
     }
 }
 
-/// Claim slot `idx` for a new flow: it must be FREE and past its TIME_WAIT hold. Returns the
-/// slot and its new `ctl` (state CLAIMING) on success.
+/// Claim slot `f` (whose `ctl` was read as `c`) for a new flow: it must be FREE and past its
+/// TIME_WAIT hold. Returns its new `ctl` (state CLAIMING) on success.
 #[inline(always)]
-pub fn claim(idx: u32, now: u32) -> Option<(*mut Flow, u64)> {
-    let f = slot(idx)?;
-    let c = load(f);
+pub fn claim(f: *mut Flow, c: u64, now: u32) -> Option<u64> {
     if c as u8 != st::FREE {
         return None;
     }
@@ -143,7 +158,7 @@ pub fn claim(idx: u32, now: u32) -> Option<(*mut Flow, u64)> {
         return None;
     }
     let claimed = ((c >> FLOW_GEN_SHIFT).wrapping_add(1) << FLOW_GEN_SHIFT) | st::CLAIMING as u64;
-    cas(f, c, claimed).then_some((f, claimed))
+    cas(f, c, claimed).then_some(claimed)
 }
 
 /// Make a claimed and written slot visible with its first state; returns the new `ctl`.
@@ -155,30 +170,41 @@ pub fn publish(f: *mut Flow, claimed: u64, state: u8) -> u64 {
     c
 }
 
-/// Give back a published slot whose flow could not be indexed (no packet was sent for it):
-/// free at once, no TIME_WAIT hold.
+/// What indexing a new flow found.
+pub enum Indexed {
+    Done,
+    /// An entry for this 5-tuple exists (a retransmitted SYN, or a client reusing the 5-tuple
+    /// of a closing flow): the caller looks it up instead.
+    Exists,
+}
+
+/// Index a new flow under its client 5-tuple, before its slot is claimed. `replace`: an entry
+/// exists (a closing flow whose 5-tuple the client reuses, or one moved off a down backend)
+/// and is overwritten.
 #[inline(always)]
-pub fn release(f: *mut Flow, published: u64) {
-    // SAFETY: valid map value pointer.
-    unsafe { (*f).stamp = 0 };
-    let c = load(f);
-    if c >> FLOW_GEN_SHIFT == published >> FLOW_GEN_SHIFT {
-        cas(f, c, c & !0xff);
+pub fn index(key: &FlowKey, idx: u32, replace: bool) -> Result<Indexed, Counter> {
+    let r = FlowRef { slot: idx, _pad: 0 };
+    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
+    match FLOWS.insert(key, &r, flags as u64) {
+        Ok(()) => Ok(Indexed::Done),
+        Err(EEXIST) => Ok(Indexed::Exists),
+        Err(_) => Err(Counter::DropFlowTableFull),
     }
 }
 
-/// Index the new flow under its client 5-tuple. `replace`: an index entry exists (a closing
-/// flow whose tuple the client reuses) and is overwritten.
+/// Point an index entry at another slot (the first SNAT candidate was held).
 #[inline(always)]
-pub fn index(key: &FlowKey, idx: u32, claimed: u64, replace: bool) -> Result<(), Counter> {
-    let r = FlowRef {
-        slot: idx,
-        gen: (claimed >> FLOW_GEN_SHIFT) as u32,
-    };
-    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
-    FLOWS
-        .insert(key, &r, flags as u64)
-        .map_err(|_| Counter::DropFlowTableFull)
+pub fn reindex(key: &FlowKey, idx: u32) {
+    if let Some(r) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: a valid map value pointer; only this CPU is creating this flow.
+        unsafe { (*r).slot = idx };
+    }
+}
+
+/// Drop the index entry of a flow that could not be created.
+#[inline(always)]
+pub fn unindex(key: &FlowKey) {
+    let _ = FLOWS.remove(key);
 }
 
 /// A source that must never be NATed: 0/8, 127/8, multicast and reserved (224/3), limited

@@ -19,10 +19,11 @@ pub struct NextHop {
     pub src_mac: [u8; 6],
 }
 
-/// The next hop towards backend `id` at `addr`, from this CPU's cache when younger than
-/// `HOP_TTL`, else from the FIB (and cached). An established flow keeps its last known hop when a
-/// refresh fails (the kernel is re-resolving the neighbour); a new flow is not created without
-/// a hop.
+/// The next hop towards backend `id` at `addr`, from this CPU's cache, else from the FIB (and
+/// cached). `now`: a new flow, which also refreshes a hop older than `HOP_TTL`; established
+/// packets (`None`) read no clock and rely on the daemon invalidating the cache every few
+/// seconds. A new flow is not created without a hop; an established one keeps its last known
+/// hop when a refresh fails (the kernel is re-resolving the neighbour).
 #[inline(always)]
 pub fn hop(
     ctx: &XdpContext,
@@ -30,15 +31,23 @@ pub fn hop(
     id: u32,
     src: u32,
     addr: u32,
-    now: u32,
-    established: bool,
+    now: Option<u32>,
 ) -> Result<Hop, Counter> {
     let cached = HOPS.get_ptr_mut(id).ok_or(Counter::DropBadBackend)?;
     // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
     unsafe {
-        // ifindex 0: never looked up.
+        // ifindex 0: never looked up, or invalidated.
         let valid = (*cached).ifindex != 0;
-        if valid && now.wrapping_sub((*cached).stamp) < HOP_TTL {
+        // The daemon invalidates a hop by zeroing its stamp (keeping the MACs as a fallback).
+        let fresh = match now {
+            // (The stamp is made odd, so it may be one unit ahead of an even `now`.)
+            Some(now) => {
+                let age = now.wrapping_sub((*cached).stamp) as i32;
+                (-1..HOP_TTL as i32).contains(&age)
+            }
+            None => (*cached).stamp != 0,
+        };
+        if valid && fresh {
             return Ok(*cached);
         }
         count(Counter::HopLookup);
@@ -47,10 +56,10 @@ pub fn hop(
                 (*cached).ifindex = h.ifindex;
                 (*cached).dst_mac = h.dst_mac;
                 (*cached).src_mac = h.src_mac;
-                (*cached).stamp = now;
+                (*cached).stamp = now.unwrap_or_else(crate::ct::now) | 1;
                 Ok(*cached)
             }
-            Err(_) if established && valid => Ok(*cached),
+            Err(_) if now.is_none() && valid => Ok(*cached),
             Err(c) => Err(c),
         }
     }

@@ -14,6 +14,7 @@
     reason = "core_intrinsics for BPF cmpxchg, see ct.rs"
 )]
 
+mod arp;
 mod ct;
 mod forward;
 mod guard;
@@ -27,7 +28,8 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use vmlb_common::{
     flow_state as st,
     hash::{flow_hash, snat_addr_index, snat_pick, snat_port, tuple_slot},
-    Config, Counter, Flow, IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES, SNAT_RETRIES,
+    Backend, Config, Counter, Flow, Service, IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES,
+    SNAT_RETRIES,
 };
 
 use crate::{
@@ -63,6 +65,10 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
     let p = match parse::parse(ctx) {
         Ok(p) => p,
         Err(Classify::Pass(c)) => return Err(c),
+        Err(Classify::Arp { eth, l3 }) => {
+            let cfg = maps::CONFIG.get(0).ok_or(Counter::PassArp)?;
+            return arp::handle(ctx, eth, l3, cfg);
+        }
         Err(Classify::Ipv4 {
             dst,
             if_vip,
@@ -76,11 +82,28 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
         }
     };
     let cfg = maps::CONFIG.get(0).ok_or(Counter::PassNotVip)?;
-    let now = ct::now();
+    // Only frames addressed to this interface are NATed (not broadcast, not another host's);
+    // and a packet whose TTL would expire is the kernel's to answer (time-exceeded).
+    // SAFETY: `eth` and `ip` were bounds-checked by parse().
+    let (dst_mac, ttl) = unsafe { ((*p.eth).dst, (*p.ip).ttl) };
+    if dst_mac != cfg.mac {
+        return Err(Counter::PassOtherMac);
+    }
+    if ttl <= 1 {
+        return Err(Counter::PassTtlExceeded);
+    }
 
     // A backend's reply: the SNAT tuple names its slot.
     if ct::is_snat_addr(p.key.dst_addr, cfg) {
-        return reply(ctx, &p, cfg, now);
+        return reply(ctx, &p, cfg);
+    }
+
+    // A SYN opens a flow without looking for one first (its index insert finds an existing
+    // entry: a retransmission, or the client reusing a closing flow's 5-tuple).
+    if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
+        if let Some(action) = new_flow(ctx, &p, cfg, false, false)? {
+            return Ok(action);
+        }
     }
 
     // The client direction of a known flow: one index lookup, one slot access.
@@ -98,33 +121,29 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
         } else if !lookup::backend_up(backend_id) {
             // Its backend is down: close it (the old SNAT tuple waits out its hold) and move
             // the flow to a backend the Maglev table still has.
-            ct::transition(f, c, st::CLOSING, now);
+            ct::transition(f, c, st::CLOSING);
             count(Counter::FlowRebalanced);
             replace = true;
             rebalance = true;
         } else {
-            return established(ctx, &p, f, c, now);
+            return established(ctx, &p, f, c);
         }
     }
-    new_flow(ctx, &p, cfg, now, replace, rebalance)
+    // `Exists` cannot come back when replacing; without an entry it means another CPU created
+    // this flow meanwhile: drop this packet, the client's next one finds it.
+    new_flow(ctx, &p, cfg, replace, rebalance)?.ok_or(Counter::DropFlowTableFull)
 }
 
 #[inline(always)]
-fn established(
-    ctx: &XdpContext,
-    p: &Packet,
-    f: *mut Flow,
-    c: u64,
-    now: u32,
-) -> Result<u32, Counter> {
-    ct::track(f, c, p.tcp_flags, false, now);
-    ct::touch(f, now);
+fn established(ctx: &XdpContext, p: &Packet, f: *mut Flow, c: u64) -> Result<u32, Counter> {
+    ct::track(f, c, p.tcp_flags, false);
+    ct::touch(f);
     // SAFETY: a valid map value pointer; copied out at once.
     let fl = unsafe { &*f };
     let (snat, sport, baddr, bport) =
         (fl.snat_addr, fl.snat_port, fl.backend_addr, fl.backend_port);
     let (svc_id, backend_id) = (fl.service_id, fl.backend_id);
-    let hop = forward::hop(ctx, p, backend_id, snat, baddr, now, true)?;
+    let hop = forward::hop(ctx, p, backend_id, snat, baddr, None)?;
     count(Counter::FlowHit);
     nat::rewrite(p, snat, sport, baddr, bport);
     count_traffic(svc_id, backend_id, p.len, false, false);
@@ -138,7 +157,7 @@ fn established(
 }
 
 #[inline(always)]
-fn reply(ctx: &XdpContext, p: &Packet, cfg: &Config, now: u32) -> Result<u32, Counter> {
+fn reply(ctx: &XdpContext, p: &Packet, cfg: &Config) -> Result<u32, Counter> {
     let k = &p.key;
     let idx = tuple_slot(
         k.src_addr,
@@ -149,8 +168,8 @@ fn reply(ctx: &XdpContext, p: &Packet, cfg: &Config, now: u32) -> Result<u32, Co
         cfg.slot_count,
     );
     let (f, c) = ct::find_reply(idx, k).ok_or(Counter::PassReplyNoFlow)?;
-    ct::track(f, c, p.tcp_flags, true, now);
-    ct::touch(f, now);
+    ct::track(f, c, p.tcp_flags, true);
+    ct::touch(f);
     // SAFETY: a valid map value pointer; copied out at once.
     let fl = unsafe { &*f };
     let (vip, vport, client, cport) = (fl.vip_addr, fl.vip_port, fl.client_addr, fl.client_port);
@@ -167,18 +186,18 @@ fn reply(ctx: &XdpContext, p: &Packet, cfg: &Config, now: u32) -> Result<u32, Co
 }
 
 /// A flow without a (usable) entry: Maglev picks the backend, the hop cache (or the FIB) the
-/// next hop, a free SNAT tuple's slot is claimed and written, the flow is indexed, then the
-/// packet is rewritten. Nothing is written before the next hop is known, so a packet passed for
-/// an unresolved neighbour leaves no state behind.
+/// next hop; the flow is indexed under its client 5-tuple and a free SNAT tuple's slot is
+/// claimed, written and published; then the packet is rewritten. Nothing is written before the
+/// next hop is known, so a packet passed for an unresolved neighbour leaves no state behind.
+/// `Ok(None)`: an index entry exists and `replace` was not asked for.
 #[inline(always)]
 fn new_flow(
     ctx: &XdpContext,
     p: &Packet,
     cfg: &Config,
-    now: u32,
     replace: bool,
     rebalance: bool,
-) -> Result<u32, Counter> {
+) -> Result<Option<u32>, Counter> {
     let k = &p.key;
     let Some(svc) = lookup::service(k) else {
         return Err(if lookup::is_vip(k.dst_addr) {
@@ -198,39 +217,44 @@ fn new_flow(
     {
         return Err(Counter::DropTcpNoFlow);
     }
+    let now = ct::now();
     guard::admit(cfg, now)?;
     let hash = flow_hash(k);
     let backend_id = lookup::pick_backend(&svc, hash)?;
     let be = lookup::backend(backend_id)?;
     let pick = snat_pick(hash, svc.snat_count);
     // The FIB source only matters for policy routing; any address of the pool will do.
-    let hop = forward::hop(ctx, p, backend_id, svc.snat_addrs[0], be.addr, now, false)?;
+    let hop = forward::hop(ctx, p, backend_id, svc.snat_addrs[0], be.addr, Some(now))?;
 
-    let mut claimed = None;
-    for attempt in 0..SNAT_RETRIES + SNAT_RANDOM_RETRIES {
-        // Each candidate moves on to the next address of the pool as well as to another port,
-        // so a pool of N addresses gives every flow N times the tuple space to find a free one.
-        let a = snat_addr_index(pick, attempt, svc.snat_count) as usize;
-        let snat = *svc
-            .snat_addrs
-            .get(a & (MAX_SNAT_PER_SERVICE - 1))
-            .ok_or(Counter::DropBadBackend)?;
-        let port = if attempt < SNAT_RETRIES {
-            snat_port(hash, attempt, svc.port_min, svc.port_range)
-        } else {
-            // SAFETY: plain helper call.
-            let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
-            snat_port(r, 0, svc.port_min, svc.port_range)
-        }
-        .to_be();
-        let idx = tuple_slot(be.addr, snat, be.port, port, k.proto, cfg.slot_count);
-        if let Some((f, c)) = ct::claim(idx, now) {
-            claimed = Some((f, c, idx, snat, port));
-            break;
-        }
-        count(Counter::SnatPortCollision);
+    // The first candidate's slot is read before the index insert: both are cache misses into
+    // large tables, and issued this way they overlap instead of following each other.
+    let (snat0, port0, idx0) = candidate(&svc, &be, k.proto, hash, pick, 0, cfg.slot_count)?;
+    let f0 = ct::slot(idx0).ok_or(Counter::DropBadBackend)?;
+    let c0 = ct::load(f0);
+    if let ct::Indexed::Exists = ct::index(k, idx0, replace)? {
+        return Ok(None);
     }
-    let (f, c, idx, snat, port) = claimed.ok_or(Counter::DropSnatExhausted)?;
+
+    let mut claimed = ct::claim(f0, c0, now).map(|c| (f0, c, idx0, snat0, port0));
+    if claimed.is_none() {
+        count(Counter::SnatPortCollision);
+        for attempt in 1..SNAT_RETRIES + SNAT_RANDOM_RETRIES {
+            let (snat, port, idx) =
+                candidate(&svc, &be, k.proto, hash, pick, attempt, cfg.slot_count)?;
+            if let Some(f) = ct::slot(idx) {
+                if let Some(c) = ct::claim(f, ct::load(f), now) {
+                    claimed = Some((f, c, idx, snat, port));
+                    ct::reindex(k, idx);
+                    break;
+                }
+            }
+            count(Counter::SnatPortCollision);
+        }
+    }
+    let Some((f, c, _, snat, port)) = claimed else {
+        ct::unindex(k);
+        return Err(Counter::DropSnatExhausted);
+    };
     // SAFETY: the slot is ours (CLAIMING) until published; `eth` was bounds-checked by parse().
     unsafe {
         (*f).last_seen = now;
@@ -248,28 +272,56 @@ fn new_flow(
         (*f).client_ifindex = ctx.ingress_ifindex() as u32;
         (*f).client_mac = (*p.eth).src;
         (*f).proto = k.proto;
+        (*f).touched = 0;
     }
     let state = if k.proto == IPPROTO_TCP {
         st::SYN_SENT
     } else {
         st::UDP
     };
-    let c = ct::publish(f, c, state);
-    if let Err(e) = ct::index(k, idx, c, replace) {
-        ct::release(f, c);
-        return Err(e);
-    }
+    ct::publish(f, c, state);
 
     count(Counter::FlowNew);
     nat::rewrite(p, snat, port, be.addr, be.port);
     count_traffic(svc.id, backend_id, p.len, true, false);
-    Ok(forward::send(
+    Ok(Some(forward::send(
         ctx,
         p,
         hop.ifindex,
         &hop.dst_mac,
         &hop.src_mac,
-    ))
+    )))
+}
+
+/// The `attempt`-th SNAT candidate of a flow: (address, port in wire order, slot). The first
+/// `SNAT_RETRIES` come from the flow hash, so `vmlb simulate` can name them; then random ones,
+/// because a client that reuses its 5-tuple gets the same hashed candidates every time. Each
+/// candidate also moves on to the next address of the pool.
+#[inline(always)]
+fn candidate(
+    svc: &Service,
+    be: &Backend,
+    proto: u8,
+    hash: u32,
+    pick: u32,
+    attempt: u32,
+    slot_count: u32,
+) -> Result<(u32, u16, u32), Counter> {
+    let a = snat_addr_index(pick, attempt, svc.snat_count) as usize;
+    let snat = *svc
+        .snat_addrs
+        .get(a & (MAX_SNAT_PER_SERVICE - 1))
+        .ok_or(Counter::DropBadBackend)?;
+    let port = if attempt < SNAT_RETRIES {
+        snat_port(hash, attempt, svc.port_min, svc.port_range)
+    } else {
+        // SAFETY: plain helper call.
+        let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
+        snat_port(r, 0, svc.port_min, svc.port_range)
+    }
+    .to_be();
+    let idx = tuple_slot(be.addr, snat, be.port, port, proto, slot_count);
+    Ok((snat, port, idx))
 }
 
 #[cfg(not(test))]

@@ -18,7 +18,8 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[map]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
-/// Every VIP address, to tell "VIP on a port we do not serve" (dropped) from "not ours" (passed).
+/// Every VIP address (value: `VIP_F_*` flags), to tell "VIP on a port we do not serve" (dropped)
+/// from "not ours" (passed), and whether to answer ARP for it.
 #[map]
 pub static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 

@@ -5,7 +5,8 @@ use vmlb_common::{csum, IPPROTO_UDP};
 use crate::parse::Packet;
 
 /// Rewrite the packet's 5-tuple to `src:sport -> dst:dport` (addresses and ports in wire
-/// order). Both directions use this: towards the backend (DNAT + SNAT) and back to the client.
+/// order) and decrement its TTL, as a router does (the caller made sure it stays above 0).
+/// Both directions use this: towards the backend (DNAT + SNAT) and back to the client.
 #[inline(always)]
 pub fn rewrite(p: &Packet, src: u32, sport: u16, dst: u32, dport: u16) {
     let k = &p.key;
@@ -13,9 +14,16 @@ pub fn rewrite(p: &Packet, src: u32, sport: u16, dst: u32, dport: u16) {
     unsafe {
         // Both addresses are in the IPv4 header and in the L4 pseudo-header: one difference.
         let addrs = csum::delta4(k.src_addr, src) + csum::delta4(k.dst_addr, dst);
+        // TTL and protocol share one 16-bit word of the header checksum.
+        let (ttl, proto) = ((*p.ip).ttl, (*p.ip).proto);
+        let ttl_word = csum::delta2(
+            u16::from_ne_bytes([ttl, proto]),
+            u16::from_ne_bytes([ttl - 1, proto]),
+        );
+        (*p.ip).ttl = ttl - 1;
         (*p.ip).saddr = src;
         (*p.ip).daddr = dst;
-        (*p.ip).check = csum::apply((*p.ip).check, addrs);
+        (*p.ip).check = csum::apply((*p.ip).check, addrs + ttl_word);
 
         (*p.ports).src = sport;
         (*p.ports).dst = dport;

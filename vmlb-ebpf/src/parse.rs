@@ -40,7 +40,8 @@ pub struct Ports {
 }
 
 pub const ETH_LEN: usize = 14;
-const ETH_P_IPV4: u16 = 0x0800u16.to_be();
+const ETH_P_IPV4: u16 = network_types::eth::EtherType::Ipv4 as u16;
+const ETH_P_ARP: u16 = network_types::eth::EtherType::Arp as u16;
 /// More-fragments flag and fragment offset, in wire order.
 const IP_MF_OFFSET: u16 = 0x3fffu16.to_be();
 const TCP_HDR_LEN: usize = 20;
@@ -72,6 +73,8 @@ const TCP_FLAGS_OFF: usize = 13;
 pub enum Classify {
     /// Nothing to do with VIPs can be said: pass with this counter.
     Pass(Counter),
+    /// ARP, at offset `l3`.
+    Arp { eth: *mut Eth, l3: usize },
     /// IPv4 to `dst`: `if_vip` if `dst` is a VIP, else `if_not_vip`.
     Ipv4 {
         dst: u32,
@@ -81,7 +84,7 @@ pub enum Classify {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -94,7 +97,11 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Classify> {
     let eth: *mut Eth = ptr_at(ctx, 0).ok_or(Classify::Pass(Counter::PassTruncated))?;
     // SAFETY: bounds-checked by ptr_at.
-    if unsafe { (*eth).proto } != ETH_P_IPV4 {
+    let proto = unsafe { (*eth).proto };
+    if proto == ETH_P_ARP {
+        return Err(Classify::Arp { eth, l3: ETH_LEN });
+    }
+    if proto != ETH_P_IPV4 {
         return Err(Classify::Pass(Counter::PassNotIpv4));
     }
     let ip: *mut Ipv4 = ptr_at(ctx, ETH_LEN).ok_or(Classify::Pass(Counter::PassTruncated))?;

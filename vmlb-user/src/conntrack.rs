@@ -18,7 +18,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use vmlb_common::{
-    clock_units_from_ms, flow_state as st, Flow, FlowKey, FlowRef, CLOCK_SHIFT, FLOW_GEN_SHIFT,
+    clock_units_from_ms, flow_state as st, Flow, FlowKey, FlowRef, CLOCK_SHIFT,
 };
 
 /// Flow timeouts (README: "Flow state"). Defaults and why:
@@ -230,6 +230,18 @@ impl SlotTable {
         unsafe { std::ptr::read_volatile(self.base.as_ptr().add(i)) }
     }
 
+    /// A packet passed since the last sweep: record when, clear the mark.
+    fn seen(&self, i: usize, now: u32) {
+        assert!(i < self.len);
+        // SAFETY: in bounds; plain stores racing with the data path's store of `touched = 1`
+        // lose at most one mark, which the next packet sets again.
+        unsafe {
+            let f = self.base.as_ptr().add(i);
+            std::ptr::addr_of_mut!((*f).last_seen).write_volatile(now);
+            std::ptr::addr_of_mut!((*f).touched).write_volatile(0);
+        }
+    }
+
     /// Overwrite slot `i` (tests and tools: not atomic with the data path).
     pub fn set(&self, i: usize, f: &Flow) {
         assert!(i < self.len);
@@ -303,6 +315,13 @@ impl Sweep {
 
 /// End every expired flow. `pressure`: the table is above the flood guard's threshold, so
 /// SYN-only flows expire early.
+///
+/// Per live slot: a `touched` mark (a packet passed since the last sweep) becomes `last_seen =
+/// now`; an expired flow first loses its index entry (if it still points here: the client may
+/// have opened a new flow on the same 5-tuple, which has its own slot), then its slot is freed
+/// by compare-and-swap. In that order no index entry can ever point at a slot freed under it,
+/// and a flow the data path changed meanwhile (a FIN on a reply) just fails the swap and is
+/// looked at again next time.
 pub fn sweep(
     slots: &SlotTable,
     index: &mut HashMap<MapData, FlowKey, FlowRef>,
@@ -312,7 +331,7 @@ pub fn sweep(
     let mut out = Sweep::default();
     let now = now();
     for i in 0..slots.len() {
-        let f = slots.get(i);
+        let mut f = slots.get(i);
         let state = f.state();
         if state == st::FREE {
             if (f.stamp.wrapping_sub(now) as i32) > 0 {
@@ -320,17 +339,22 @@ pub fn sweep(
             }
             continue;
         }
+        if state == st::CLAIMING {
+            continue;
+        }
+        if f.touched != 0 {
+            slots.seen(i, now);
+            f.last_seen = now;
+        }
         if let Some((why, reuse_at)) = expiry(&f, now, t, pressure) {
+            let key = f.client_key();
+            if let Ok(r) = index.get(&key, 0) {
+                if r.slot == i as u32 {
+                    let _ = index.remove(&key);
+                }
+            }
             if slots.free(i, f.ctl, reuse_at) {
                 out.expired[why as usize] += 1;
-                let key = f.client_key();
-                // Delete the index entry only if it still names this flow: the client may have
-                // opened a new flow on the same 5-tuple, which has its own slot.
-                if let Ok(r) = index.get(&key, 0) {
-                    if r.slot == i as u32 && r.gen == (f.ctl >> FLOW_GEN_SHIFT) as u32 {
-                        let _ = index.remove(&key);
-                    }
-                }
                 if reuse_at != now {
                     out.held += 1;
                 }
@@ -348,6 +372,11 @@ pub fn sweep(
     out
 }
 
+/// Backend ids of the live flows (whose next hops the sweeper keeps fresh).
+pub fn live_backends(slots: &SlotTable) -> std::collections::BTreeSet<u32> {
+    slots.live().map(|(_, f)| f.backend_id).collect()
+}
+
 /// Entries of the `FLOWS` index (for `inspect` and tests; the sweep does not need it).
 pub fn index_len(index: &HashMap<MapData, FlowKey, FlowRef>) -> usize {
     index.keys().count()
@@ -359,7 +388,7 @@ mod tests {
 
     fn flow(state: u8, last_seen: u32, stamp: u32) -> Flow {
         Flow {
-            ctl: (7 << FLOW_GEN_SHIFT) | state as u64,
+            ctl: (7 << vmlb_common::FLOW_GEN_SHIFT) | state as u64,
             last_seen,
             stamp,
             ..Default::default()

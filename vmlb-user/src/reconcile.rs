@@ -49,7 +49,10 @@ pub struct Reconciler {
     /// Table space released by the previous pass, reusable from this one on.
     pending_free: Vec<(u32, u32)>,
     services: BTreeMap<ServiceKey, Installed>,
-    vips: BTreeSet<u32>,
+    /// Installed VIPs and their `VIP_F_*` flags.
+    vips: BTreeMap<u32, u32>,
+    /// The VIPs this node owns (answers ARP for); `None`: all of them (file mode).
+    owned: Option<BTreeSet<u32>>,
     service_ids: IdPool,
     backend_ids: IdPool,
 }
@@ -61,7 +64,8 @@ impl Reconciler {
             ring: RingAlloc::new(ring_entries),
             pending_free: Vec::new(),
             services: BTreeMap::new(),
-            vips: BTreeSet::new(),
+            vips: BTreeMap::new(),
+            owned: None,
             service_ids: IdPool::new(MAX_SERVICES),
             backend_ids: IdPool::new(MAX_BACKENDS),
         }
@@ -125,7 +129,8 @@ impl Reconciler {
                 backends: specs,
             };
             let table = ring(value.ring_base, value.ring_size)?;
-            r.vips.insert(key.vip);
+            // Pinned by an earlier daemon; file mode (owning every VIP) wrote the same value.
+            r.vips.insert(key.vip, VIP_F_OWNED);
             r.services.insert(
                 *key,
                 Installed {
@@ -269,18 +274,60 @@ impl Reconciler {
             summary.services_removed += 1;
         }
 
-        let vips: BTreeSet<u32> = self.services.keys().map(|k| k.vip).collect();
-        for vip in vips.difference(&self.vips) {
-            dp.set_vip(*vip)?;
-        }
-        for vip in self.vips.difference(&vips) {
-            dp.remove_vip(*vip)?;
-        }
-        self.vips = vips;
+        self.write_vips(dp)?;
         if *during != desired_snat {
             dp.set_snat_addrs(&desired_snat.iter().copied().collect::<Vec<_>>())?;
         }
         Ok(summary)
+    }
+
+    /// Which VIPs this node owns: `None` owns every VIP (file mode), else only these (the
+    /// Kubernetes source's election). Returns the VIPs whose ownership changed, with the new
+    /// state, so the caller can announce the ones taken (gratuitous ARP).
+    pub fn set_ownership(
+        &mut self,
+        owned: Option<BTreeSet<Ipv4Addr>>,
+        dp: &mut impl Dataplane,
+    ) -> anyhow::Result<Vec<(Ipv4Addr, bool)>> {
+        self.owned = owned.map(|s| s.iter().map(|a| u32::from_ne_bytes(a.octets())).collect());
+        self.write_vips(dp)
+    }
+
+    /// The VIPs this node answers ARP for now.
+    pub fn owned_vips(&self) -> Vec<Ipv4Addr> {
+        self.vips
+            .iter()
+            .filter(|(_, f)| *f & VIP_F_OWNED != 0)
+            .map(|(v, _)| Ipv4Addr::from(v.to_ne_bytes()))
+            .collect()
+    }
+
+    /// Bring `VIPS` to the installed services' VIPs with their ownership flags; returns the
+    /// ownership changes of VIPs that stay.
+    fn write_vips(&mut self, dp: &mut impl Dataplane) -> anyhow::Result<Vec<(Ipv4Addr, bool)>> {
+        let want: BTreeMap<u32, u32> = self
+            .services
+            .keys()
+            .map(|k| {
+                let owned = self.owned.as_ref().is_none_or(|o| o.contains(&k.vip));
+                (k.vip, if owned { VIP_F_OWNED } else { 0 })
+            })
+            .collect();
+        let mut changed = Vec::new();
+        for (vip, flags) in &want {
+            let before = self.vips.get(vip).copied();
+            if before != Some(*flags) {
+                dp.set_vip(*vip, *flags)?;
+                if before.is_none_or(|b| b & VIP_F_OWNED != flags & VIP_F_OWNED) {
+                    changed.push((Ipv4Addr::from(vip.to_ne_bytes()), flags & VIP_F_OWNED != 0));
+                }
+            }
+        }
+        for vip in self.vips.keys().filter(|v| !want.contains_key(v)) {
+            dp.remove_vip(*vip)?;
+        }
+        self.vips = want;
+        Ok(changed)
     }
 
     fn apply_service(
@@ -515,7 +562,8 @@ mod tests {
                 "clear backend stats 2",
                 "backend 2 flags=1",
                 "ring 0+251",
-                "service 1 ring 0"
+                "service 1 ring 0",
+                &format!("vip {:#x} flags=1", u32::from_ne_bytes(VIP.octets())),
             ]
         );
         assert!(dp.vips.contains(&spec.key().vip));
@@ -701,5 +749,22 @@ mod tests {
             format!("{err:#}").contains("no free range of 251"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn ownership_flags_follow_the_owned_set_and_report_changes() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        r.apply(&[svc(80, vec![be(2, 1, true)])], &mut dp).unwrap();
+        assert_eq!(r.owned_vips(), vec![VIP], "file mode owns every VIP");
+        dp.log.clear();
+        let changed = r.set_ownership(Some(BTreeSet::new()), &mut dp).unwrap();
+        assert_eq!(changed, vec![(VIP, false)]);
+        assert!(r.owned_vips().is_empty());
+        assert_eq!(dp.log.len(), 1, "{:?}", dp.log);
+        // The same set again writes nothing; taking it back reports it taken.
+        assert!(r.set_ownership(Some(BTreeSet::new()), &mut dp).unwrap().is_empty());
+        let changed = r.set_ownership(Some([VIP].into()), &mut dp).unwrap();
+        assert_eq!(changed, vec![(VIP, true)]);
     }
 }

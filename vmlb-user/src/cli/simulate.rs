@@ -96,7 +96,7 @@ impl PathMaps for BpfMaps {
         };
         Ok(self
             .slot(r.slot)?
-            .filter(|f| f.gen() == r.gen && f.state() > st::CLAIMING))
+            .filter(|f| f.client_key() == *key && f.state() > st::CLAIMING))
     }
     fn slot(&self, index: u32) -> anyhow::Result<Option<Flow>> {
         Ok(((index as usize) < self.slots.len()).then(|| self.slots.get(index as usize)))

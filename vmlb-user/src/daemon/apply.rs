@@ -24,6 +24,8 @@ pub struct Applier {
     pub maps: Arc<Mutex<BpfMaps>>,
     pub shared_state: Arc<RwLock<DaemonState>>,
     pub state_path: PathBuf,
+    /// The layer-2 task (backend neighbours, VIP announcements), told after every apply.
+    pub l2: Option<tokio::sync::watch::Sender<super::l2::Wanted>>,
 }
 
 impl Applier {
@@ -42,6 +44,11 @@ impl Applier {
         if summary != Default::default() {
             info!(?summary, "data path updated");
         }
+        let backends = desired
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.addr))
+            .collect();
+        self.publish_l2(Some(backends), reconciler);
         self.generation += 1;
         let mut st = daemon_state(&self.iface, configured, reconciler, health, &desired);
         st.generation = self.generation;
@@ -53,6 +60,24 @@ impl Applier {
         }
         *self.shared_state.write().expect("state lock") = st;
         Ok(())
+    }
+}
+
+impl Applier {
+    /// Tell the layer-2 task what to keep resolved (`backends`, unchanged when `None`) and
+    /// which VIPs to announce (the ones the reconciler marks owned).
+    pub fn publish_l2(&self, backends: Option<BTreeSet<std::net::Ipv4Addr>>, r: &Reconciler) {
+        if let Some(l2) = &self.l2 {
+            let owned: BTreeSet<_> = r.owned_vips().into_iter().collect();
+            l2.send_if_modified(|w| {
+                let before = w.clone();
+                if let Some(b) = backends {
+                    w.backends = b;
+                }
+                w.owned_vips = owned;
+                *w != before
+            });
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! writer of the maps).
 
 mod apply;
+mod l2;
 pub mod options;
 mod sweep;
 pub mod telemetry;
@@ -138,6 +139,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         maps: maps.clone(),
         shared_state: shared_state.clone(),
         state_path: state::state_path(&opts.run_dir, &opts.iface),
+        l2: Some(l2::spawn(&opts.iface, opts.node.vlan)?),
     };
     // With the cluster as a source, nothing is applied before it has been read once: the
     // adopted state (a restart) keeps serving meanwhile, and readiness waits for it.
@@ -145,6 +147,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         (Some(client), Some(k)) => Some(source::kube::KubeSource::start(client, k)),
         _ => None,
     };
+    if kube.is_some() {
+        // With the cluster, a VIP is answered only by its elected node: own none until then.
+        let mut m = maps.lock().expect("maps lock");
+        reconciler.set_ownership(Some(Default::default()), &mut *m)?;
+    }
     if let (Some(c), None) = (&configured, &kube) {
         health.update_with_initial(health_targets(c), &reconciler.down_backends());
         applier
@@ -189,6 +196,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving (files and cluster)");
                 }
             }
+            Some(owned) = ownership_changed(kube.as_mut()) => {
+                stages.ownership_changed(owned);
+            }
             Some(ev) = health_rx.recv() => {
                 // health.rs logs the transition itself.
                 tracing::debug!(target = %ev.target, up = ev.up, "applying a health change");
@@ -230,6 +240,18 @@ struct Stages<'a> {
     health: &'a mut HealthChecker,
     reconciler: &'a mut Reconciler,
     applier: &'a mut Applier,
+}
+
+/// The VIPs this node was elected to own, when that changes; never without the Kubernetes
+/// source.
+async fn ownership_changed(
+    kube: Option<&mut source::kube::KubeSource>,
+) -> Option<std::collections::BTreeSet<std::net::Ipv4Addr>> {
+    let Some(k) = kube else {
+        return std::future::pending().await;
+    };
+    k.owned.changed().await.ok()?;
+    Some(k.owned.borrow_and_update().clone())
 }
 
 /// The cluster's next services, or never without the Kubernetes source.
@@ -287,6 +309,23 @@ impl Stages<'_> {
         if let Err(e) = self.apply_all() {
             error!("applying the cluster's services: {e:#}");
         }
+    }
+
+    /// The data path answers ARP for exactly the owned VIPs, and the VIPs taken are announced.
+    fn ownership_changed(&mut self, owned: std::collections::BTreeSet<std::net::Ipv4Addr>) {
+        let changed = {
+            let mut maps = self.applier.maps.lock().expect("maps lock");
+            self.reconciler.set_ownership(Some(owned), &mut *maps)
+        };
+        match changed {
+            Ok(c) => {
+                for (vip, taken) in c {
+                    info!(%vip, taken, "VIP ownership applied to the data path");
+                }
+            }
+            Err(e) => error!("applying VIP ownership: {e:#}"),
+        }
+        self.applier.publish_l2(None, self.reconciler);
     }
 
     fn health_changed(&mut self) {

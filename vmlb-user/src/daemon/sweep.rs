@@ -8,6 +8,9 @@ use tracing::{error, info, warn};
 use super::options::FlowOptions;
 use crate::dataplane::{maps::BpfMaps, pins::PinLayout};
 
+/// How often the live backends' cached next hops are invalidated.
+const HOP_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct Sweeper {
     stop: mpsc::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -32,7 +35,18 @@ impl Sweeper {
             .name("vmlb-sweep".into())
             .spawn(move || {
                 let mut pressure = false;
+                let mut last_hops = std::time::Instant::now();
                 loop {
+                    // Next hops: every CPU re-resolves the live backends' hops every couple
+                    // of seconds, so a MAC or route change reaches established flows.
+                    if last_hops.elapsed() >= HOP_REFRESH {
+                        last_hops = std::time::Instant::now();
+                        for id in crate::conntrack::live_backends(&own.slots) {
+                            if let Err(e) = own.invalidate_hop(id) {
+                                tracing::debug!("invalidating the next hop of backend {id}: {e:#}");
+                            }
+                        }
+                    }
                     let s =
                         crate::conntrack::sweep(&own.slots, &mut own.flows, &timeouts, pressure);
                     let now_pressure = s.live() >= threshold;

@@ -6,7 +6,8 @@ use aya::{
     Ebpf,
 };
 use vmlb_common::{
-    map_names, Backend, Config, Counter, Flow, FlowKey, FlowRef, Service, ServiceKey, TrafficStats,
+    map_names, Backend, Config, Counter, Flow, FlowKey, FlowRef, Hop, Service, ServiceKey,
+    TrafficStats,
     MAX_SNAT_ADDRS,
 };
 
@@ -23,6 +24,8 @@ pub struct BpfMaps {
     /// The flows (`FLOW_SLOTS`), mapped into this process.
     pub slots: SlotTable,
     pub config: Array<MapData, Config>,
+    /// Per-CPU next hops of the backends (the sweeper invalidates them).
+    pub hops: PerCpuArray<MapData, Hop>,
     pub stats: PerCpuArray<MapData, u64>,
     pub svc_stats: PerCpuArray<MapData, TrafficStats>,
     pub be_stats: PerCpuArray<MapData, TrafficStats>,
@@ -53,6 +56,7 @@ impl BpfMaps {
             flows: open(map_names::FLOWS)?.try_into()?,
             slots: slot_table(open(map_names::FLOW_SLOTS)?)?,
             config: open(map_names::CONFIG)?.try_into()?,
+            hops: open(map_names::HOPS)?.try_into()?,
             stats: open(map_names::STATS)?.try_into()?,
             svc_stats: open(map_names::SVC_STATS)?.try_into()?,
             be_stats: open(map_names::BE_STATS)?.try_into()?,
@@ -69,6 +73,7 @@ impl BpfMaps {
             flows: take(ebpf, map_names::FLOWS)?.try_into()?,
             slots: slot_table(take(ebpf, map_names::FLOW_SLOTS)?)?,
             config: take(ebpf, map_names::CONFIG)?.try_into()?,
+            hops: take(ebpf, map_names::HOPS)?.try_into()?,
             stats: take(ebpf, map_names::STATS)?.try_into()?,
             svc_stats: take(ebpf, map_names::SVC_STATS)?.try_into()?,
             be_stats: take(ebpf, map_names::BE_STATS)?.try_into()?,
@@ -130,6 +135,20 @@ impl BpfMaps {
         self.config.set(0, c, 0).context("writing CONFIG")
     }
 
+    /// Make every CPU look up backend `id`'s next hop again on its next packet (the stamp is
+    /// zeroed; the MACs stay as the fallback while the neighbour is being re-resolved).
+    pub fn invalidate_hop(&mut self, id: u32) -> anyhow::Result<()> {
+        let mut values: Vec<Hop> = self.hops.get(&id, 0)?.iter().copied().collect();
+        if values.iter().all(|v| v.stamp == 0) {
+            return Ok(());
+        }
+        for v in &mut values {
+            v.stamp = 0;
+        }
+        self.hops.set(id, PerCpuValues::try_from(values)?, 0)?;
+        Ok(())
+    }
+
     /// Settings that follow from the maps and the interface: the slot count (FLOW_SLOTS' size)
     /// and the interface's MAC (the source of frames sent to clients).
     pub fn init_config(&mut self, mac: [u8; 6]) -> anyhow::Result<()> {
@@ -174,8 +193,8 @@ impl Dataplane for BpfMaps {
         self.services.remove(key).context("removing a service")
     }
 
-    fn set_vip(&mut self, vip: u32) -> anyhow::Result<()> {
-        self.vips.insert(vip, 1, 0).context("writing a VIP")
+    fn set_vip(&mut self, vip: u32, flags: u32) -> anyhow::Result<()> {
+        self.vips.insert(vip, flags, 0).context("writing a VIP")
     }
 
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()> {

@@ -19,7 +19,8 @@ pub trait Dataplane {
     fn write_ring(&mut self, base: u32, table: &[u32]) -> anyhow::Result<()>;
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> anyhow::Result<()>;
     fn remove_service(&mut self, key: &ServiceKey) -> anyhow::Result<()>;
-    fn set_vip(&mut self, vip: u32) -> anyhow::Result<()>;
+    /// Install (or re-flag) a VIP; `flags`: `VIP_F_*`.
+    fn set_vip(&mut self, vip: u32, flags: u32) -> anyhow::Result<()>;
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()>;
     /// The node's SNAT addresses (every service's pool): packets to them are reply candidates.
     fn set_snat_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> anyhow::Result<()>;
@@ -66,7 +67,8 @@ impl Dataplane for FakeDataplane {
         self.services.remove(key);
         Ok(())
     }
-    fn set_vip(&mut self, vip: u32) -> anyhow::Result<()> {
+    fn set_vip(&mut self, vip: u32, flags: u32) -> anyhow::Result<()> {
+        self.log.push(format!("vip {vip:#x} flags={flags}"));
         self.vips.insert(vip);
         Ok(())
     }

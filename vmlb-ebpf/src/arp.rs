@@ -1,0 +1,52 @@
+//! ARP for VIPs: a request for a VIP this node owns is answered in place with the interface's
+//! MAC (RFC 826: swap sender and target, set our hardware address as sender, opcode reply) and
+//! sent back out (XDP_TX). Anything else ARP goes to the kernel: requests for other addresses,
+//! replies, and gratuitous ARP (sender = target), which announce rather than ask.
+//!
+//! The header type is network-types' `ArpHdr` (byte arrays, so no alignment assumptions); this
+//! path runs once per neighbour per reachable-time, so its few extra byte loads cost nothing.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use network_types::arp::ArpHdr;
+use vmlb_common::{Config, Counter, VIP_F_OWNED};
+
+use crate::{maps::VIPS, parse::Eth};
+
+const ARP_ETHERNET: u16 = 1;
+const ARP_IPV4: u16 = 0x0800;
+const ARP_REQUEST: u16 = 1;
+const ARP_REPLY: u16 = 2;
+
+/// Answer an ARP request for an owned VIP; `Err` is the pass counter otherwise.
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, eth: *mut Eth, l3: usize, cfg: &Config) -> Result<u32, Counter> {
+    let arp: *mut ArpHdr = crate::parse::ptr_at(ctx, l3).ok_or(Counter::PassTruncated)?;
+    // SAFETY: bounds-checked by ptr_at; the frame is ours to rewrite.
+    unsafe {
+        let a = &mut *arp;
+        if a.htype() != ARP_ETHERNET
+            || a.ptype() != ARP_IPV4
+            || a.hlen != 6
+            || a.plen != 4
+            || a.oper() != ARP_REQUEST
+            || a.spa == a.tpa
+        {
+            return Err(Counter::PassArp);
+        }
+        let target = u32::from_ne_bytes(a.tpa);
+        match VIPS.get(&target) {
+            Some(flags) if flags & VIP_F_OWNED != 0 => {}
+            _ => return Err(Counter::PassArp),
+        }
+        let (asker_mac, asker_ip) = (a.sha, a.spa);
+        a.set_oper(ARP_REPLY);
+        a.tha = asker_mac;
+        a.tpa = asker_ip;
+        a.sha = cfg.mac;
+        a.spa = target.to_ne_bytes();
+        (*eth).dst = asker_mac;
+        (*eth).src = cfg.mac;
+    }
+    crate::stats::count(Counter::ArpReply);
+    Ok(xdp_action::XDP_TX)
+}

@@ -1,0 +1,81 @@
+//! The daemon's layer-2 duties, as a task fed by every apply: keep each backend's next hop
+//! resolved (`neigh::NeighKeeper`, managed neighbour entries: XDP cannot resolve neighbours,
+//! and an unresolved one makes new flows pass to the kernel), and announce VIPs this node takes
+//! with gratuitous ARP (`garp::GarpSender`), so the segment's caches point at it at once.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::{
+    garp::{GarpSender, GarpSocket, VlanId},
+    neigh::NeighKeeper,
+};
+
+/// Routes can change under the managed entries (a backend moving behind another gateway):
+/// re-resolve this often even without a configuration change.
+const RESYNC: Duration = Duration::from_secs(15);
+
+/// What the data path serves now, as the applier publishes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wanted {
+    pub backends: BTreeSet<Ipv4Addr>,
+    pub owned_vips: BTreeSet<Ipv4Addr>,
+}
+
+/// Start the task on `iface`; it runs until the sender is dropped.
+pub fn spawn(iface: &str, vlan: Option<u16>) -> anyhow::Result<watch::Sender<Wanted>> {
+    let (tx, mut rx) = watch::channel(Wanted::default());
+    let garp = match GarpSocket::open(iface) {
+        Ok(s) => Some(GarpSender::new(s, vlan.and_then(VlanId::new))),
+        Err(e) => {
+            warn!("gratuitous ARP disabled: {e}");
+            None
+        }
+    };
+    let iface = iface.to_string();
+    tokio::spawn(async move {
+        let mut keeper = match NeighKeeper::for_interface(&iface).await {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!("backend neighbours will not be kept resolved: {e}");
+                None
+            }
+        };
+        let mut garp = garp;
+        let mut announced: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut tick = tokio::time::interval(RESYNC);
+        loop {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+            let wanted = rx.borrow_and_update().clone();
+            if let Some(k) = keeper.as_mut() {
+                match k.sync(wanted.backends.iter().map(|a| IpAddr::V4(*a))).await {
+                    Ok(r) if !r.failed.is_empty() => {
+                        warn!(failed = ?r.failed, "some backend neighbours could not be installed")
+                    }
+                    Ok(r) => debug!(?r, "backend neighbours in sync"),
+                    Err(e) => warn!("syncing backend neighbours: {e}"),
+                }
+            }
+            if let Some(g) = garp.as_mut() {
+                for vip in wanted.owned_vips.difference(&announced) {
+                    info!(%vip, "taking the VIP: announcing it with gratuitous ARP");
+                    g.announce(*vip);
+                }
+                for vip in announced.difference(&wanted.owned_vips) {
+                    g.withdraw(*vip);
+                }
+            }
+            announced = wanted.owned_vips;
+        }
+    });
+    Ok(tx)
+}
