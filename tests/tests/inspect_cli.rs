@@ -280,6 +280,7 @@ fn inspect_and_simulate_agree_with_the_data_path() {
             generation: 1,
             updated_unix: 0,
             services: vec![svc_state],
+            owned_vips: Vec::new(),
         },
     )
     .unwrap();
