@@ -16,7 +16,7 @@ use vmlb_common::{
     hash,
     maglev::{self, MaglevBackend},
     Backend, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
-    MAX_SNAT_PER_SERVICE, SVC_F_SNAT,
+    MAX_SNAT_PER_SERVICE, SVC_F_SNAT, VIP_F_OWNED,
 };
 
 use crate::{

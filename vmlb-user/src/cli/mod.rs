@@ -71,7 +71,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: load (or adopt) the XDP program on an interface and keep its maps in line
     /// with the ServiceEntry files and the backends' health.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Show the data path's state from its pinned maps (works with or without a daemon).
     Inspect(inspect::InspectArgs),
     /// Ask which backend and SNAT address:port the data path would choose for a flow.
@@ -154,7 +154,7 @@ impl PinArgs {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Simulate(args) => simulate::simulate(args),
         Command::Config {

@@ -26,6 +26,8 @@ pub struct Applier {
     pub state_path: PathBuf,
     /// The layer-2 task (backend neighbours, VIP announcements), told after every apply.
     pub l2: Option<tokio::sync::watch::Sender<super::l2::Wanted>>,
+    /// The VIPs this node owns (Kubernetes source), kept across applies for the state file.
+    pub owned_vips: Vec<std::net::Ipv4Addr>,
 }
 
 impl Applier {
@@ -50,8 +52,22 @@ impl Applier {
             .collect();
         self.publish_l2(Some(backends), reconciler);
         self.generation += 1;
-        let mut st = daemon_state(&self.iface, configured, reconciler, health, &desired);
+        let st = daemon_state(&self.iface, configured, reconciler, health, &desired);
+        self.publish(st);
+        Ok(())
+    }
+
+    /// A new set of owned VIPs: into the state file and the metrics, nothing else changes.
+    pub fn set_owned(&mut self, owned: Vec<std::net::Ipv4Addr>) {
+        self.owned_vips = owned;
+        let st = self.shared_state.read().expect("state lock").clone();
+        self.generation += 1;
+        self.publish(st);
+    }
+
+    fn publish(&mut self, mut st: DaemonState) {
         st.generation = self.generation;
+        st.owned_vips = self.owned_vips.clone();
         st.updated_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -59,7 +75,6 @@ impl Applier {
             warn!("writing {}: {e:#}", self.state_path.display());
         }
         *self.shared_state.write().expect("state lock") = st;
-        Ok(())
     }
 }
 
@@ -130,7 +145,9 @@ fn daemon_state(
         .map(|(c, spec)| {
             let key = spec.key();
             let id = reconciler.service(&key).map_or(0, |s| s.id);
+            let maglev_digest = state::table_digest(spec, reconciler);
             ServiceState {
+                maglev_digest,
                 name: c.name.clone(),
                 vip: spec.vip,
                 port: spec.port,

@@ -57,7 +57,9 @@ pub fn spawn(iface: &str, vlan: Option<u16>) -> anyhow::Result<watch::Sender<Wan
             }
             let wanted = rx.borrow_and_update().clone();
             if let Some(k) = keeper.as_mut() {
-                match k.sync(wanted.backends.iter().map(|a| IpAddr::V4(*a))).await {
+                let backends: Vec<IpAddr> =
+                    wanted.backends.iter().copied().map(IpAddr::V4).collect();
+                match k.sync(backends).await {
                     Ok(r) if !r.failed.is_empty() => {
                         warn!(failed = ?r.failed, "some backend neighbours could not be installed")
                     }

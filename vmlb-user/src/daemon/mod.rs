@@ -140,10 +140,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         shared_state: shared_state.clone(),
         state_path: state::state_path(&opts.run_dir, &opts.iface),
         l2: Some(l2::spawn(&opts.iface, opts.node.vlan)?),
+        owned_vips: Vec::new(),
     };
     // With the cluster as a source, nothing is applied before it has been read once: the
     // adopted state (a restart) keeps serving meanwhile, and readiness waits for it.
-    let mut kube = match (kube_client, opts.kubernetes.clone()) {
+    let kube = match (kube_client, opts.kubernetes.clone()) {
         (Some(client), Some(k)) => Some(source::kube::KubeSource::start(client, k)),
         _ => None,
     };
@@ -167,6 +168,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
+    // The Kubernetes source's outputs, watched by the loop.
+    let mut cluster_rx = kube.as_ref().map(|k| k.services.clone());
+    let mut owned_rx = kube.as_ref().map(|k| k.owned.clone());
     let mut stages = Stages {
         opts: &opts,
         configured: &mut configured,
@@ -189,14 +193,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 info!("configuration changed on disk: reloading");
                 stages.reload();
             }
-            Some(services) = cluster_changed(kube.as_mut()) => {
+            Some(services) = cluster_changed(cluster_rx.as_mut()) => {
                 stages.cluster_changed(services);
                 if stages.started && !metrics_source.is_ready() {
                     metrics_source.set_ready(true);
                     info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving (files and cluster)");
                 }
             }
-            Some(owned) = ownership_changed(kube.as_mut()) => {
+            Some(owned) = owned_changed(owned_rx.as_mut()) => {
+                // Into the data path (ARP answers, announcements), the state file and metrics.
                 stages.ownership_changed(owned);
             }
             Some(ev) = health_rx.recv() => {
@@ -242,28 +247,27 @@ struct Stages<'a> {
     applier: &'a mut Applier,
 }
 
-/// The VIPs this node was elected to own, when that changes; never without the Kubernetes
-/// source.
-async fn ownership_changed(
-    kube: Option<&mut source::kube::KubeSource>,
+/// The next set of VIPs this node owns, or never without the Kubernetes source.
+async fn owned_changed(
+    rx: Option<&mut tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::Ipv4Addr>>>,
 ) -> Option<std::collections::BTreeSet<std::net::Ipv4Addr>> {
-    let Some(k) = kube else {
+    let Some(rx) = rx else {
         return std::future::pending().await;
     };
-    k.owned.changed().await.ok()?;
-    Some(k.owned.borrow_and_update().clone())
+    rx.changed().await.ok()?;
+    Some(rx.borrow_and_update().clone())
 }
 
 /// The cluster's next services, or never without the Kubernetes source.
 async fn cluster_changed(
-    kube: Option<&mut source::kube::KubeSource>,
+    rx: Option<&mut tokio::sync::watch::Receiver<Option<Vec<ConfiguredService>>>>,
 ) -> Option<Vec<ConfiguredService>> {
-    let Some(k) = kube else {
+    let Some(rx) = rx else {
         return std::future::pending().await;
     };
     loop {
-        k.services.changed().await.ok()?;
-        if let Some(s) = k.services.borrow_and_update().clone() {
+        rx.changed().await.ok()?;
+        if let Some(s) = rx.borrow_and_update().clone() {
             return Some(s);
         }
     }
@@ -325,6 +329,8 @@ impl Stages<'_> {
             }
             Err(e) => error!("applying VIP ownership: {e:#}"),
         }
+        self.applier
+            .set_owned(self.reconciler.owned_vips());
         self.applier.publish_l2(None, self.reconciler);
     }
 

@@ -43,7 +43,33 @@ pub struct Sizes {
 }
 
 /// Load the object and its program into the kernel (verifier included), without attaching.
+///
+/// The verifier gives up with EAGAIN when a signal is pending for the loading thread (any
+/// SIGCHLD of a process with children can land there), so a load that fails that way is simply
+/// tried again, as libbpf does; other errors are final.
 pub fn load(sizes: Sizes) -> anyhow::Result<Ebpf> {
+    const TRIES: usize = 5;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match load_once(&sizes) {
+            Err(e) if attempt < TRIES && interrupted(&e) => continue,
+            r => return r,
+        }
+    }
+}
+
+fn interrupted(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<aya::programs::ProgramError>(),
+            Some(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(nix::errno::Errno::EAGAIN as i32)
+        )
+    })
+}
+
+fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     let pin_paths: Vec<(&str, PathBuf)> = match &sizes.pins {
         Some(layout) => ALL_MAPS.iter().map(|n| (*n, layout.map(n))).collect(),

@@ -340,6 +340,34 @@ pub fn encode_snapshot(
     )?;
     family(
         enc,
+        "vmlb_vip_owned",
+        "1 for each VIP this node owns (answers ARP for), with the Kubernetes source.",
+        MetricType::Gauge,
+        state
+            .owned_vips
+            .iter()
+            .map(|v| (vec![("vip", v.to_string())], 1)),
+    )?;
+    family(
+        enc,
+        "vmlb_maglev_table_info",
+        "The installed Maglev table's digest (observe::digest; backend addresses by slot): nodes \
+         with the same services show the same digest.",
+        MetricType::Gauge,
+        state
+            .services
+            .iter()
+            .filter(|s| !s.maglev_digest.is_empty())
+            .map(|s| {
+                let labels = vec![
+                    ("service", esc(&s.name)),
+                    ("digest", s.maglev_digest.clone()),
+                ];
+                (labels, 1)
+            }),
+    )?;
+    family(
+        enc,
         "vmlb_datapath_packets",
         "Packets by the path they took through the XDP program (see vmlb_common::Counter).",
         MetricType::Counter,

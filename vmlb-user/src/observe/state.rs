@@ -39,6 +39,9 @@ pub struct DaemonState {
     #[serde(default)]
     pub updated_unix: u64,
     pub services: Vec<ServiceState>,
+    /// The VIPs this node owns (answers ARP for), with the Kubernetes source; empty otherwise.
+    #[serde(default)]
+    pub owned_vips: Vec<Ipv4Addr>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -57,6 +60,10 @@ pub struct ServiceState {
     pub snat: Vec<Ipv4Addr>,
     pub ring_size: u32,
     pub backends: Vec<BackendState>,
+    /// `observe::digest` of the installed Maglev table (16 hex digits; empty if unknown):
+    /// equal on nodes that agree.
+    #[serde(default)]
+    pub maglev_digest: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -137,8 +144,31 @@ impl ServiceState {
                 .collect(),
             ring_size: svc.ring_size,
             backends,
+            maglev_digest: table_digest(spec, reconciler),
         })
     }
+}
+
+/// `observe::digest` of a service's installed table, in hex; empty if it is not installed.
+pub fn table_digest(spec: &ServiceSpec, reconciler: &Reconciler) -> String {
+    let key = spec.key();
+    let Some(table) = reconciler.table(&key) else {
+        return String::new();
+    };
+    // Ids back to the addresses they stand for (a table names only this service's backends).
+    let by_id: std::collections::BTreeMap<u32, (Ipv4Addr, u16)> = spec
+        .backends
+        .iter()
+        .filter_map(|b| {
+            Some((
+                reconciler.backend_id(&key, b.addr, b.port)?,
+                (b.addr, b.port),
+            ))
+        })
+        .collect();
+    super::digest::hex(super::digest::digest_ids(table, |id| {
+        by_id.get(&id).copied()
+    }))
 }
 
 /// Write `s` to `path` atomically: a temporary file in the same directory, fsynced, renamed over
@@ -205,7 +235,9 @@ mod tests {
                     up: false,
                     last_error: Some("connection refused".into()),
                 }],
+                maglev_digest: "00112233445566ff".into(),
             }],
+            owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128)],
         }
     }
 
