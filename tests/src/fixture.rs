@@ -154,7 +154,7 @@ impl Env {
             ..Default::default()
         })?;
         let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
-        maps.init_config(NODE_MAC)?;
+        maps.init_config(ifindex, NODE_MAC)?;
         let mut env = Self {
             _guard: guard,
             ebpf,

@@ -45,7 +45,8 @@ fn curl_through_vip_reaches_both_vms_with_snat_source() {
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
         .collect();
-    maps.init_config(node_mac.try_into().unwrap())
+    let node_ifindex = lab.node.ifindex(vmlb_tests::lab::NODE_DEV).unwrap();
+    maps.init_config(node_ifindex, node_mac.try_into().unwrap())
         .expect("writing CONFIG");
     let spec = ServiceSpec {
         vip: VIP,

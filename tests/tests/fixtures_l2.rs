@@ -53,13 +53,29 @@ fn l2_other_arp_passes() {
         .set_ownership(Some(BTreeSet::new()), &mut e.maps)
         .unwrap();
     let cases = [
-        ("VIP not owned", arp(1, BROADCAST, CLIENT_MAC, CLIENT, ZERO, VIP)),
+        (
+            "VIP not owned",
+            arp(1, BROADCAST, CLIENT_MAC, CLIENT, ZERO, VIP),
+        ),
         (
             "not a VIP",
-            arp(1, BROADCAST, CLIENT_MAC, CLIENT, ZERO, Ipv4Addr::new(10, 10, 1, 77)),
+            arp(
+                1,
+                BROADCAST,
+                CLIENT_MAC,
+                CLIENT,
+                ZERO,
+                Ipv4Addr::new(10, 10, 1, 77),
+            ),
         ),
-        ("a reply", arp(2, NODE_MAC, CLIENT_MAC, CLIENT, NODE_MAC, VIP)),
-        ("gratuitous", arp(1, BROADCAST, CLIENT_MAC, CLIENT, ZERO, CLIENT)),
+        (
+            "a reply",
+            arp(2, NODE_MAC, CLIENT_MAC, CLIENT, NODE_MAC, VIP),
+        ),
+        (
+            "gratuitous",
+            arp(1, BROADCAST, CLIENT_MAC, CLIENT, ZERO, CLIENT),
+        ),
     ];
     for (what, frame) in cases {
         let (action, out) = e.run(&frame);

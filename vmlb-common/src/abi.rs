@@ -258,10 +258,13 @@ pub struct Config {
     /// Non-zero while user space finds the flow table above its pressure threshold: SYN-only
     /// flows then expire early (see README, flood guard).
     pub pressure: u32,
-    /// The interface's own MAC: the source of every frame sent back to clients.
+    /// The interface's own MAC: the source of every frame sent back to clients, and the only
+    /// destination MAC whose frames are NATed when they arrive on that interface.
     pub mac: [u8; 6],
     pub _pad0: u16,
-    pub _pad1: u32,
+    /// That interface (frames arriving elsewhere, e.g. replies from a backend behind another
+    /// interface, must only not be broadcast or multicast).
+    pub ifindex: u32,
 }
 const _: () = assert!(size_of::<Config>() == 64);
 

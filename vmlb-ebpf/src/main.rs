@@ -28,8 +28,8 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use vmlb_common::{
     flow_state as st,
     hash::{flow_hash, snat_addr_index, snat_pick, snat_port, tuple_slot},
-    Backend, Config, Counter, Flow, Service, IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES,
-    SNAT_RETRIES,
+    Backend, Config, Counter, Flow, Service, IPPROTO_TCP, MAX_SNAT_PER_SERVICE,
+    SNAT_RANDOM_RETRIES, SNAT_RETRIES,
 };
 
 use crate::{
@@ -86,7 +86,12 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
     // and a packet whose TTL would expire is the kernel's to answer (time-exceeded).
     // SAFETY: `eth` and `ip` were bounds-checked by parse().
     let (dst_mac, ttl) = unsafe { ((*p.eth).dst, (*p.ip).ttl) };
-    if dst_mac != cfg.mac {
+    let ours = if ctx.ingress_ifindex() as u32 == cfg.ifindex {
+        dst_mac == cfg.mac
+    } else {
+        dst_mac[0] & 1 == 0
+    };
+    if !ours {
         return Err(Counter::PassOtherMac);
     }
     if ttl <= 1 {

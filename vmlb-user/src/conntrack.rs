@@ -17,9 +17,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
-use vmlb_common::{
-    clock_units_from_ms, flow_state as st, Flow, FlowKey, FlowRef, CLOCK_SHIFT,
-};
+use vmlb_common::{clock_units_from_ms, flow_state as st, Flow, FlowKey, FlowRef, CLOCK_SHIFT};
 
 /// Flow timeouts (README: "Flow state"). Defaults and why:
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -763,7 +763,10 @@ mod tests {
         assert!(r.owned_vips().is_empty());
         assert_eq!(dp.log.len(), 1, "{:?}", dp.log);
         // The same set again writes nothing; taking it back reports it taken.
-        assert!(r.set_ownership(Some(BTreeSet::new()), &mut dp).unwrap().is_empty());
+        assert!(r
+            .set_ownership(Some(BTreeSet::new()), &mut dp)
+            .unwrap()
+            .is_empty());
         let changed = r.set_ownership(Some([VIP].into()), &mut dp).unwrap();
         assert_eq!(changed, vec![(VIP, true)]);
     }

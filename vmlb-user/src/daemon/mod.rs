@@ -103,7 +103,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         maglev_entries: opts.maglev_entries,
     })?;
     telemetry::forward_ebpf_logs(&layout);
-    maps.init_config(attach::iface_mac(&opts.iface)?)?;
+    let ifindex = nix::net::if_::if_nametoindex(opts.iface.as_str())
+        .with_context(|| format!("no interface {}", opts.iface))?;
+    maps.init_config(ifindex, attach::iface_mac(&opts.iface)?)?;
     maps.update_config(|c| {
         c.new_flow_rate = opts.flows.new_flow_rate;
         c.new_flow_burst = opts.flows.new_flow_burst;
@@ -329,8 +331,7 @@ impl Stages<'_> {
             }
             Err(e) => error!("applying VIP ownership: {e:#}"),
         }
-        self.applier
-            .set_owned(self.reconciler.owned_vips());
+        self.applier.set_owned(self.reconciler.owned_vips());
         self.applier.publish_l2(None, self.reconciler);
     }
 

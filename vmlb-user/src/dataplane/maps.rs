@@ -7,8 +7,7 @@ use aya::{
 };
 use vmlb_common::{
     map_names, Backend, Config, Counter, Flow, FlowKey, FlowRef, Hop, Service, ServiceKey,
-    TrafficStats,
-    MAX_SNAT_ADDRS,
+    TrafficStats, MAX_SNAT_ADDRS,
 };
 
 use super::{pins::PinLayout, Dataplane};
@@ -149,13 +148,14 @@ impl BpfMaps {
         Ok(())
     }
 
-    /// Settings that follow from the maps and the interface: the slot count (FLOW_SLOTS' size)
-    /// and the interface's MAC (the source of frames sent to clients).
-    pub fn init_config(&mut self, mac: [u8; 6]) -> anyhow::Result<()> {
+    /// Settings that follow from the maps and the interface: the slot count (FLOW_SLOTS' size),
+    /// the interface and its MAC (the source of frames sent to clients).
+    pub fn init_config(&mut self, ifindex: u32, mac: [u8; 6]) -> anyhow::Result<()> {
         let slots = self.slots.len() as u32;
         self.update_config(|c| {
             c.slot_count = slots;
             c.mac = mac;
+            c.ifindex = ifindex;
         })
     }
 }
