@@ -13,7 +13,7 @@ use crate::{
     dataplane::maps::BpfMaps,
     health::{HealthChecker, Target},
     model::{ConfiguredService, HealthSpec, ServiceSpec},
-    observe::state::{self, BackendState, DaemonState, ServiceState},
+    observe::state::{self, BackendState, DaemonState, ReloadState, ServiceState},
     reconcile::Reconciler,
 };
 
@@ -24,6 +24,11 @@ pub struct Applier {
     pub maps: Arc<Mutex<BpfMaps>>,
     pub shared_state: Arc<RwLock<DaemonState>>,
     pub state_path: PathBuf,
+    /// `dataplane::attach::Origin`, as the state file spells it.
+    pub attach: String,
+    pub xdp_mode: Option<String>,
+    /// The last configuration load, published with the next state.
+    pub last_reload: Option<ReloadState>,
 }
 
 impl Applier {
@@ -45,6 +50,9 @@ impl Applier {
         self.generation += 1;
         let mut st = daemon_state(&self.iface, configured, reconciler, health, &desired);
         st.generation = self.generation;
+        st.attach = Some(self.attach.clone());
+        st.xdp_mode = self.xdp_mode.clone();
+        st.last_reload = self.last_reload.clone();
         st.updated_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -53,6 +61,19 @@ impl Applier {
         }
         *self.shared_state.write().expect("state lock") = st;
         Ok(())
+    }
+
+    /// Publish a reload that changed nothing in the maps (unchanged, or refused).
+    pub fn note_reload(&mut self, reload: ReloadState) {
+        self.last_reload = Some(reload);
+        let mut st = self.shared_state.write().expect("state lock").clone();
+        st.last_reload = self.last_reload.clone();
+        st.attach = Some(self.attach.clone());
+        st.xdp_mode = self.xdp_mode.clone();
+        if let Err(e) = state::write_atomic(&self.state_path, &st) {
+            warn!("writing {}: {e:#}", self.state_path.display());
+        }
+        *self.shared_state.write().expect("state lock") = st;
     }
 }
 

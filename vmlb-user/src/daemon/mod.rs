@@ -35,11 +35,11 @@ use crate::{
     health::{HealthChecker, HealthEvent},
     model::ConfiguredService,
     observe::{
-        metrics::{self, MetricsSource},
-        state::{self, DaemonState},
+        metrics::{self, DaemonMetrics, MetricsSource, ReloadResult},
+        state::{self, DaemonState, ReloadState},
     },
     reconcile::Reconciler,
-    source,
+    source::{self, file::Capacity},
 };
 use apply::{health_targets, Applier};
 
@@ -60,40 +60,41 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let layout = PinLayout::new(&opts.pin_dir, &opts.iface);
+    let capacity = Capacity {
+        ring_entries: opts.maglev_entries,
+    };
     // The configuration is read before anything is loaded: a daemon refused for a bad file
     // leaves no trace. With a pinned program to adopt it keeps serving the adopted state.
-    let mut configured: Option<Vec<ConfiguredService>> =
-        match source::file::load(&opts.configs, &opts.node) {
-            Ok(c) => Some(c),
-            Err(errors) => {
-                for e in &errors.0 {
-                    error!("{e}");
-                }
-                if !layout.link().exists() {
-                    return Err(ExitError::error(
-                        exit::CONFIG_INVALID,
-                        format!(
-                            "the configuration is invalid ({} error(s), listed above)",
-                            errors.0.len()
-                        ),
-                    ));
-                }
-                warn!("keeping the adopted data-path state until the configuration is fixed");
-                None
+    let first = source::file::read(&opts.configs, &opts.node, capacity);
+    let first_reload = log_report(&first);
+    let mut configured: Option<Vec<ConfiguredService>> = match first.into_result() {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            if !layout.link().exists() {
+                return Err(ExitError::error(
+                    exit::CONFIG_INVALID,
+                    format!(
+                        "the configuration is invalid ({} error(s), listed above)",
+                        errors.0.len()
+                    ),
+                ));
             }
-        };
+            warn!("keeping the adopted data-path state until the configuration is fixed");
+            None
+        }
+    };
     // Bound before attaching, so a taken port stops the daemon before it changes anything.
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
-    let (attachment, maps) = attach::attach_or_adopt(&AttachSpec {
+    let (mut attachment, maps) = attach::attach_or_adopt(&AttachSpec {
         iface: opts.iface.clone(),
         mode: opts.xdp_mode,
         pin_root: opts.pin_dir.clone(),
         flow_entries: opts.flow_entries,
         maglev_entries: opts.maglev_entries,
     })?;
-    telemetry::forward_ebpf_logs(&layout);
+    telemetry::forward_ebpf_logs(&mut attachment);
 
     // Whatever the maps hold (a previous daemon's services, or nothing) is the starting point,
     // so applying the same configuration again writes nothing.
@@ -113,6 +114,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // scrape walking FLOWS must not hold up a reconcile.
     let scrape_maps = Arc::new(Mutex::new(BpfMaps::from_pins(&layout)?));
     let metrics_source = MetricsSource::new(scrape_maps, shared_state.clone());
+    let daemon_metrics = metrics_source.daemon().clone();
+    let probes = daemon_metrics.clone();
+    health.observe_probes(Arc::new(move |ok| probes.probe(ok)));
     let metrics_task = tokio::spawn(metrics::serve_on(listener, metrics_source.clone(), async {
         let _ = metrics_stopped.await;
     }));
@@ -123,12 +127,31 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         maps: maps.clone(),
         shared_state: shared_state.clone(),
         state_path: state::state_path(&opts.run_dir, &opts.iface),
+        attach: attachment.origin.label().to_string(),
+        xdp_mode: attachment
+            .origin
+            .xdp_mode()
+            .map(str::to_string)
+            .or_else(|| {
+                // Adopted or upgraded: the mode the previous daemon attached in.
+                let path = state::state_path(&opts.run_dir, &opts.iface);
+                state::read(&path).ok().flatten().and_then(|s| s.xdp_mode)
+            }),
+        last_reload: None,
     };
-    if let Some(c) = &configured {
-        health.update_with_initial(health_targets(c), &reconciler.down_backends());
-        applier
-            .apply(&mut reconciler, c, &health)
-            .context("applying the initial configuration")?;
+    match &configured {
+        Some(c) => {
+            health.update_with_initial(health_targets(c), &reconciler.down_backends());
+            applier.last_reload = Some(first_reload.with_result(ReloadResult::Applied));
+            applier
+                .apply(&mut reconciler, c, &health)
+                .context("applying the initial configuration")?;
+            daemon_metrics.reload(ReloadResult::Applied);
+        }
+        None => {
+            applier.note_reload(first_reload.with_result(ReloadResult::Invalid));
+            daemon_metrics.reload(ReloadResult::Invalid);
+        }
     }
     metrics_source.set_ready(true);
     info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving");
@@ -141,6 +164,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut stages = Stages {
         opts: &opts,
+        capacity,
+        metrics: &daemon_metrics,
         configured: &mut configured,
         health: &mut health,
         reconciler: &mut reconciler,
@@ -162,6 +187,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Some(ev) = health_rx.recv() => {
                 // health.rs logs the transition itself.
                 tracing::debug!(target = %ev.target, up = ev.up, "applying a health change");
+                daemon_metrics.transition(ev.up);
                 stages.health_changed();
             }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
@@ -183,9 +209,40 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Log a load's warnings and errors; what to publish about it (result filled in later).
+fn log_report(report: &source::file::Report) -> ReloadState {
+    for w in &report.warnings {
+        warn!("{w}");
+    }
+    for e in &report.errors {
+        error!("{e}");
+    }
+    ReloadState {
+        unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        result: String::new(),
+        errors: report.errors.iter().map(ToString::to_string).collect(),
+        warnings: report.warnings.iter().map(ToString::to_string).collect(),
+    }
+}
+
+trait WithResult {
+    fn with_result(self, r: ReloadResult) -> Self;
+}
+
+impl WithResult for ReloadState {
+    fn with_result(mut self, r: ReloadResult) -> Self {
+        self.result = r.label().to_string();
+        self
+    }
+}
+
 /// The loop's mutable state, so each event is one call.
 struct Stages<'a> {
     opts: &'a Options,
+    capacity: Capacity,
+    metrics: &'a DaemonMetrics,
     configured: &'a mut Option<Vec<ConfiguredService>>,
     health: &'a mut HealthChecker,
     reconciler: &'a mut Reconciler,
@@ -195,28 +252,43 @@ struct Stages<'a> {
 impl Stages<'_> {
     /// Parse everything first; only a fully valid configuration replaces the running one.
     fn reload(&mut self) {
-        match source::file::load(&self.opts.configs, &self.opts.node) {
+        let report = source::file::read(&self.opts.configs, &self.opts.node, self.capacity);
+        let reload = log_report(&report);
+        let result = match report.into_result() {
             Err(errors) => {
-                for e in &errors.0 {
-                    error!("{e}");
-                }
                 error!(
                     "configuration refused ({} error(s)); the previous configuration keeps serving",
                     errors.0.len()
                 );
+                self.applier
+                    .note_reload(reload.with_result(ReloadResult::Invalid));
+                ReloadResult::Invalid
+            }
+            Ok(c) if self.configured.as_ref() == Some(&c) => {
+                info!("configuration unchanged");
+                self.applier
+                    .note_reload(reload.with_result(ReloadResult::Unchanged));
+                ReloadResult::Unchanged
             }
             Ok(c) => {
-                if self.configured.as_ref() == Some(&c) {
-                    info!("configuration unchanged");
-                    return;
-                }
                 self.health.update(health_targets(&c));
+                self.applier.last_reload = Some(reload.clone().with_result(ReloadResult::Applied));
                 match self.applier.apply(self.reconciler, &c, self.health) {
-                    Ok(()) => *self.configured = Some(c),
-                    Err(e) => error!("configuration refused by the data path: {e:#}"),
+                    Ok(()) => {
+                        *self.configured = Some(c);
+                        ReloadResult::Applied
+                    }
+                    Err(e) => {
+                        error!("configuration refused by the data path: {e:#}");
+                        let mut reload = reload.with_result(ReloadResult::Failed);
+                        reload.errors.push(format!("{e:#}"));
+                        self.applier.note_reload(reload);
+                        ReloadResult::Failed
+                    }
                 }
             }
-        }
+        };
+        self.metrics.reload(result);
     }
 
     fn health_changed(&mut self) {
