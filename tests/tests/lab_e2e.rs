@@ -958,6 +958,14 @@ fn a_config_storm_applies_only_whole_valid_files_and_fails_no_request() {
             .spawn()
             .context("spawning wrk (apt-get install wrk)")?;
         let config = w.dir.config();
+        // Removing the service, even for a moment (an empty file applied), gives it a new id.
+        let service_id = |w: &World| -> anyhow::Result<Value> {
+            Ok(rows(&w.inspect("services")?, "services")?
+                .first()
+                .context("no service")?["id"]
+                .clone())
+        };
+        let first_id = service_id(w)?;
         let (mut valid_edits, mut invalid_edits, mut torn_edits) = (0, 0, 0);
         let mut installed = BTreeSet::new();
         let started = Instant::now();
@@ -1003,6 +1011,10 @@ fn a_config_storm_applies_only_whole_valid_files_and_fails_no_request() {
                     "installed backends: {set:?}"
                 );
                 installed.insert(set);
+                ensure!(
+                    service_id(w)? == first_id,
+                    "the service was removed and re-added"
+                );
                 w.daemon_alive()?;
             }
         }
@@ -1028,6 +1040,10 @@ fn a_config_storm_applies_only_whole_valid_files_and_fails_no_request() {
             thread::sleep(Duration::from_millis(100));
         }
 
+        ensure!(
+            service_id(w)? == first_id,
+            "the service was removed and re-added"
+        );
         let out = wrk.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(

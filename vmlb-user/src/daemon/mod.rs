@@ -175,14 +175,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                stages.reload();
+                stages.reload().await;
             }
             Some(()) = reload_rx.recv() => {
                 // Let the burst of events from one save settle, then reload once.
                 tokio::time::sleep(RELOAD_DEBOUNCE).await;
                 while reload_rx.try_recv().is_ok() {}
                 info!("configuration changed on disk: reloading");
-                stages.reload();
+                stages.reload().await;
             }
             Some(ev) = health_rx.recv() => {
                 // health.rs logs the transition itself.
@@ -251,8 +251,21 @@ struct Stages<'a> {
 
 impl Stages<'_> {
     /// Parse everything first; only a fully valid configuration replaces the running one.
-    fn reload(&mut self) {
-        let report = source::file::read(&self.opts.configs, &self.opts.node, self.capacity);
+    async fn reload(&mut self) {
+        let read = || source::file::read(&self.opts.configs, &self.opts.node, self.capacity);
+        let mut report = read();
+        // An empty file is what a reader sees between an in-place writer's truncate and its
+        // first write, and it parses as "no services". Look again once such a writer has had
+        // time to finish; only a file still empty then is taken as meant.
+        if self.configured.is_some()
+            && report
+                .files
+                .iter()
+                .any(|f| f.documents == 0 && f.errors == 0)
+        {
+            tokio::time::sleep(RELOAD_DEBOUNCE).await;
+            report = read();
+        }
         let reload = log_report(&report);
         let result = match report.into_result() {
             Err(errors) => {

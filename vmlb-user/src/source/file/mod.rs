@@ -148,7 +148,7 @@ pub fn read(paths: &[PathBuf], node: &NodeConfig, capacity: Capacity) -> Report 
             Ok(text) => {
                 let (services, contents) =
                     serviceentry::parse_file(&text, &file, node, &mut errors, &mut warnings);
-                if contents.documents == 0 {
+                if contents.documents == 0 && errors.len() == e0 {
                     warnings.push(file_error(&file, "no YAML documents in this file".into()));
                 }
                 report.documents = contents.documents;
