@@ -7,6 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use clap::Parser as _;
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
@@ -165,6 +166,28 @@ fn check_daemonset(ds: &DaemonSet, at: &str) {
         .flatten()
         .map(|e| (e.name.as_str(), e))
         .collect();
+    // The arguments are vmlb's: `$(VAR)` expanded as the kubelet does (downward-API values by
+    // stand-ins), NODE_NAME given as the flag it feeds.
+    let mut args = vec!["vmlb".to_string()];
+    for a in c.args.iter().flatten() {
+        let mut a = a.clone();
+        for (name, e) in &env {
+            let value = e.value.clone().unwrap_or_else(|| "192.0.2.10".into());
+            a = a.replace(&format!("$({name})"), &value);
+        }
+        assert!(!a.contains("$("), "{at}: {a} refers to an unknown variable");
+        args.push(a);
+    }
+    args.push("--node-name=node-0".into());
+    match vmlb_user::cli::Cli::try_parse_from(&args) {
+        Ok(cli) => {
+            let vmlb_user::cli::Command::Run(run) = cli.command else {
+                panic!("{at}: {args:?} is not `vmlb run`")
+            };
+            assert!(run.kubernetes, "{at}: the DaemonSet must read the cluster");
+        }
+        Err(e) => panic!("{at}: vmlb does not accept {args:?}: {e}"),
+    }
     let field = |n: &str| {
         env[n]
             .value_from

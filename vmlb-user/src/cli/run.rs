@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use anyhow::Context as _;
 use clap::ValueEnum;
 
 use crate::{
@@ -18,8 +19,23 @@ pub struct RunArgs {
     pub iface: String,
     /// ServiceEntry YAML files or directories of them (repeatable). Reloaded on change and on
     /// SIGHUP; a bad edit is refused and the running configuration keeps serving.
-    #[arg(long = "config", required = true)]
+    #[arg(long = "config", required_unless_present = "kubernetes")]
     pub configs: Vec<PathBuf>,
+    /// Also serve the cluster's vmlb Services (with the VM endpoint controller) and its
+    /// ServiceEntries labelled vmlb.io/serve=true. Credentials from KUBECONFIG or, in a pod,
+    /// the service account.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// This node's name, for its Lease (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME", required_if_eq("kubernetes", "true"))]
+    pub node_name: Option<String>,
+    /// The namespace of vmlb's Leases (the DaemonSet passes its own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "vmlb-system")]
+    pub namespace: String,
+    /// VIP pools: a YAML file of IPAddressPool documents (vmlb.io/v1alpha1 or
+    /// metallb.io/v1beta1).
+    #[arg(long, requires = "kubernetes")]
+    pub pools: Option<PathBuf>,
     /// auto tries native (driver) XDP and falls back to generic (skb) mode, saying so.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
@@ -74,7 +90,24 @@ impl RunArgs {
     /// The daemon's options: the node config file merged under the flags.
     pub fn options(self) -> anyhow::Result<Options> {
         let node = source::node::load(self.node_config.as_deref(), self.snat_addr, self.vlan)?;
+        let kubernetes = match (self.kubernetes, self.node_name) {
+            (false, _) => None,
+            (true, None) => {
+                anyhow::bail!("--kubernetes needs the node's name (--node-name or NODE_NAME)")
+            }
+            (true, Some(name)) => {
+                let mut k = source::kube::Options::new(name, self.namespace, node.clone());
+                if let Some(p) = &self.pools {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading the pools {}", p.display()))?;
+                    k.pools = source::kube::pools::parse_pools_yaml(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                }
+                Some(k)
+            }
+        };
         Ok(Options {
+            kubernetes,
             iface: self.iface,
             configs: self.configs,
             xdp_mode: match self.xdp_mode {

@@ -83,6 +83,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             None
         }
     };
+    // Credentials are read before attaching too (nothing is contacted yet).
+    let kube_client = match &opts.kubernetes {
+        Some(_) => Some(kube::Client::try_default().await.context(
+            "reading Kubernetes credentials (KUBECONFIG, ~/.kube/config or the pod's service account)",
+        )?),
+        None => None,
+    };
     // Bound before attaching, so a taken port stops the daemon before it changes anything.
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
@@ -139,22 +146,32 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }),
         last_reload: None,
     };
-    match &configured {
-        Some(c) => {
+    // With the cluster as a source, nothing is applied before it has been read once: the
+    // adopted state (a restart) keeps serving meanwhile, and readiness waits for it.
+    let mut kube = match (kube_client, opts.kubernetes.clone()) {
+        (Some(client), Some(k)) => Some(source::kube::KubeSource::start(client, k)),
+        _ => None,
+    };
+    match (&configured, &kube) {
+        (Some(c), None) => {
             health.update_with_initial(health_targets(c), &reconciler.down_backends());
             applier.last_reload = Some(first_reload.with_result(ReloadResult::Applied));
             applier
                 .apply(&mut reconciler, c, &health)
                 .context("applying the initial configuration")?;
             daemon_metrics.reload(ReloadResult::Applied);
+            metrics_source.set_ready(true);
+            info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving");
         }
-        None => {
+        // Applied with the cluster's services once they are read.
+        (Some(_), Some(_)) => {
+            applier.last_reload = Some(first_reload.with_result(ReloadResult::Applied))
+        }
+        (None, _) => {
             applier.note_reload(first_reload.with_result(ReloadResult::Invalid));
             daemon_metrics.reload(ReloadResult::Invalid);
         }
     }
-    metrics_source.set_ready(true);
-    info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving");
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<()>(16);
     let _watcher = source::file::watch::watch(&opts.configs, reload_tx)?;
@@ -167,6 +184,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         capacity,
         metrics: &daemon_metrics,
         configured: &mut configured,
+        cluster: None,
+        started: kube.is_none(),
         health: &mut health,
         reconciler: &mut reconciler,
         applier: &mut applier,
@@ -184,6 +203,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 info!("configuration changed on disk: reloading");
                 stages.reload().await;
             }
+            Some(services) = cluster_changed(kube.as_mut()) => {
+                stages.cluster_changed(services);
+                if stages.started && !metrics_source.is_ready() {
+                    metrics_source.set_ready(true);
+                    info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving (files and cluster)");
+                }
+            }
             Some(ev) = health_rx.recv() => {
                 // health.rs logs the transition itself.
                 tracing::debug!(target = %ev.target, up = ev.up, "applying a health change");
@@ -196,6 +222,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     metrics_source.set_ready(false);
+    if let Some(k) = kube {
+        // Let go of the VIPs and release the Leases, so other nodes take over at once.
+        k.shutdown().await;
+    }
     health.shutdown().await;
     let _ = stop_metrics.send(());
     let _ = metrics_task.await;
@@ -243,10 +273,30 @@ struct Stages<'a> {
     opts: &'a Options,
     capacity: Capacity,
     metrics: &'a DaemonMetrics,
+    /// The files' services (`None`: invalid since start, the adopted state serves).
     configured: &'a mut Option<Vec<ConfiguredService>>,
+    /// The cluster's services, once read.
+    cluster: Option<Vec<ConfiguredService>>,
+    /// Whether anything has been applied yet (with the cluster: once it has been read).
+    started: bool,
     health: &'a mut HealthChecker,
     reconciler: &'a mut Reconciler,
     applier: &'a mut Applier,
+}
+
+/// The cluster's next services, or never without the Kubernetes source.
+async fn cluster_changed(
+    kube: Option<&mut source::kube::KubeSource>,
+) -> Option<Vec<ConfiguredService>> {
+    let Some(k) = kube else {
+        return std::future::pending().await;
+    };
+    loop {
+        k.services.changed().await.ok()?;
+        if let Some(s) = k.services.borrow_and_update().clone() {
+            return Some(s);
+        }
+    }
 }
 
 impl Stages<'_> {
@@ -284,15 +334,13 @@ impl Stages<'_> {
                 ReloadResult::Unchanged
             }
             Ok(c) => {
-                self.health.update(health_targets(&c));
                 self.applier.last_reload = Some(reload.clone().with_result(ReloadResult::Applied));
-                match self.applier.apply(self.reconciler, &c, self.health) {
-                    Ok(()) => {
-                        *self.configured = Some(c);
-                        ReloadResult::Applied
-                    }
+                let previous = self.configured.replace(c);
+                match self.apply_all() {
+                    Ok(()) => ReloadResult::Applied,
                     Err(e) => {
                         error!("configuration refused by the data path: {e:#}");
+                        *self.configured = previous;
                         let mut reload = reload.with_result(ReloadResult::Failed);
                         reload.errors.push(format!("{e:#}"));
                         self.applier.note_reload(reload);
@@ -304,11 +352,48 @@ impl Stages<'_> {
         self.metrics.reload(result);
     }
 
-    fn health_changed(&mut self) {
-        if let Some(c) = self.configured.as_ref() {
-            if let Err(e) = self.applier.apply(self.reconciler, c, self.health) {
-                error!("applying a health change: {e:#}");
+    fn cluster_changed(&mut self, services: Vec<ConfiguredService>) {
+        let first = !self.started && self.cluster.is_none();
+        self.cluster = Some(services);
+        if first {
+            // The first time: adopt the pinned maps' health verdicts, as a file start does.
+            if let Some(all) = self.all() {
+                self.health
+                    .update_with_initial(health_targets(&all), &self.reconciler.down_backends());
             }
         }
+        if let Err(e) = self.apply_all() {
+            error!("applying the cluster's services: {e:#}");
+        }
+    }
+
+    fn health_changed(&mut self) {
+        if let Err(e) = self.apply_all() {
+            error!("applying a health change: {e:#}");
+        }
+    }
+
+    /// Files and cluster together; `None` until both can be applied.
+    fn all(&self) -> Option<Vec<ConfiguredService>> {
+        let file = self.configured.as_ref()?;
+        if self.opts.kubernetes.is_none() {
+            return Some(file.clone());
+        }
+        let (all, left_out) = source::kube::merge::merge(file, self.cluster.as_ref()?);
+        for m in left_out {
+            warn!("{m}");
+        }
+        Some(all)
+    }
+
+    /// The one desired state, from every source, into the data path.
+    fn apply_all(&mut self) -> anyhow::Result<()> {
+        let Some(all) = self.all() else {
+            return Ok(());
+        };
+        self.health.update(health_targets(&all));
+        self.applier.apply(self.reconciler, &all, self.health)?;
+        self.started = true;
+        Ok(())
     }
 }

@@ -26,4 +26,6 @@ pub struct Options {
     pub flow_entries: u32,
     pub maglev_entries: u32,
     pub log_format: LogFormat,
+    /// Also serve what the cluster says (`vmlb run --kubernetes`); `None`: files only.
+    pub kubernetes: Option<crate::source::kube::Options>,
 }

@@ -60,6 +60,15 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub async fn start() -> ApiServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(listener).await
+    }
+
+    /// Serves on a listener bound by the caller (a test binds it inside a network namespace,
+    /// so that a daemon in that namespace reaches it on its loopback).
+    pub async fn start_on(listener: std::net::TcpListener) -> ApiServer {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let (changes, _) = broadcast::channel(1024);
         let (expire, _) = broadcast::channel(16);
         let server = ApiServer {
@@ -69,7 +78,6 @@ impl ApiServer {
             expire,
             changed: Arc::new(Notify::new()),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = ApiServer { addr, ..server };
         let app = Router::new().fallback(handle).with_state(server.clone());
@@ -79,6 +87,17 @@ impl ApiServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig that points at this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: scripted\n\
+             clusters:\n- name: scripted\n  cluster:\n    server: {}\n\
+             contexts:\n- name: scripted\n  context:\n    cluster: scripted\n    user: nobody\n    namespace: {namespace}\n\
+             users:\n- name: nobody\n  user: {{}}\n",
+            self.url()
+        )
     }
 
     /// Add or replace an object, as another client would. Its path is derived from apiVersion,

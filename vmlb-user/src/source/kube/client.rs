@@ -13,7 +13,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use futures::{stream::BoxStream, StreamExt as _};
+use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::{LoadBalancerIngress, LoadBalancerStatus, ObjectReference, Service},
@@ -68,6 +68,8 @@ enum Ev {
 }
 
 const KINDS: usize = 4;
+/// Events applied at most before the services are derived and published again.
+const BATCH: usize = 1000;
 
 /// The custom resources vmlb reads, if the cluster serves them: a cluster without KubeVirt
 /// or Istio still serves Services.
@@ -158,17 +160,26 @@ pub async fn run_index(
     index.set_pools(pools);
     let mut buffers = Buffers::default();
     let mut all = futures::stream::select_all(streams);
-    while let Some(ev) = all.next().await {
-        let ev = match ev {
-            Ok(ev) => ev,
-            Err(e) => {
-                // The watcher re-lists or resumes by itself; the index keeps what it has.
-                warn!("watch error (retrying, state kept): {e}");
-                continue;
+    let mut apply = |ev: Result<Ev, watcher::Error>, index: &mut Index, synced: &mut [bool]| {
+        match ev {
+            Ok(ev) => {
+                if let Some(kind) = buffers.apply(index, ev) {
+                    synced[kind] = true;
+                }
             }
-        };
-        if let Some(kind) = buffers.apply(&mut index, ev) {
-            synced[kind] = true;
+            // The watcher re-lists or resumes by itself; the index keeps what it has.
+            Err(e) => warn!("watch error (retrying, state kept): {e}"),
+        }
+    };
+    while let Some(ev) = all.next().await {
+        apply(ev, &mut index, &mut synced);
+        // Take whatever else has already arrived before deriving once: a burst of updates
+        // costs one derivation, not one each. Bounded, so a flood still publishes.
+        for _ in 0..BATCH {
+            match all.next().now_or_never() {
+                Some(Some(ev)) => apply(ev, &mut index, &mut synced),
+                _ => break,
+            }
         }
         if synced.iter().all(|s| *s) {
             publish(&index, &node, &services_tx, &work_tx);
@@ -405,7 +416,22 @@ async fn write_all(
         }
     }
     // Problems that went away may be reported again if they come back.
-    reported.retain(|p| w.problems.contains(p) || p.message.starts_with("no address: "));
+    let failing: BTreeSet<(String, String)> = w
+        .allocations
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(s, _)| {
+            (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    reported.retain(|p| {
+        w.problems.contains(p)
+            || (p.message.starts_with("no address: ")
+                && failing.contains(&(p.object.namespace.clone(), p.object.name.clone())))
+    });
     for p in &w.problems {
         let svc = w.allocations.iter().map(|(s, _)| s).find(|s| {
             p.object.kind == "Service"

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod index;
 pub mod leases;
+pub mod merge;
 pub mod ownership;
 pub mod pools;
 pub mod vmi;

@@ -1,0 +1,266 @@
+//! `vmlb run --kubernetes` end to end: the daemon on the lab's node, fed by the scripted API
+//! server (vmlb-user/tests/support/apiserver.rs, bound on the node namespace's loopback so the
+//! daemon reaches it there), serving the seed's VMs to the lab's client through the VIP.
+//!
+//! The cluster holds what the seed's example holds: a vmlb Service with the VM annotations,
+//! no address yet, and two VMIs on default/vlan-1512. The daemon must allocate 10.10.1.128
+//! from the pool, write the VMs' EndpointSlice, read both back, and put the service into the
+//! data path; requests to the VIP must reach both VMs, and a deleted VMI must leave. Needs root
+//! and the lab's tools (scripts/bootstrap.sh).
+
+#[path = "../../vmlb-user/tests/support/apiserver.rs"]
+mod apiserver;
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::SocketAddr,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant},
+};
+
+use apiserver::ApiServer;
+use serde_json::{json, Value};
+use vmlb_tests::lab::{
+    curl, mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP,
+};
+
+const NS: &str = "vmlb-system";
+const NODE: &str = "node-0";
+
+/// The vmlb binary, built once per test process (`cargo test` does not build a dependency's
+/// binaries).
+fn vmlb_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(&cargo)
+            .args(["build", "-p", "vmlb-user", "--bin", "vmlb"])
+            .current_dir(root)
+            .output()
+            .expect("running cargo");
+        assert!(
+            out.status.success(),
+            "building vmlb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root.join("target"), |t| root.join(t));
+        target.join("debug").join("vmlb")
+    })
+}
+
+/// The test's directory with a bpffs for the pins; removed (and unmounted) on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(format!("vmlb-kube-e2e-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(p.join("run")).unwrap();
+        mount_bpffs(&p.join("bpf")).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        unmount_bpffs(&self.0.join("bpf"));
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The daemon in its own process group; stopped on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let child = &mut self.0;
+        if matches!(child.try_wait(), Ok(None)) {
+            stop_group(child.id(), Duration::from_secs(5), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+            let _ = child.wait();
+        }
+    }
+}
+
+fn vmi(name: &str, addr: &str) -> Value {
+    json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "httpd"}},
+        "spec": {"networks": [{"name": "nic0", "multus": {"networkName": "default/vlan-1512"}}]},
+        "status": {"phase": "Running", "nodeName": NODE,
+                   "interfaces": [{"name": "nic0", "ipAddress": addr, "infoSource": "domain"}],
+                   "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+}
+
+/// Which VMs answer `n` requests to the VIP (connection failures count as "-").
+fn answers(lab: &Lab, n: usize) -> BTreeSet<String> {
+    (0..n)
+        .map(|_| {
+            curl(&lab.client, &format!("http://{VIP}/"), 2)
+                .map_or_else(|_| "-".into(), |b| b.trim().to_string())
+        })
+        .collect()
+}
+
+/// Polls `cond` (another process's state: nothing to await) for at most `secs`.
+fn eventually(secs: u64, what: &str, log: &Path, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; vmlb's output:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
+    let t0 = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bin = vmlb_bin();
+    let lab = Lab::new().expect("building the lab");
+    let _servers: Vec<Httpd> = lab
+        .vms
+        .iter()
+        .map(|vm| Httpd::start(&vm.ns, vm.name, vm.addr).unwrap())
+        .collect();
+    let dir = Dir::new();
+
+    // The API server listens on the node namespace's loopback, where the daemon runs.
+    let listener = {
+        let _in = lab.node.enter().unwrap();
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    };
+    let api = rt.block_on(ApiServer::start_on(listener));
+    api.put("services", json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "vms", "namespace": "default",
+                     "labels": {"service.kubernetes.io/service-proxy-name": "vmlb"},
+                     "annotations": {"vmlb.io/network": "default/vlan-1512", "vmlb.io/vmi-selector": "app=httpd"}},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "vmlb.io/vmlb",
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80}]},
+    }));
+    for vm in &lab.vms {
+        api.put(
+            "virtualmachineinstances",
+            vmi(vm.name, &vm.addr.to_string()),
+        );
+    }
+    fs::write(dir.0.join("kubeconfig"), api.kubeconfig(NS)).unwrap();
+    fs::write(
+        dir.0.join("pools.yaml"),
+        "apiVersion: vmlb.io/v1alpha1\nkind: IPAddressPool\nmetadata: {name: vlan-1512-pool}\nspec: {addresses: [10.10.1.128/25]}\n",
+    )
+    .unwrap();
+
+    let log = dir.0.join("daemon.log");
+    let out = fs::File::create(&log).unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 19534));
+    let mut daemon = Daemon(
+        lab.node
+            .command(bin)
+            .args([
+                "run",
+                "--kubernetes",
+                "--iface",
+                NODE_DEV,
+                "--xdp-mode",
+                "native",
+            ])
+            .args([
+                "--snat-addr",
+                &NODE_ADDR.to_string(),
+                "--metrics-addr",
+                &metrics.to_string(),
+            ])
+            .arg("--pin-dir")
+            .arg(dir.0.join("bpf"))
+            .arg("--run-dir")
+            .arg(dir.0.join("run"))
+            .arg("--pools")
+            .arg(dir.0.join("pools.yaml"))
+            .env("KUBECONFIG", dir.0.join("kubeconfig"))
+            .env("NODE_NAME", NODE)
+            .env("POD_NAMESPACE", NS)
+            .env("NO_COLOR", "1")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawning vmlb run"),
+    );
+
+    eprintln!("{:?}: daemon started", t0.elapsed());
+    // The leader allocated the seed's VIP and wrote the VMs' slice.
+    let svc = rt.block_on(api.wait_for(30, "the VIP in the Service's status", |a| {
+        let s = a.get("services", "v1", "default", "vms")?;
+        (s["status"]["loadBalancer"]["ingress"][0]["ip"] == VIP.to_string()).then_some(s)
+    }));
+    assert_eq!(svc["status"]["conditions"][0]["status"], "True");
+    let slice = rt.block_on(api.wait_for(10, "the VMs' EndpointSlice", |a| {
+        a.get(
+            "endpointslices",
+            "discovery.k8s.io/v1",
+            "default",
+            "vms-vmlb",
+        )
+    }));
+    assert_eq!(slice["endpoints"].as_array().unwrap().len(), 2);
+
+    eprintln!("{:?}: status and slice written", t0.elapsed());
+    // Requests through the VIP reach both VMs.
+    let both: BTreeSet<String> = ["vm1", "vm2"].map(String::from).into();
+    eventually(20, "both VMs to answer through the VIP", &log, || {
+        answers(&lab, 12) == both
+    });
+    assert!(api
+        .get("leases", "coordination.k8s.io/v1", NS, "vmlb-node-node-0")
+        .is_some());
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("VIP ownership changed") && text.contains("10.10.1.128"),
+        "{text}"
+    );
+
+    eprintln!("{:?}: both VMs answer", t0.elapsed());
+    // A VMI goes away: its endpoint leaves the slice, the model and the data path.
+    api.delete(
+        "virtualmachineinstances",
+        "kubevirt.io/v1",
+        "default",
+        "vm2",
+    );
+    let only: BTreeSet<String> = ["vm1".to_string()].into();
+    eventually(20, "vm2 to leave", &log, || answers(&lab, 16) == only);
+
+    eprintln!("{:?}: vm2 left", t0.elapsed());
+    // A clean stop releases the node Lease.
+    stop_group(daemon.0.id(), Duration::from_secs(10), || {
+        matches!(daemon.0.try_wait(), Ok(Some(_)))
+    });
+    let status = daemon.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "vmlb exited with {status}:\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(api
+        .get("leases", "coordination.k8s.io/v1", NS, "vmlb-node-node-0")
+        .is_none());
+}
