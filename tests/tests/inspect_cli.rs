@@ -356,6 +356,11 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     assert_eq!(v["empty_slots"], 0);
     let table: Vec<u32> = serde_json::from_value(v["table"].clone()).unwrap();
     assert_eq!(table, env.reconciler.table(&key).unwrap());
+    // The live table's digest (read from the maps) is the one the daemon computed from its
+    // own copy and wrote to the state file (what the metric shows).
+    let digest = v["digest"].as_str().unwrap();
+    assert_eq!(digest.len(), 16);
+    assert_eq!(digest, state::table_digest(&spec, &env.reconciler));
     let per_be: u64 = v["backends"]
         .as_array()
         .unwrap()

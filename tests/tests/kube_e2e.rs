@@ -23,11 +23,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use apiserver::ApiServer;
+use apiserver::{kubeconfig, ApiServer};
 use serde_json::{json, Value};
-use vmlb_tests::lab::{
-    curl, mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP,
+use vmlb_tests::{
+    lab::{curl, mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP},
+    netns::Netns,
 };
+use vmlb_user::observe::state::{state_path, DaemonState};
 
 const NS: &str = "vmlb-system";
 const NODE: &str = "node-0";
@@ -60,7 +62,11 @@ struct Dir(PathBuf);
 
 impl Dir {
     fn new() -> Self {
-        let p = std::env::temp_dir().join(format!("vmlb-kube-e2e-{}", std::process::id()));
+        Self::tagged("lab")
+    }
+
+    fn tagged(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmlb-kube-e2e-{}-{tag}", std::process::id()));
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(p.join("run")).unwrap();
         mount_bpffs(&p.join("bpf")).unwrap();
@@ -263,4 +269,232 @@ fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
     assert!(api
         .get("leases", "coordination.k8s.io/v1", NS, "vmlb-node-node-0")
         .is_none());
+}
+
+/// One node of the two-node test: a namespace with a veth pair to attach to (no addresses:
+/// nothing is sent), its own pins and run dir, a daemon on the shared scripted cluster.
+/// Field order is drop order: daemon, then pins, then the namespace.
+struct Node {
+    daemon: Daemon,
+    dir: Dir,
+    _ns: Netns,
+    log: PathBuf,
+}
+
+const NODE_IFACE: &str = "k0";
+
+impl Node {
+    fn start(name: &str, api: &ApiServer, rt: &tokio::runtime::Runtime) -> Node {
+        let ns = Netns::new(name).unwrap();
+        ns.ip(&[
+            "link", "add", NODE_IFACE, "type", "veth", "peer", "name", "k1",
+        ])
+        .unwrap();
+        ns.ip(&["link", "set", NODE_IFACE, "up"]).unwrap();
+        ns.ip(&["link", "set", "k1", "up"]).unwrap();
+        let dir = Dir::tagged(name);
+        let listener = {
+            let _in = ns.enter().unwrap();
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+        };
+        let url = {
+            let _rt = rt.enter();
+            api.serve_also(listener)
+        };
+        fs::write(dir.0.join("kubeconfig"), kubeconfig(&url, NS)).unwrap();
+        let log = dir.0.join("daemon.log");
+        let out = fs::File::create(&log).unwrap();
+        let child = ns
+            .command(vmlb_bin())
+            .args([
+                "run",
+                "--kubernetes",
+                "--iface",
+                NODE_IFACE,
+                "--xdp-mode",
+                "skb",
+            ])
+            .args([
+                "--snat-addr",
+                &NODE_ADDR.to_string(),
+                "--metrics-addr",
+                "127.0.0.1:19535",
+            ])
+            .arg("--pin-dir")
+            .arg(dir.0.join("bpf"))
+            .arg("--run-dir")
+            .arg(dir.0.join("run"))
+            .env("KUBECONFIG", dir.0.join("kubeconfig"))
+            .env("NODE_NAME", name)
+            .env("POD_NAMESPACE", NS)
+            .env("NO_COLOR", "1")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawning vmlb run");
+        Node {
+            daemon: Daemon(child),
+            dir,
+            _ns: ns,
+            log,
+        }
+    }
+
+    fn state(&self) -> Option<DaemonState> {
+        let text = fs::read_to_string(state_path(&self.dir.0.join("run"), NODE_IFACE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Every service's backend addresses, by name.
+    fn backends(&self) -> Vec<(String, Vec<String>)> {
+        self.state()
+            .map(|s| {
+                s.services
+                    .iter()
+                    .map(|v| {
+                        (
+                            v.name.clone(),
+                            v.backends.iter().map(|b| b.addr.to_string()).collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The VIPs of the last "VIP ownership changed" line of its log.
+    fn owned(&self) -> Option<BTreeSet<String>> {
+        let text = fs::read_to_string(&self.log).ok()?;
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.contains("VIP ownership changed"))?;
+        let set = line.split("vips={").nth(1)?.split('}').next()?;
+        Some(
+            set.split(", ")
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+}
+
+fn vip(i: u8) -> String {
+    format!("10.10.1.{}", 128 + i)
+}
+
+fn slice_of(svc: &str, addrs: &[&str]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": format!("{svc}-1"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+        "endpoints": addrs.iter().map(|a| json!({"addresses": [a], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+    })
+}
+
+/// Two daemons on one scripted cluster: equal Maglev digests although they numbered their
+/// backends differently, the VIPs split between them, and when one is killed (no clean
+/// release) the other owns every VIP within the lease duration. The data path does not
+/// answer ARP yet, so ownership is read from the daemons' logs, and no traffic is sent.
+#[test]
+fn two_nodes_agree_and_the_survivor_takes_every_vip() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _ = vmlb_bin();
+    let api = {
+        let _rt = rt.enter();
+        rt.block_on(ApiServer::start())
+    };
+    const N: u8 = 6;
+    for i in 0..N {
+        let name = format!("s{i}");
+        api.put("services", json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": "vmlb.io/vmlb",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": vip(i)}]}},
+        }));
+        // Node a first sees another backend, so it numbers the final ones differently.
+        api.put("endpointslices", slice_of(&name, &["10.10.1.9"]));
+    }
+    let a = Node::start("node-a", &api, &rt);
+    eventually(30, "node a to serve the first backends", &a.log, || {
+        let b = a.backends();
+        b.len() == N as usize && b.iter().all(|(_, be)| be == &["10.10.1.9"])
+    });
+    for i in 0..N {
+        api.put(
+            "endpointslices",
+            slice_of(&format!("s{i}"), &["10.10.1.2", "10.10.1.3"]),
+        );
+    }
+    let fin = |n: &Node| {
+        let b = n.backends();
+        b.len() == N as usize && b.iter().all(|(_, be)| be == &["10.10.1.2", "10.10.1.3"])
+    };
+    eventually(10, "node a to serve the final backends", &a.log, || fin(&a));
+    let b = Node::start("node-b", &api, &rt);
+    eventually(30, "node b to serve the final backends", &b.log, || fin(&b));
+
+    // Equal digests, different ids.
+    let (sa, sb) = (a.state().unwrap(), b.state().unwrap());
+    for (x, y) in sa.services.iter().zip(&sb.services) {
+        assert_eq!(x.name, y.name);
+        assert_eq!(x.maglev_digest.len(), 16);
+        assert_eq!(
+            x.maglev_digest, y.maglev_digest,
+            "{}: the nodes' tables differ",
+            x.name
+        );
+    }
+    let ids = |s: &DaemonState| {
+        s.services
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.id))
+            .collect::<Vec<_>>()
+    };
+    assert_ne!(
+        ids(&sa),
+        ids(&sb),
+        "the histories should have numbered the backends differently"
+    );
+
+    // The VIPs are split, each to exactly one node.
+    let all: BTreeSet<String> = (0..N).map(vip).collect();
+    let split = || match (a.owned(), b.owned()) {
+        (Some(x), Some(y)) => {
+            x.is_disjoint(&y)
+                && x.union(&y).cloned().collect::<BTreeSet<_>>() == all
+                && !x.is_empty()
+                && !y.is_empty()
+        }
+        _ => false,
+    };
+    eventually(20, "the VIPs to be split between the nodes", &b.log, split);
+
+    // Kill a (no Lease release): b takes over once a's Lease runs out (1.5 s by default).
+    let mut a = a;
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the daemon's own process group (it leads it).
+    unsafe { libc::kill(-(a.daemon.0.id() as i32), libc::SIGKILL) };
+    let _ = a.daemon.0.wait();
+    // Polled every 20 ms: the measurement's resolution.
+    while b.owned().as_ref() != Some(&all) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "node b never took every VIP:\n{}",
+            fs::read_to_string(&b.log).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let took = killed.elapsed();
+    eprintln!("takeover after SIGKILL: {took:?} (1.5 s lease)");
+    assert!(took < Duration::from_millis(2500), "takeover took {took:?}");
 }

@@ -113,6 +113,7 @@ fn state() -> DaemonState {
                 up: true,
                 last_error: None,
             }],
+            maglev_digest: "0123456789abcdef".into(),
         }],
     }
 }
@@ -145,6 +146,7 @@ fn encodes_maps_with_daemon_names() {
         &text,
         &[
             "# TYPE vmlb_service_packets counter",
+            r#"vmlb_maglev_table_info{service="web/http",digest="0123456789abcdef"} 1"#,
             &format!("vmlb_service_packets_total{{{svc1}}} 1000"),
             &format!("vmlb_service_bytes_total{{{svc1}}} 100000"),
             &format!("vmlb_service_new_flows_total{{{svc1}}} 100"),

@@ -126,7 +126,9 @@ fn daemon_state(
         .map(|(c, spec)| {
             let key = spec.key();
             let id = reconciler.service(&key).map_or(0, |s| s.id);
+            let maglev_digest = state::table_digest(spec, reconciler);
             ServiceState {
+                maglev_digest,
                 name: c.name.clone(),
                 vip: spec.vip,
                 port: spec.port,

@@ -349,6 +349,24 @@ pub fn encode_snapshot(
     };
     family(
         enc,
+        "vmlb_maglev_table_info",
+        "The installed Maglev table's digest (observe::digest; backend addresses by slot): nodes \
+         with the same services show the same digest.",
+        MetricType::Gauge,
+        state
+            .services
+            .iter()
+            .filter(|s| !s.maglev_digest.is_empty())
+            .map(|s| {
+                let labels = vec![
+                    ("service", esc(&s.name)),
+                    ("digest", s.maglev_digest.clone()),
+                ];
+                (labels, 1)
+            }),
+    )?;
+    family(
+        enc,
         "vmlb_datapath_packets",
         "Packets seen by the XDP program, by verdict (pass to the kernel, drop, tx: rewritten \
          and sent) and reason (see vmlb_common::Counter).",

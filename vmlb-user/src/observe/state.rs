@@ -80,6 +80,10 @@ pub struct ServiceState {
     pub snat: Ipv4Addr,
     pub ring_size: u32,
     pub backends: Vec<BackendState>,
+    /// `observe::digest` of the installed Maglev table (16 hex digits; empty if unknown):
+    /// equal on nodes that agree.
+    #[serde(default)]
+    pub maglev_digest: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -157,8 +161,31 @@ impl ServiceState {
             snat: addr::ip(svc.snat_addr),
             ring_size: svc.ring_size,
             backends,
+            maglev_digest: table_digest(spec, reconciler),
         })
     }
+}
+
+/// `observe::digest` of a service's installed table, in hex; empty if it is not installed.
+pub fn table_digest(spec: &ServiceSpec, reconciler: &Reconciler) -> String {
+    let key = spec.key();
+    let Some(table) = reconciler.table(&key) else {
+        return String::new();
+    };
+    // Ids back to the addresses they stand for (a table names only this service's backends).
+    let by_id: std::collections::BTreeMap<u32, (Ipv4Addr, u16)> = spec
+        .backends
+        .iter()
+        .filter_map(|b| {
+            Some((
+                reconciler.backend_id(&key, b.addr, b.port)?,
+                (b.addr, b.port),
+            ))
+        })
+        .collect();
+    super::digest::hex(super::digest::digest_ids(table, |id| {
+        by_id.get(&id).copied()
+    }))
 }
 
 /// Write `s` to `path` atomically: a temporary file in the same directory, fsynced, renamed over
@@ -232,6 +259,7 @@ mod tests {
                     up: false,
                     last_error: Some("connection refused".into()),
                 }],
+                maglev_digest: "00112233445566ff".into(),
             }],
         }
     }

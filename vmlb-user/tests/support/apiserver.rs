@@ -85,19 +85,24 @@ impl ApiServer {
         server
     }
 
+    /// Serves the same objects on a second listener (a second node's namespace); returns its
+    /// URL.
+    pub fn serve_also(&self, listener: std::net::TcpListener) -> String {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = Router::new().fallback(handle).with_state(self.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// A kubeconfig that points at this server (plain HTTP, no credentials).
     pub fn kubeconfig(&self, namespace: &str) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: scripted\n\
-             clusters:\n- name: scripted\n  cluster:\n    server: {}\n\
-             contexts:\n- name: scripted\n  context:\n    cluster: scripted\n    user: nobody\n    namespace: {namespace}\n\
-             users:\n- name: nobody\n  user: {{}}\n",
-            self.url()
-        )
+        kubeconfig(&self.url(), namespace)
     }
 
     /// Add or replace an object, as another client would. Its path is derived from apiVersion,
@@ -510,4 +515,14 @@ where
         Some((Ok(Bytes::from(format!("{v}\n"))), rx))
     })
     .boxed()
+}
+
+/// A kubeconfig for `url` (plain HTTP, no credentials).
+pub fn kubeconfig(url: &str, namespace: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: scripted\n\
+         clusters:\n- name: scripted\n  cluster:\n    server: {url}\n\
+         contexts:\n- name: scripted\n  context:\n    cluster: scripted\n    user: nobody\n    namespace: {namespace}\n\
+         users:\n- name: nobody\n  user: {{}}\n"
+    )
 }

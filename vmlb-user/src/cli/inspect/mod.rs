@@ -40,6 +40,7 @@ use crate::{
     addr::{ip, parse_service_addr, proto_name, service_addr},
     dataplane::maps::BpfMaps,
     observe::{
+        digest,
         metrics::StatsReader,
         state::{self, DaemonState, DEFAULT_RUN_ROOT},
     },
@@ -201,6 +202,9 @@ pub struct MaglevView {
     pub ring_size: u32,
     pub empty_slots: u32,
     pub backends: Vec<MaglevBackend>,
+    /// `observe::digest` of the live table (backend addresses by slot): equal on nodes that
+    /// agree.
+    pub digest: String,
     /// Backend id of every slot (0: empty).
     pub table: Vec<u32>,
 }
@@ -443,7 +447,7 @@ impl View {
                 slots.entry(id).or_default();
             }
         }
-        let backends = slots
+        let backends: Vec<MaglevBackend> = slots
             .iter()
             .map(|(&id, &n)| {
                 let b: Option<Backend> =
@@ -457,6 +461,13 @@ impl View {
                 }
             })
             .collect();
+        let addr_of: BTreeMap<u32, (Ipv4Addr, u16)> = backends
+            .iter()
+            .filter_map(|b| Some((b.id, (b.addr?, b.port?))))
+            .collect();
+        let digest = digest::hex(digest::digest_ids(&table_ids, |id| {
+            addr_of.get(&id).copied()
+        }));
         let view = MaglevView {
             iface: self.iface.clone(),
             service: self.service_ref(&key, &svc),
@@ -464,6 +475,7 @@ impl View {
             ring_size: svc.ring_size,
             empty_slots: empty,
             backends,
+            digest,
             table: table_ids,
         };
         if !fmt.is_table() {
@@ -471,12 +483,13 @@ impl View {
         }
         writeln!(
             out,
-            "service {} ({}), ring {}+{}, {} empty slots",
+            "service {} ({}), ring {}+{}, {} empty slots, digest {}",
             service_addr(&key),
             view.service.name.as_deref().unwrap_or("unnamed"),
             view.ring_base,
             view.ring_size,
-            view.empty_slots
+            view.empty_slots,
+            view.digest
         )?;
         let cells = view
             .backends

@@ -213,10 +213,13 @@ pub fn allocate(
     let mut used: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
     let mut out = BTreeMap::new();
     // 1. Keep what status already holds if it still fits the request: a restart or a new leader
-    //    changes nothing. Oldest first, so a later duplicate (two leaders racing) loses.
+    //    changes nothing. Oldest first, so a later duplicate (two leaders racing) loses. An
+    //    address outside every pool is kept too (unless a pool is named): a pools file that is
+    //    wrong or missing for a moment must not take every VIP away.
     for r in &order {
         let Some(ip) = r.current else { continue };
-        let fits = r.wanted.is_none_or(|w| w == ip) && in_pool(ip, r.pool.as_ref());
+        let fits = r.wanted.is_none_or(|w| w == ip)
+            && r.pool.as_ref().is_none_or(|name| in_pool(ip, Some(name)));
         if fits && !used.contains_key(&ip) {
             used.insert(ip, &r.key);
             out.insert(r.key.clone(), Ok(ip));
@@ -338,6 +341,17 @@ mod tests {
         assert_eq!(got["ns/b"], Ok(ip("10.10.1.128")));
         // Same input, same answer: what a new leader computes.
         assert_eq!(got, allocate(&pools, &[req("ns/b", "2"), a]));
+    }
+
+    #[test]
+    fn an_address_is_never_taken_away_because_the_pools_changed() {
+        let mut a = req("ns/a", "1");
+        a.current = Some(ip("10.10.1.140"));
+        assert_eq!(allocate(&[], &[a.clone()])["ns/a"], Ok(ip("10.10.1.140")));
+        // Naming a pool that does not hold it moves it.
+        a.pool = Some("p".into());
+        let pools = [pool("p", &["10.0.0.0/30"], false)];
+        assert_eq!(allocate(&pools, &[a])["ns/a"], Ok(ip("10.0.0.0")));
     }
 
     #[test]
