@@ -238,11 +238,10 @@ fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
     assert!(api
         .get("leases", "coordination.k8s.io/v1", NS, "vmlb-node-node-0")
         .is_some());
-    let text = fs::read_to_string(&log).unwrap();
-    assert!(
-        text.contains("VIP ownership changed") && text.contains("10.10.1.128"),
-        "{text}"
-    );
+    // The only node owns the VIP (state file; ready for the data path's ARP answering).
+    let state = fs::read_to_string(state_path(&dir.0.join("run"), NODE_DEV)).unwrap();
+    let state: DaemonState = serde_json::from_str(&state).unwrap();
+    assert_eq!(state.owned_vips, [VIP], "{state:?}");
 
     eprintln!("{:?}: both VMs answer", t0.elapsed());
     // A VMI goes away: its endpoint leaves the slice, the model and the data path.
@@ -364,18 +363,13 @@ impl Node {
             .unwrap_or_default()
     }
 
-    /// The VIPs of the last "VIP ownership changed" line of its log.
+    /// The VIPs it owns, as its state file says.
     fn owned(&self) -> Option<BTreeSet<String>> {
-        let text = fs::read_to_string(&self.log).ok()?;
-        let line = text
-            .lines()
-            .rev()
-            .find(|l| l.contains("VIP ownership changed"))?;
-        let set = line.split("vips={").nth(1)?.split('}').next()?;
         Some(
-            set.split(", ")
-                .filter(|v| !v.is_empty())
-                .map(str::to_string)
+            self.state()?
+                .owned_vips
+                .iter()
+                .map(ToString::to_string)
                 .collect(),
         )
     }
@@ -398,7 +392,7 @@ fn slice_of(svc: &str, addrs: &[&str]) -> Value {
 /// Two daemons on one scripted cluster: equal Maglev digests although they numbered their
 /// backends differently, the VIPs split between them, and when one is killed (no clean
 /// release) the other owns every VIP within the lease duration. The data path does not
-/// answer ARP yet, so ownership is read from the daemons' logs, and no traffic is sent.
+/// answer ARP yet, so ownership is read from the daemons' state files, and no traffic is sent.
 #[test]
 fn two_nodes_agree_and_the_survivor_takes_every_vip() {
     let rt = tokio::runtime::Builder::new_multi_thread()

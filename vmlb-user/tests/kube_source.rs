@@ -460,3 +460,11 @@ async fn vip_ownership_moves_when_a_node_cannot_renew_and_when_it_leaves() {
     never_both(&log);
     b.shutdown().await;
 }
+
+/// A real cluster speaks HTTPS: building a client for one must work (rustls needs its crypto
+/// provider chosen at build time; a missing one panics only when the first TLS client is made).
+#[tokio::test]
+async fn a_client_for_an_https_api_server_can_be_built() {
+    let cfg = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+    kube::Client::try_from(cfg).expect("an HTTPS client");
+}

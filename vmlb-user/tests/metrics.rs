@@ -115,6 +115,7 @@ fn state() -> DaemonState {
             }],
             maglev_digest: "0123456789abcdef".into(),
         }],
+        owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128)],
     }
 }
 
@@ -147,6 +148,7 @@ fn encodes_maps_with_daemon_names() {
         &[
             "# TYPE vmlb_service_packets counter",
             r#"vmlb_maglev_table_info{service="web/http",digest="0123456789abcdef"} 1"#,
+            r#"vmlb_vip_owned{vip="10.10.1.128"} 1"#,
             &format!("vmlb_service_packets_total{{{svc1}}} 1000"),
             &format!("vmlb_service_bytes_total{{{svc1}}} 100000"),
             &format!("vmlb_service_new_flows_total{{{svc1}}} 100"),

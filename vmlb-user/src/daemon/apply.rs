@@ -29,6 +29,8 @@ pub struct Applier {
     pub xdp_mode: Option<String>,
     /// The last configuration load, published with the next state.
     pub last_reload: Option<ReloadState>,
+    /// The VIPs this node owns (Kubernetes source), kept across applies for the state file.
+    pub owned_vips: Vec<std::net::Ipv4Addr>,
 }
 
 impl Applier {
@@ -48,11 +50,25 @@ impl Applier {
             info!(?summary, "data path updated");
         }
         self.generation += 1;
-        let mut st = daemon_state(&self.iface, configured, reconciler, health, &desired);
+        let st = daemon_state(&self.iface, configured, reconciler, health, &desired);
+        self.publish(st);
+        Ok(())
+    }
+
+    /// A new set of owned VIPs: into the state file and the metrics, nothing else changes.
+    pub fn set_owned(&mut self, owned: Vec<std::net::Ipv4Addr>) {
+        self.owned_vips = owned;
+        let st = self.shared_state.read().expect("state lock").clone();
+        self.generation += 1;
+        self.publish(st);
+    }
+
+    fn publish(&mut self, mut st: DaemonState) {
         st.generation = self.generation;
         st.attach = Some(self.attach.clone());
         st.xdp_mode = self.xdp_mode.clone();
         st.last_reload = self.last_reload.clone();
+        st.owned_vips = self.owned_vips.clone();
         st.updated_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -60,20 +76,13 @@ impl Applier {
             warn!("writing {}: {e:#}", self.state_path.display());
         }
         *self.shared_state.write().expect("state lock") = st;
-        Ok(())
     }
 
     /// Publish a reload that changed nothing in the maps (unchanged, or refused).
     pub fn note_reload(&mut self, reload: ReloadState) {
         self.last_reload = Some(reload);
-        let mut st = self.shared_state.write().expect("state lock").clone();
-        st.last_reload = self.last_reload.clone();
-        st.attach = Some(self.attach.clone());
-        st.xdp_mode = self.xdp_mode.clone();
-        if let Err(e) = state::write_atomic(&self.state_path, &st) {
-            warn!("writing {}: {e:#}", self.state_path.display());
-        }
-        *self.shared_state.write().expect("state lock") = st;
+        let st = self.shared_state.read().expect("state lock").clone();
+        self.publish(st);
     }
 }
 

@@ -145,10 +145,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 state::read(&path).ok().flatten().and_then(|s| s.xdp_mode)
             }),
         last_reload: None,
+        owned_vips: Vec::new(),
     };
     // With the cluster as a source, nothing is applied before it has been read once: the
     // adopted state (a restart) keeps serving meanwhile, and readiness waits for it.
-    let mut kube = match (kube_client, opts.kubernetes.clone()) {
+    let kube = match (kube_client, opts.kubernetes.clone()) {
         (Some(client), Some(k)) => Some(source::kube::KubeSource::start(client, k)),
         _ => None,
     };
@@ -179,6 +180,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
+    // The Kubernetes source's outputs, watched by the loop.
+    let mut cluster_rx = kube.as_ref().map(|k| k.services.clone());
+    let mut owned_rx = kube.as_ref().map(|k| k.owned.clone());
     let mut stages = Stages {
         opts: &opts,
         capacity,
@@ -203,12 +207,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 info!("configuration changed on disk: reloading");
                 stages.reload().await;
             }
-            Some(services) = cluster_changed(kube.as_mut()) => {
+            Some(services) = cluster_changed(cluster_rx.as_mut()) => {
                 stages.cluster_changed(services);
                 if stages.started && !metrics_source.is_ready() {
                     metrics_source.set_ready(true);
                     info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving (files and cluster)");
                 }
+            }
+            Some(owned) = owned_changed(owned_rx.as_mut()) => {
+                // Ready for the data path's ARP answering; shown in the state file and metrics.
+                stages.applier.set_owned(owned.into_iter().collect());
             }
             Some(ev) = health_rx.recv() => {
                 // health.rs logs the transition itself.
@@ -284,16 +292,27 @@ struct Stages<'a> {
     applier: &'a mut Applier,
 }
 
+/// The next set of VIPs this node owns, or never without the Kubernetes source.
+async fn owned_changed(
+    rx: Option<&mut tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::Ipv4Addr>>>,
+) -> Option<std::collections::BTreeSet<std::net::Ipv4Addr>> {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    rx.changed().await.ok()?;
+    Some(rx.borrow_and_update().clone())
+}
+
 /// The cluster's next services, or never without the Kubernetes source.
 async fn cluster_changed(
-    kube: Option<&mut source::kube::KubeSource>,
+    rx: Option<&mut tokio::sync::watch::Receiver<Option<Vec<ConfiguredService>>>>,
 ) -> Option<Vec<ConfiguredService>> {
-    let Some(k) = kube else {
+    let Some(rx) = rx else {
         return std::future::pending().await;
     };
     loop {
-        k.services.changed().await.ok()?;
-        if let Some(s) = k.services.borrow_and_update().clone() {
+        rx.changed().await.ok()?;
+        if let Some(s) = rx.borrow_and_update().clone() {
             return Some(s);
         }
     }

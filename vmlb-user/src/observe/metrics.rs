@@ -349,6 +349,16 @@ pub fn encode_snapshot(
     };
     family(
         enc,
+        "vmlb_vip_owned",
+        "1 for each VIP this node owns (answers ARP for), with the Kubernetes source.",
+        MetricType::Gauge,
+        state
+            .owned_vips
+            .iter()
+            .map(|v| (vec![("vip", v.to_string())], 1)),
+    )?;
+    family(
+        enc,
         "vmlb_maglev_table_info",
         "The installed Maglev table's digest (observe::digest; backend addresses by slot): nodes \
          with the same services show the same digest.",

@@ -50,6 +50,9 @@ pub struct DaemonState {
     #[serde(default)]
     pub last_reload: Option<ReloadState>,
     pub services: Vec<ServiceState>,
+    /// The VIPs this node owns (answers ARP for), with the Kubernetes source; empty otherwise.
+    #[serde(default)]
+    pub owned_vips: Vec<Ipv4Addr>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -261,6 +264,7 @@ mod tests {
                 }],
                 maglev_digest: "00112233445566ff".into(),
             }],
+            owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128)],
         }
     }
 
