@@ -41,7 +41,7 @@ fn l2_arp_request_for_an_owned_vip_is_answered() {
     // The reply's Ethernet source is the interface's own MAC.
     assert_bytes(&out, &want);
     assert_eq!(&out[6..12], &NODE_MAC);
-    e.expect_counters(&[(ArpReply, 1)]);
+    e.expect_counters(&[(TxArpReply, 1)]);
 }
 
 /// A VIP this node does not own (another node answers for it), a non-VIP address, a reply and
@@ -90,7 +90,7 @@ fn l2_other_arp_passes() {
     assert_eq!(changed, vec![(VIP, true)]);
     let (action, _) = e.run(&arp(1, BROADCAST, CLIENT_MAC, CLIENT, ZERO, VIP));
     assert_eq!(action, XDP_TX);
-    e.expect_counters(&[(ArpReply, 1)]);
+    e.expect_counters(&[(TxArpReply, 1)]);
 }
 
 /// Frames to a VIP that are not addressed to the node's MAC (broadcast, another host's) are

@@ -281,7 +281,7 @@ fn inspect_and_simulate_agree_with_the_data_path() {
             generation: 1,
             updated_unix: 0,
             services: vec![svc_state],
-            owned_vips: Vec::new(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -514,8 +514,8 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         format!("vmlb_service_packets_total{{{labels}}} 5"),
         r#"vmlb_backend_up{service="web/http",backend="10.10.1.2:8080"} 1"#.into(),
         r#"vmlb_backend_weight{service="web/http",backend="10.10.1.3:8080"} 1"#.into(),
-        r#"vmlb_datapath_packets_total{counter="flow_new"} 4"#.into(),
-        r#"vmlb_drops_total{reason="unknown_port"} 1"#.into(),
+        r#"vmlb_datapath_flow_lookups_total{result="flow_new"} 4"#.into(),
+        r#"vmlb_datapath_packets_total{verdict="drop",reason="unknown_port"} 1"#.into(),
         // Live flows: four, each one entry for both directions.
         r#"vmlb_map_entries{map="FLOWS"} 4"#.into(),
         format!(r#"vmlb_map_capacity{{map="FLOWS"}} {DEFAULT_FLOW_ENTRIES}"#),

@@ -77,8 +77,8 @@ pub enum Counter {
     /// TTL 0 or 1: forwarding would expire it; left to the kernel, which answers with ICMP
     /// time-exceeded.
     PassTtlExceeded = 30,
-    /// An ARP request for an owned VIP, answered with the interface's MAC (event; XDP_TX).
-    ArpReply = 31,
+    /// An ARP request for an owned VIP, answered with the interface's MAC (XDP_TX).
+    TxArpReply = 31,
     /// ARP that is not a request for an owned VIP (other addresses, replies, gratuitous ARP):
     /// left to the kernel.
     PassArp = 32,
@@ -120,7 +120,7 @@ impl Counter {
         Counter::HopLookup,
         Counter::PassOtherMac,
         Counter::PassTtlExceeded,
-        Counter::ArpReply,
+        Counter::TxArpReply,
         Counter::PassArp,
     ];
 
@@ -158,8 +158,63 @@ impl Counter {
             Counter::HopLookup => "hop_lookup",
             Counter::PassOtherMac => "pass_other_mac",
             Counter::PassTtlExceeded => "pass_ttl_exceeded",
-            Counter::ArpReply => "arp_reply",
+            Counter::TxArpReply => "tx_arp_reply",
             Counter::PassArp => "pass_arp",
+        }
+    }
+
+    /// What the counter counts, for metrics. Every packet the program sees ends in exactly one
+    /// `Pass`, `Drop` or `Tx` counter (so their sum is the packets seen); `Flow` counters say
+    /// how conntrack resolved a packet that went on, `Event` counters count things that can
+    /// happen several times per packet. Exhaustive on purpose: a new counter does not compile
+    /// until it is classified.
+    pub const fn kind(self) -> CounterKind {
+        match self {
+            Counter::PassNotIpv4
+            | Counter::PassNotVip
+            | Counter::PassTruncated
+            | Counter::PassNoNeigh
+            | Counter::PassFibFailed
+            | Counter::PassUnsupportedProto
+            | Counter::PassReplyNoFlow
+            | Counter::PassOtherMac
+            | Counter::PassTtlExceeded
+            | Counter::PassArp => CounterKind::Pass,
+            Counter::DropTruncated
+            | Counter::DropBadHeader
+            | Counter::DropFragment
+            | Counter::DropUnknownPort
+            | Counter::DropNoBackend
+            | Counter::DropSnatExhausted
+            | Counter::DropFlowTableFull
+            | Counter::DropBadBackend
+            | Counter::DropTcpNoFlow
+            | Counter::DropMartian
+            | Counter::DropFlood => CounterKind::Drop,
+            Counter::TxSameIface | Counter::TxRedirect | Counter::TxArpReply => CounterKind::Tx,
+            Counter::FlowNew | Counter::FlowHit | Counter::FlowRebalanced | Counter::ReplyHit => {
+                CounterKind::Flow
+            }
+            Counter::SnatPortCollision
+            | Counter::FlowStale
+            | Counter::FlowClosing
+            | Counter::FlowTupleReuse
+            | Counter::HopLookup => CounterKind::Event,
+        }
+    }
+
+    /// The name without its kind's prefix (`drop_no_backend` -> `no_backend`), a metric label.
+    pub fn reason(self) -> &'static str {
+        let name = self.name();
+        let prefix = match self.kind() {
+            CounterKind::Pass => "pass_",
+            CounterKind::Drop => "drop_",
+            CounterKind::Tx => "tx_",
+            CounterKind::Flow | CounterKind::Event => "",
+        };
+        match name.strip_prefix(prefix) {
+            Some(rest) => rest,
+            None => name,
         }
     }
 
@@ -181,9 +236,45 @@ impl Counter {
     }
 }
 
+/// See [`Counter::kind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CounterKind {
+    /// The packet went to the kernel untouched.
+    Pass,
+    /// The packet was dropped.
+    Drop,
+    /// The packet was rewritten and sent.
+    Tx,
+    /// How conntrack resolved a packet that went on (new flow, hit, rebalanced, reply).
+    Flow,
+    /// Something that happened on the way, possibly several times per packet.
+    Event,
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Counter;
+    use super::{Counter, CounterKind};
+
+    #[test]
+    fn kinds_agree_with_names_and_drops() {
+        for c in Counter::ALL {
+            assert_eq!(c.is_drop(), c.kind() == CounterKind::Drop, "{c:?}");
+            let prefixed = c.name().starts_with("pass_")
+                || c.name().starts_with("drop_")
+                || c.name().starts_with("tx_");
+            let verdict = matches!(
+                c.kind(),
+                CounterKind::Pass | CounterKind::Drop | CounterKind::Tx
+            );
+            assert_eq!(prefixed, verdict, "{c:?}");
+            assert!(
+                !c.reason().is_empty() && c.name().ends_with(c.reason()),
+                "{c:?}"
+            );
+        }
+        assert_eq!(Counter::DropNoBackend.reason(), "no_backend");
+        assert_eq!(Counter::FlowNew.reason(), "flow_new");
+    }
 
     #[test]
     fn all_is_complete_and_in_index_order() {

@@ -47,6 +47,6 @@ pub fn handle(ctx: &XdpContext, eth: *mut Eth, l3: usize, cfg: &Config) -> Resul
         (*eth).dst = asker_mac;
         (*eth).src = cfg.mac;
     }
-    crate::stats::count(Counter::ArpReply);
+    crate::stats::count(Counter::TxArpReply);
     Ok(xdp_action::XDP_TX)
 }

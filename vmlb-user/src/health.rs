@@ -192,7 +192,11 @@ pub struct HealthChecker {
     shared: Shared,
     running: BTreeMap<Target, Running>,
     next_generation: u64,
+    observer: Option<ProbeObserver>,
 }
+
+/// Called with every probe's result (`true`: success), e.g. to count probes in metrics.
+pub type ProbeObserver = Arc<dyn Fn(bool) + Send + Sync>;
 
 impl HealthChecker {
     pub fn new(events: mpsc::Sender<HealthEvent>) -> Self {
@@ -201,7 +205,13 @@ impl HealthChecker {
             shared: Shared::default(),
             running: BTreeMap::new(),
             next_generation: 0,
+            observer: None,
         }
+    }
+
+    /// Report every probe's result to `observer` (probes started from now on).
+    pub fn observe_probes(&mut self, observer: ProbeObserver) {
+        self.observer = Some(observer);
     }
 
     /// Replaces the target set. Unchanged targets (same target, same spec) keep their state and
@@ -257,6 +267,7 @@ impl HealthChecker {
                     generation,
                     shared: self.shared.clone(),
                     events: self.events.clone(),
+                    observer: self.observer.clone(),
                 };
                 tokio::spawn(probe.run())
             });
@@ -310,6 +321,7 @@ struct ProbeTask {
     generation: u64,
     shared: Shared,
     events: mpsc::Sender<HealthEvent>,
+    observer: Option<ProbeObserver>,
 }
 
 impl ProbeTask {
@@ -322,6 +334,9 @@ impl ProbeTask {
             tokio::time::sleep_until(next).await;
             let started = Instant::now();
             let result = probe(&self.target, &self.spec).await;
+            if let Some(observe) = &self.observer {
+                observe(result.is_ok());
+            }
             next = started + interval;
             if !self.record(result).await {
                 return;
@@ -626,6 +641,7 @@ mod tests {
             generation: 1,
             shared: shared.clone(),
             events,
+            observer: None,
         };
 
         lock(&shared).insert(target.clone(), slot(2));

@@ -7,9 +7,11 @@ use std::{
 };
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use vmlb_common::{Backend, Counter, Service, ServiceKey, TrafficStats, BE_F_UP, IPPROTO_TCP};
+use vmlb_common::{
+    stats::CounterKind, Backend, Counter, Service, ServiceKey, TrafficStats, BE_F_UP, IPPROTO_TCP,
+};
 use vmlb_user::observe::{
-    metrics::{serve_on, MapUsage, MetricsSource, SharedReader, StatsReader},
+    metrics::{serve_on, MapUsage, MetricsSource, ReloadResult, SharedReader, StatsReader},
     state::{BackendState, DaemonState, ServiceState},
 };
 
@@ -93,6 +95,9 @@ fn state() -> DaemonState {
         pid: 1,
         generation: 7,
         updated_unix: 0,
+        attach: None,
+        xdp_mode: None,
+        last_reload: None,
         services: vec![ServiceState {
             name: "web/http".into(),
             vip: Ipv4Addr::new(10, 10, 1, 128),
@@ -158,10 +163,12 @@ fn encodes_maps_with_daemon_names() {
             &format!("vmlb_backend_up{{{be4}}} 0"),
             // Weight only where the daemon knows it.
             &format!("vmlb_backend_weight{{{be3}}} 2"),
-            r#"vmlb_datapath_packets_total{counter="flow_hit"} 130"#,
-            r#"vmlb_datapath_packets_total{counter="pass_not_ipv4"} 0"#,
-            r#"vmlb_drops_total{reason="no_backend"} 70"#,
-            r#"vmlb_drops_total{reason="snat_exhausted"} 80"#,
+            r#"vmlb_datapath_flow_lookups_total{result="flow_hit"} 130"#,
+            r#"vmlb_datapath_packets_total{verdict="pass",reason="not_ipv4"} 0"#,
+            r#"vmlb_datapath_packets_total{verdict="drop",reason="no_backend"} 70"#,
+            r#"vmlb_datapath_packets_total{verdict="drop",reason="snat_exhausted"} 80"#,
+            r#"vmlb_datapath_events_total{event="snat_port_collision"} 160"#,
+            r#"vmlb_build_info{version="0.1.0"} 1"#,
             r#"vmlb_map_entries{map="FLOWS"} 6"#,
             r#"vmlb_map_capacity{map="FLOWS"} 524288"#,
             "vmlb_ready 1",
@@ -171,9 +178,20 @@ fn encodes_maps_with_daemon_names() {
         ],
     );
     assert!(!text.contains(&format!("vmlb_backend_weight{{{be4}}}")));
-    // Drops are only under vmlb_drops_total, passes and paths only under the datapath counter.
-    assert!(!text.contains(r#"counter="drop_no_backend""#));
+    // One name per meaning: every counter exactly once, verdicts apart from lookups and events.
+    for c in Counter::ALL {
+        let label = match c.kind() {
+            CounterKind::Pass => format!(r#"{{verdict="pass",reason="{}"}}"#, c.reason()),
+            CounterKind::Drop => format!(r#"{{verdict="drop",reason="{}"}}"#, c.reason()),
+            CounterKind::Tx => format!(r#"{{verdict="tx",reason="{}"}}"#, c.reason()),
+            CounterKind::Flow => format!(r#"{{result="{}"}}"#, c.name()),
+            CounterKind::Event => format!(r#"{{event="{}"}}"#, c.name()),
+        };
+        let found = text.lines().filter(|l| l.contains(&label)).count();
+        assert_eq!(found, 1, "{c:?} {label}");
+    }
     assert!(!text.contains(r#"reason="flow_hit""#));
+    assert!(!text.contains("vmlb_drops_total"));
     // Services in id order.
     let p1 = text
         .find(&format!("vmlb_service_packets_total{{{svc1}}}"))
@@ -188,7 +206,41 @@ fn encodes_maps_with_daemon_names() {
 fn unreadable_maps_still_give_health_gauges() {
     let text = source(Fake { fail: true }).encode().unwrap();
     assert_lines(&text, &["vmlb_ready 0", "vmlb_maps_readable 0", "# EOF"]);
-    assert!(!text.contains("vmlb_drops_total"));
+    assert!(!text.contains("vmlb_datapath_packets_total"));
+}
+
+#[test]
+fn reloads_and_probes_are_counted() {
+    let s = source(Fake::default());
+    let d = s.daemon();
+    d.reload(ReloadResult::Applied);
+    d.reload(ReloadResult::Invalid);
+    d.reload(ReloadResult::Invalid);
+    d.probe(true);
+    d.probe(false);
+    d.transition(false);
+    let text = s.encode().unwrap();
+    assert_lines(
+        &text,
+        &[
+            r#"vmlb_config_reloads_total{result="applied"} 1"#,
+            r#"vmlb_config_reloads_total{result="invalid"} 2"#,
+            "vmlb_config_last_reload_success 0",
+            r#"vmlb_health_probes_total{result="success"} 1"#,
+            r#"vmlb_health_probes_total{result="failure"} 1"#,
+            r#"vmlb_health_transitions_total{to="down"} 1"#,
+        ],
+    );
+    let stamp = |name: &str| -> i64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // The last success is the applied one, no later than the failed load.
+    let (last, ok) = (
+        stamp("vmlb_config_last_reload_timestamp_seconds "),
+        stamp("vmlb_config_last_success_timestamp_seconds "),
+    );
+    assert!(ok > 1_700_000_000 && ok <= last, "{ok} {last}");
 }
 
 /// One HTTP/1.1 GET to 127.0.0.1; returns (status, body).
@@ -232,7 +284,7 @@ async fn http_endpoints() {
         &body,
         &[
             "vmlb_ready 1",
-            r#"vmlb_drops_total{reason="no_backend"} 70"#,
+            r#"vmlb_datapath_packets_total{verdict="drop",reason="no_backend"} 70"#,
         ],
     );
     assert_eq!(get(port, "/nope").await.0, 404);

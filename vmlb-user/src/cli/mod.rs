@@ -29,6 +29,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// The configuration is invalid (`config check`, or `run` refusing to start with it).
     pub const CONFIG_INVALID: u8 = 3;
+    /// `config check --strict` found warnings and no errors.
+    pub const CONFIG_WARNINGS: u8 = 4;
 }
 
 /// An error that exits with a specific status (see [`exit`]); anything else exits 1.
@@ -50,7 +52,8 @@ impl ExitError {
 }
 
 const EXIT_HELP: &str = "Exit status:\n  0  success\n  1  failure (cannot attach, no pinned \
-                         state, ...)\n  2  usage error\n  3  the configuration is invalid";
+                         state, ...)\n  2  usage error\n  3  the configuration is invalid\n  4  \
+                         config check --strict: warnings, no errors";
 
 #[derive(Parser, Debug)]
 #[command(

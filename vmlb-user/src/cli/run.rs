@@ -181,3 +181,21 @@ impl RunArgs {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::daemon::main(args.options()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn metrics_listen_on_loopback_unless_told_otherwise() {
+        let args = ["vmlb", "run", "--iface", "eth1", "--config", "x.yaml"];
+        let Command::Run(run) = Cli::parse_from(args).command else {
+            panic!("not run")
+        };
+        assert!(run.metrics_addr.ip().is_loopback(), "{}", run.metrics_addr);
+        let opts = run.options().unwrap();
+        assert_eq!(opts.log_format, crate::daemon::telemetry::LogFormat::Text);
+    }
+}

@@ -13,7 +13,7 @@ use crate::{
     dataplane::maps::BpfMaps,
     health::{HealthChecker, Target},
     model::{ConfiguredService, HealthSpec, ServiceSpec},
-    observe::state::{self, BackendState, DaemonState, ServiceState},
+    observe::state::{self, BackendState, DaemonState, ReloadState, ServiceState},
     reconcile::Reconciler,
 };
 
@@ -26,6 +26,11 @@ pub struct Applier {
     pub state_path: PathBuf,
     /// The layer-2 task (backend neighbours, VIP announcements), told after every apply.
     pub l2: Option<tokio::sync::watch::Sender<super::l2::Wanted>>,
+    /// `dataplane::attach::Origin`, as the state file spells it.
+    pub attach: String,
+    pub xdp_mode: Option<String>,
+    /// The last configuration load, published with the next state.
+    pub last_reload: Option<ReloadState>,
     /// The VIPs this node owns (Kubernetes source), kept across applies for the state file.
     pub owned_vips: Vec<std::net::Ipv4Addr>,
 }
@@ -67,6 +72,9 @@ impl Applier {
 
     fn publish(&mut self, mut st: DaemonState) {
         st.generation = self.generation;
+        st.attach = Some(self.attach.clone());
+        st.xdp_mode = self.xdp_mode.clone();
+        st.last_reload = self.last_reload.clone();
         st.owned_vips = self.owned_vips.clone();
         st.updated_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -75,6 +83,13 @@ impl Applier {
             warn!("writing {}: {e:#}", self.state_path.display());
         }
         *self.shared_state.write().expect("state lock") = st;
+    }
+
+    /// Publish a reload that changed nothing in the maps (unchanged, or refused).
+    pub fn note_reload(&mut self, reload: ReloadState) {
+        self.last_reload = Some(reload);
+        let st = self.shared_state.read().expect("state lock").clone();
+        self.publish(st);
     }
 }
 

@@ -37,11 +37,11 @@ use crate::{
     health::{HealthChecker, HealthEvent},
     model::ConfiguredService,
     observe::{
-        metrics::{self, MetricsSource},
-        state::{self, DaemonState},
+        metrics::{self, DaemonMetrics, MetricsSource, ReloadResult},
+        state::{self, DaemonState, ReloadState},
     },
     reconcile::Reconciler,
-    source,
+    source::{self, file::Capacity},
 };
 use apply::{health_targets, Applier};
 
@@ -62,28 +62,29 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let layout = PinLayout::new(&opts.pin_dir, &opts.iface);
+    let capacity = Capacity {
+        ring_entries: opts.maglev_entries,
+    };
     // The configuration is read before anything is loaded: a daemon refused for a bad file
     // leaves no trace. With a pinned program to adopt it keeps serving the adopted state.
-    let mut configured: Option<Vec<ConfiguredService>> =
-        match source::file::load(&opts.configs, &opts.node) {
-            Ok(c) => Some(c),
-            Err(errors) => {
-                for e in &errors.0 {
-                    error!("{e}");
-                }
-                if !layout.link().exists() {
-                    return Err(ExitError::error(
-                        exit::CONFIG_INVALID,
-                        format!(
-                            "the configuration is invalid ({} error(s), listed above)",
-                            errors.0.len()
-                        ),
-                    ));
-                }
-                warn!("keeping the adopted data-path state until the configuration is fixed");
-                None
+    let first = source::file::read(&opts.configs, &opts.node, capacity);
+    let first_reload = log_report(&first);
+    let mut configured: Option<Vec<ConfiguredService>> = match first.into_result() {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            if !layout.link().exists() {
+                return Err(ExitError::error(
+                    exit::CONFIG_INVALID,
+                    format!(
+                        "the configuration is invalid ({} error(s), listed above)",
+                        errors.0.len()
+                    ),
+                ));
             }
-        };
+            warn!("keeping the adopted data-path state until the configuration is fixed");
+            None
+        }
+    };
     // Credentials are read before attaching too (nothing is contacted yet).
     let kube_client = match &opts.kubernetes {
         Some(_) => Some(kube::Client::try_default().await.context(
@@ -95,14 +96,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
-    let (attachment, mut maps) = attach::attach_or_adopt(&AttachSpec {
+    let (mut attachment, mut maps) = attach::attach_or_adopt(&AttachSpec {
         iface: opts.iface.clone(),
         mode: opts.xdp_mode,
         pin_root: opts.pin_dir.clone(),
         flow_entries: opts.flow_entries,
         maglev_entries: opts.maglev_entries,
     })?;
-    telemetry::forward_ebpf_logs(&layout);
+    telemetry::forward_ebpf_logs(&mut attachment);
     let ifindex = nix::net::if_::if_nametoindex(opts.iface.as_str())
         .with_context(|| format!("no interface {}", opts.iface))?;
     maps.init_config(ifindex, attach::iface_mac(&opts.iface)?)?;
@@ -129,6 +130,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // scrape walking FLOWS must not hold up a reconcile.
     let scrape_maps = Arc::new(Mutex::new(BpfMaps::from_pins(&layout)?));
     let metrics_source = MetricsSource::new(scrape_maps, shared_state.clone());
+    let daemon_metrics = metrics_source.daemon().clone();
+    let probes = daemon_metrics.clone();
+    health.observe_probes(Arc::new(move |ok| probes.probe(ok)));
     let metrics_task = tokio::spawn(metrics::serve_on(listener, metrics_source.clone(), async {
         let _ = metrics_stopped.await;
     }));
@@ -142,6 +146,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         shared_state: shared_state.clone(),
         state_path: state::state_path(&opts.run_dir, &opts.iface),
         l2: Some(l2::spawn(&opts.iface, opts.node.vlan)?),
+        attach: attachment.origin.label().to_string(),
+        xdp_mode: attachment
+            .origin
+            .xdp_mode()
+            .map(str::to_string)
+            .or_else(|| {
+                // Adopted or upgraded: the mode the previous daemon attached in.
+                let path = state::state_path(&opts.run_dir, &opts.iface);
+                state::read(&path).ok().flatten().and_then(|s| s.xdp_mode)
+            }),
+        last_reload: None,
         owned_vips: Vec::new(),
     };
     // With the cluster as a source, nothing is applied before it has been read once: the
@@ -155,13 +170,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let mut m = maps.lock().expect("maps lock");
         reconciler.set_ownership(Some(Default::default()), &mut *m)?;
     }
-    if let (Some(c), None) = (&configured, &kube) {
-        health.update_with_initial(health_targets(c), &reconciler.down_backends());
-        applier
-            .apply(&mut reconciler, c, &health)
-            .context("applying the initial configuration")?;
-        metrics_source.set_ready(true);
-        info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving");
+    match (&configured, &kube) {
+        (Some(c), None) => {
+            health.update_with_initial(health_targets(c), &reconciler.down_backends());
+            applier.last_reload = Some(first_reload.with_result(ReloadResult::Applied));
+            applier
+                .apply(&mut reconciler, c, &health)
+                .context("applying the initial configuration")?;
+            daemon_metrics.reload(ReloadResult::Applied);
+            metrics_source.set_ready(true);
+            info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving");
+        }
+        // Applied with the cluster's services once they are read.
+        (Some(_), Some(_)) => {
+            applier.last_reload = Some(first_reload.with_result(ReloadResult::Applied))
+        }
+        (None, _) => {
+            applier.note_reload(first_reload.with_result(ReloadResult::Invalid));
+            daemon_metrics.reload(ReloadResult::Invalid);
+        }
     }
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<()>(16);
@@ -175,6 +202,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut owned_rx = kube.as_ref().map(|k| k.owned.clone());
     let mut stages = Stages {
         opts: &opts,
+        capacity,
+        metrics: &daemon_metrics,
         configured: &mut configured,
         cluster: None,
         started: kube.is_none(),
@@ -186,14 +215,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                stages.reload();
+                stages.reload().await;
             }
             Some(()) = reload_rx.recv() => {
                 // Let the burst of events from one save settle, then reload once.
                 tokio::time::sleep(RELOAD_DEBOUNCE).await;
                 while reload_rx.try_recv().is_ok() {}
                 info!("configuration changed on disk: reloading");
-                stages.reload();
+                stages.reload().await;
             }
             Some(services) = cluster_changed(cluster_rx.as_mut()) => {
                 stages.cluster_changed(services);
@@ -209,6 +238,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Some(ev) = health_rx.recv() => {
                 // health.rs logs the transition itself.
                 tracing::debug!(target = %ev.target, up = ev.up, "applying a health change");
+                daemon_metrics.transition(ev.up);
                 stages.health_changed();
             }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
@@ -235,9 +265,40 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Log a load's warnings and errors; what to publish about it (result filled in later).
+fn log_report(report: &source::file::Report) -> ReloadState {
+    for w in &report.warnings {
+        warn!("{w}");
+    }
+    for e in &report.errors {
+        error!("{e}");
+    }
+    ReloadState {
+        unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        result: String::new(),
+        errors: report.errors.iter().map(ToString::to_string).collect(),
+        warnings: report.warnings.iter().map(ToString::to_string).collect(),
+    }
+}
+
+trait WithResult {
+    fn with_result(self, r: ReloadResult) -> Self;
+}
+
+impl WithResult for ReloadState {
+    fn with_result(mut self, r: ReloadResult) -> Self {
+        self.result = r.label().to_string();
+        self
+    }
+}
+
 /// The loop's mutable state, so each event is one call.
 struct Stages<'a> {
     opts: &'a Options,
+    capacity: Capacity,
+    metrics: &'a DaemonMetrics,
     /// The files' services (`None`: invalid since start, the adopted state serves).
     configured: &'a mut Option<Vec<ConfiguredService>>,
     /// The cluster's services, once read.
@@ -277,29 +338,55 @@ async fn cluster_changed(
 
 impl Stages<'_> {
     /// Parse everything first; only a fully valid configuration replaces the running one.
-    fn reload(&mut self) {
-        match source::file::load(&self.opts.configs, &self.opts.node) {
+    async fn reload(&mut self) {
+        let read = || source::file::read(&self.opts.configs, &self.opts.node, self.capacity);
+        let mut report = read();
+        // An empty file is what a reader sees between an in-place writer's truncate and its
+        // first write, and it parses as "no services". Look again once such a writer has had
+        // time to finish; only a file still empty then is taken as meant.
+        if self.configured.is_some()
+            && report
+                .files
+                .iter()
+                .any(|f| f.documents == 0 && f.errors == 0)
+        {
+            tokio::time::sleep(RELOAD_DEBOUNCE).await;
+            report = read();
+        }
+        let reload = log_report(&report);
+        let result = match report.into_result() {
             Err(errors) => {
-                for e in &errors.0 {
-                    error!("{e}");
-                }
                 error!(
                     "configuration refused ({} error(s)); the previous configuration keeps serving",
                     errors.0.len()
                 );
+                self.applier
+                    .note_reload(reload.with_result(ReloadResult::Invalid));
+                ReloadResult::Invalid
+            }
+            Ok(c) if self.configured.as_ref() == Some(&c) => {
+                info!("configuration unchanged");
+                self.applier
+                    .note_reload(reload.with_result(ReloadResult::Unchanged));
+                ReloadResult::Unchanged
             }
             Ok(c) => {
-                if self.configured.as_ref() == Some(&c) {
-                    info!("configuration unchanged");
-                    return;
-                }
+                self.applier.last_reload = Some(reload.clone().with_result(ReloadResult::Applied));
                 let previous = self.configured.replace(c);
-                if let Err(e) = self.apply_all() {
-                    error!("configuration refused by the data path: {e:#}");
-                    *self.configured = previous;
+                match self.apply_all() {
+                    Ok(()) => ReloadResult::Applied,
+                    Err(e) => {
+                        error!("configuration refused by the data path: {e:#}");
+                        *self.configured = previous;
+                        let mut reload = reload.with_result(ReloadResult::Failed);
+                        reload.errors.push(format!("{e:#}"));
+                        self.applier.note_reload(reload);
+                        ReloadResult::Failed
+                    }
                 }
             }
-        }
+        };
+        self.metrics.reload(result);
     }
 
     fn cluster_changed(&mut self, services: Vec<ConfiguredService>) {

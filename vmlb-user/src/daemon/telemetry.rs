@@ -6,7 +6,7 @@ use std::io::IsTerminal as _;
 use aya::programs::links::{FdLink, PinnedLink};
 use tracing::warn;
 
-use crate::dataplane::pins::PinLayout;
+use crate::dataplane::attach::Attachment;
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,13 +37,17 @@ pub fn init(format: LogFormat) {
 }
 
 /// Turn the program's aya-log records (rare, actionable events such as SNAT exhaustion) into
-/// tracing events. Works the same for a loaded and an adopted program: the logger is found
-/// through the pinned link's program id.
-pub fn forward_ebpf_logs(layout: &PinLayout) {
-    let logger = PinnedLink::from_pin(layout.link())
-        .map_err(anyhow::Error::from)
-        .and_then(|l| Ok(FdLink::from(l).info()?.program_id()))
-        .and_then(|id| Ok(aya_log::EbpfLogger::init_from_id(id)?));
+/// tracing events: from this daemon's own object when it loaded the program, else found through
+/// the pinned link's program id (which takes CAP_SYS_ADMIN).
+pub fn forward_ebpf_logs(attachment: &mut Attachment) {
+    let layout = attachment.layout().clone();
+    let logger = match attachment.ebpf_mut() {
+        Some(ebpf) => aya_log::EbpfLogger::init(ebpf).map_err(anyhow::Error::from),
+        None => PinnedLink::from_pin(layout.link())
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok(FdLink::from(l).info()?.program_id()))
+            .and_then(|id| Ok(aya_log::EbpfLogger::init_from_id(id)?)),
+    };
     let logger = match logger {
         Ok(l) => l,
         Err(e) => {

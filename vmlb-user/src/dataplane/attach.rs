@@ -40,8 +40,7 @@ pub struct AttachSpec {
 }
 
 /// How the program came to run, for logs and `vmlb inspect status`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     /// Loaded and attached by this daemon in native mode.
     LoadedNative,
@@ -51,6 +50,27 @@ pub enum Origin {
     Adopted,
     /// A previous daemon's program replaced in its link by this version's.
     Upgraded,
+}
+
+impl Origin {
+    /// As the state file and `inspect status` spell it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Origin::LoadedNative => "loaded_native",
+            Origin::LoadedSkb => "loaded_skb",
+            Origin::Adopted => "adopted",
+            Origin::Upgraded => "upgraded",
+        }
+    }
+
+    /// "native" or "skb" when this daemon attached the program itself.
+    pub fn xdp_mode(self) -> Option<&'static str> {
+        match self {
+            Origin::LoadedNative => Some("native"),
+            Origin::LoadedSkb => Some("skb"),
+            Origin::Adopted | Origin::Upgraded => None,
+        }
+    }
 }
 
 /// What keeps the program attached while the daemon runs.
@@ -66,6 +86,12 @@ pub struct Attachment {
 impl Attachment {
     pub fn layout(&self) -> &PinLayout {
         &self.layout
+    }
+
+    /// This daemon's own copy of the object, when it loaded the program (not when it adopted
+    /// one).
+    pub fn ebpf_mut(&mut self) -> Option<&mut Ebpf> {
+        self._ebpf.as_mut()
     }
 
     /// Unpin the link (detaching the program once the last fd closes) and remove the pins.
@@ -84,6 +110,10 @@ impl Attachment {
 pub fn attach_or_adopt(spec: &AttachSpec) -> anyhow::Result<(Attachment, BpfMaps)> {
     let layout = PinLayout::new(&spec.pin_root, &spec.iface);
     if layout.link().exists() {
+        // Pins made by an older version may be wider open.
+        for dir in [spec.pin_root.as_path(), layout.dir()] {
+            create_private_dir(dir).with_context(|| format!("making {} private", dir.display()))?;
+        }
         return adopt_or_upgrade(spec, layout);
     }
 
@@ -160,16 +190,16 @@ fn open_link(layout: &PinLayout) -> anyhow::Result<PinnedLink> {
         .with_context(|| format!("opening the pinned link {}", layout.link().display()))
 }
 
-/// Id and tag of the program the pinned link runs.
-pub fn pinned_program(link: &Path) -> anyhow::Result<(u32, u64)> {
+/// Id of the program the pinned link runs, and its tag when this process may look programs
+/// up by id (that takes CAP_SYS_ADMIN).
+pub fn pinned_program(link: &Path) -> anyhow::Result<(u32, Option<u64>)> {
     let link = PinnedLink::from_pin(link)
         .with_context(|| format!("opening the pinned link {}", link.display()))?;
     let id = FdLink::from(link).info()?.program_id();
     let tag = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == id)
-        .map(|p| p.tag())
-        .with_context(|| format!("program {id} of the pinned link is not loaded"))?;
+        .map(|p| p.tag());
     Ok((id, tag))
 }
 
@@ -180,11 +210,9 @@ pub fn pinned_program(link: &Path) -> anyhow::Result<(u32, u64)> {
 /// (their layout changed), keep the running program and say so.
 fn adopt_or_upgrade(spec: &AttachSpec, layout: PinLayout) -> anyhow::Result<(Attachment, BpfMaps)> {
     let iface = &spec.iface;
-    let attached_id = FdLink::from(open_link(&layout)?).info()?.program_id();
-    let attached_tag = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == attached_id)
-        .map(|p| p.tag());
+    // Without CAP_SYS_ADMIN programs cannot be looked up by id: no tag, so the program is
+    // replaced in its link (still invisible to traffic) rather than adopted.
+    let (attached_id, attached_tag) = pinned_program(&layout.link())?;
 
     let adopt = |layout: PinLayout| -> anyhow::Result<(Attachment, BpfMaps)> {
         let maps = BpfMaps::from_pins(&layout)?;

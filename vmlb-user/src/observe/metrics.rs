@@ -28,10 +28,14 @@ use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, NoLabelSet},
-    metrics::MetricType,
+    metrics::{
+        counter::Counter as PromCounter, family::Family, gauge::Gauge, info::Info, MetricType,
+    },
     registry::Registry,
 };
-use vmlb_common::{map_names, Backend, Counter, Service, ServiceKey, TrafficStats, BE_F_UP};
+use vmlb_common::{
+    map_names, stats::CounterKind, Backend, Counter, Service, ServiceKey, TrafficStats, BE_F_UP,
+};
 
 use crate::{
     addr::{backend_addr, ip, proto_name, service_addr},
@@ -40,7 +44,7 @@ use crate::{
 };
 
 /// One map's occupancy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct MapUsage {
     pub map: &'static str,
     pub entries: u64,
@@ -338,6 +342,13 @@ pub fn encode_snapshot(
             Some((l.clone(), u64::from(sb.weight)))
         }),
     )?;
+    // Every packet ends in exactly one verdict counter, so this family sums to the packets
+    // seen; flow lookups and events are other meanings under other names.
+    let of_kind = |kinds: &'static [CounterKind]| {
+        snap.counters
+            .iter()
+            .filter(move |(c, _)| kinds.contains(&c.kind()))
+    };
     family(
         enc,
         "vmlb_vip_owned",
@@ -369,25 +380,34 @@ pub fn encode_snapshot(
     family(
         enc,
         "vmlb_datapath_packets",
-        "Packets by the path they took through the XDP program (see vmlb_common::Counter).",
+        "Packets seen by the XDP program, by verdict (pass to the kernel, drop, tx: rewritten \
+         and sent) and reason (see vmlb_common::Counter).",
         MetricType::Counter,
-        snap.counters
-            .iter()
-            .filter(|(c, _)| !c.is_drop())
-            .map(|(c, v)| (vec![("counter", c.name().to_string())], *v)),
+        of_kind(&[CounterKind::Pass, CounterKind::Drop, CounterKind::Tx]).map(|(c, v)| {
+            let verdict = match c.kind() {
+                CounterKind::Pass => "pass",
+                CounterKind::Drop => "drop",
+                _ => "tx",
+            };
+            let labels = vec![("verdict", verdict.into()), ("reason", c.reason().into())];
+            (labels, *v)
+        }),
     )?;
     family(
         enc,
-        "vmlb_drops",
-        "Packets dropped by the XDP program, by reason.",
+        "vmlb_datapath_flow_lookups",
+        "How conntrack resolved packets that went on: flow_new, flow_hit, flow_rebalanced \
+         (backend down, moved), reply_hit.",
         MetricType::Counter,
-        snap.counters
-            .iter()
-            .filter(|(c, _)| c.is_drop())
-            .map(|(c, v)| {
-                let reason = c.name().trim_start_matches("drop_").to_string();
-                (vec![("reason", reason)], *v)
-            }),
+        of_kind(&[CounterKind::Flow]).map(|(c, v)| (vec![("result", c.name().into())], *v)),
+    )?;
+    family(
+        enc,
+        "vmlb_datapath_events",
+        "Events inside the XDP program, possibly several per packet (snat_port_collision: a \
+         SNAT port candidate in use, one per retry).",
+        MetricType::Counter,
+        of_kind(&[CounterKind::Event]).map(|(c, v)| (vec![("event", c.name().into())], *v)),
     )?;
     family(
         enc,
@@ -445,11 +465,124 @@ impl Collector for MapCollector {
     }
 }
 
+/// How a configuration reload ended (the `result` label of `vmlb_config_reloads_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// A changed configuration was applied to the data path.
+    Applied,
+    /// Valid and identical to the running one: nothing to do.
+    Unchanged,
+    /// Refused: the files have errors (logged with file:line).
+    Invalid,
+    /// Valid, but the data path refused it (e.g. no Maglev space); the previous one serves.
+    Failed,
+}
+
+impl ReloadResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            ReloadResult::Applied => "applied",
+            ReloadResult::Unchanged => "unchanged",
+            ReloadResult::Invalid => "invalid",
+            ReloadResult::Failed => "failed",
+        }
+    }
+
+    /// Whether the running configuration now is the one on disk.
+    fn succeeded(self) -> bool {
+        matches!(self, ReloadResult::Applied | ReloadResult::Unchanged)
+    }
+}
+
+type LabelSet = Vec<(&'static str, &'static str)>;
+
+/// The daemon's own metrics (reloads, probes); the data path's are read from the maps.
+#[derive(Clone, Default)]
+pub struct DaemonMetrics {
+    reloads: Family<LabelSet, PromCounter>,
+    last_reload_success: Gauge,
+    last_reload_time: Gauge,
+    last_success_time: Gauge,
+    probes: Family<LabelSet, PromCounter>,
+    transitions: Family<LabelSet, PromCounter>,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl DaemonMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let version = vec![("version", env!("CARGO_PKG_VERSION"))];
+        registry.register(
+            "vmlb_build",
+            "vmlb's version (the value is always 1).",
+            Info::new(version),
+        );
+        registry.register(
+            "vmlb_config_reloads",
+            "Configuration loads (the first one included) by result: applied, unchanged, \
+             invalid (file errors), failed (refused by the data path).",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "vmlb_config_last_reload_success",
+            "1 if the last configuration load was applied or unchanged, 0 if it was refused.",
+            self.last_reload_success.clone(),
+        );
+        registry.register(
+            "vmlb_config_last_reload_timestamp_seconds",
+            "Unix time of the last configuration load.",
+            self.last_reload_time.clone(),
+        );
+        registry.register(
+            "vmlb_config_last_success_timestamp_seconds",
+            "Unix time of the last configuration load that was applied or unchanged.",
+            self.last_success_time.clone(),
+        );
+        registry.register(
+            "vmlb_health_probes",
+            "Health probes run, by result (success, failure).",
+            self.probes.clone(),
+        );
+        registry.register(
+            "vmlb_health_transitions",
+            "Backends going up or down (to: up, down) after rise/fall probes.",
+            self.transitions.clone(),
+        );
+    }
+
+    pub fn reload(&self, result: ReloadResult) {
+        self.reloads
+            .get_or_create(&vec![("result", result.label())])
+            .inc();
+        let now = unix_now();
+        self.last_reload_time.set(now);
+        self.last_reload_success.set(i64::from(result.succeeded()));
+        if result.succeeded() {
+            self.last_success_time.set(now);
+        }
+    }
+
+    pub fn probe(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.probes.get_or_create(&vec![("result", result)]).inc();
+    }
+
+    pub fn transition(&self, up: bool) {
+        let to = if up { "up" } else { "down" };
+        self.transitions.get_or_create(&vec![("to", to)]).inc();
+    }
+}
+
 /// Where `/metrics` gets its numbers and `/readyz` its answer. Cheap to clone.
 #[derive(Clone)]
 pub struct MetricsSource {
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
+    daemon: DaemonMetrics,
 }
 
 impl MetricsSource {
@@ -461,10 +594,18 @@ impl MetricsSource {
             state,
             ready: ready.clone(),
         }));
+        let daemon = DaemonMetrics::default();
+        daemon.register(&mut registry);
         Self {
             registry: Arc::new(registry),
             ready,
+            daemon,
         }
+    }
+
+    /// The daemon's own metrics, to record reloads and probes in.
+    pub fn daemon(&self) -> &DaemonMetrics {
+        &self.daemon
     }
 
     /// `/readyz` answers 200 from now on (or 503 again after `set_ready(false)`).

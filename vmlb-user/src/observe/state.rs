@@ -38,10 +38,34 @@ pub struct DaemonState {
     /// Seconds since the Unix epoch of this write.
     #[serde(default)]
     pub updated_unix: u64,
+    /// How this daemon got its program onto the interface: loaded_native, loaded_skb (generic
+    /// XDP), adopted (a previous daemon's, same code) or upgraded (replaced in its link).
+    #[serde(default)]
+    pub attach: Option<String>,
+    /// native or skb, when known (a daemon that adopted the program carries it over from the
+    /// previous state file).
+    #[serde(default)]
+    pub xdp_mode: Option<String>,
+    /// The last configuration load.
+    #[serde(default)]
+    pub last_reload: Option<ReloadState>,
     pub services: Vec<ServiceState>,
     /// The VIPs this node owns (answers ARP for), with the Kubernetes source; empty otherwise.
     #[serde(default)]
     pub owned_vips: Vec<Ipv4Addr>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct ReloadState {
+    /// Seconds since the Unix epoch.
+    pub unix: u64,
+    /// applied, unchanged, invalid or failed.
+    pub result: String,
+    /// Errors and warnings of that load (file:line: field: message).
+    #[serde(default)]
+    pub errors: Vec<String>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -218,6 +242,13 @@ mod tests {
             pid: 42,
             generation: 3,
             updated_unix: 1_700_000_000,
+            attach: Some("loaded_native".into()),
+            xdp_mode: Some("native".into()),
+            last_reload: Some(ReloadState {
+                unix: 1_700_000_000,
+                result: "applied".into(),
+                ..Default::default()
+            }),
             services: vec![ServiceState {
                 name: "web/http".into(),
                 vip: Ipv4Addr::new(10, 10, 1, 128),

@@ -15,10 +15,14 @@
 //! - nat:      `{"iface", "nat": [NatRow], "matched"}` (backend -> SNAT reply entries)
 //! - stats:    `{"iface", "counters": [{"name", "value", "drop"}], "services": [ServiceRow],
 //!   "backends": [BackendRow]}`
+//! - status:   `{"iface", "program": {"id", "tag"}, "attach", "xdp_mode", "daemon": {"pid",
+//!   "running", "generation", "updated_unix"}, "last_reload": {"unix", "result", "errors",
+//!   "warnings"}, "maps": [{"map", "entries", "capacity"}]}`
 //!
 //! Addresses are strings ("10.10.1.2", or "10.10.1.2:8080" for an address with its port).
 
 mod flows;
+mod status;
 
 use std::{collections::BTreeMap, io::Write, net::Ipv4Addr, path::PathBuf};
 
@@ -81,6 +85,9 @@ pub enum InspectCommand {
     Nat(FlowArgs),
     /// Every data-path counter (drops marked) and the traffic per service and backend.
     Stats,
+    /// The program (id, kernel tag), how it was attached (XDP mode), the daemon (pid,
+    /// configuration generation, last reload and its result) and map usage.
+    Status,
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
@@ -89,7 +96,9 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 
 /// `inspect`, writing to `out` (tests capture it).
 pub fn inspect_to(args: &InspectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (iface, maps) = args.pins.open_maps()?;
+    let (iface, layout) = args.pins.resolve()?;
+    let maps = BpfMaps::from_pins(&layout)
+        .with_context(|| format!("opening the maps pinned in {}", layout.dir().display()))?;
     let path = state::state_path(&args.run_dir, &iface);
     // Names are a nicety: a broken state file must not hide the data path's state.
     let state = state::read(&path).unwrap_or_else(|e| {
@@ -109,6 +118,7 @@ pub fn inspect_to(args: &InspectArgs, out: &mut dyn Write) -> anyhow::Result<()>
         InspectCommand::Flows(f) => v.flows(f, false, fmt, out),
         InspectCommand::Nat(f) => v.flows(f, true, fmt, out),
         InspectCommand::Stats => v.stats(fmt, out),
+        InspectCommand::Status => v.status(&layout, fmt, out),
     }
 }
 
@@ -649,7 +659,9 @@ mod tests {
 
     #[test]
     fn every_subcommand_has_help() {
-        for sub in ["services", "backends", "maglev", "flows", "nat", "stats"] {
+        for sub in [
+            "services", "backends", "maglev", "flows", "nat", "stats", "status",
+        ] {
             let e = parse(&[sub, "--help"]).unwrap_err();
             assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
             assert!(e.to_string().len() > 100, "{sub}: {e}");

@@ -7,10 +7,9 @@ use std::{
     time::Duration,
 };
 
-use tracing::debug;
 use vmlb_common::{
     maglev::{DEFAULT_RING_SIZE, RING_SIZES},
-    MAX_SNAT_PER_SERVICE, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_PER_SERVICE, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
 use super::{
@@ -71,35 +70,48 @@ pub const ANNOTATIONS: &[(&str, &str)] = &[
     (FALL, "failures that take an endpoint down (default 3)"),
 ];
 
+/// Services the data path can hold (id 0 is never assigned).
+pub(crate) const MAX_SERVICE_COUNT: usize = MAX_SERVICES as usize - 1;
+/// Backends the data path can hold (one id per service and endpoint; id 0 means "empty").
+pub(crate) const MAX_BACKEND_COUNT: usize = MAX_BACKENDS as usize - 1;
+
 /// A service and the field path of the port that defines it (for duplicate errors).
 pub(crate) struct Parsed {
     pub svc: ConfiguredService,
     pub field: String,
 }
 
-/// All services of one file; errors go to `errs`, sorted by line.
+/// What one file held besides its services, for `config check`'s per-file listing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Contents {
+    pub documents: usize,
+    pub service_entries: usize,
+    /// Documents of other kinds, skipped.
+    pub skipped: usize,
+}
+
+/// All services of one file; errors go to `errs` and warnings (things that are valid but
+/// probably not meant) to `warns`, each sorted by line.
 pub(crate) fn parse_file(
     text: &str,
     file: &Path,
     node: &NodeConfig,
     errs: &mut Vec<ConfigError>,
-) -> Vec<Parsed> {
-    let start = errs.len();
+    warns: &mut Vec<ConfigError>,
+) -> (Vec<Parsed>, Contents) {
+    let (start, wstart) = (errs.len(), warns.len());
     let (docs, syntax) = yaml::parse(text);
     let mut out = Vec::new();
+    let mut contents = Contents::default();
     for doc in &docs {
         let path = String::new();
-        document(
-            Val {
-                node: doc,
-                path,
-                line: doc.line,
-                file,
-            },
-            node,
-            &mut out,
-            errs,
-        );
+        let val = Val {
+            node: doc,
+            path,
+            line: doc.line,
+            file,
+        };
+        document(val, node, &mut out, &mut contents, errs, warns);
     }
     if let Some(e) = syntax {
         errs.push(ConfigError {
@@ -110,31 +122,60 @@ pub(crate) fn parse_file(
         });
     }
     errs[start..].sort_by_key(|e| e.line);
-    out
+    warns[wstart..].sort_by_key(|e| e.line);
+    (out, contents)
 }
 
-fn document(doc: Val, node: &NodeConfig, out: &mut Vec<Parsed>, errs: &mut Vec<ConfigError>) {
-    let kind = doc.get("kind").and_then(|k| k.str().ok());
-    match kind {
-        Some("ServiceEntry") => out.extend(service_entry(&doc, node, errs)),
+fn document(
+    doc: Val,
+    node: &NodeConfig,
+    out: &mut Vec<Parsed>,
+    contents: &mut Contents,
+    errs: &mut Vec<ConfigError>,
+    warns: &mut Vec<ConfigError>,
+) {
+    // A `---` with nothing after it: no document, nothing to say.
+    if doc.is_null() {
+        return;
+    }
+    contents.documents += 1;
+    let kind = doc.get("kind");
+    match kind.as_ref().and_then(|k| k.str().ok()) {
+        Some("ServiceEntry") => {
+            contents.service_entries += 1;
+            out.extend(service_entry(&doc, node, errs, warns));
+        }
         // `kubectl get ... -o yaml` output.
         Some("List" | "ServiceEntryList") => {
+            contents.documents -= 1;
             for item in doc
                 .get("items")
                 .and_then(|i| i.items().ok())
                 .unwrap_or_default()
             {
-                document(item, node, out, errs);
+                document(item, node, out, contents, errs, warns);
             }
         }
-        _ => {
-            let (file, line) = (doc.file.display(), doc.line);
-            debug!(%file, line, ?kind, "skipped: not a ServiceEntry");
+        other => {
+            contents.skipped += 1;
+            let what = match other {
+                Some(k) => format!("kind {k:?} is not read by vmlb"),
+                None => "no kind".to_string(),
+            };
+            let at = kind.unwrap_or_else(|| doc.clone());
+            warns.push(at.error(format!(
+                "{what} (it reads kind ServiceEntry, also inside a List): document skipped"
+            )));
         }
     }
 }
 
-fn service_entry(doc: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Vec<Parsed> {
+fn service_entry(
+    doc: &Val,
+    node: &NodeConfig,
+    errs: &mut Vec<ConfigError>,
+    warns: &mut Vec<ConfigError>,
+) -> Vec<Parsed> {
     let start = errs.len();
     duplicate_keys(doc, errs);
 
@@ -148,6 +189,11 @@ fn service_entry(doc: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> V
     }
     let meta = doc.field("metadata");
     let name = ok(errs, meta.field("name").str());
+    // Part of the identity: the same name in two namespaces is two services.
+    let namespace = meta
+        .get("namespace")
+        .filter(|n| !n.is_null())
+        .and_then(|n| ok(errs, n.str()));
     let opts = options(&meta.field("annotations"), node, errs);
 
     let spec = doc.field("spec");
@@ -190,6 +236,28 @@ fn service_entry(doc: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> V
     let (ports, names) = ports(&spec.field("ports"), errs);
     let endpoints = endpoints(&spec.field("endpoints"), &names, errs);
 
+    // Services and backends multiply (VIPs x ports, x endpoints): refuse what cannot fit before
+    // building it, so a small file cannot make the daemon allocate millions of backends.
+    let services = vips.len().saturating_mul(ports.len());
+    let backends = services.saturating_mul(endpoints.len());
+    if services > MAX_SERVICE_COUNT {
+        errs.push(spec.field("ports").error(format!(
+            "{} VIP(s) x {} port(s) = {services} services; the data path holds at most \
+             {MAX_SERVICE_COUNT}",
+            vips.len(),
+            ports.len()
+        )));
+        return Vec::new();
+    }
+    if backends > MAX_BACKEND_COUNT {
+        errs.push(spec.field("endpoints").error(format!(
+            "{services} service(s) x {} endpoint(s) = {backends} backends; the data path holds \
+             at most {MAX_BACKEND_COUNT}",
+            endpoints.len()
+        )));
+        return Vec::new();
+    }
+
     // Backends per port: the endpoint's override for the port's name, else the target port.
     let mut backends = Vec::new();
     let mut reported = HashSet::new();
@@ -227,10 +295,18 @@ fn service_entry(doc: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> V
     if errs.len() > start {
         return Vec::new();
     }
+    let eps = spec.field("endpoints");
     if endpoints.is_empty() {
-        let file = doc.file.display();
-        tracing::warn!(%file, name, "ServiceEntry without endpoints: its traffic is dropped");
+        warns.push(eps.error("no endpoints: traffic to this ServiceEntry is dropped"));
+    } else if endpoints.iter().all(|e| e.weight == 0) {
+        warns
+            .push(eps.error("every endpoint has weight 0 (draining): new connections are dropped"));
     }
+    let name = match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    };
+    let name = name.as_str();
     let mut out = Vec::new();
     for &vip in &vips {
         for (port, backends) in ports.iter().zip(&backends) {

@@ -224,8 +224,10 @@ impl Index {
                 .to_string();
             let mut doc = e.clone();
             if let Some(m) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
-                // Unique across namespaces, like a file path is.
-                m.insert("name".into(), Value::String(key.clone()));
+                // The file source names services <namespace>/<name>/<port>, unique across
+                // namespaces; an object always has one, "default" when it was left out.
+                m.entry("namespace")
+                    .or_insert_with(|| Value::String("default".into()));
             }
             match parse(&doc, &obj, node) {
                 Ok(s) => per_object.push(((created, "ServiceEntry", key.clone()), obj, s)),
