@@ -148,6 +148,7 @@ fn pin_maps(env: &Env, root: &Path) {
         (map_names::FLOWS, m.flows.map()),
         (map_names::FLOW_SLOTS, m.slots.map_data()),
         (map_names::CONFIG, m.config.map()),
+        (map_names::HOPS, m.hops.map()),
         (map_names::STATS, m.stats.map()),
         (map_names::SVC_STATS, m.svc_stats.map()),
         (map_names::BE_STATS, m.be_stats.map()),

@@ -219,20 +219,7 @@ impl Counter {
     }
 
     pub const fn is_drop(self) -> bool {
-        matches!(
-            self,
-            Counter::DropTruncated
-                | Counter::DropBadHeader
-                | Counter::DropFragment
-                | Counter::DropUnknownPort
-                | Counter::DropNoBackend
-                | Counter::DropSnatExhausted
-                | Counter::DropFlowTableFull
-                | Counter::DropBadBackend
-                | Counter::DropTcpNoFlow
-                | Counter::DropMartian
-                | Counter::DropFlood
-        )
+        matches!(self.kind(), CounterKind::Drop)
     }
 }
 
