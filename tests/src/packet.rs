@@ -24,6 +24,9 @@ pub enum L4 {
         dport: u16,
         no_checksum: bool,
     },
+    /// ICMP: type, code and the header's last four bytes (identifier and sequence, or unused /
+    /// next-hop MTU); the payload follows, and the checksum covers both.
+    Icmp { ty: u8, code: u8, rest: [u8; 4] },
     /// Any other protocol number, payload only.
     Raw(u8),
 }
@@ -109,9 +112,50 @@ impl Packet {
                 *sport = src.1;
                 *dport = dst.1;
             }
-            L4::Raw(_) => {}
+            L4::Icmp { .. } | L4::Raw(_) => {}
         }
         self
+    }
+
+    /// An ICMP message from `src` to `dst`.
+    pub fn icmp(src: Ipv4Addr, dst: Ipv4Addr, ty: u8, code: u8, rest: [u8; 4]) -> Self {
+        Self::new(src, dst, L4::Icmp { ty, code, rest })
+    }
+
+    /// An ICMP echo request (type 8) with identifier `id`, sequence `seq` and `data`.
+    pub fn ping(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16, data: &[u8]) -> Self {
+        let [a, b] = id.to_be_bytes();
+        let [c, d] = seq.to_be_bytes();
+        Self::icmp(src, dst, 8, 0, [a, b, c, d]).payload(data)
+    }
+
+    /// An ICMP error of `ty`/`code` (with the header's last four bytes `rest`) from `src` to
+    /// `dst`, quoting the first `quote` bytes of `about`'s IPv4 packet (RFC 792 asks for the
+    /// header and 8 bytes; Linux sends as much as fits in 576).
+    pub fn icmp_error(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        ty: u8,
+        code: u8,
+        rest: [u8; 4],
+        about: &Packet,
+        quote: usize,
+    ) -> Self {
+        let frame = about.build();
+        let ip = &frame[14..];
+        Self::icmp(src, dst, ty, code, rest).payload(&ip[..quote.min(ip.len())])
+    }
+
+    /// Fragmentation needed (type 3 code 4) with next-hop `mtu`, quoting `quote` bytes.
+    pub fn frag_needed(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        mtu: u16,
+        about: &Packet,
+        quote: usize,
+    ) -> Self {
+        let [a, b] = mtu.to_be_bytes();
+        Self::icmp_error(src, dst, 3, 4, [0, 0, a, b], about, quote)
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -141,10 +185,19 @@ impl Packet {
                 l4.extend_from_slice(&[0, 0]);
                 17
             }
+            L4::Icmp { ty, code, rest } => {
+                l4.extend_from_slice(&[ty, code, 0, 0]);
+                l4.extend_from_slice(&rest);
+                1
+            }
             L4::Raw(p) => p,
         };
         l4.extend_from_slice(&self.payload);
         match self.l4 {
+            L4::Icmp { .. } => {
+                let c = checksum(&l4, 0);
+                l4[2..4].copy_from_slice(&c.to_be_bytes());
+            }
             L4::Tcp { .. } => {
                 let c = l4_checksum(self.src, self.dst, 6, &l4);
                 l4[16..18].copy_from_slice(&c.to_be_bytes());
@@ -225,10 +278,20 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
     checksum(l4, pseudo_sum(src, dst, proto, l4.len()))
 }
 
-/// Recompute the IPv4 header checksum and the TCP/UDP checksum of an Ethernet/IPv4 frame from
-/// scratch; `Err` names the first one that is wrong.
+/// Recompute the IPv4 header checksum and the TCP/UDP/ICMP checksum of an Ethernet/IPv4 frame
+/// (untagged or with one 802.1Q tag) from scratch; `Err` names the first one that is wrong. An
+/// ICMP error's quote is checked too: its IPv4 header always, its L4 checksum when the quote
+/// holds the whole packet.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
-    let ip = frame.get(14..).ok_or("no IPv4 header")?;
+    let l3 = if frame.get(12..14) == Some(&[0x81, 0x00]) {
+        18
+    } else {
+        14
+    };
+    verify_ip(frame.get(l3..).ok_or("no IPv4 header")?)
+}
+
+fn verify_ip(ip: &[u8]) -> Result<(), String> {
     let ihl = ((ip.first().ok_or("empty IPv4")? & 0x0f) as usize) * 4;
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     if checksum(&ip[..ihl], 0) != 0 {
@@ -236,8 +299,21 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     }
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let l4 = &ip[ihl..tot];
+    let l4 = &ip[ihl..tot.min(ip.len())];
+    if tot > ip.len() {
+        // A quote cut short: only its header can be checked.
+        return Ok(());
+    }
     match ip[9] {
+        1 => {
+            if checksum(l4, 0) != 0 {
+                return Err("ICMP checksum".into());
+            }
+            match l4[0] {
+                3 | 11 | 12 => verify_ip(&l4[8..]).map_err(|e| format!("quoted {e}")),
+                _ => Ok(()),
+            }
+        }
         6 if checksum(l4, pseudo_sum(src, dst, 6, l4.len())) != 0 => Err("TCP checksum".into()),
         17 if u16::from_be_bytes([l4[6], l4[7]]) != 0
             && checksum(l4, pseudo_sum(src, dst, 17, l4.len())) != 0 =>
@@ -276,5 +352,14 @@ pub fn arp(op: u16, eth_dst: Mac, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Ad
     f.extend_from_slice(&tha);
     f.extend_from_slice(&tpa.octets());
     f.resize(60, 0);
+    f
+}
+
+/// `frame` with an 802.1Q tag (`tpid`, VLAN `vid`, priority 0) inserted after the MACs.
+pub fn tagged(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&tpid.to_be_bytes());
+    f.extend_from_slice(&vid.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
     f
 }

@@ -231,11 +231,13 @@ fn vip_with_other_protocol_on_served_port_is_dropped() {
     e.expect_counters(&[(DropUnknownPort, 1)]);
 }
 
+/// ICMP other than echo requests and errors (here a timestamp request) is not vmlb's.
 #[test]
-fn icmp_to_vip_passes_until_icmp_is_handled() {
+fn other_icmp_to_vip_passes() {
     let mut e = one_backend_env();
     let input = Packet::new(CLIENT, VIP, L4::Raw(1))
-        .payload(&[8, 0, 0, 0, 0, 1, 0, 1])
+        .macs(CLIENT_MAC, NODE_MAC)
+        .payload(&[13, 0, 0xf2, 0xfe, 0, 1, 0, 1])
         .build();
     let (action, out) = e.run(&input);
     assert_eq!((action, out), (XDP_PASS, input));

@@ -15,7 +15,7 @@ pub mod map_names {
     pub const FLOW_SLOTS: &str = "FLOW_SLOTS";
     pub const CONFIG: &str = "CONFIG";
     pub const HOPS: &str = "HOPS";
-    pub const NEW_FLOW_RATE: &str = "NEW_FLOW_RATE";
+    pub const RATE: &str = "RATE";
     pub const VIPS: &str = "VIPS";
     pub const STATS: &str = "STATS";
     pub const SVC_STATS: &str = "SVC_STATS";
@@ -43,8 +43,11 @@ pub const SLOTS_PER_FLOW: u32 = 4;
 /// SNAT addresses per service (a pool used by hash) and per node (all services together).
 pub const MAX_SNAT_PER_SERVICE: usize = 4;
 pub const MAX_SNAT_ADDRS: usize = 8;
+/// 802.1Q VLAN ids one interface serves on tagged frames.
+pub const MAX_VLANS: usize = 4;
 
 /// IP protocol numbers used in keys.
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -265,8 +268,22 @@ pub struct Config {
     /// That interface (frames arriving elsewhere, e.g. replies from a backend behind another
     /// interface, must only not be broadcast or multicast).
     pub ifindex: u32,
+    /// VLAN ids served on 802.1Q-tagged frames (the first `vlan_count`). Untagged frames (and
+    /// priority tags, VID 0) are always served; a tag of any other VLAN is passed.
+    pub vlan_ids: [u16; MAX_VLANS],
+    /// Per served VLAN, the device that carries its routes (the 802.1Q sub-interface on a
+    /// node, the interface itself when it has none): a next hop found there is on the frame's
+    /// own VLAN, so the frame goes back out of the interface with its tag.
+    pub vlan_ifindex: [u32; MAX_VLANS],
+    pub vlan_count: u32,
+    /// ICMP echo requests to VIPs each CPU answers per second (token bucket, `burst` deep);
+    /// 0 = unlimited.
+    pub icmp_echo_rate: u32,
+    pub icmp_echo_burst: u32,
+    /// Room to grow without changing the pinned map's value size.
+    pub _reserved: [u32; 7],
 }
-const _: () = assert!(size_of::<Config>() == 64);
+const _: () = assert!(size_of::<Config>() == 128);
 
 /// `HOPS` value (per CPU, per backend id): the backend's next hop from `bpf_fib_lookup`. New
 /// flows refresh it when older than `HOP_TTL`; established packets only check that it is
@@ -287,7 +304,7 @@ const _: () = assert!(size_of::<Hop>() == 20);
 /// ~1 s in clock units.
 pub const HOP_TTL: u32 = 1 << 10;
 
-/// `NEW_FLOW_RATE` value (per CPU): the flood guard's token bucket.
+/// `RATE` value (per CPU, indexed by `RATE_*`): a token bucket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateBucket {
@@ -297,6 +314,12 @@ pub struct RateBucket {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<RateBucket>() == 16);
+/// `RATE` index of the flood guard (new flows).
+pub const RATE_NEW_FLOW: u32 = 0;
+/// `RATE` index of ICMP echo answers.
+pub const RATE_ICMP_ECHO: u32 = 1;
+/// `RATE` entries.
+pub const RATE_COUNT: u32 = 2;
 
 /// `SVC_STATS` / `BE_STATS` value (per CPU).
 #[repr(C)]

@@ -6,7 +6,7 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Counter {
-    /// Not IPv4 (ARP, IPv6, ... until those are handled): left to the kernel.
+    /// Neither IPv4 nor ARP (IPv6, LLDP, ...): left to the kernel.
     PassNotIpv4 = 0,
     /// IPv4 neither to a VIP nor a reply to a NATed flow: the node's own traffic.
     PassNotVip = 1,
@@ -47,7 +47,8 @@ pub enum Counter {
     TxSameIface = 17,
     /// Redirected to another interface.
     TxRedirect = 18,
-    /// To a VIP with a protocol vmlb does not balance (ICMP until it is handled, ...).
+    /// To a VIP with a protocol vmlb does not balance (SCTP, GRE, ICMP other than echo
+    /// requests and errors, ...).
     PassUnsupportedProto = 19,
     /// An entry named a backend id that does not exist (map changed under the flow).
     DropBadBackend = 20,
@@ -82,11 +83,25 @@ pub enum Counter {
     /// ARP that is not a request for an owned VIP (other addresses, replies, gratuitous ARP):
     /// left to the kernel.
     PassArp = 32,
+    /// An 802.1Q-tagged frame of a VLAN this interface does not serve, or whose next hop is
+    /// on another VLAN: left to the kernel.
+    PassOtherVlan = 33,
+    /// Stacked tags (802.1ad S-tag, or two 802.1Q tags): QinQ is recognised, not served.
+    PassQinq = 34,
+    /// An ICMP echo request to a VIP, answered (XDP_TX).
+    TxIcmpEchoReply = 35,
+    /// An ICMP echo request to a VIP over this CPU's echo rate limit, or from a martian source.
+    DropIcmpEcho = 36,
+    /// An ICMP error (unreachable, fragmentation needed, time exceeded) quoting a NATed flow,
+    /// translated for the other side (event; the packet then counts as sent).
+    IcmpErrorTranslated = 37,
+    /// An ICMP error to a VIP that quotes no flow, or too little of the packet to name one.
+    DropIcmpError = 38,
 }
 
 impl Counter {
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 39;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIpv4,
@@ -122,6 +137,12 @@ impl Counter {
         Counter::PassTtlExceeded,
         Counter::TxArpReply,
         Counter::PassArp,
+        Counter::PassOtherVlan,
+        Counter::PassQinq,
+        Counter::TxIcmpEchoReply,
+        Counter::DropIcmpEcho,
+        Counter::IcmpErrorTranslated,
+        Counter::DropIcmpError,
     ];
 
     /// snake_case name, used as a metric label and in the CLI.
@@ -160,6 +181,12 @@ impl Counter {
             Counter::PassTtlExceeded => "pass_ttl_exceeded",
             Counter::TxArpReply => "tx_arp_reply",
             Counter::PassArp => "pass_arp",
+            Counter::PassOtherVlan => "pass_other_vlan",
+            Counter::PassQinq => "pass_qinq",
+            Counter::TxIcmpEchoReply => "tx_icmp_echo_reply",
+            Counter::DropIcmpEcho => "drop_icmp_echo",
+            Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::DropIcmpError => "drop_icmp_error",
         }
     }
 
@@ -179,7 +206,9 @@ impl Counter {
             | Counter::PassReplyNoFlow
             | Counter::PassOtherMac
             | Counter::PassTtlExceeded
-            | Counter::PassArp => CounterKind::Pass,
+            | Counter::PassArp
+            | Counter::PassOtherVlan
+            | Counter::PassQinq => CounterKind::Pass,
             Counter::DropTruncated
             | Counter::DropBadHeader
             | Counter::DropFragment
@@ -190,8 +219,13 @@ impl Counter {
             | Counter::DropBadBackend
             | Counter::DropTcpNoFlow
             | Counter::DropMartian
-            | Counter::DropFlood => CounterKind::Drop,
-            Counter::TxSameIface | Counter::TxRedirect | Counter::TxArpReply => CounterKind::Tx,
+            | Counter::DropFlood
+            | Counter::DropIcmpEcho
+            | Counter::DropIcmpError => CounterKind::Drop,
+            Counter::TxSameIface
+            | Counter::TxRedirect
+            | Counter::TxArpReply
+            | Counter::TxIcmpEchoReply => CounterKind::Tx,
             Counter::FlowNew | Counter::FlowHit | Counter::FlowRebalanced | Counter::ReplyHit => {
                 CounterKind::Flow
             }
@@ -199,7 +233,8 @@ impl Counter {
             | Counter::FlowStale
             | Counter::FlowClosing
             | Counter::FlowTupleReuse
-            | Counter::HopLookup => CounterKind::Event,
+            | Counter::HopLookup
+            | Counter::IcmpErrorTranslated => CounterKind::Event,
         }
     }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use vmlb_common::{Counter, Hop, HOP_TTL};
 
-use crate::{maps::HOPS, parse::Packet, stats::count};
+use crate::{maps::HOPS, parse::Eth, stats::count};
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
@@ -24,10 +24,39 @@ pub struct NextHop {
 /// packets (`None`) read no clock and rely on the daemon invalidating the cache every few
 /// seconds. A new flow is not created without a hop; an established one keeps its last known
 /// hop when a refresh fails (the kernel is re-resolving the neighbour).
+///
+/// `l3` says what is being forwarded (IPv4 total length, protocol, VLAN device) for the FIB. A
+/// tagged frame is only sent back out of its own interface with its tag, so its next hop must be
+/// on its VLAN's device (or the interface itself); else it is passed (`pass_other_vlan`).
 #[inline(always)]
 pub fn hop(
     ctx: &XdpContext,
-    p: &Packet,
+    l3: &L3,
+    id: u32,
+    src: u32,
+    addr: u32,
+    now: Option<u32>,
+) -> Result<Hop, Counter> {
+    let h = cached_hop(ctx, l3, id, src, addr, now)?;
+    if l3.vlan_dev != 0 && h.ifindex != l3.vlan_dev && h.ifindex != ctx.ingress_ifindex() as u32 {
+        return Err(Counter::PassOtherVlan);
+    }
+    Ok(h)
+}
+
+/// What the FIB lookup needs to know of the packet being forwarded.
+pub struct L3 {
+    /// IPv4 total length, host order.
+    pub tot_len: u16,
+    pub proto: u8,
+    /// See `parse::Packet::vlan_dev`.
+    pub vlan_dev: u32,
+}
+
+#[inline(always)]
+fn cached_hop(
+    ctx: &XdpContext,
+    l3: &L3,
     id: u32,
     src: u32,
     addr: u32,
@@ -51,7 +80,7 @@ pub fn hop(
             return Ok(*cached);
         }
         count(Counter::HopLookup);
-        match lookup(ctx, p, src, addr) {
+        match lookup(ctx, l3, src, addr) {
             Ok(h) => {
                 (*cached).ifindex = h.ifindex;
                 (*cached).dst_mac = h.dst_mac;
@@ -67,7 +96,7 @@ pub fn hop(
 
 /// Route `src -> dst` as if forwarding the packet received on the ingress interface.
 #[inline(always)]
-fn lookup(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Result<NextHop, Counter> {
+fn lookup(ctx: &XdpContext, l3: &L3, src: u32, dst: u32) -> Result<NextHop, Counter> {
     // The helper's argument must be initialised to the last byte (the verifier insists). It is
     // written as eight volatile words because LLVM merges plain zero stores into a `memset`,
     // which the BPF backend emits as a call to a byte loop. `struct bpf_fib_lookup` on bpfel:
@@ -75,10 +104,8 @@ fn lookup(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Result<NextHop, C
     // ipv6_src) | ipv4_dst (+12) | tbid, smac, dmac.
     const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
     let mut raw = core::mem::MaybeUninit::<[u64; 8]>::uninit();
-    // SAFETY: `ip` was bounds-checked by parse().
-    let tot_len = unsafe { u16::from_be((*p.ip).tot_len) } as u64;
     let words = [
-        AF_INET as u64 | (p.key.proto as u64) << 8 | tot_len << 48,
+        AF_INET as u64 | (l3.proto as u64) << 8 | (l3.tot_len as u64) << 48,
         ctx.ingress_ifindex() as u64 & 0xffff_ffff,
         src as u64,
         0,
@@ -115,26 +142,54 @@ fn lookup(ctx: &XdpContext, p: &Packet, src: u32, dst: u32) -> Result<NextHop, C
     }
 }
 
-/// Put the next hop's MACs on the frame and send it out of `ifindex`.
+/// Put the next hop's MACs on the frame and send it out of `ifindex`. A tagged frame (`vlan_dev`
+/// set; `hop` checked its next hop is on its VLAN) goes back out of its interface, tag and all.
 #[inline(always)]
 pub fn send(
     ctx: &XdpContext,
-    p: &Packet,
+    eth: *mut Eth,
+    vlan_dev: u32,
     ifindex: u32,
     dst_mac: &[u8; 6],
     src_mac: &[u8; 6],
 ) -> u32 {
     // SAFETY: `eth` was bounds-checked by parse().
     unsafe {
-        (*p.eth).dst = *dst_mac;
-        (*p.eth).src = *src_mac;
+        (*eth).dst = *dst_mac;
+        (*eth).src = *src_mac;
     }
-    if ifindex == ctx.ingress_ifindex() as u32 {
+    if vlan_dev != 0 || ifindex == ctx.ingress_ifindex() as u32 {
         count(Counter::TxSameIface);
         xdp_action::XDP_TX
     } else {
         count(Counter::TxRedirect);
         // SAFETY: plain helper call. With flags 0 it cannot fail: it returns XDP_REDIRECT.
         unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+}
+
+/// Whether a frame is addressed to us: on the interface vmlb serves, its own MAC only (not
+/// broadcast, not another host's); on any other interface (a backend's reply redirected in),
+/// any unicast MAC.
+#[inline(always)]
+pub fn for_us(ctx: &XdpContext, dst_mac: &[u8; 6], cfg: &vmlb_common::Config) -> bool {
+    if ctx.ingress_ifindex() as u32 == cfg.ifindex {
+        *dst_mac == cfg.mac
+    } else {
+        dst_mac[0] & 1 == 0
+    }
+}
+
+impl L3 {
+    /// The FIB inputs of a TCP/UDP packet.
+    #[inline(always)]
+    pub fn of(p: &crate::parse::Packet) -> Self {
+        // SAFETY: `ip` was bounds-checked by parse().
+        let tot_len = unsafe { u16::from_be((*p.ip).tot_len) };
+        L3 {
+            tot_len,
+            proto: p.key.proto,
+            vlan_dev: p.vlan_dev,
+        }
     }
 }

@@ -18,6 +18,7 @@ mod arp;
 mod ct;
 mod forward;
 mod guard;
+mod icmp;
 mod lookup;
 mod maps;
 mod nat;
@@ -62,13 +63,18 @@ pub fn vmlb(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
-    let p = match parse::parse(ctx) {
+    let cfg = maps::CONFIG.get(0).ok_or(Counter::PassNotVip)?;
+    let p = match parse::parse(ctx, cfg) {
         Ok(p) => p,
         Err(Classify::Pass(c)) => return Err(c),
-        Err(Classify::Arp { eth, l3 }) => {
-            let cfg = maps::CONFIG.get(0).ok_or(Counter::PassArp)?;
-            return arp::handle(ctx, eth, l3, cfg);
-        }
+        Err(Classify::Arp { eth, l3 }) => return arp::handle(ctx, eth, l3, cfg),
+        Err(Classify::Icmp {
+            eth,
+            ip,
+            l4,
+            end,
+            vlan_dev,
+        }) => return icmp::handle(ctx, eth, ip, l4, end, vlan_dev, cfg),
         Err(Classify::Ipv4 {
             dst,
             if_vip,
@@ -81,17 +87,11 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
             })
         }
     };
-    let cfg = maps::CONFIG.get(0).ok_or(Counter::PassNotVip)?;
     // Only frames addressed to this interface are NATed (not broadcast, not another host's);
     // and a packet whose TTL would expire is the kernel's to answer (time-exceeded).
     // SAFETY: `eth` and `ip` were bounds-checked by parse().
     let (dst_mac, ttl) = unsafe { ((*p.eth).dst, (*p.ip).ttl) };
-    let ours = if ctx.ingress_ifindex() as u32 == cfg.ifindex {
-        dst_mac == cfg.mac
-    } else {
-        dst_mac[0] & 1 == 0
-    };
-    if !ours {
+    if !forward::for_us(ctx, &dst_mac, cfg) {
         return Err(Counter::PassOtherMac);
     }
     if ttl <= 1 {
@@ -148,13 +148,14 @@ fn established(ctx: &XdpContext, p: &Packet, f: *mut Flow, c: u64) -> Result<u32
     let (snat, sport, baddr, bport) =
         (fl.snat_addr, fl.snat_port, fl.backend_addr, fl.backend_port);
     let (svc_id, backend_id) = (fl.service_id, fl.backend_id);
-    let hop = forward::hop(ctx, p, backend_id, snat, baddr, None)?;
+    let hop = forward::hop(ctx, &forward::L3::of(p), backend_id, snat, baddr, None)?;
     count(Counter::FlowHit);
     nat::rewrite(p, snat, sport, baddr, bport);
     count_traffic(svc_id, backend_id, p.len, false, false);
     Ok(forward::send(
         ctx,
-        p,
+        p.eth,
+        p.vlan_dev,
         hop.ifindex,
         &hop.dst_mac,
         &hop.src_mac,
@@ -184,10 +185,16 @@ fn reply(ctx: &XdpContext, p: &Packet, cfg: &Config) -> Result<u32, Counter> {
         fl.client_ifindex,
         fl.client_mac,
     );
+    // A tagged reply leaves with its tag, so its client must be behind this same interface.
+    if p.vlan_dev != 0 && ifindex != ctx.ingress_ifindex() as u32 {
+        return Err(Counter::PassOtherVlan);
+    }
     count(Counter::ReplyHit);
     nat::rewrite(p, vip, vport, client, cport);
     count_traffic(svc_id, backend_id, p.len, false, true);
-    Ok(forward::send(ctx, p, ifindex, &mac, &cfg.mac))
+    Ok(forward::send(
+        ctx, p.eth, p.vlan_dev, ifindex, &mac, &cfg.mac,
+    ))
 }
 
 /// A flow without a (usable) entry: Maglev picks the backend, the hop cache (or the FIB) the
@@ -229,7 +236,14 @@ fn new_flow(
     let be = lookup::backend(backend_id)?;
     let pick = snat_pick(hash, svc.snat_count);
     // The FIB source only matters for policy routing; any address of the pool will do.
-    let hop = forward::hop(ctx, p, backend_id, svc.snat_addrs[0], be.addr, Some(now))?;
+    let hop = forward::hop(
+        ctx,
+        &forward::L3::of(p),
+        backend_id,
+        svc.snat_addrs[0],
+        be.addr,
+        Some(now),
+    )?;
 
     // The first candidate's slot is read before the index insert: both are cache misses into
     // large tables, and issued this way they overlap instead of following each other.
@@ -291,7 +305,8 @@ fn new_flow(
     count_traffic(svc.id, backend_id, p.len, true, false);
     Ok(Some(forward::send(
         ctx,
-        p,
+        p.eth,
+        p.vlan_dev,
         hop.ifindex,
         &hop.dst_mac,
         &hop.src_mac,

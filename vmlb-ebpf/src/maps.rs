@@ -8,7 +8,7 @@ use aya_ebpf::{
 use vmlb_common::{
     Backend, Config, Counter, Flow, FlowKey, FlowRef, Hop, RateBucket, Service, ServiceKey,
     TrafficStats, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
-    SLOTS_PER_FLOW,
+    RATE_COUNT, SLOTS_PER_FLOW,
 };
 
 /// BPF_F_MMAPABLE: user space maps `FLOW_SLOTS` to sweep it and to free slots with the same
@@ -50,9 +50,9 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 pub static HOPS: PerCpuArray<Hop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-/// The flood guard's token bucket, per CPU.
+/// Per-CPU token buckets: the flood guard's and ICMP echo's (`vmlb_common::RATE_*`).
 #[map]
-pub static NEW_FLOW_RATE: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
+pub static RATE: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(RATE_COUNT, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

@@ -1,11 +1,13 @@
-//! Parse: Ethernet -> IPv4 -> TCP/UDP, every access bounds-checked against `data_end`.
+//! Parse: Ethernet -> [802.1Q tag] -> ARP | IPv4 -> TCP/UDP | ICMP, every access bounds-checked
+//! against `data_end`.
 //!
-//! (802.1Q tags, ARP, IPv6 and ICMP come later; they slot in between Ethernet and IPv4 here.)
 //! A packet we cannot balance returns `Err(Classify)`: whether that is a drop or a pass depends on
-//! whether its destination is a VIP, which the caller decides with one lookup.
+//! whether its destination is a VIP, which the caller decides with one lookup. ARP and ICMP are
+//! handed to their own stages (arp.rs, icmp.rs) with the offsets found here.
 
 use aya_ebpf::programs::XdpContext;
-use vmlb_common::{Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
+use network_types::{eth::EtherType, vlan::VlanHdr};
+use vmlb_common::{Config, Counter, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_VLANS};
 
 /// Header layouts with their natural alignment, as in the kernel's and Katran's C headers. On
 /// the wire the IPv4 header may be only 2-byte aligned; the verifier and the x86-64/arm64 JITs
@@ -40,8 +42,12 @@ pub struct Ports {
 }
 
 pub const ETH_LEN: usize = 14;
-const ETH_P_IPV4: u16 = network_types::eth::EtherType::Ipv4 as u16;
-const ETH_P_ARP: u16 = network_types::eth::EtherType::Arp as u16;
+const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
+const ETH_P_ARP: u16 = EtherType::Arp as u16;
+const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
+const ETH_P_8021AD: u16 = EtherType::Ieee8021ad as u16;
+/// The pre-standard QinQ S-tag still found on older switches.
+const ETH_P_QINQ1: u16 = EtherType::Ieee8021QinQ1 as u16;
 /// More-fragments flag and fragment offset, in wire order.
 const IP_MF_OFFSET: u16 = 0x3fffu16.to_be();
 const TCP_HDR_LEN: usize = 20;
@@ -61,6 +67,9 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Bytes on the wire, for the traffic counters.
     pub len: u64,
+    /// 0 for an untagged frame; for a tagged one, the device that carries its VLAN's routes
+    /// (`Config::vlan_ifindex`): its next hop must be there, and it leaves with its tag.
+    pub vlan_dev: u32,
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -75,6 +84,15 @@ pub enum Classify {
     Pass(Counter),
     /// ARP, at offset `l3`.
     Arp { eth: *mut Eth, l3: usize },
+    /// An unfragmented ICMP message, complete as its IPv4 header says, at offset `l4`; the
+    /// IPv4 packet ends at offset `end`.
+    Icmp {
+        eth: *mut Eth,
+        ip: *mut Ipv4,
+        l4: usize,
+        end: usize,
+        vlan_dev: u32,
+    },
     /// IPv4 to `dst`: `if_vip` if `dst` is a VIP, else `if_not_vip`.
     Ipv4 {
         dst: u32,
@@ -93,18 +111,48 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
+/// Ethernet and at most one 802.1Q tag of a served VLAN: (EtherType, L3 offset, VLAN device).
+/// The tag stays in the frame; everything sent back keeps it.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Classify> {
-    let eth: *mut Eth = ptr_at(ctx, 0).ok_or(Classify::Pass(Counter::PassTruncated))?;
-    // SAFETY: bounds-checked by ptr_at.
+fn l2(ctx: &XdpContext, eth: *mut Eth, cfg: &Config) -> Result<(u16, usize, u32), Classify> {
+    // SAFETY: bounds-checked by the caller.
     let proto = unsafe { (*eth).proto };
+    if proto != ETH_P_8021Q {
+        if proto == ETH_P_8021AD || proto == ETH_P_QINQ1 {
+            return Err(Classify::Pass(Counter::PassQinq));
+        }
+        return Ok((proto, ETH_LEN, 0));
+    }
+    let tag: *mut VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(Classify::Pass(Counter::PassTruncated))?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (vid, inner) = unsafe { ((*tag).vid(), (*tag).ether_type) };
+    if inner == ETH_P_8021Q || inner == ETH_P_8021AD || inner == ETH_P_QINQ1 {
+        return Err(Classify::Pass(Counter::PassQinq));
+    }
+    let l3 = ETH_LEN + VlanHdr::LEN;
+    // VID 0 is a priority tag: the frame belongs to the untagged VLAN.
+    if vid == 0 {
+        return Ok((inner, l3, 0));
+    }
+    for i in 0..MAX_VLANS {
+        if (i as u32) < cfg.vlan_count && cfg.vlan_ids[i] == vid {
+            return Ok((inner, l3, cfg.vlan_ifindex[i]));
+        }
+    }
+    Err(Classify::Pass(Counter::PassOtherVlan))
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, cfg: &Config) -> Result<Packet, Classify> {
+    let eth: *mut Eth = ptr_at(ctx, 0).ok_or(Classify::Pass(Counter::PassTruncated))?;
+    let (proto, l3, vlan_dev) = l2(ctx, eth, cfg)?;
     if proto == ETH_P_ARP {
-        return Err(Classify::Arp { eth, l3: ETH_LEN });
+        return Err(Classify::Arp { eth, l3 });
     }
     if proto != ETH_P_IPV4 {
         return Err(Classify::Pass(Counter::PassNotIpv4));
     }
-    let ip: *mut Ipv4 = ptr_at(ctx, ETH_LEN).ok_or(Classify::Pass(Counter::PassTruncated))?;
+    let ip: *mut Ipv4 = ptr_at(ctx, l3).ok_or(Classify::Pass(Counter::PassTruncated))?;
     // SAFETY: bounds-checked by ptr_at.
     let (vihl, frag_off, proto, tot_len, dst) = unsafe {
         (
@@ -126,13 +174,22 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Classify> {
     }
     // The IPv4 header (with options) and everything it claims must be present; Ethernet padding
     // may make the frame longer, never shorter.
-    if ctx.data() + ETH_LEN + tot_len > ctx.data_end() {
+    if ctx.data() + l3 + tot_len > ctx.data_end() {
         return Err(exception(Counter::DropTruncated, Counter::PassTruncated));
     }
     if frag_off & IP_MF_OFFSET != 0 {
         return Err(exception(Counter::DropFragment, Counter::PassNotVip));
     }
-    let l4_off = ETH_LEN + ihl;
+    let l4_off = l3 + ihl;
+    if proto == IPPROTO_ICMP {
+        return Err(Classify::Icmp {
+            eth,
+            ip,
+            l4: l4_off,
+            end: l3 + tot_len,
+            vlan_dev,
+        });
+    }
     let (hdr_len, check_off) = match proto {
         IPPROTO_TCP => (TCP_HDR_LEN, TCP_CHECK_OFF),
         IPPROTO_UDP => (UDP_HDR_LEN, UDP_CHECK_OFF),
@@ -178,5 +235,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Classify> {
         key,
         tcp_flags,
         len: (ctx.data_end() - ctx.data()) as u64,
+        vlan_dev,
     })
 }

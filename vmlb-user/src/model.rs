@@ -128,6 +128,6 @@ impl Default for HealthSpec {
 pub struct NodeConfig {
     /// The node's address on the VLAN, used as SNAT source unless a service overrides it.
     pub snat: Option<Ipv4Addr>,
-    /// The VLAN id of the interface (tagged frames are handled in a later issue).
+    /// The VLAN whose 802.1Q-tagged frames are served (on a trunk); untagged frames always are.
     pub vlan: Option<u16>,
 }

@@ -49,8 +49,9 @@ pub struct RunArgs {
     /// vmlb.io/snat-address annotation).
     #[arg(long)]
     pub snat_addr: Option<std::net::Ipv4Addr>,
-    /// VLAN id of the interface (tagged frames are handled in a later issue).
-    #[arg(long)]
+    /// Serve 802.1Q-tagged frames of this VLAN id (1-4094) when attached to a trunk; frames
+    /// leave with their tag, other VLANs pass to the kernel. Untagged frames are always served.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4094))]
     pub vlan: Option<u16>,
     /// A small YAML node config file (`snatAddress:`, `vlan:`); flags win over it.
     #[arg(long)]
@@ -73,6 +74,12 @@ pub struct RunArgs {
     /// Flood guard: burst above --new-flow-rate (flows per CPU).
     #[arg(long, default_value_t = 1000)]
     pub new_flow_burst: u32,
+    /// ICMP echo requests to VIPs each CPU answers per second (0: no limit).
+    #[arg(long, default_value_t = 1000)]
+    pub icmp_echo_rate: u32,
+    /// Burst above --icmp-echo-rate (answers per CPU).
+    #[arg(long, default_value_t = 50)]
+    pub icmp_echo_burst: u32,
     /// Flood guard: above this share of --flow-entries in use, SYN-only flows expire after
     /// --tcp-syn-pressure-timeout instead of --tcp-syn-timeout.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
@@ -169,6 +176,8 @@ impl RunArgs {
                 new_flow_rate: self.new_flow_rate,
                 new_flow_burst: self.new_flow_burst,
             },
+            icmp_echo_rate: self.icmp_echo_rate,
+            icmp_echo_burst: self.icmp_echo_burst,
             maglev_entries: self.maglev_entries,
             log_format: match self.log_format {
                 LogFormatArg::Text => LogFormat::Text,

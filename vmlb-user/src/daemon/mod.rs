@@ -107,9 +107,27 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let ifindex = nix::net::if_::if_nametoindex(opts.iface.as_str())
         .with_context(|| format!("no interface {}", opts.iface))?;
     maps.init_config(ifindex, attach::iface_mac(&opts.iface)?)?;
+    // The device that carries the served VLAN's routes: its 802.1Q sub-interface, or the
+    // interface itself when the VLAN is not split off in the kernel (the lab's trunk).
+    let vlan = match opts.node.vlan {
+        Some(vid) => {
+            let dev = attach::vlan_device(&opts.iface, vid)?;
+            tracing::info!(vid, dev, "serving 802.1Q-tagged frames of VLAN {vid}");
+            Some((vid, dev.unwrap_or(ifindex)))
+        }
+        None => None,
+    };
     maps.update_config(|c| {
         c.new_flow_rate = opts.flows.new_flow_rate;
         c.new_flow_burst = opts.flows.new_flow_burst;
+        c.icmp_echo_rate = opts.icmp_echo_rate;
+        c.icmp_echo_burst = opts.icmp_echo_burst;
+        c.vlan_count = 0;
+        if let Some((vid, dev)) = vlan {
+            c.vlan_ids[0] = vid;
+            c.vlan_ifindex[0] = dev;
+            c.vlan_count = 1;
+        }
     })?;
 
     // Whatever the maps hold (a previous daemon's services, or nothing) is the starting point,

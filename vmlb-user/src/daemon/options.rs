@@ -26,6 +26,9 @@ pub struct Options {
     pub flow_entries: u32,
     pub maglev_entries: u32,
     pub flows: FlowOptions,
+    /// ICMP echo answers for VIPs per second and CPU (0: unlimited), and the burst above it.
+    pub icmp_echo_rate: u32,
+    pub icmp_echo_burst: u32,
     pub log_format: LogFormat,
     /// Also serve what the cluster says (`vmlb run --kubernetes`); `None`: files only.
     pub kubernetes: Option<crate::source::kube::Options>,

@@ -299,3 +299,50 @@ pub fn iface_mac(iface: &str) -> anyhow::Result<[u8; 6]> {
     }
     Ok(mac)
 }
+
+/// The ifindex of `parent`'s 802.1Q sub-interface for `vid`, if the kernel has one: the 8021q
+/// module's own table (`/proc/net/vlan/config`, absent without the module). Read as text
+/// because it is three columns the kernel has kept stable since 2.4; a netlink link dump
+/// would say the same at the cost of an async round trip before attaching.
+pub fn vlan_device(parent: &str, vid: u16) -> anyhow::Result<Option<u32>> {
+    let text = match std::fs::read_to_string("/proc/net/vlan/config") {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).context("reading /proc/net/vlan/config"),
+    };
+    match vlan_device_in(&text, parent, vid) {
+        Some(dev) => Ok(Some(
+            nix::net::if_::if_nametoindex(dev).with_context(|| format!("no interface {dev}"))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The device named in a `/proc/net/vlan/config` table for `parent` and `vid`.
+fn vlan_device_in<'a>(table: &'a str, parent: &str, vid: u16) -> Option<&'a str> {
+    // "VLAN Dev name | VLAN ID" / "Name-Type: ..." header, then "dev | vid | parent" rows.
+    table.lines().find_map(|line| {
+        let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+        match cols[..] {
+            [dev, id, p] if p == parent && id.parse() == Ok(vid) => Some(dev),
+            _ => None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod vlan_tests {
+    use super::vlan_device_in;
+
+    #[test]
+    fn finds_the_sub_interface_of_the_parent_and_vid() {
+        let table = "VLAN Dev name\t | VLAN ID\nName-Type: VLAN_NAME_TYPE_RAW_PLUS_VID_NO_PAD\n\
+                     ens1.1512      | 1512  | ens1\nvlan1513       | 1513  | ens1\n\
+                     ens2.1512      | 1512  | ens2\n";
+        assert_eq!(vlan_device_in(table, "ens1", 1512), Some("ens1.1512"));
+        assert_eq!(vlan_device_in(table, "ens2", 1512), Some("ens2.1512"));
+        assert_eq!(vlan_device_in(table, "ens1", 1513), Some("vlan1513"));
+        assert_eq!(vlan_device_in(table, "ens1", 7), None);
+        assert_eq!(vlan_device_in("", "ens1", 1512), None);
+    }
+}

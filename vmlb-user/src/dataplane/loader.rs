@@ -18,7 +18,7 @@ pub const ALL_MAPS: [&str; 12] = [
     map_names::FLOW_SLOTS,
     map_names::CONFIG,
     map_names::HOPS,
-    map_names::NEW_FLOW_RATE,
+    map_names::RATE,
     map_names::STATS,
     map_names::SVC_STATS,
     map_names::BE_STATS,

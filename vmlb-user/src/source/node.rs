@@ -21,6 +21,7 @@ pub fn load(
     snat_flag: Option<Ipv4Addr>,
     vlan_flag: Option<u16>,
 ) -> anyhow::Result<NodeConfig> {
+    let file_path = file;
     let file: File = match file {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -29,9 +30,14 @@ pub fn load(
         }
         None => File::default(),
     };
+    let vlan = vlan_flag.or(file.vlan);
+    if let Some(v) = vlan.filter(|v| !(1..=4094).contains(v)) {
+        let from = file_path.map_or("--vlan".into(), |p| format!("node config {}", p.display()));
+        anyhow::bail!("{from}: vlan: {v} is not a VLAN id (1-4094)");
+    }
     Ok(NodeConfig {
         snat: snat_flag.or(file.snat_address),
-        vlan: vlan_flag.or(file.vlan),
+        vlan,
     })
 }
 
@@ -60,5 +66,8 @@ mod tests {
         assert!(e.contains("node.yaml") && e.contains("snatAdress"), "{e}");
         std::fs::write(&p, "").unwrap();
         assert_eq!(load(Some(&p), None, None).unwrap(), NodeConfig::default());
+        std::fs::write(&p, "vlan: 4095\n").unwrap();
+        let e = format!("{:#}", load(Some(&p), None, None).unwrap_err());
+        assert!(e.contains("node.yaml") && e.contains("vlan: 4095"), "{e}");
     }
 }
