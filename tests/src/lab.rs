@@ -240,7 +240,7 @@ impl Lab {
 }
 
 /// A VM's MAC: 02:00 then its IPv4 address, so a neighbour table reads at a glance.
-fn vm_mac(addr: Ipv4Addr) -> String {
+pub fn vm_mac(addr: Ipv4Addr) -> String {
     let [a, b, c, d] = addr.octets();
     format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
