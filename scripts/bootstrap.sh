@@ -8,7 +8,7 @@ set -euo pipefail
 BPF_LINKER_VERSION=0.13.0
 # Packages the build needs, then the ones the tests and benchmarks run for real.
 BUILD_PKGS=(rustc-web rust-web-src bpftool iproute2)
-TEST_PKGS=(apache2 curl procps ethtool wrk)
+TEST_PKGS=(apache2 curl procps ethtool wrk iputils-ping)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }

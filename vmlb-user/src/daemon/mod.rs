@@ -156,6 +156,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }));
 
     let sweeper = sweep::Sweeper::spawn(&opts.flows, &layout, maps.clone())?;
+    let l2 = l2::spawn(&opts.iface, opts.node.vlan)?;
+    let mut neighbours_rx = l2.neighbours;
 
     let mut applier = Applier {
         iface: opts.iface.clone(),
@@ -163,7 +165,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         maps: maps.clone(),
         shared_state: shared_state.clone(),
         state_path: state::state_path(&opts.run_dir, &opts.iface),
-        l2: Some(l2::spawn(&opts.iface, opts.node.vlan)?),
+        l2: Some(l2.wanted),
         attach: attachment.origin.label().to_string(),
         xdp_mode: attachment
             .origin
@@ -176,6 +178,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }),
         last_reload: None,
         owned_vips: Vec::new(),
+        neighbours: Vec::new(),
     };
     // With the cluster as a source, nothing is applied before it has been read once: the
     // adopted state (a restart) keeps serving meanwhile, and readiness waits for it.
@@ -252,6 +255,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Some(owned) = owned_changed(owned_rx.as_mut()) => {
                 // Into the data path (ARP answers, announcements), the state file and metrics.
                 stages.ownership_changed(owned);
+            }
+            Some(neighbours) = neighbours_changed(&mut neighbours_rx) => {
+                // Only the state file and the metrics: the kernel's table is what XDP reads.
+                stages.applier.set_neighbours(neighbours);
             }
             Some(ev) = health_rx.recv() => {
                 // health.rs logs the transition itself.
@@ -336,6 +343,16 @@ async fn owned_changed(
         return std::future::pending().await;
     };
     rx.changed().await.ok()?;
+    Some(rx.borrow_and_update().clone())
+}
+
+/// The backends' neighbours when they change; never once the layer-2 task has ended.
+async fn neighbours_changed(
+    rx: &mut tokio::sync::watch::Receiver<Vec<state::NeighbourState>>,
+) -> Option<Vec<state::NeighbourState>> {
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
     Some(rx.borrow_and_update().clone())
 }
 
