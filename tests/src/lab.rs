@@ -85,11 +85,25 @@ pub struct Vm {
     pub ns: Ns,
 }
 
-/// Field order is drop order: the peer's XDP link, then the namespaces, the segment last.
+/// One more vmlb node on the segment ([`Lab::add_node`]): its own namespace, MAC and address,
+/// its VLAN-side interface named [`NODE_DEV`] like the first node's.
+/// Field order is drop order: the peer's XDP program, then the namespace.
+pub struct Node {
+    _peer_xdp: Ebpf,
+    pub ns: Ns,
+    pub addr: Ipv4Addr,
+    pub mac: String,
+    /// The bridge-side end of its veth, in the segment.
+    pub peer: String,
+}
+
+/// Field order is drop order: the peers' XDP links, then the namespaces, the segment last.
 pub struct Lab {
     _peer_xdp: Option<Ebpf>,
     /// The trunk's tc programs (`LabOptions::trunk_vlan`); dropping it detaches them.
     pub trunk: Option<Trunk>,
+    /// Nodes added with [`Lab::add_node`] (the first node is [`Lab::node`]).
+    pub more_nodes: Vec<Node>,
     pub client: Ns,
     pub node: Ns,
     pub vms: Vec<Vm>,
@@ -393,6 +407,7 @@ impl Lab {
             // A pinned link keeps itself attached; the object is not needed any more.
             _peer_xdp: peer_pin.is_none().then_some(peer_xdp),
             trunk: None,
+            more_nodes: Vec::new(),
             client,
             node,
             vms: Vec::new(),
@@ -416,6 +431,31 @@ impl Lab {
         Ok(self.vms.last().expect("just pushed"))
     }
 
+    /// Plug one more vmlb node into the segment, set up like the first one (its VLAN-side
+    /// interface is [`NODE_DEV`] with `mac` and `addr`, forwarding on, the XDP_PASS workaround
+    /// on its peer veth, see `build`). For the per-test lab: the peer's program is held by this
+    /// value, not pinned, so it detaches when the lab drops.
+    pub fn add_node(&mut self, tag: &str, addr: Ipv4Addr, mac: &str) -> anyhow::Result<&Node> {
+        let ns = self.naming.ns(tag)?;
+        let peer = format!("p-{tag}");
+        plug(&self.segment, &ns, NODE_DEV, mac, &peer)?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", NODE_DEV])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let peer_xdp = {
+            let _in_segment = self.segment.enter()?;
+            attach_xdp_pass(&peer, None)
+                .with_context(|| format!("native XDP_PASS on {peer}, the peer of node {tag}"))?
+        };
+        self.more_nodes.push(Node {
+            _peer_xdp: peer_xdp,
+            ns,
+            addr,
+            mac: mac.to_string(),
+            peer,
+        });
+        Ok(self.more_nodes.last().expect("just pushed"))
+    }
+
     pub fn vm(&self, name: &str) -> Option<&Vm> {
         self.vms.iter().find(|v| v.name == name)
     }
@@ -434,6 +474,7 @@ impl Lab {
         let far = self.far.iter().flat_map(|f| [&f.router, &f.wan, &f.client]);
         for ns in [&self.client, &self.node, &self.segment]
             .into_iter()
+            .chain(self.more_nodes.iter().map(|n| &n.ns))
             .chain(self.vms.iter().map(|v| &v.ns))
             .chain(far)
         {
@@ -457,6 +498,10 @@ impl Lab {
                 }
             }
             out += "\n";
+        }
+        for n in &self.more_nodes {
+            show(&n.ns, &["ethtool", "-S", NODE_DEV]);
+            show(&self.segment, &["ethtool", "-S", &n.peer]);
         }
         out
     }
