@@ -484,6 +484,10 @@ impl Lab {
         }
         show(&self.node, &["ethtool", "-S", NODE_DEV]);
         show(&self.segment, &["ethtool", "-S", NODE_PEER]);
+        for n in &self.more_nodes {
+            show(&n.ns, &["ethtool", "-S", NODE_DEV]);
+            show(&self.segment, &["ethtool", "-S", &n.peer]);
+        }
         if let Some(t) = &self.trunk {
             out += &format!("--- trunk (VLAN {}) counters:", t.vid);
             for (name, i) in [
@@ -498,10 +502,6 @@ impl Lab {
                 }
             }
             out += "\n";
-        }
-        for n in &self.more_nodes {
-            show(&n.ns, &["ethtool", "-S", NODE_DEV]);
-            show(&self.segment, &["ethtool", "-S", &n.peer]);
         }
         out
     }

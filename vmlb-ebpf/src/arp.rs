@@ -1,7 +1,8 @@
 //! ARP for VIPs: a request for a VIP this node owns is answered in place with the interface's
 //! MAC (RFC 826: swap sender and target, set our hardware address as sender, opcode reply) and
 //! sent back out (XDP_TX). Anything else ARP goes to the kernel: requests for other addresses,
-//! replies, and gratuitous ARP (sender = target), which announce rather than ask.
+//! replies, and gratuitous ARP (sender = target), which announce rather than ask. Ownership
+//! can carry a deadline (`Config::owned_until`): past it nothing is answered.
 //!
 //! The header type is network-types' `ArpHdr` (byte arrays, so no alignment assumptions); this
 //! path runs once per neighbour per reachable-time, so its few extra byte loads cost nothing.
@@ -37,6 +38,10 @@ pub fn handle(ctx: &XdpContext, eth: *mut Eth, l3: usize, cfg: &Config) -> Resul
         match VIPS.get(&target) {
             Some(flags) if flags & VIP_F_OWNED != 0 => {}
             _ => return Err(Counter::PassArp),
+        }
+        // Ownership lapses unless the daemon keeps renewing it (see `Config::owned_until`).
+        if cfg.owned_until != 0 && crate::ct::now().wrapping_sub(cfg.owned_until) as i32 >= 0 {
+            return Err(Counter::PassArp);
         }
         let (asker_mac, asker_ip) = (a.sha, a.spa);
         a.set_oper(ARP_REPLY);

@@ -187,9 +187,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ => None,
     };
     if kube.is_some() {
-        // With the cluster, a VIP is answered only by its elected node: own none until then.
+        // With the cluster, a VIP is answered only by its elected node: own none until then,
+        // and only until the deadline each Lease renewal moves on.
         let mut m = maps.lock().expect("maps lock");
         reconciler.set_ownership(Some(Default::default()), &mut *m)?;
+        m.update_config(|c| c.owned_until = owned_until(None))?;
+    } else {
+        maps.lock()
+            .expect("maps lock")
+            .update_config(|c| c.owned_until = 0)?;
     }
     match (&configured, &kube) {
         (Some(c), None) => {
@@ -221,6 +227,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // The Kubernetes source's outputs, watched by the loop.
     let mut cluster_rx = kube.as_ref().map(|k| k.services.clone());
     let mut owned_rx = kube.as_ref().map(|k| k.owned.clone());
+    let mut until_rx = kube.as_ref().map(|k| k.live_until.clone());
     let mut stages = Stages {
         opts: &opts,
         capacity,
@@ -250,6 +257,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 if stages.started && !metrics_source.is_ready() {
                     metrics_source.set_ready(true);
                     info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving (files and cluster)");
+                }
+            }
+            Some(until) = owned_changed(until_rx.as_mut()) => {
+                // Every accepted renewal moves the data path's ownership deadline forward.
+                let at = owned_until(until);
+                if let Err(e) = stages.applier.maps.lock().expect("maps lock").update_config(|c| c.owned_until = at) {
+                    error!("moving the ownership deadline: {e:#}");
                 }
             }
             Some(owned) = owned_changed(owned_rx.as_mut()) => {
@@ -335,10 +349,9 @@ struct Stages<'a> {
     applier: &'a mut Applier,
 }
 
-/// The next set of VIPs this node owns, or never without the Kubernetes source.
-async fn owned_changed(
-    rx: Option<&mut tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::Ipv4Addr>>>,
-) -> Option<std::collections::BTreeSet<std::net::Ipv4Addr>> {
+/// The next value of an ownership channel (the VIPs this node owns, or until when), or never
+/// without the Kubernetes source.
+async fn owned_changed<T: Clone>(rx: Option<&mut tokio::sync::watch::Receiver<T>>) -> Option<T> {
     let Some(rx) = rx else {
         return std::future::pending().await;
     };
@@ -486,4 +499,17 @@ impl Stages<'_> {
         self.started = true;
         Ok(())
     }
+}
+
+/// `Config::owned_until` for a node live until `until` (`None`: not live): the data path's
+/// clock at that instant, a little early rather than late (the coarse clock lags by up to a
+/// tick); never 0, which would mean "no deadline".
+fn owned_until(until: Option<std::time::Instant>) -> u32 {
+    let now = crate::conntrack::now();
+    let left = until.map_or(Duration::ZERO, |t| {
+        t.saturating_duration_since(std::time::Instant::now())
+    });
+    let units = vmlb_common::clock_units_from_ms(left.as_millis() as u64);
+    // One unit (about 1 ms) of margin for the coarse clock's lag.
+    now.wrapping_add(units.saturating_sub(1)).max(1)
 }
