@@ -111,7 +111,13 @@ struct Dir(PathBuf);
 
 impl Dir {
     fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("vmlb-failover-{}-{tag}", std::process::id()));
+        // Unique per test too: the tests of this file run in parallel in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!(
+            "vmlb-failover-{}-{n}-{tag}",
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(p.join("run")).unwrap();
         mount_bpffs(&p.join("bpf")).unwrap();
@@ -504,28 +510,11 @@ fn ms(d: Duration) -> String {
     format!("{} ms", d.as_millis())
 }
 
-#[test]
-fn the_vip_moves_to_the_other_node_when_its_owner_dies() {
-    let t0 = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let _ = vmlb_bin();
-    eprintln!("{:?}: vmlb built", t0.elapsed());
-    let mut lab = Lab::new().expect("building the lab");
-    lab.add_node("node2", NODE2_ADDR, NODE2_MAC)
-        .expect("adding the second node");
-    let lab = lab;
+/// One scripted cluster (an object store with a listener on each node's loopback), the seed's
+/// service and VMIs, and a vmlb daemon on each node; returns once both serve both VMs and the
+/// ranked node alone owns the VIP.
+fn two_nodes(lab: &Lab, rt: &tokio::runtime::Runtime) -> (ApiServer, [Member; 2]) {
     let node2_ns = &lab.more_nodes[0].ns;
-    let servers: Vec<Httpd> = lab
-        .vms
-        .iter()
-        .map(|vm| Httpd::start(&vm.ns, vm.name, vm.addr).unwrap())
-        .collect();
-    eprintln!("{:?}: lab and httpds up", t0.elapsed());
-
     // One object store, a listener on each node's loopback.
     let listener_in = |ns: &Ns| {
         let _in = ns.enter().unwrap();
@@ -553,18 +542,7 @@ fn the_vip_moves_to_the_other_node_when_its_owner_dies() {
         Member::start("node-b", node2_ns, NODE2_ADDR, NODE2_MAC, &url2),
     ];
     let all: Vec<&Member> = members.iter().collect();
-    // The ranking every node applies decides who owns the VIP while both live.
-    let owner_name = ownership::owner(VIP, members.iter().map(|m| m.name)).unwrap();
-    let (owner, survivor) = if members[0].name == owner_name {
-        (&members[0], &members[1])
-    } else {
-        (&members[1], &members[0])
-    };
-    eprintln!(
-        "{:?}: daemons started; {} should own {VIP}",
-        t0.elapsed(),
-        owner.name
-    );
+    let (owner, survivor) = owner_and_survivor(&members);
 
     // Both serve both VMs, and exactly the ranked node owns the VIP.
     eventually(40, "both nodes to serve both VMs", &all, || {
@@ -575,6 +553,45 @@ fn the_vip_moves_to_the_other_node_when_its_owner_dies() {
     eventually(20, "the VIP to have exactly one owner", &all, || {
         owner.owned() == Some(vec![VIP]) && survivor.owned() == Some(vec![])
     });
+
+    (api, members)
+}
+
+/// The ranking every node applies decides who owns the VIP while both live.
+fn owner_and_survivor(members: &[Member; 2]) -> (&Member, &Member) {
+    let owner_name = ownership::owner(VIP, members.iter().map(|m| m.name)).unwrap();
+    if members[0].name == owner_name {
+        (&members[0], &members[1])
+    } else {
+        (&members[1], &members[0])
+    }
+}
+
+#[test]
+fn the_vip_moves_to_the_other_node_when_its_owner_dies() {
+    let t0 = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _ = vmlb_bin();
+    eprintln!("{:?}: vmlb built", t0.elapsed());
+    let mut lab = Lab::new().expect("building the lab");
+    lab.add_node("node2", NODE2_ADDR, NODE2_MAC)
+        .expect("adding the second node");
+    let lab = lab;
+    let servers: Vec<Httpd> = lab
+        .vms
+        .iter()
+        .map(|vm| Httpd::start(&vm.ns, vm.name, vm.addr).unwrap())
+        .collect();
+    eprintln!("{:?}: lab and httpds up", t0.elapsed());
+
+    let (_api, members) = two_nodes(&lab, &rt);
+    let all: Vec<&Member> = members.iter().collect();
+    let (owner, survivor) = owner_and_survivor(&members);
+    eprintln!("{:?}: both nodes serve; {} owns {VIP}", t0.elapsed(), owner.name);
 
     // Equal tables: the digest from the pinned maps, and the same in the metric.
     let digests: Vec<String> = members
@@ -813,4 +830,76 @@ fn the_vip_moves_to_the_other_node_when_its_owner_dies() {
         t0.elapsed()
     );
     assert!(after.0 >= 50, "too few new connections after the takeover");
+}
+
+/// A daemon that dies while its node lives (a crash, an OOM kill) leaves its pinned program
+/// attached, forwarding what reaches it, but the ownership deadline its last Lease renewal set
+/// lapses in the data path before the other node counts it dead: the segment never has two
+/// nodes answering ARP for the VIP, and the survivor takes it.
+#[test]
+fn a_crashed_daemon_stops_answering_before_the_other_node_takes_over() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _ = vmlb_bin();
+    let mut lab = Lab::new().expect("building the lab");
+    lab.add_node("node2", NODE2_ADDR, NODE2_MAC)
+        .expect("adding the second node");
+    let lab = lab;
+    let _servers: Vec<Httpd> = lab
+        .vms
+        .iter()
+        .map(|vm| Httpd::start(&vm.ns, vm.name, vm.addr).unwrap())
+        .collect();
+    let (_api, members) = two_nodes(&lab, &rt);
+    let all: Vec<&Member> = members.iter().collect();
+    let (owner, survivor) = owner_and_survivor(&members);
+    eventually(10, "only the owner to answer ARP", &all, || {
+        who_has(&lab.client, CLIENT_DEV, VIP, Duration::from_millis(200)) == [owner.mac]
+    });
+
+    // Only the daemon dies; the node, its link and its pinned program stay.
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the daemon's own process group (it leads it).
+    unsafe { libc::kill(-(owner.daemon.0.id() as i32), libc::SIGKILL) };
+    let mut silent_from = None;
+    let mut taken = None;
+    let mut after_takeover = 0;
+    while after_takeover < 5 {
+        let who = who_has(&lab.client, CLIENT_DEV, VIP, Duration::from_millis(100));
+        let at = killed.elapsed();
+        assert!(
+            who.len() <= 1,
+            "two nodes answered ARP for {VIP} {at:?} after the owner's daemon died: {who:?}\n{}",
+            logs(&all)
+        );
+        if who.is_empty() && silent_from.is_none() {
+            silent_from = Some(at);
+        }
+        if who == [survivor.mac] {
+            taken.get_or_insert(at);
+            after_takeover += 1;
+        } else {
+            assert!(
+                taken.is_none(),
+                "{who:?} answered after the survivor took over"
+            );
+        }
+        assert!(
+            at < TAKEOVER_BOUND,
+            "the survivor did not take the VIP within {TAKEOVER_BOUND:?} ({who:?} answers)\n{}",
+            logs(&all)
+        );
+    }
+    eprintln!(
+        "owner's daemon killed: its node went silent after {:?}, the survivor answered after {:?}",
+        silent_from,
+        taken.unwrap()
+    );
+    assert!(
+        silent_from.is_some(),
+        "no silent gap: the dead daemon's node answered until the survivor took over"
+    );
 }
