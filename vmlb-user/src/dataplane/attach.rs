@@ -215,7 +215,15 @@ fn adopt_or_upgrade(spec: &AttachSpec, layout: PinLayout) -> anyhow::Result<(Att
     let (attached_id, attached_tag) = pinned_program(&layout.link())?;
 
     let adopt = |layout: PinLayout| -> anyhow::Result<(Attachment, BpfMaps)> {
-        let maps = BpfMaps::from_pins(&layout)?;
+        // Pins of another map layout (an older or newer vmlb) are never written to.
+        let maps = BpfMaps::from_pins(&layout).with_context(|| {
+            format!(
+                "the maps pinned under {} have another layout than this vmlb's; detach the \
+                 running version first (its daemon with --detach-on-exit), or remove that \
+                 directory (every flow is lost), then start this one",
+                layout.dir().display()
+            )
+        })?;
         info!(%iface, "adopted the pinned XDP program: nothing reloaded, flows keep going");
         let attachment = Attachment {
             _ebpf: None,
