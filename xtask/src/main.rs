@@ -76,6 +76,10 @@ enum Bench {
         #[arg(long, default_value_t = 2_000_000)]
         repeat: u32,
     },
+    /// vmlb end to end in the lab against direct, an XDP hop floor, HAProxy and nftables: new
+    /// connections/s, keep-alive requests/s with p50/p99, CPU per request. Root. About 4
+    /// minutes; VMLB_E2E_REPS and VMLB_E2E_SECS (default 5 x 4 s) make it longer.
+    E2e,
 }
 
 fn root_dir() -> PathBuf {
@@ -201,6 +205,14 @@ fn main() -> anyhow::Result<()> {
                     "datapath-bench",
                 ])
                 .env("VMLB_BENCH_REPEAT", repeat.to_string()))
+        }
+        Task::Bench { which: Bench::E2e } => {
+            require_root("the end-to-end benchmark")?;
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "vmlb-user", "--bin", "vmlb"]))?;
+            run(cargo()
+                .args(["run", "--release", "-p", "vmlb-tests", "--bin", "e2e-bench"])
+                .env("VMLB_BIN", target_dir().join("release").join("vmlb")))
         }
         Task::Lab { action } => {
             require_root("the lab")?;
