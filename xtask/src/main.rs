@@ -80,6 +80,12 @@ enum Bench {
     /// connections/s, keep-alive requests/s with p50/p99, CPU per request. Root. About 4
     /// minutes; VMLB_E2E_REPS and VMLB_E2E_SECS (default 5 x 4 s) make it longer.
     E2e,
+    /// 4096 services, 65,536 backends and 1,000,000 live flows loaded; the kernel's memory per
+    /// map. Root.
+    Scale,
+    /// Maglev build times, initial load and config-change latency with 1000 services, daemon
+    /// start and restart to ready. Root.
+    Control,
 }
 
 fn root_dir() -> PathBuf {
@@ -212,6 +218,21 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["build", "--release", "-p", "vmlb-user", "--bin", "vmlb"]))?;
             run(cargo()
                 .args(["run", "--release", "-p", "vmlb-tests", "--bin", "e2e-bench"])
+                .env("VMLB_BIN", target_dir().join("release").join("vmlb")))
+        }
+        Task::Bench {
+            which: which @ (Bench::Scale | Bench::Control),
+        } => {
+            require_root("the benchmark")?;
+            setup()?;
+            let bin = if matches!(which, Bench::Scale) {
+                "scale-bench"
+            } else {
+                run(cargo().args(["build", "--release", "-p", "vmlb-user", "--bin", "vmlb"]))?;
+                "control-bench"
+            };
+            run(cargo()
+                .args(["run", "--release", "-p", "vmlb-tests", "--bin", bin])
                 .env("VMLB_BIN", target_dir().join("release").join("vmlb")))
         }
         Task::Lab { action } => {
