@@ -404,9 +404,16 @@ impl Reconciler {
             });
         }
 
-        // 2. The table, into fresh space, then the switch.
-        let table =
-            maglev::build(&members, spec.ring_size).map_err(|e| anyhow::anyhow!("Maglev: {e}"))?;
+        // 2. The table, into fresh space, then the switch. Unchanged backends (same addresses,
+        // weights and health, so the same ids and keys) and ring size give the same table: a
+        // reload that touches one service of a thousand rebuilds one table, not a thousand.
+        let table = match prev {
+            Some(p) if p.spec.backends == spec.backends && p.spec.ring_size == spec.ring_size => {
+                p.table.clone()
+            }
+            _ => maglev::build(&members, spec.ring_size)
+                .map_err(|e| anyhow::anyhow!("Maglev: {e}"))?,
+        };
         let (snat_addrs, snat_count) = snat_pool(&spec.snat)?;
         let (port_min, port_max) = spec.snat_ports;
         let port_range = hash::prime_range(port_min, port_max);

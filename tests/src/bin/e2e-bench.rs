@@ -143,6 +143,8 @@ struct Run {
     wrong_source: u64,
     /// Packets received on the node's vlan1512 (proves the floor's route through the node).
     node_rx_packets: u64,
+    /// Client sockets in TIME_WAIT right after the run (the client closed first).
+    client_time_wait: u64,
     failure: Option<String>,
 }
 
@@ -164,6 +166,7 @@ impl Run {
             "served": {"vm1": self.served[0], "vm2": self.served[1]},
             "wrong_source": self.wrong_source,
             "node_rx_packets": self.node_rx_packets,
+            "client_time_wait": self.client_time_wait,
             "failure": self.failure,
         })
     }
@@ -525,6 +528,11 @@ impl Bench {
         let wrk = self.wrk(c, load)?;
         let cpu1 = CpuTimes::now()?;
         let node_rx_packets = read_sys(&self.lab.node, &rx_path)? - rx0;
+        let tw = self
+            .lab
+            .client
+            .exec(&["ss", "-Htan", "state", "time-wait"])?;
+        let client_time_wait = String::from_utf8_lossy(&tw.stdout).lines().count() as u64;
         // Apache logs after answering: give the last answers a moment to be written.
         thread::sleep(Duration::from_millis(200));
         let mut served = [0u64; 2];
@@ -575,6 +583,7 @@ impl Bench {
             served,
             wrong_source,
             node_rx_packets,
+            client_time_wait,
             failure: (!why.is_empty()).then(|| why.join("; ")),
         })
     }
@@ -745,12 +754,13 @@ fn main() -> anyhow::Result<()> {
                 match b.measure(c, load, rep) {
                     Ok(run) => {
                         eprintln!(
-                            "  rep {rep} {:<9} {:<9} {:>8.0}/s p99 {:>7.0} µs cpu {:>6.1} µs/req{}",
+                            "  rep {rep} {:<9} {:<9} {:>8.0}/s p99 {:>7.0} µs cpu {:>6.1} µs/req tw {}{}",
                             c.name(),
                             load.name(),
                             run.wrk.rate(),
                             run.wrk.p99_us,
                             run.cpu_us_per_req,
+                            run.client_time_wait,
                             run.failure
                                 .as_deref()
                                 .map_or(String::new(), |f| format!("  FAILED: {f}"))
