@@ -40,7 +40,7 @@ fn maps_of(prog_id: u32) -> anyhow::Result<Vec<(String, String, u64, u64)>> {
             m["bytes_memlock"].as_u64().unwrap_or(0),
         ));
     }
-    maps.sort_by(|a, b| b.3.cmp(&a.3));
+    maps.sort_by_key(|m| std::cmp::Reverse(m.3));
     Ok(maps)
 }
 
