@@ -9,7 +9,7 @@ BPF_LINKER_VERSION=0.13.0
 # Packages the build needs, then the ones the tests and benchmarks run for real.
 BUILD_PKGS=(rustc-web rust-web-src bpftool iproute2)
 # haproxy and nftables are contenders of `cargo xtask bench e2e` only.
-TEST_PKGS=(apache2 curl procps ethtool wrk haproxy nftables)
+TEST_PKGS=(apache2 curl procps ethtool wrk iputils-ping haproxy nftables)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }

@@ -21,8 +21,9 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _};
 use aya::{
-    programs::{links::FdLink, Xdp, XdpMode},
-    Ebpf,
+    maps::PerCpuArray,
+    programs::{links::FdLink, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
 };
 use vmlb_user::dataplane::loader::TOOLS_OBJ;
 
@@ -84,14 +85,211 @@ pub struct Vm {
     pub ns: Ns,
 }
 
-/// Field order is drop order: the peer's XDP link, then the namespaces, the segment last.
+/// One more vmlb node on the segment ([`Lab::add_node`]): its own namespace, MAC and address,
+/// its VLAN-side interface named [`NODE_DEV`] like the first node's.
+/// Field order is drop order: the peer's XDP program, then the namespace.
+pub struct Node {
+    _peer_xdp: Ebpf,
+    pub ns: Ns,
+    pub addr: Ipv4Addr,
+    pub mac: String,
+    /// The bridge-side end of its veth, in the segment.
+    pub peer: String,
+}
+
+/// Field order is drop order: the peers' XDP links, then the namespaces, the segment last.
 pub struct Lab {
     _peer_xdp: Option<Ebpf>,
+    /// The trunk's tc programs (`LabOptions::trunk_vlan`); dropping it detaches them.
+    pub trunk: Option<Trunk>,
+    /// Nodes added with [`Lab::add_node`] (the first node is [`Lab::node`]).
+    pub more_nodes: Vec<Node>,
     pub client: Ns,
     pub node: Ns,
     pub vms: Vec<Vm>,
+    /// The routed part of the PMTU lab (`LabOptions::pmtu`).
+    pub far: Option<Far>,
     pub segment: Ns,
     naming: Naming,
+}
+
+/// Variants of the per-test lab; `Default` is the seed's topology.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LabOptions {
+    /// Make the wire between the segment and the node an 802.1Q trunk carrying this VLAN id
+    /// (see [`Trunk`]).
+    pub trunk_vlan: Option<u16>,
+    /// Add the router, the 1280-byte link and the far client of [`Far`].
+    pub pmtu: bool,
+}
+
+/// The node's wire as an 802.1Q trunk, built from tc BPF because this kernel has neither 8021q
+/// devices nor bridge VLAN filtering.
+///
+/// On the segment's side, `p-node` plays the switch's trunk port: its egress tags every frame
+/// the bridge sends to the node (`trunk_push`), its ingress strips the tag of frames from the
+/// node and drops untagged or other-VLAN ones (`trunk_pop`). On the node, `vlan1512` carries
+/// the same pair, a lab-only stand-in for the VLAN sub-interface a real node would give its
+/// kernel stack (the node still resolves the VMs with ARP and health-checks them from
+/// 10.10.1.125): its egress tags what the stack sends, its ingress strips the tag before the
+/// stack sees the frame. vmlb's XDP program runs before tc ingress, so it sees every frame
+/// tagged, exactly as on a real trunk; and what it sends with XDP_TX skips tc egress, so it
+/// must keep the tag itself.
+///
+/// `bpf_skb_vlan_push` only sets the skb's VLAN metadata. A device with tx VLAN offload (a veth
+/// has it) would hand that metadata to its peer, whose XDP program would never see a tag, so
+/// both ends have it turned off (`ethtool -K dev txvlan off`): the kernel then writes the tag
+/// into the frame before it leaves. `xdp_vlan_census` checks that in the tests.
+pub struct Trunk {
+    pub vid: u16,
+    obj: Ebpf,
+}
+
+/// Indices of the tools object's `TRUNK_STATS` (as in vmlb-ebpf/src/bin/tools.rs).
+pub mod trunk_stat {
+    pub const PUSHED: u32 = 0;
+    pub const ALREADY_TAGGED: u32 = 1;
+    pub const POPPED: u32 = 2;
+    pub const DROPPED: u32 = 3;
+    pub const CENSUS_TRUNK_VID: u32 = 4;
+    pub const CENSUS_OTHER_TAG: u32 = 5;
+    pub const CENSUS_UNTAGGED: u32 = 6;
+}
+
+/// The tools object with `TRUNK_VID` set.
+pub fn tools_with_vid(vid: u16) -> anyhow::Result<Ebpf> {
+    EbpfLoader::new()
+        .override_global("TRUNK_VID", &vid, true)
+        .load(TOOLS_OBJ)
+        .context("loading the tools object")
+}
+
+/// `TRUNK_STATS[i]` of a tools object, summed over CPUs.
+pub fn trunk_stat(obj: &Ebpf, i: u32) -> anyhow::Result<u64> {
+    let map: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(obj.map("TRUNK_STATS").context("no TRUNK_STATS map")?)?;
+    Ok(map.get(&i, 0)?.iter().sum())
+}
+
+impl Trunk {
+    fn build(segment: &Ns, node: &Ns, vid: u16) -> anyhow::Result<Self> {
+        let mut obj = tools_with_vid(vid)?;
+        for name in ["trunk_push", "trunk_pop"] {
+            let prog: &mut SchedClassifier = obj
+                .program_mut(name)
+                .with_context(|| format!("{name} missing"))?
+                .try_into()?;
+            prog.load()?;
+        }
+        for (ns, dev) in [(segment, NODE_PEER), (node, NODE_DEV)] {
+            ns.exec(&["ethtool", "-K", dev, "txvlan", "off"])
+                .context("turning off tx VLAN offload")?;
+            // Interface names are looked up in the calling thread's namespace.
+            let _in_ns = ns.enter()?;
+            for (name, how) in [
+                ("trunk_push", TcAttachType::Egress),
+                ("trunk_pop", TcAttachType::Ingress),
+            ] {
+                let prog: &mut SchedClassifier =
+                    obj.program_mut(name).expect("loaded above").try_into()?;
+                prog.attach(dev, how)
+                    .with_context(|| format!("attaching {name} to {dev} in {}", ns.name()))?;
+            }
+        }
+        Ok(Self { vid, obj })
+    }
+
+    /// One of the trunk programs' counters (`trunk_stat::*`), summed over both ends.
+    pub fn stat(&self, i: u32) -> anyhow::Result<u64> {
+        trunk_stat(&self.obj, i)
+    }
+}
+
+/// Where the PMTU lab's far client lives: the VLAN's router `rtr` (10.10.1.1 on the segment),
+/// a 1280-byte link to a second router `wan`, and behind that `client` (10.10.2.50) on a 1500
+/// link. The node and the VMs route 10.10.2.0/24 through 10.10.1.1.
+///
+/// The narrow link sits in the middle of the path on purpose. Were it the client's own link,
+/// the client would announce MSS 1240 and nothing would ever need path-MTU discovery; with its
+/// own link at 1500 it announces 1460, the VM sends 1500-byte segments with DF, and `rtr` (a
+/// router, which a bridge is not) answers each with ICMP fragmentation-needed (MTU 1280) to the
+/// packet's source. Through the VIP that source is the VIP: the ICMP reaches the node, and only
+/// vmlb translating it back to the VM (inner VM:80 -> SNAT address) lets the VM lower its path
+/// MTU; otherwise the response is black-holed. A VM fetched directly answers to its own
+/// address and gets the ICMP itself, which the tests use to check the topology without vmlb.
+pub struct Far {
+    pub client: Ns,
+    pub wan: Ns,
+    pub router: Ns,
+}
+
+/// The VLAN's router in the PMTU lab.
+pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
+/// The client behind the 1280-byte link.
+pub const FAR_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 50);
+pub const FAR_NET: &str = "10.10.2.0/24";
+/// The narrow link's MTU.
+pub const NARROW_MTU: u32 = 1280;
+
+impl Far {
+    fn build(naming: Naming, segment: &Ns) -> anyhow::Result<Self> {
+        let router = naming.ns("rtr")?;
+        plug(segment, &router, "eth0", &vm_mac(ROUTER_ADDR), "p-rtr")?;
+        router.ip(&["addr", "add", &format!("{ROUTER_ADDR}/24"), "dev", "eth0"])?;
+        let wan = naming.ns("wan")?;
+        let mtu = NARROW_MTU.to_string();
+        veth_between(&router, "narrow0", &wan, "narrow1")?;
+        for (ns, dev, addr) in [
+            (&router, "narrow0", "10.10.9.1/30"),
+            (&wan, "narrow1", "10.10.9.2/30"),
+        ] {
+            ns.ip(&["link", "set", dev, "mtu", &mtu])?;
+            ns.ip(&["addr", "add", addr, "dev", dev])?;
+        }
+        let client = naming.ns("farclient")?;
+        veth_between(&wan, "eth1", &client, "eth0")?;
+        wan.ip(&["addr", "add", "10.10.2.1/24", "dev", "eth1"])?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{FAR_CLIENT_ADDR}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        client.ip(&["route", "add", "default", "via", "10.10.2.1"])?;
+        wan.ip(&["route", "add", "default", "via", "10.10.9.1"])?;
+        router.ip(&["route", "add", FAR_NET, "via", "10.10.9.2"])?;
+        for ns in [&router, &wan] {
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+        }
+        Ok(Self {
+            client,
+            wan,
+            router,
+        })
+    }
+}
+
+/// A veth pair `a_dev` (in `a`) - `b_dev` (in `b`), both up, transmit checksum offload off (see
+/// `plug`).
+fn veth_between(a: &Ns, a_dev: &str, b: &Ns, b_dev: &str) -> anyhow::Result<()> {
+    a.ip(&[
+        "link",
+        "add",
+        a_dev,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_dev,
+        "netns",
+        b.name(),
+    ])?;
+    a.ip(&["link", "set", a_dev, "up"])?;
+    b.ip(&["link", "set", b_dev, "up"])?;
+    a.exec(&["ethtool", "-K", a_dev, "tx", "off"])?;
+    b.exec(&["ethtool", "-K", b_dev, "tx", "off"])?;
+    Ok(())
 }
 
 /// Join a veth whose other end is `dev` in `ns` to the segment's bridge. Transmit checksum
@@ -149,8 +347,28 @@ fn attach_xdp_pass(dev: &str, pin: Option<&Path>) -> anyhow::Result<Ebpf> {
 impl Lab {
     /// The per-test lab: unique names, everything deleted when it drops.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with(LabOptions::default())
+    }
+
+    /// A per-test lab with variants (a trunk, the PMTU path).
+    pub fn with(opts: LabOptions) -> anyhow::Result<Self> {
         sweep_stale();
-        Self::build(Naming::PerProcess, None)
+        let mut lab = Self::build(Naming::PerProcess, None)?;
+        if let Some(vid) = opts.trunk_vlan {
+            lab.trunk = Some(Trunk::build(&lab.segment, &lab.node, vid).context("the trunk")?);
+        }
+        if opts.pmtu {
+            let far = Far::build(lab.naming, &lab.segment).context("the PMTU path")?;
+            // The node reaches off-VLAN clients through the VLAN's router, as would the VMs.
+            let via = ROUTER_ADDR.to_string();
+            lab.node
+                .ip(&["route", "add", FAR_NET, "via", &via, "dev", NODE_DEV])?;
+            for vm in &lab.vms {
+                vm.ns.ip(&["route", "add", "default", "via", &via])?;
+            }
+            lab.far = Some(far);
+        }
+        Ok(lab)
     }
 
     /// Build the seed's topology. `peer_pin` (fixed naming) pins the peer's XDP link instead of
@@ -188,9 +406,12 @@ impl Lab {
         let mut lab = Self {
             // A pinned link keeps itself attached; the object is not needed any more.
             _peer_xdp: peer_pin.is_none().then_some(peer_xdp),
+            trunk: None,
+            more_nodes: Vec::new(),
             client,
             node,
             vms: Vec::new(),
+            far: None,
             segment,
             naming,
         };
@@ -210,6 +431,31 @@ impl Lab {
         Ok(self.vms.last().expect("just pushed"))
     }
 
+    /// Plug one more vmlb node into the segment, set up like the first one (its VLAN-side
+    /// interface is [`NODE_DEV`] with `mac` and `addr`, forwarding on, the XDP_PASS workaround
+    /// on its peer veth, see `build`). For the per-test lab: the peer's program is held by this
+    /// value, not pinned, so it detaches when the lab drops.
+    pub fn add_node(&mut self, tag: &str, addr: Ipv4Addr, mac: &str) -> anyhow::Result<&Node> {
+        let ns = self.naming.ns(tag)?;
+        let peer = format!("p-{tag}");
+        plug(&self.segment, &ns, NODE_DEV, mac, &peer)?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", NODE_DEV])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let peer_xdp = {
+            let _in_segment = self.segment.enter()?;
+            attach_xdp_pass(&peer, None)
+                .with_context(|| format!("native XDP_PASS on {peer}, the peer of node {tag}"))?
+        };
+        self.more_nodes.push(Node {
+            _peer_xdp: peer_xdp,
+            ns,
+            addr,
+            mac: mac.to_string(),
+            peer,
+        });
+        Ok(self.more_nodes.last().expect("just pushed"))
+    }
+
     pub fn vm(&self, name: &str) -> Option<&Vm> {
         self.vms.iter().find(|v| v.name == name)
     }
@@ -225,9 +471,12 @@ impl Lab {
             };
             out += &format!("--- {}: {}\n{text}", ns.name(), cmd.join(" "));
         };
+        let far = self.far.iter().flat_map(|f| [&f.router, &f.wan, &f.client]);
         for ns in [&self.client, &self.node, &self.segment]
             .into_iter()
+            .chain(self.more_nodes.iter().map(|n| &n.ns))
             .chain(self.vms.iter().map(|v| &v.ns))
+            .chain(far)
         {
             show(ns, &["ip", "-s", "link"]);
             show(ns, &["ip", "neigh"]);
@@ -235,6 +484,25 @@ impl Lab {
         }
         show(&self.node, &["ethtool", "-S", NODE_DEV]);
         show(&self.segment, &["ethtool", "-S", NODE_PEER]);
+        for n in &self.more_nodes {
+            show(&n.ns, &["ethtool", "-S", NODE_DEV]);
+            show(&self.segment, &["ethtool", "-S", &n.peer]);
+        }
+        if let Some(t) = &self.trunk {
+            out += &format!("--- trunk (VLAN {}) counters:", t.vid);
+            for (name, i) in [
+                ("pushed", trunk_stat::PUSHED),
+                ("already_tagged", trunk_stat::ALREADY_TAGGED),
+                ("popped", trunk_stat::POPPED),
+                ("dropped", trunk_stat::DROPPED),
+            ] {
+                match t.stat(i) {
+                    Ok(v) => out += &format!(" {name}={v}"),
+                    Err(e) => out += &format!(" {name}=({e:#})"),
+                }
+            }
+            out += "\n";
+        }
         out
     }
 }
@@ -476,6 +744,14 @@ impl Httpd {
 
     fn read(&self, file: &str) -> String {
         read_or_empty(&self.dir.join(file))
+    }
+
+    /// Serve `body` at `/<name>` too (readable by Apache's workers whatever the umask).
+    pub fn write_doc(&self, name: &str, body: &[u8]) -> anyhow::Result<()> {
+        let path = self.dir.join("htdocs").join(name);
+        fs::write(&path, body)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
+        Ok(())
     }
 
     /// Access log lines written after readiness: "<client addr> <client port> \"<request>\" <status>".

@@ -2,6 +2,7 @@
 //! drives the real XDP program through BPF_PROG_TEST_RUN.
 
 pub mod bench;
+pub mod daemon;
 pub mod fixture;
 pub mod lab;
 pub mod load;

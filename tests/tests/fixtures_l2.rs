@@ -133,3 +133,25 @@ fn l2_ttl_is_decremented_and_expiring_packets_go_to_the_kernel() {
     assert_eq!(&out[6..12], &NODE_MAC);
     e.expect_counters(&[(FlowNew, 1), (TxSameIface, 1)]);
 }
+
+/// With the cluster as source, ownership carries a deadline the daemon moves on with every
+/// Lease renewal: past it the node stops answering by itself (a dead daemon renews nothing).
+#[test]
+fn l2_arp_ownership_lapses_at_its_deadline() {
+    let mut e = env();
+    let req = arp(1, BROADCAST, CLIENT_MAC, CLIENT, ZERO, VIP);
+    let now = vmlb_user::conntrack::now();
+    // A second ahead (~954 clock units): answered.
+    e.maps.update_config(|c| c.owned_until = now + 954).unwrap();
+    assert_eq!(e.run(&req).0, XDP_TX);
+    e.expect_counters(&[(TxArpReply, 1)]);
+    // Lapsed: passed, as for a VIP not owned.
+    e.maps.update_config(|c| c.owned_until = now - 1).unwrap();
+    let (action, out) = e.run(&req);
+    assert_eq!((action, out), (XDP_PASS, req.clone()));
+    e.expect_counters(&[(PassArp, 1)]);
+    // 0: no deadline (files only).
+    e.maps.update_config(|c| c.owned_until = 0).unwrap();
+    assert_eq!(e.run(&req).0, XDP_TX);
+    e.expect_counters(&[(TxArpReply, 1)]);
+}

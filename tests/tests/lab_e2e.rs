@@ -32,8 +32,8 @@ use anyhow::{bail, ensure, Context as _};
 use serde_json::Value;
 use vmlb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 use vmlb_tests::lab::{
-    curl, mount_bpffs, stop_group, unmount_bpffs, HttpConn, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP,
-    VM1_ADDR, VM2_ADDR, VM3_ADDR,
+    curl, mount_bpffs, stop_group, unmount_bpffs, vm_mac, HttpConn, Httpd, Lab, NODE_ADDR,
+    NODE_DEV, VIP, VM1_ADDR, VM2_ADDR, VM3_ADDR,
 };
 
 /// Metrics ports, one per daemon start (each node namespace has its own loopback, so this only
@@ -276,6 +276,16 @@ impl World {
             .node
             .exec(&["curl", "-sf", "--max-time", "1", &url])?;
         Ok(())
+    }
+
+    /// One scrape of /metrics, from inside the node namespace.
+    fn metrics(&mut self) -> anyhow::Result<String> {
+        let url = format!("http://{}/metrics", self.daemon()?.metrics);
+        let out = self
+            .lab
+            .node
+            .exec(&["curl", "-sf", "--max-time", "2", &url])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Poll /readyz from inside the node namespace (at most 20 s).
@@ -826,6 +836,63 @@ fn inspect_agrees_with_the_configuration() {
                     slots.get(port) == Some(ring),
                     "port {port}: backends hold {:?} slots of {ring}",
                     slots.get(port)
+                );
+            }
+
+            // Each VM's neighbour, resolved by the kernel for the daemon's managed entry (the
+            // lab has no static one), with the VM's own MAC; the daemon reads it back every 2 s.
+            let usable = ["reachable", "stale", "delay", "probe"];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let neighbours = loop {
+                let v = w.inspect("neighbours")?;
+                let all_resolved = [VM1_ADDR, VM2_ADDR].iter().all(|vm| {
+                    rows(&v, "neighbours").is_ok_and(|r| {
+                        r.iter().any(|n| {
+                            n["backend"] == vm.to_string()
+                                && n["next_hop"] == vm.to_string()
+                                && n["route"] == "on-link"
+                                && usable.iter().any(|s| n["state"] == *s)
+                                && n["mac"] == vm_mac(*vm)
+                                && n["managed"] == true
+                        })
+                    })
+                });
+                if all_resolved {
+                    break v;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "the VMs' neighbours not shown resolved within 10 s:\n{v:#}"
+                );
+                thread::sleep(Duration::from_millis(200));
+            };
+            ensure!(
+                rows(&neighbours, "neighbours")?.len() == 2,
+                "one row per backend address: {neighbours:#}"
+            );
+            let table = w.inspect_raw(&["neighbours"])?;
+            let line = table
+                .lines()
+                .find(|l| l.starts_with(&format!("{VM1_ADDR} ")))
+                .with_context(|| format!("no row for {VM1_ADDR}:\n{table}"))?;
+            ensure!(
+                line.contains(&vm_mac(VM1_ADDR)) && line.ends_with("vmlb"),
+                "{line}"
+            );
+            let backends = w.inspect("backends")?;
+            for b in rows(&backends, "backends")? {
+                ensure!(
+                    b["neighbour"].as_str().is_some_and(|s| usable.contains(&s)),
+                    "backend row without a usable neighbour: {b:#}"
+                );
+            }
+            let metrics = w.metrics()?;
+            for vm in [VM1_ADDR, VM2_ADDR] {
+                let series = format!("vmlb_backend_neighbour_state{{backend=\"{vm}\",state=\"");
+                let lines: Vec<&str> = metrics.lines().filter(|l| l.starts_with(&series)).collect();
+                ensure!(
+                    lines.len() == 1 && lines[0].ends_with("\"} 1"),
+                    "one neighbour series per backend: {lines:?}"
                 );
             }
             Ok(())

@@ -280,8 +280,13 @@ pub struct Config {
     /// 0 = unlimited.
     pub icmp_echo_rate: u32,
     pub icmp_echo_burst: u32,
+    /// Non-zero: owned VIPs are answered (ARP) only while the data path's clock is before this
+    /// value. With the cluster as source the daemon pushes it forward on every accepted Lease
+    /// renewal, so a node whose daemon died or cannot reach the API server stops answering by
+    /// itself, before the others count it dead. 0: no expiry (files only).
+    pub owned_until: u32,
     /// Room to grow without changing the pinned map's value size.
-    pub _reserved: [u32; 7],
+    pub _reserved: [u32; 6],
 }
 const _: () = assert!(size_of::<Config>() == 128);
 

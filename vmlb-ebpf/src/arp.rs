@@ -1,7 +1,8 @@
 //! ARP for VIPs: a request for a VIP this node owns is answered in place with the interface's
 //! MAC (RFC 826: swap sender and target, set our hardware address as sender, opcode reply) and
 //! sent back out (XDP_TX). Anything else ARP goes to the kernel: requests for other addresses,
-//! replies, and gratuitous ARP (sender = target), which announce rather than ask.
+//! replies, and gratuitous ARP (sender = target), which announce rather than ask. Ownership
+//! can carry a deadline (`Config::owned_until`): past it nothing is answered.
 //!
 //! The header type is network-types' `ArpHdr` (byte arrays, so no alignment assumptions); this
 //! path runs once per neighbour per reachable-time, so its few extra byte loads cost nothing.
@@ -17,9 +18,23 @@ const ARP_IPV4: u16 = 0x0800;
 const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
 
+/// ARP at offset `l3` of the frame: the XDP action, counted. It takes only the frame and
+/// finds everything else itself, so that the TCP/UDP paths carry nothing of ARP's in their
+/// registers. (It stays inline: as a BPF-to-BPF call its frame would add to the main one's,
+/// beyond the verifier's 512-byte stack.)
+#[inline(always)]
+pub fn answer(ctx: *mut aya_ebpf::bindings::xdp_md, l3: usize) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let r = match (crate::maps::CONFIG.get(0), crate::parse::ptr_at(&ctx, 0)) {
+        (Some(cfg), Some(eth)) => handle(&ctx, eth, l3, cfg),
+        _ => Err(Counter::PassArp),
+    };
+    crate::stats::verdict(r)
+}
+
 /// Answer an ARP request for an owned VIP; `Err` is the pass counter otherwise.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, eth: *mut Eth, l3: usize, cfg: &Config) -> Result<u32, Counter> {
+fn handle(ctx: &XdpContext, eth: *mut Eth, l3: usize, cfg: &Config) -> Result<u32, Counter> {
     let arp: *mut ArpHdr = crate::parse::ptr_at(ctx, l3).ok_or(Counter::PassTruncated)?;
     // SAFETY: bounds-checked by ptr_at; the frame is ours to rewrite.
     unsafe {
@@ -37,6 +52,10 @@ pub fn handle(ctx: &XdpContext, eth: *mut Eth, l3: usize, cfg: &Config) -> Resul
         match VIPS.get(&target) {
             Some(flags) if flags & VIP_F_OWNED != 0 => {}
             _ => return Err(Counter::PassArp),
+        }
+        // Ownership lapses unless the daemon keeps renewing it (see `Config::owned_until`).
+        if cfg.owned_until != 0 && crate::ct::now().wrapping_sub(cfg.owned_until) as i32 >= 0 {
+            return Err(Counter::PassArp);
         }
         let (asker_mac, asker_ip) = (a.sha, a.spa);
         a.set_oper(ARP_REPLY);

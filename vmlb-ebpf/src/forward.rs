@@ -46,8 +46,8 @@ pub fn hop(
 
 /// What the FIB lookup needs to know of the packet being forwarded.
 pub struct L3 {
-    /// IPv4 total length, host order.
-    pub tot_len: u16,
+    /// Its IPv4 header (bounds-checked), read only when the FIB is asked.
+    pub ip: *const crate::parse::Ipv4,
     pub proto: u8,
     /// See `parse::Packet::vlan_dev`.
     pub vlan_dev: u32,
@@ -104,8 +104,10 @@ fn lookup(ctx: &XdpContext, l3: &L3, src: u32, dst: u32) -> Result<NextHop, Coun
     // ipv6_src) | ipv4_dst (+12) | tbid, smac, dmac.
     const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
     let mut raw = core::mem::MaybeUninit::<[u64; 8]>::uninit();
+    // SAFETY: bounds-checked by parse().
+    let tot_len = unsafe { u16::from_be((*l3.ip).tot_len) } as u64;
     let words = [
-        AF_INET as u64 | (l3.proto as u64) << 8 | (l3.tot_len as u64) << 48,
+        AF_INET as u64 | (l3.proto as u64) << 8 | tot_len << 48,
         ctx.ingress_ifindex() as u64 & 0xffff_ffff,
         src as u64,
         0,
@@ -155,8 +157,8 @@ pub fn send(
 ) -> u32 {
     // SAFETY: `eth` was bounds-checked by parse().
     unsafe {
-        (*eth).dst = *dst_mac;
-        (*eth).src = *src_mac;
+        copy_mac(&mut (*eth).dst, dst_mac);
+        copy_mac(&mut (*eth).src, src_mac);
     }
     if vlan_dev != 0 || ifindex == ctx.ingress_ifindex() as u32 {
         count(Counter::TxSameIface);
@@ -184,12 +186,30 @@ impl L3 {
     /// The FIB inputs of a TCP/UDP packet.
     #[inline(always)]
     pub fn of(p: &crate::parse::Packet) -> Self {
-        // SAFETY: `ip` was bounds-checked by parse().
-        let tot_len = unsafe { u16::from_be((*p.ip).tot_len) };
         L3 {
-            tot_len,
+            ip: p.ip,
             proto: p.key.proto,
             vlan_dev: p.vlan_dev,
         }
+    }
+}
+
+/// Copy a MAC address as three 16-bit words. A plain `[u8; 6]` assignment between a map value
+/// and the packet becomes a call to a byte-loop `memmove` in the BPF backend (it cannot tell
+/// that the two do not overlap): measured on the reply path, which sends every frame with the
+/// interface's MAC from `CONFIG`.
+///
+/// # Safety
+/// Both must be valid and 2-byte aligned, which every MAC field of ours is (the Ethernet
+/// header, `Config`, `Hop`, `Flow`).
+#[inline(always)]
+pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
+    let (d, s) = (dst.cast::<u16>(), src.cast::<u16>());
+    // SAFETY: as the caller promised.
+    unsafe {
+        let words = (s.read(), s.add(1).read(), s.add(2).read());
+        d.write(words.0);
+        d.add(1).write(words.1);
+        d.add(2).write(words.2);
     }
 }

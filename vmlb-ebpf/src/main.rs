@@ -25,7 +25,7 @@ mod nat;
 mod parse;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
 use vmlb_common::{
     flow_state as st,
     hash::{flow_hash, snat_addr_index, snat_pick, snat_port, tuple_slot},
@@ -38,7 +38,10 @@ use crate::{
     stats::{count, count_traffic},
 };
 
+// Inlined into the entry point the macro generates: as a BPF-to-BPF call the whole body paid
+// for a call and a second stack frame on every packet.
 #[xdp]
+#[inline(always)]
 pub fn vmlb(ctx: XdpContext) -> u32 {
     match try_vmlb(&ctx) {
         Ok(action) => action,
@@ -52,11 +55,7 @@ pub fn vmlb(ctx: XdpContext) -> u32 {
                 // counters carry the volume.
                 aya_log_ebpf::warn!(&ctx, "new flow dropped: counter {}", c as u32);
             }
-            if c.is_drop() {
-                xdp_action::XDP_DROP
-            } else {
-                xdp_action::XDP_PASS
-            }
+            stats::action_of(c)
         }
     }
 }
@@ -67,14 +66,13 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
     let p = match parse::parse(ctx, cfg) {
         Ok(p) => p,
         Err(Classify::Pass(c)) => return Err(c),
-        Err(Classify::Arp { eth, l3 }) => return arp::handle(ctx, eth, l3, cfg),
+        Err(Classify::Arp { l3 }) => return Ok(arp::answer(ctx.ctx, l3)),
         Err(Classify::Icmp {
-            eth,
-            ip,
+            l3,
             l4,
             end,
             vlan_dev,
-        }) => return icmp::handle(ctx, eth, ip, l4, end, vlan_dev, cfg),
+        }) => return Ok(icmp::answer(ctx.ctx, l3, l4, end, vlan_dev)),
         Err(Classify::Ipv4 {
             dst,
             if_vip,
@@ -289,7 +287,7 @@ fn new_flow(
         (*f).client_port = k.src_port;
         (*f).vip_port = k.dst_port;
         (*f).client_ifindex = ctx.ingress_ifindex() as u32;
-        (*f).client_mac = (*p.eth).src;
+        forward::copy_mac(&mut (*f).client_mac, &(*p.eth).src);
         (*f).proto = k.proto;
         (*f).touched = 0;
     }

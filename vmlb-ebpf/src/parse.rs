@@ -83,12 +83,11 @@ pub enum Classify {
     /// Nothing to do with VIPs can be said: pass with this counter.
     Pass(Counter),
     /// ARP, at offset `l3`.
-    Arp { eth: *mut Eth, l3: usize },
+    Arp { l3: usize },
     /// An unfragmented ICMP message, complete as its IPv4 header says, at offset `l4`; the
     /// IPv4 packet ends at offset `end`.
     Icmp {
-        eth: *mut Eth,
-        ip: *mut Ipv4,
+        l3: usize,
         l4: usize,
         end: usize,
         vlan_dev: u32,
@@ -117,6 +116,10 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 fn l2(ctx: &XdpContext, eth: *mut Eth, cfg: &Config) -> Result<(u16, usize, u32), Classify> {
     // SAFETY: bounds-checked by the caller.
     let proto = unsafe { (*eth).proto };
+    // The common case first, in as few branches as possible.
+    if proto == ETH_P_IPV4 || proto == ETH_P_ARP {
+        return Ok((proto, ETH_LEN, 0));
+    }
     if proto != ETH_P_8021Q {
         if proto == ETH_P_8021AD || proto == ETH_P_QINQ1 {
             return Err(Classify::Pass(Counter::PassQinq));
@@ -147,11 +150,23 @@ pub fn parse(ctx: &XdpContext, cfg: &Config) -> Result<Packet, Classify> {
     let eth: *mut Eth = ptr_at(ctx, 0).ok_or(Classify::Pass(Counter::PassTruncated))?;
     let (proto, l3, vlan_dev) = l2(ctx, eth, cfg)?;
     if proto == ETH_P_ARP {
-        return Err(Classify::Arp { eth, l3 });
+        return Err(Classify::Arp { l3 });
     }
     if proto != ETH_P_IPV4 {
         return Err(Classify::Pass(Counter::PassNotIpv4));
     }
+    // Two copies of the IPv4 parse, each with a constant offset: the untagged one (nearly
+    // every frame) then needs no offset arithmetic.
+    if l3 == ETH_LEN {
+        ipv4(ctx, eth, ETH_LEN, 0)
+    } else {
+        ipv4(ctx, eth, ETH_LEN + VlanHdr::LEN, vlan_dev)
+    }
+}
+
+/// IPv4 -> TCP/UDP (or ICMP) at offset `l3`.
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, eth: *mut Eth, l3: usize, vlan_dev: u32) -> Result<Packet, Classify> {
     let ip: *mut Ipv4 = ptr_at(ctx, l3).ok_or(Classify::Pass(Counter::PassTruncated))?;
     // SAFETY: bounds-checked by ptr_at.
     let (vihl, frag_off, proto, tot_len, dst) = unsafe {
@@ -183,8 +198,7 @@ pub fn parse(ctx: &XdpContext, cfg: &Config) -> Result<Packet, Classify> {
     let l4_off = l3 + ihl;
     if proto == IPPROTO_ICMP {
         return Err(Classify::Icmp {
-            eth,
-            ip,
+            l3,
             l4: l4_off,
             end: l3 + tot_len,
             vlan_dev,

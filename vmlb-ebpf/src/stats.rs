@@ -12,6 +12,28 @@ pub fn count(c: Counter) {
     }
 }
 
+/// The XDP action of a packet that ended in counter `c` (a drop, or a pass).
+#[inline(always)]
+pub fn action_of(c: Counter) -> u32 {
+    if c.is_drop() {
+        aya_ebpf::bindings::xdp_action::XDP_DROP
+    } else {
+        aya_ebpf::bindings::xdp_action::XDP_PASS
+    }
+}
+
+/// Count the end of a packet handled by a stage of its own: its action, or its counter.
+#[inline(always)]
+pub fn verdict(r: Result<u32, Counter>) -> u32 {
+    match r {
+        Ok(action) => action,
+        Err(c) => {
+            count(c);
+            action_of(c)
+        }
+    }
+}
+
 #[inline(always)]
 fn traffic(t: *mut TrafficStats, bytes: u64, new_flow: bool, reply: bool) {
     // SAFETY: as above, a per-CPU slot.

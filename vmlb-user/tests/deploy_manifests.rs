@@ -368,3 +368,103 @@ fn the_seed_example_allocates_the_seed_vip() {
     let got = ix.allocations();
     assert_eq!(got["default/vms"], Ok("10.10.1.128".parse().unwrap()));
 }
+
+/// What `kubectl kustomize` (offline: it only reads the files) renders from every entry point
+/// is what the checks above read by hand: the overlays' patches land, every namespaced vmlb
+/// object is in vmlb-system, and the rendered objects are valid. Without kubectl on the PATH
+/// this says so and checks nothing.
+#[test]
+fn kubectl_kustomize_renders_every_entry_point() {
+    for (dir, openshift) in [
+        ("base", false),
+        ("overlays/openshift", true),
+        ("examples/seed", true),
+    ] {
+        let out = match std::process::Command::new("kubectl")
+            .arg("kustomize")
+            .arg(root().join(dir))
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("kubectl is not installed: the kustomize rendering is not checked");
+                return;
+            }
+            Err(e) => panic!("running kubectl: {e}"),
+        };
+        assert!(
+            out.status.success(),
+            "kubectl kustomize {dir}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
+            .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{dir}: {e}")))
+            .filter(|v| !v.is_null())
+            .collect();
+        let mut kinds = Vec::new();
+        for doc in &docs {
+            let kind = doc["kind"].as_str().unwrap().to_string();
+            let name = doc["metadata"]["name"].as_str().unwrap();
+            let at = format!("kubectl kustomize {dir}: {kind}/{name}");
+            let ns = doc["metadata"]["namespace"].as_str();
+            match kind.as_str() {
+                "Namespace" => drop(strict::<Namespace>(doc, &at)),
+                "ClusterRole" => drop(strict::<ClusterRole>(doc, &at)),
+                "ClusterRoleBinding" => drop(strict::<ClusterRoleBinding>(doc, &at)),
+                "ServiceAccount" => drop(strict::<ServiceAccount>(doc, &at)),
+                "Role" => drop(strict::<Role>(doc, &at)),
+                "RoleBinding" => drop(strict::<RoleBinding>(doc, &at)),
+                "ConfigMap" => {
+                    let cm = strict::<ConfigMap>(doc, &at);
+                    let text = &cm.data.unwrap()["pools.yaml"];
+                    let pools =
+                        pools::parse_pools_yaml(text).unwrap_or_else(|e| panic!("{at}: {e}"));
+                    if dir == "examples/seed" {
+                        // The example's patch replaced the base's empty pool list.
+                        assert_eq!(pools.len(), 1, "{at}");
+                        assert_eq!(
+                            pools[0].ranges,
+                            [(
+                                "10.10.1.128".parse().unwrap(),
+                                "10.10.1.255".parse().unwrap()
+                            )],
+                            "{at}"
+                        );
+                    }
+                }
+                "DaemonSet" => {
+                    let ds = strict::<DaemonSet>(doc, &at);
+                    check_daemonset(&ds, &at);
+                    let pod = ds.spec.unwrap().template.spec.unwrap();
+                    let se = pod.containers[0]
+                        .security_context
+                        .as_ref()
+                        .and_then(|s| s.se_linux_options.as_ref())
+                        .and_then(|o| o.type_.as_deref());
+                    if openshift {
+                        assert_eq!(se, Some("spc_t"), "{at}: the overlay's SELinux type");
+                    }
+                }
+                "Service" => drop(strict::<Service>(doc, &at)),
+                "SecurityContextConstraints" | "VirtualMachine" => {}
+                other => panic!("{at}: no check for kind {other}"),
+            }
+            if matches!(
+                kind.as_str(),
+                "ServiceAccount" | "Role" | "RoleBinding" | "ConfigMap" | "DaemonSet"
+            ) {
+                assert_eq!(ns, Some("vmlb-system"), "{at}: namespace");
+            }
+            kinds.push(kind);
+        }
+        for k in ["Namespace", "ClusterRole", "DaemonSet", "ConfigMap"] {
+            assert!(kinds.iter().any(|x| x == k), "{dir}: no {k} rendered");
+        }
+        assert_eq!(
+            kinds.iter().any(|x| x == "SecurityContextConstraints"),
+            openshift,
+            "{dir}: the SCC comes with the OpenShift overlay only"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! Metrics encoding against a fake data path, and the HTTP endpoints on 127.0.0.1.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
@@ -12,7 +12,7 @@ use vmlb_common::{
 };
 use vmlb_user::observe::{
     metrics::{serve_on, MapUsage, MetricsSource, ReloadResult, SharedReader, StatsReader},
-    state::{BackendState, DaemonState, ServiceState},
+    state::{BackendState, DaemonState, NeighbourState, ServiceState},
 };
 
 fn n(a: [u8; 4]) -> u32 {
@@ -118,6 +118,24 @@ fn state() -> DaemonState {
             maglev_digest: "0123456789abcdef".into(),
         }],
         owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128)],
+        neighbours: vec![
+            NeighbourState {
+                backend: IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2)),
+                next_hop: Some(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2))),
+                route: "on-link".into(),
+                state: "reachable".into(),
+                mac: Some("02:00:0a:0a:01:02".into()),
+                managed: true,
+            },
+            NeighbourState {
+                backend: IpAddr::V4(Ipv4Addr::new(10, 10, 1, 3)),
+                next_hop: Some(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 3))),
+                route: "on-link".into(),
+                state: "failed".into(),
+                mac: None,
+                managed: true,
+            },
+        ],
     }
 }
 
@@ -151,6 +169,8 @@ fn encodes_maps_with_daemon_names() {
             "# TYPE vmlb_service_packets counter",
             r#"vmlb_maglev_table_info{service="web/http",digest="0123456789abcdef"} 1"#,
             r#"vmlb_vip_owned{vip="10.10.1.128"} 1"#,
+            r#"vmlb_backend_neighbour_state{backend="10.10.1.2",state="reachable"} 1"#,
+            r#"vmlb_backend_neighbour_state{backend="10.10.1.3",state="failed"} 1"#,
             &format!("vmlb_service_packets_total{{{svc1}}} 1000"),
             &format!("vmlb_service_bytes_total{{{svc1}}} 100000"),
             &format!("vmlb_service_new_flows_total{{{svc1}}} 100"),
@@ -205,7 +225,16 @@ fn encodes_maps_with_daemon_names() {
 #[test]
 fn unreadable_maps_still_give_health_gauges() {
     let text = source(Fake { fail: true }).encode().unwrap();
-    assert_lines(&text, &["vmlb_ready 0", "vmlb_maps_readable 0", "# EOF"]);
+    assert_lines(
+        &text,
+        &[
+            "vmlb_ready 0",
+            "vmlb_maps_readable 0",
+            // The neighbours come from the daemon, not the maps.
+            r#"vmlb_backend_neighbour_state{backend="10.10.1.2",state="reachable"} 1"#,
+            "# EOF",
+        ],
+    );
     assert!(!text.contains("vmlb_datapath_packets_total"));
 }
 

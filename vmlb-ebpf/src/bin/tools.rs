@@ -16,15 +16,22 @@
 //! `hop_forward` is the end-to-end benchmark's XDP hop floor: attached where vmlb would be, it
 //! forwards frames addressed to the node by rewriting the MACs and sending them back out
 //! (XDP_TX), with no NAT and no state, the least any XDP load balancer on that wire can do.
+//!
+//! `trunk_push` / `trunk_pop` (tc) make a veth an 802.1Q trunk for the lab, whose kernel has no
+//! 8021q devices and no bridge VLAN filtering: egress tags untagged frames with `TRUNK_VID`,
+//! ingress strips that tag and drops every other frame, as a switch's trunk port that carries
+//! one VLAN. `xdp_vlan_census` counts what XDP sees in the frame bytes (tagged with `TRUNK_VID`,
+//! tagged otherwise, untagged) and passes everything: the lab's proof that the tag is really on
+//! the wire where vmlb's program reads it, not only in the skb's metadata.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_NOEXIST},
-    helpers::bpf_fib_lookup,
-    macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, ProgramArray},
-    programs::XdpContext,
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_fib_lookup, bpf_skb_vlan_pop, bpf_skb_vlan_push},
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    programs::{TcContext, XdpContext},
 };
 
 /// The first 64 bytes of the packet under test (covers Ethernet + IPv4 + TCP headers).
@@ -315,6 +322,119 @@ pub fn bench_restore_new(ctx: XdpContext) -> u32 {
     // SAFETY: as above.
     unsafe { BENCH_PROG.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
+}
+
+/// The VLAN id of the lab's trunk; set at load time (`EbpfLoader::override_global`).
+#[no_mangle]
+static TRUNK_VID: u16 = 0;
+
+/// What the trunk programs did and what `xdp_vlan_census` saw, per CPU; indices below.
+#[map]
+static TRUNK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TRUNK_STAT_COUNT, 0);
+/// trunk_push: an untagged frame tagged.
+pub const TRUNK_PUSHED: u32 = 0;
+/// trunk_push: a frame that already carried a tag (a packet socket writing its own, as vmlb's
+/// gratuitous ARP does on a trunk) left as it was.
+pub const TRUNK_ALREADY_TAGGED: u32 = 1;
+/// trunk_pop: the trunk's tag removed.
+pub const TRUNK_POPPED: u32 = 2;
+/// trunk_pop: untagged or another VLAN, dropped.
+pub const TRUNK_DROPPED: u32 = 3;
+/// xdp_vlan_census: a frame whose bytes carry an 802.1Q tag with `TRUNK_VID`.
+pub const CENSUS_TRUNK_VID: u32 = 4;
+/// xdp_vlan_census: tagged (0x8100 or 0x88a8) with another VLAN id.
+pub const CENSUS_OTHER_TAG: u32 = 5;
+/// xdp_vlan_census: untagged.
+pub const CENSUS_UNTAGGED: u32 = 6;
+const TRUNK_STAT_COUNT: u32 = 7;
+
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+#[inline(always)]
+fn trunk_vid() -> u16 {
+    // SAFETY: a plain read of a global; volatile so the compiler keeps the load-time value.
+    unsafe { core::ptr::read_volatile(&TRUNK_VID) }
+}
+
+#[inline(always)]
+fn count(i: u32) {
+    if let Some(c) = TRUNK_STATS.get_ptr_mut(i) {
+        // SAFETY: a per-CPU slot of this map, written only by this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The frame's own ethertype, from its bytes.
+#[inline(always)]
+fn wire_ethertype(ctx: &TcContext) -> Option<u16> {
+    ctx.load::<u16>(12).ok().map(u16::from_be)
+}
+
+/// tc egress: tag an untagged frame with `TRUNK_VID`. The tag is put in the skb's metadata
+/// (`skb_vlan_push`); the device writes it into the frame only when it has no tx VLAN offload,
+/// so the lab turns that off (`ethtool -K dev txvlan off`) or a veth would hand the peer the tag
+/// as metadata, which the peer's XDP program never sees.
+#[classifier]
+pub fn trunk_push(ctx: TcContext) -> i32 {
+    // SAFETY: the context's __sk_buff, valid for the program's run.
+    let present = unsafe { (*ctx.skb.skb).vlan_present } != 0;
+    let in_bytes = matches!(wire_ethertype(&ctx), Some(ETH_P_8021Q | ETH_P_8021AD));
+    if present || in_bytes {
+        count(TRUNK_ALREADY_TAGGED);
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: the context's __sk_buff; the helper takes the protocol in network order.
+    let rc = unsafe { bpf_skb_vlan_push(ctx.skb.skb, ETH_P_8021Q.to_be(), trunk_vid()) };
+    if rc != 0 {
+        count(TRUNK_DROPPED);
+        return TC_ACT_SHOT as i32;
+    }
+    count(TRUNK_PUSHED);
+    TC_ACT_OK as i32
+}
+
+/// tc ingress: strip the trunk's tag, drop the rest. By the time tc ingress runs the kernel has
+/// moved a tag from the frame into the skb's metadata (`skb_vlan_untag`), so that is where it is
+/// read; XDP, which runs before, sees it in the bytes.
+#[classifier]
+pub fn trunk_pop(ctx: TcContext) -> i32 {
+    // SAFETY: the context's __sk_buff, valid for the program's run.
+    let (present, tci) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_tci) };
+    if present == 0 || (tci & 0x0fff) as u16 != trunk_vid() {
+        count(TRUNK_DROPPED);
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: the context's __sk_buff.
+    if unsafe { bpf_skb_vlan_pop(ctx.skb.skb) } != 0 {
+        count(TRUNK_DROPPED);
+        return TC_ACT_SHOT as i32;
+    }
+    count(TRUNK_POPPED);
+    TC_ACT_OK as i32
+}
+
+/// Count what the frame bytes say about VLAN tags, and pass.
+#[xdp]
+pub fn xdp_vlan_census(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 16 > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    let p = start as *const u8;
+    // SAFETY: 16 bytes are bounds-checked above.
+    let (ethertype, tci) = unsafe {
+        (
+            u16::from_be(core::ptr::read_unaligned(p.add(12) as *const u16)),
+            u16::from_be(core::ptr::read_unaligned(p.add(14) as *const u16)),
+        )
+    };
+    count(match ethertype {
+        ETH_P_8021Q if tci & 0x0fff == trunk_vid() => CENSUS_TRUNK_VID,
+        ETH_P_8021Q | ETH_P_8021AD => CENSUS_OTHER_TAG,
+        _ => CENSUS_UNTAGGED,
+    });
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

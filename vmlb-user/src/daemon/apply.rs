@@ -13,7 +13,7 @@ use crate::{
     dataplane::maps::BpfMaps,
     health::{HealthChecker, Target},
     model::{ConfiguredService, HealthSpec, ServiceSpec},
-    observe::state::{self, BackendState, DaemonState, ReloadState, ServiceState},
+    observe::state::{self, BackendState, DaemonState, NeighbourState, ReloadState, ServiceState},
     reconcile::Reconciler,
 };
 
@@ -33,6 +33,8 @@ pub struct Applier {
     pub last_reload: Option<ReloadState>,
     /// The VIPs this node owns (Kubernetes source), kept across applies for the state file.
     pub owned_vips: Vec<std::net::Ipv4Addr>,
+    /// The backends' neighbours as the layer-2 task last read them, kept across applies.
+    pub neighbours: Vec<NeighbourState>,
 }
 
 impl Applier {
@@ -70,12 +72,21 @@ impl Applier {
         self.publish(st);
     }
 
+    /// The backends' neighbours changed: into the state file and the metrics.
+    pub fn set_neighbours(&mut self, neighbours: Vec<NeighbourState>) {
+        self.neighbours = neighbours;
+        let st = self.shared_state.read().expect("state lock").clone();
+        self.generation += 1;
+        self.publish(st);
+    }
+
     fn publish(&mut self, mut st: DaemonState) {
         st.generation = self.generation;
         st.attach = Some(self.attach.clone());
         st.xdp_mode = self.xdp_mode.clone();
         st.last_reload = self.last_reload.clone();
         st.owned_vips = self.owned_vips.clone();
+        st.neighbours = self.neighbours.clone();
         st.updated_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

@@ -160,6 +160,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }));
 
     let sweeper = sweep::Sweeper::spawn(&opts.flows, &layout, maps.clone())?;
+    let l2 = l2::spawn(&opts.iface, opts.node.vlan)?;
+    let mut neighbours_rx = l2.neighbours;
 
     let mut applier = Applier {
         iface: opts.iface.clone(),
@@ -167,7 +169,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         maps: maps.clone(),
         shared_state: shared_state.clone(),
         state_path: state::state_path(&opts.run_dir, &opts.iface),
-        l2: Some(l2::spawn(&opts.iface, opts.node.vlan)?),
+        l2: Some(l2.wanted),
         attach: attachment.origin.label().to_string(),
         xdp_mode: attachment
             .origin
@@ -180,6 +182,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }),
         last_reload: None,
         owned_vips: Vec::new(),
+        neighbours: Vec::new(),
     };
     // With the cluster as a source, nothing is applied before it has been read once: the
     // adopted state (a restart) keeps serving meanwhile, and readiness waits for it.
@@ -188,9 +191,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ => None,
     };
     if kube.is_some() {
-        // With the cluster, a VIP is answered only by its elected node: own none until then.
+        // With the cluster, a VIP is answered only by its elected node: own none until then,
+        // and only until the deadline each Lease renewal moves on.
         let mut m = maps.lock().expect("maps lock");
         reconciler.set_ownership(Some(Default::default()), &mut *m)?;
+        m.update_config(|c| c.owned_until = owned_until(None))?;
+    } else {
+        maps.lock()
+            .expect("maps lock")
+            .update_config(|c| c.owned_until = 0)?;
     }
     match (&configured, &kube) {
         (Some(c), None) => {
@@ -222,6 +231,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // The Kubernetes source's outputs, watched by the loop.
     let mut cluster_rx = kube.as_ref().map(|k| k.services.clone());
     let mut owned_rx = kube.as_ref().map(|k| k.owned.clone());
+    let mut until_rx = kube.as_ref().map(|k| k.live_until.clone());
     let mut stages = Stages {
         opts: &opts,
         capacity,
@@ -253,9 +263,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving (files and cluster)");
                 }
             }
+            Some(until) = owned_changed(until_rx.as_mut()) => {
+                // Every accepted renewal moves the data path's ownership deadline forward.
+                let at = owned_until(until);
+                if let Err(e) = stages.applier.maps.lock().expect("maps lock").update_config(|c| c.owned_until = at) {
+                    error!("moving the ownership deadline: {e:#}");
+                }
+            }
             Some(owned) = owned_changed(owned_rx.as_mut()) => {
                 // Into the data path (ARP answers, announcements), the state file and metrics.
                 stages.ownership_changed(owned);
+            }
+            Some(neighbours) = neighbours_changed(&mut neighbours_rx) => {
+                // Only the state file and the metrics: the kernel's table is what XDP reads.
+                stages.applier.set_neighbours(neighbours);
             }
             Some(ev) = health_rx.recv() => {
                 // health.rs logs the transition itself.
@@ -332,14 +353,23 @@ struct Stages<'a> {
     applier: &'a mut Applier,
 }
 
-/// The next set of VIPs this node owns, or never without the Kubernetes source.
-async fn owned_changed(
-    rx: Option<&mut tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::Ipv4Addr>>>,
-) -> Option<std::collections::BTreeSet<std::net::Ipv4Addr>> {
+/// The next value of an ownership channel (the VIPs this node owns, or until when), or never
+/// without the Kubernetes source.
+async fn owned_changed<T: Clone>(rx: Option<&mut tokio::sync::watch::Receiver<T>>) -> Option<T> {
     let Some(rx) = rx else {
         return std::future::pending().await;
     };
     rx.changed().await.ok()?;
+    Some(rx.borrow_and_update().clone())
+}
+
+/// The backends' neighbours when they change; never once the layer-2 task has ended.
+async fn neighbours_changed(
+    rx: &mut tokio::sync::watch::Receiver<Vec<state::NeighbourState>>,
+) -> Option<Vec<state::NeighbourState>> {
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
     Some(rx.borrow_and_update().clone())
 }
 
@@ -473,4 +503,17 @@ impl Stages<'_> {
         self.started = true;
         Ok(())
     }
+}
+
+/// `Config::owned_until` for a node live until `until` (`None`: not live): the data path's
+/// clock at that instant, a little early rather than late (the coarse clock lags by up to a
+/// tick); never 0, which would mean "no deadline".
+fn owned_until(until: Option<std::time::Instant>) -> u32 {
+    let now = crate::conntrack::now();
+    let left = until.map_or(Duration::ZERO, |t| {
+        t.saturating_duration_since(std::time::Instant::now())
+    });
+    let units = vmlb_common::clock_units_from_ms(left.as_millis() as u64);
+    // One unit (about 1 ms) of margin for the coarse clock's lag.
+    now.wrapping_add(units.saturating_sub(1)).max(1)
 }

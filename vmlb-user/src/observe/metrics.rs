@@ -248,6 +248,19 @@ pub fn encode_snapshot(
         "Generation of the daemon's state (bumped on every reconcile).",
         state.generation,
     )?;
+    // From the daemon, not the maps: shown even when the maps cannot be read.
+    family(
+        enc,
+        "vmlb_backend_neighbour_state",
+        "1 per backend address, labelled with the NUD state of its next hop's neighbour entry \
+         (reachable, stale, delay, probe, incomplete, failed, permanent, noarp, none); \
+         incomplete, failed and none mean new flows to it pass to the kernel (pass_no_neigh).",
+        MetricType::Gauge,
+        state.neighbours.iter().map(|n| {
+            let labels = vec![("backend", n.backend.to_string()), ("state", esc(&n.state))];
+            (labels, 1)
+        }),
+    )?;
     let Some(snap) = snap else { return Ok(()) };
 
     // Per service: labelled by name when the daemon named it, else by VIP:port/proto.

@@ -8,7 +8,7 @@
 
 use std::{
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -16,7 +16,13 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use vmlb_common::ServiceKey;
 
-use crate::{addr, dataplane::pins::create_private_dir, model::ServiceSpec, reconcile::Reconciler};
+use crate::{
+    addr,
+    dataplane::pins::create_private_dir,
+    model::ServiceSpec,
+    neigh::{format_mac, BackendNeigh, Resolution},
+    reconcile::Reconciler,
+};
 
 /// Default root of the per-interface run directories.
 pub const DEFAULT_RUN_ROOT: &str = "/run/vmlb";
@@ -53,6 +59,50 @@ pub struct DaemonState {
     /// The VIPs this node owns (answers ARP for), with the Kubernetes source; empty otherwise.
     #[serde(default)]
     pub owned_vips: Vec<Ipv4Addr>,
+    /// Every backend address's neighbour as the kernel last showed it (`neigh::NeighKeeper`),
+    /// in address order; refreshed every few seconds while it changes.
+    #[serde(default)]
+    pub neighbours: Vec<NeighbourState>,
+}
+
+/// One backend address's next hop and its neighbour entry: what `bpf_fib_lookup` will find.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NeighbourState {
+    pub backend: IpAddr,
+    /// The neighbour the backend's traffic goes to: the backend itself when on-link, else the
+    /// gateway of its route; null when there is none (`route` says why).
+    pub next_hop: Option<IpAddr>,
+    /// How the kernel routes the backend: `on-link`, `gateway`, `local` (an address of this
+    /// node), `other-interface <ifindex>` (not the one vmlb serves) or `no-route: <reason>`.
+    pub route: String,
+    /// The next hop's NUD state as `ip neigh` names it (`reachable`, `stale`, `incomplete`,
+    /// `failed`, ...), or `none` without an entry.
+    pub state: String,
+    /// The resolved MAC (aa:bb:cc:dd:ee:ff), null while unresolved.
+    pub mac: Option<String>,
+    /// The entry is vmlb's (managed, marked with its protocol); false for an administrator's
+    /// static entry, which is used as it is.
+    pub managed: bool,
+}
+
+impl From<&BackendNeigh> for NeighbourState {
+    fn from(b: &BackendNeigh) -> Self {
+        let (next_hop, route) = match &b.resolution {
+            Resolution::NextHop(a) if *a == b.backend => (Some(*a), "on-link".to_string()),
+            Resolution::NextHop(a) => (Some(*a), "gateway".to_string()),
+            Resolution::Local => (None, "local".to_string()),
+            Resolution::OtherInterface(i) => (None, format!("other-interface {i}")),
+            Resolution::NoRoute(why) => (None, format!("no-route: {why}")),
+        };
+        Self {
+            backend: b.backend,
+            next_hop,
+            route,
+            state: b.state.as_str().to_string(),
+            mac: b.mac.as_ref().map(format_mac),
+            managed: b.managed,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -269,6 +319,14 @@ mod tests {
                 maglev_digest: "00112233445566ff".into(),
             }],
             owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128)],
+            neighbours: vec![NeighbourState {
+                backend: IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2)),
+                next_hop: Some(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2))),
+                route: "on-link".into(),
+                state: "reachable".into(),
+                mac: Some("02:00:0a:0a:01:02".into()),
+                managed: true,
+            }],
         }
     }
 
@@ -314,6 +372,63 @@ mod tests {
             s.backend(7, vm, 8081).is_none(),
             "id reused for another backend"
         );
+    }
+
+    #[test]
+    fn neighbours_name_the_route_state_and_mac() {
+        use crate::neigh::NeighState;
+        let vm = IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2));
+        let gw = IpAddr::V4(Ipv4Addr::new(10, 10, 1, 1));
+        let neigh = |resolution, state, mac| BackendNeigh {
+            backend: vm,
+            resolution,
+            state,
+            mac,
+            managed: mac.is_some(),
+        };
+        let on_link = NeighbourState::from(&neigh(
+            Resolution::NextHop(vm),
+            NeighState::Reachable,
+            Some([2, 0, 0x0a, 0x0a, 1, 2]),
+        ));
+        assert_eq!(on_link, sample().neighbours[0]);
+        let routed = NeighbourState::from(&neigh(
+            Resolution::NextHop(gw),
+            NeighState::Incomplete,
+            None,
+        ));
+        assert_eq!(
+            (
+                routed.next_hop,
+                routed.route.as_str(),
+                routed.state.as_str()
+            ),
+            (Some(gw), "gateway", "incomplete")
+        );
+        assert_eq!((routed.mac, routed.managed), (None, false));
+        let cases = [
+            (Resolution::Local, "local"),
+            (Resolution::OtherInterface(9), "other-interface 9"),
+            (
+                Resolution::NoRoute("route type Unreachable".into()),
+                "no-route: route type Unreachable",
+            ),
+        ];
+        for (resolution, route) in cases {
+            let n = NeighbourState::from(&neigh(resolution, NeighState::None, None));
+            assert_eq!(
+                (n.next_hop, n.route.as_str(), n.state.as_str()),
+                (None, route, "none")
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_without_neighbours_still_parses() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v.as_object_mut().unwrap().remove("neighbours");
+        let s: DaemonState = serde_json::from_value(v).unwrap();
+        assert!(s.neighbours.is_empty());
     }
 
     #[test]

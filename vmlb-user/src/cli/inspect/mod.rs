@@ -18,10 +18,13 @@
 //! - status:   `{"iface", "program": {"id", "tag"}, "attach", "xdp_mode", "daemon": {"pid",
 //!   "running", "generation", "updated_unix"}, "last_reload": {"unix", "result", "errors",
 //!   "warnings"}, "maps": [{"map", "entries", "capacity"}]}`
+//! - neighbours: `{"iface", "updated_unix", "neighbours": [{"backend", "next_hop", "route",
+//!   "state", "mac", "managed"}]}` (from the state file; empty without a daemon)
 //!
 //! Addresses are strings ("10.10.1.2", or "10.10.1.2:8080" for an address with its port).
 
 mod flows;
+mod neighbours;
 mod status;
 
 use std::{collections::BTreeMap, io::Write, net::Ipv4Addr, path::PathBuf};
@@ -71,7 +74,8 @@ pub enum InspectCommand {
     /// backend count and traffic (packets, bytes, new flows).
     Services,
     /// Backends (BACKENDS): id, service, address, UP/DOWN (the data path's flag), Maglev slots
-    /// held, weight and last health error when the daemon knows them, and traffic.
+    /// held, weight, neighbour state and last health error when the daemon knows them, and
+    /// traffic.
     Backends,
     /// One service's Maglev table: slots and share per backend, the first slots (JSON: the
     /// whole table).
@@ -88,6 +92,11 @@ pub enum InspectCommand {
     /// The program (id, kernel tag), how it was attached (XDP mode), the daemon (pid,
     /// configuration generation, last reload and its result) and map usage.
     Status,
+    /// Each backend address's next hop and its neighbour entry (NUD state, MAC, whether vmlb
+    /// manages it), as the daemon last read them: a backend whose neighbour is not resolved gets
+    /// no new flows from XDP.
+    #[command(visible_alias = "neighbors")]
+    Neighbours,
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
@@ -119,6 +128,7 @@ pub fn inspect_to(args: &InspectArgs, out: &mut dyn Write) -> anyhow::Result<()>
         InspectCommand::Nat(f) => v.flows(f, true, fmt, out),
         InspectCommand::Stats => v.stats(fmt, out),
         InspectCommand::Status => v.status(&layout, fmt, out),
+        InspectCommand::Neighbours => v.neighbours(fmt, out),
     }
 }
 
@@ -183,6 +193,8 @@ pub struct BackendRow {
     /// State file: configured weight and the last health-check error.
     pub weight: Option<u32>,
     pub last_error: Option<String>,
+    /// State file: the NUD state of the backend's next hop (`inspect neighbours` has the rest).
+    pub neighbour: Option<String>,
     pub stats: Traffic,
 }
 
@@ -323,6 +335,12 @@ impl View {
                     slots: slots.get(&id).copied().unwrap_or(0),
                     weight: known.map(|b| b.weight),
                     last_error: known.and_then(|b| b.last_error.clone()),
+                    neighbour: self
+                        .state
+                        .neighbours
+                        .iter()
+                        .find(|n| n.backend == std::net::IpAddr::V4(addr))
+                        .map(|n| n.state.clone()),
                     stats: self.maps.backend_stats(id)?.into(),
                 })
             })
@@ -390,6 +408,7 @@ impl View {
                     r.service.clone(),
                     format!("{}:{}", r.addr, r.port),
                     if r.up { "UP" } else { "DOWN" }.into(),
+                    r.neighbour.clone().unwrap_or_else(|| "-".into()),
                     r.slots.to_string(),
                     r.weight.map_or("-".into(), |w| w.to_string()),
                     r.stats.packets.to_string(),
@@ -403,8 +422,8 @@ impl View {
         table(
             out,
             &[
-                "ID", "SERVICE", "BACKEND", "STATE", "SLOTS", "WEIGHT", "PACKETS", "BYTES",
-                "FLOWS", "REPLIES", "HEALTH",
+                "ID", "SERVICE", "BACKEND", "STATE", "NEIGH", "SLOTS", "WEIGHT", "PACKETS",
+                "BYTES", "FLOWS", "REPLIES", "HEALTH",
             ],
             &cells,
         )
@@ -660,7 +679,15 @@ mod tests {
     #[test]
     fn every_subcommand_has_help() {
         for sub in [
-            "services", "backends", "maglev", "flows", "nat", "stats", "status",
+            "services",
+            "backends",
+            "maglev",
+            "flows",
+            "nat",
+            "stats",
+            "status",
+            "neighbours",
+            "neighbors",
         ] {
             let e = parse(&[sub, "--help"]).unwrap_err();
             assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);

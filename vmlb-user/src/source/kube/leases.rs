@@ -147,6 +147,7 @@ pub async fn run_ownership(
     mut renewed: mpsc::Receiver<Instant>,
     mut services: watch::Receiver<Option<Vec<ConfiguredService>>>,
     owned_tx: watch::Sender<BTreeSet<Ipv4Addr>>,
+    until_tx: watch::Sender<Option<Instant>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
@@ -163,6 +164,12 @@ pub async fn run_ownership(
                 info!(node = membership.me(), vips = ?owned, "VIP ownership changed");
                 *cur = owned;
             }
+            changed
+        });
+        until_tx.send_if_modified(|cur| {
+            let until = membership.live_until();
+            let changed = *cur != until;
+            *cur = until;
             changed
         });
         let wake = membership.next_change(now);

@@ -72,6 +72,9 @@ pub struct KubeSource {
     pub services: watch::Receiver<Option<Vec<ConfiguredService>>>,
     /// The VIPs this node answers for (ARP, gratuitous ARP on gain): for the data path.
     pub owned: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    /// Until when this node may answer for them without another accepted Lease renewal: the
+    /// data path stops answering ARP after it by itself (a dead daemon renews nothing).
+    pub live_until: watch::Receiver<Option<std::time::Instant>>,
     /// Whether this node is the writer.
     pub leader: watch::Receiver<bool>,
     stop_owning: watch::Sender<bool>,
@@ -87,6 +90,7 @@ impl KubeSource {
         let (services_tx, services) = watch::channel(None);
         let (work_tx, work) = watch::channel(client::LeaderWork::default());
         let (owned_tx, owned) = watch::channel(BTreeSet::new());
+        let (until_tx, live_until) = watch::channel(None);
         let (leader_tx, leader) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
         let (stop_owning, stop_owning_rx) = watch::channel(false);
@@ -119,6 +123,7 @@ impl KubeSource {
             renewed_rx,
             services.clone(),
             owned_tx,
+            until_tx,
             stop_owning_rx,
         ));
         let releasing = vec![
@@ -142,6 +147,7 @@ impl KubeSource {
         Self {
             services,
             owned,
+            live_until,
             leader,
             stop_owning,
             stop,

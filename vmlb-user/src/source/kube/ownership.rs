@@ -167,6 +167,11 @@ impl Membership {
         self.renewed_at = Some(sent);
     }
 
+    /// Until when this node counts itself live without another accepted renewal.
+    pub fn live_until(&self) -> Option<Instant> {
+        self.renewed_at.map(|t| t + self.timing.renew_deadline)
+    }
+
     pub fn me_live(&self, now: Instant) -> bool {
         self.renewed_at
             .is_some_and(|t| now < t + self.timing.renew_deadline)

@@ -1,0 +1,220 @@
+//! `vmlb run` on a per-test lab's node, for scenario tests that live outside `lab_e2e.rs`
+//! (the trunk and the ICMP/PMTU tests): the binary built once per process, a directory with the
+//! configuration, run dir, log and a bpffs of its own for `--pin-dir` (see `lab::mount_bpffs`),
+//! readiness awaited on `/readyz`. Dropping it stops the daemon (SIGTERM, SIGKILL after 5 s),
+//! unmounts the bpffs (releasing every pin) and removes the directory, also on panic.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU16, AtomicU32, Ordering},
+        OnceLock,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::lab::{mount_bpffs, stop_group, unmount_bpffs, Lab, NODE_ADDR, NODE_DEV, VIP};
+
+const DIR_PREFIX: &str = "vmlb-lab-daemon-";
+/// Metrics ports, one per daemon (each node namespace has its own loopback; distinct ports only
+/// keep logs unambiguous). Apart from lab_e2e's range.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(29434);
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// The vmlb binary, built once per test process (`cargo test` builds a dependency's library but
+/// not its binaries).
+pub fn vmlb_bin() -> &'static Path {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ lives in the workspace");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(&cargo)
+            .args(["build", "-p", "vmlb-user", "--bin", "vmlb"])
+            .current_dir(root)
+            .output()
+            .map_err(|e| format!("running {cargo}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo build -p vmlb-user --bin vmlb failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root.join("target"), |t| root.join(t));
+        Ok(target.join("debug").join("vmlb"))
+    });
+    built.as_deref().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The seed's ServiceEntry: the VIP on port 80 to `endpoints`.
+pub fn service_entry(endpoints: &[Ipv4Addr]) -> String {
+    let mut y = format!(
+        "apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata:\n  name: vms\n\
+         spec:\n  hosts:\n  - vms.vlan-1512.org\n  addresses:\n  - {VIP}\n  ports:\n  \
+         - number: 80\n    name: http\n    protocol: TCP\n  resolution: STATIC\n  endpoints:\n"
+    );
+    for e in endpoints {
+        y += &format!("  - address: \"{e}\"\n");
+    }
+    y
+}
+
+/// Remove directories (and unmount the bpffs) of test processes that were killed.
+fn sweep_stale_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !Path::new("/proc").join(pid).exists() {
+            unmount_bpffs(&e.path().join("bpf"));
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// The daemon's directory; dropping it unmounts the bpffs (releasing the pins) and removes it.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        unmount_bpffs(&self.0.join("bpf"));
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Field order is drop order: the daemon is stopped (`Drop`) before its directory goes.
+pub struct LabDaemon {
+    child: Child,
+    pub metrics: SocketAddr,
+    dir: Dir,
+}
+
+impl LabDaemon {
+    /// Start `vmlb run` on the lab's node with `config` and the extra arguments (e.g.
+    /// `["--vlan", "1512"]`), and wait (at most 20 s) until it is ready.
+    pub fn start(lab: &Lab, config: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let bin = vmlb_bin();
+        sweep_stale_dirs();
+        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+        let dir = Dir(std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{n}", std::process::id())));
+        fs::create_dir_all(dir.0.join("run"))?;
+        mount_bpffs(&dir.0.join("bpf"))?;
+        let config_path = dir.0.join("services.yaml");
+        fs::write(&config_path, config)?;
+        let log = fs::File::create(dir.0.join("daemon.log"))?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], NEXT_PORT.fetch_add(1, Ordering::Relaxed)));
+        let child = lab
+            .node
+            .command(bin)
+            .args([
+                "run",
+                "--iface",
+                NODE_DEV,
+                "--xdp-mode",
+                "native",
+                "--config",
+            ])
+            .arg(&config_path)
+            .args(["--snat-addr", &NODE_ADDR.to_string(), "--pin-dir"])
+            .arg(dir.0.join("bpf"))
+            .arg("--run-dir")
+            .arg(dir.0.join("run"))
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning vmlb run")?;
+        let mut d = Self {
+            child,
+            metrics,
+            dir,
+        };
+        d.wait_ready(lab)?;
+        Ok(d)
+    }
+
+    fn pins(&self) -> PathBuf {
+        self.dir.0.join("bpf")
+    }
+
+    /// The daemon's output so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.0.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self, lab: &Lab) -> anyhow::Result<()> {
+        let url = format!("http://{}/readyz", self.metrics);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("vmlb exited ({status}):\n{}", self.log());
+            }
+            let last = match lab.node.exec(&["curl", "-sf", "--max-time", "1", &url]) {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            if Instant::now() > deadline {
+                bail!(
+                    "not ready after 20 s ({last:#}); vmlb's output:\n{}",
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `vmlb inspect <args>` against this daemon's pins and run dir, run in the node namespace.
+    pub fn inspect(&self, lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
+        let pins = self.pins();
+        let run = self.dir.0.join("run");
+        let mut all = vec![vmlb_bin().to_str().context("binary path")?, "inspect"];
+        all.extend_from_slice(&["--pin-dir", pins.to_str().context("pin path")?]);
+        all.extend_from_slice(&["--run-dir", run.to_str().context("run path")?]);
+        all.extend_from_slice(&["--iface", NODE_DEV]);
+        all.extend_from_slice(args);
+        let out = lab.node.exec(&all)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The daemon's log and what `inspect` says, for failure reports.
+    pub fn report(&self, lab: &Lab) -> String {
+        let mut out = format!("=== vmlb output\n{}", self.log());
+        for what in ["stats", "backends", "neighbours", "flows"] {
+            let text = self
+                .inspect(lab, &[what])
+                .unwrap_or_else(|e| format!("{e:#}\n"));
+            out += &format!("=== vmlb inspect {what}\n{text}");
+        }
+        out
+    }
+}
+
+impl Drop for LabDaemon {
+    fn drop(&mut self) {
+        let child = &mut self.child;
+        if matches!(child.try_wait(), Ok(None)) {
+            stop_group(child.id(), Duration::from_secs(5), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+            let _ = child.wait();
+        }
+    }
+}
