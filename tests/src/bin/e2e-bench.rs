@@ -145,6 +145,9 @@ struct Run {
     node_rx_packets: u64,
     /// Client sockets in TIME_WAIT right after the run (the client closed first).
     client_time_wait: u64,
+    /// vmlb only: the data path's pass, drop and event counters that moved during the run
+    /// (where its packets went when it is slower than expected).
+    vmlb_counters: Vec<(String, u64)>,
     failure: Option<String>,
 }
 
@@ -167,6 +170,7 @@ impl Run {
             "wrong_source": self.wrong_source,
             "node_rx_packets": self.node_rx_packets,
             "client_time_wait": self.client_time_wait,
+            "vmlb_counters": self.vmlb_counters.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "failure": self.failure,
         })
     }
@@ -524,9 +528,24 @@ impl Bench {
         let marks: Vec<u64> = self.servers.iter().map(Httpd::access_log_len).collect();
         let rx_path = format!("/sys/class/net/{NODE_DEV}/statistics/rx_packets");
         let rx0 = read_sys(&self.lab.node, &rx_path)?;
+        let counters0 = self.vmlb_counters(c);
         let cpu0 = CpuTimes::now()?;
         let wrk = self.wrk(c, load)?;
         let cpu1 = CpuTimes::now()?;
+        let counters1 = self.vmlb_counters(c);
+        let vmlb_counters: Vec<(String, u64)> = counters1
+            .iter()
+            .zip(&counters0)
+            .filter(|((c, _), _)| {
+                !matches!(
+                    c.kind(),
+                    vmlb_common::stats::CounterKind::Flow | vmlb_common::stats::CounterKind::Tx
+                ) && *c != vmlb_common::Counter::HopLookup
+            })
+            .filter_map(|((c, after), (_, before))| {
+                (after > before).then(|| (c.name().to_string(), after - before))
+            })
+            .collect();
         let node_rx_packets = read_sys(&self.lab.node, &rx_path)? - rx0;
         let tw = self
             .lab
@@ -584,8 +603,20 @@ impl Bench {
             wrong_source,
             node_rx_packets,
             client_time_wait,
+            vmlb_counters,
             failure: (!why.is_empty()).then(|| why.join("; ")),
         })
+    }
+
+    /// vmlb's counters from its pinned maps (empty for the other contenders, or unreadable).
+    fn vmlb_counters(&self, c: Contender) -> Vec<(vmlb_common::Counter, u64)> {
+        if c != Contender::Vmlb {
+            return Vec::new();
+        }
+        let layout = vmlb_user::dataplane::pins::PinLayout::new(&self.dir.join("bpf"), NODE_DEV);
+        vmlb_user::dataplane::maps::BpfMaps::from_pins(&layout)
+            .and_then(|m| m.counters())
+            .unwrap_or_default()
     }
 
     /// The attached XDP program's id on the node's interface.
@@ -754,13 +785,18 @@ fn main() -> anyhow::Result<()> {
                 match b.measure(c, load, rep) {
                     Ok(run) => {
                         eprintln!(
-                            "  rep {rep} {:<9} {:<9} {:>8.0}/s p99 {:>7.0} µs cpu {:>6.1} µs/req tw {}{}",
+                            "  rep {rep} {:<9} {:<9} {:>8.0}/s p99 {:>7.0} µs cpu {:>6.1} µs/req tw {}{}{}",
                             c.name(),
                             load.name(),
                             run.wrk.rate(),
                             run.wrk.p99_us,
                             run.cpu_us_per_req,
                             run.client_time_wait,
+                            if run.vmlb_counters.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" vmlb {:?}", run.vmlb_counters)
+                            },
                             run.failure
                                 .as_deref()
                                 .map_or(String::new(), |f| format!("  FAILED: {f}"))
