@@ -8,7 +8,8 @@ set -euo pipefail
 BPF_LINKER_VERSION=0.13.0
 # Packages the build needs, then the ones the tests and benchmarks run for real.
 BUILD_PKGS=(rustc-web rust-web-src bpftool iproute2)
-TEST_PKGS=(apache2 curl procps ethtool wrk iputils-ping)
+# haproxy and nftables are contenders of `cargo xtask bench e2e` only.
+TEST_PKGS=(apache2 curl procps ethtool wrk iputils-ping haproxy nftables)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
@@ -39,6 +40,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     # apache2's package starts a server in the root namespace; the tests start their own.
     if command -v apache2ctl >/dev/null 2>&1; then
         apache2ctl stop >/dev/null 2>&1 || true
+    fi
+    # Likewise haproxy's package may start one on its default config; the bench runs its own.
+    if command -v service >/dev/null 2>&1; then
+        service haproxy stop >/dev/null 2>&1 || true
     fi
 fi
 

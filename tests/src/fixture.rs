@@ -112,6 +112,14 @@ impl Env {
 
     /// With a flow table of `flows` concurrent flows (default: the compiled-in size).
     pub fn with_flows(flows: Option<u32>) -> anyhow::Result<Self> {
+        Self::with_sizes(loader::Sizes {
+            flows,
+            ..Default::default()
+        })
+    }
+
+    /// With these map sizes (the reconciler's id spaces and Maglev space follow them).
+    pub fn with_sizes(sizes: loader::Sizes) -> anyhow::Result<Self> {
         netns::sweep_stale();
         let node = Netns::new("fxnode")?;
         let peer = Netns::new("fxpeer")?;
@@ -149,17 +157,19 @@ impl Env {
         let ifindex = node.ifindex("fx0")?;
         let ifindex2 = node.ifindex("fx2")?;
         let guard = node.enter()?;
-        let mut ebpf = loader::load(loader::Sizes {
-            flows,
-            ..Default::default()
-        })?;
+        let reconciler = Reconciler::with_limits(
+            sizes.maglev.unwrap_or(DEFAULT_MAGLEV_ENTRIES),
+            sizes.services.unwrap_or(vmlb_common::MAX_SERVICES),
+            sizes.backends.unwrap_or(vmlb_common::MAX_BACKENDS),
+        );
+        let mut ebpf = loader::load(sizes)?;
         let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
         maps.init_config(ifindex, NODE_MAC)?;
         let mut env = Self {
             _guard: guard,
             ebpf,
             maps,
-            reconciler: Reconciler::new(DEFAULT_MAGLEV_ENTRIES),
+            reconciler,
             services: Vec::new(),
             ifindex,
             ifindex2,

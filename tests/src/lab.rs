@@ -45,7 +45,7 @@ pub const NODE_DEV: &str = "vlan1512";
 pub const NODE_MAC: &str = "02:00:0a:0a:01:7d";
 /// The bridge-side end of the node's veth: where the node's XDP_TX frames arrive.
 pub const NODE_PEER: &str = "p-node";
-const CLIENT_MAC: &str = "02:00:0a:0a:01:32";
+pub const CLIENT_MAC: &str = "02:00:0a:0a:01:32";
 const BRIDGE: &str = "br1512";
 /// The ports every VM serves (the seed's ServiceEntry has 80 and 443; plain HTTP on both is all
 /// an L4 balancer needs).
@@ -762,6 +762,22 @@ impl Httpd {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+
+    /// The access log's length in bytes now: a mark for [`Httpd::access_lines_since`].
+    pub fn access_log_len(&self) -> u64 {
+        fs::metadata(self.dir.join("access.log")).map_or(0, |m| m.len())
+    }
+
+    /// Access log lines written after the mark `from` (a benchmark's run among many: reads only
+    /// the new part of a log that grows by megabytes).
+    pub fn access_lines_since(&self, from: u64) -> anyhow::Result<Vec<String>> {
+        use std::io::Seek as _;
+        let mut f = fs::File::open(self.dir.join("access.log"))?;
+        f.seek(std::io::SeekFrom::Start(from))?;
+        let mut text = String::new();
+        f.read_to_string(&mut text)?;
+        Ok(text.lines().map(str::to_string).collect())
     }
 
     /// Everything the server logged, for failure reports.

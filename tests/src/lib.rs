@@ -1,6 +1,7 @@
 //! Test support for vmlb: network namespaces, a packet builder, and the fixture runner that
 //! drives the real XDP program through BPF_PROG_TEST_RUN.
 
+pub mod bench;
 pub mod daemon;
 pub mod fixture;
 pub mod lab;

@@ -114,10 +114,8 @@ impl Dir {
         // Unique per test too: the tests of this file run in parallel in one process.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!(
-            "vmlb-failover-{}-{n}-{tag}",
-            std::process::id()
-        ));
+        let p =
+            std::env::temp_dir().join(format!("vmlb-failover-{}-{n}-{tag}", std::process::id()));
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(p.join("run")).unwrap();
         mount_bpffs(&p.join("bpf")).unwrap();
@@ -591,7 +589,11 @@ fn the_vip_moves_to_the_other_node_when_its_owner_dies() {
     let (_api, members) = two_nodes(&lab, &rt);
     let all: Vec<&Member> = members.iter().collect();
     let (owner, survivor) = owner_and_survivor(&members);
-    eprintln!("{:?}: both nodes serve; {} owns {VIP}", t0.elapsed(), owner.name);
+    eprintln!(
+        "{:?}: both nodes serve; {} owns {VIP}",
+        t0.elapsed(),
+        owner.name
+    );
 
     // Equal tables: the digest from the pinned maps, and the same in the metric.
     let digests: Vec<String> = members

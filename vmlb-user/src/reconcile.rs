@@ -58,16 +58,22 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// `ring_entries`: size of the `MAGLEV` array.
+    /// `ring_entries`: size of the `MAGLEV` array; the id spaces are the compiled-in sizes.
     pub fn new(ring_entries: u32) -> Self {
+        Self::with_limits(ring_entries, MAX_SERVICES, MAX_BACKENDS)
+    }
+
+    /// Like `new`, for maps loaded with other sizes (`loader::Sizes::services`/`backends`):
+    /// ids stay below `max_services` and `max_backends`.
+    pub fn with_limits(ring_entries: u32, max_services: u32, max_backends: u32) -> Self {
         Self {
             ring: RingAlloc::new(ring_entries),
             pending_free: Vec::new(),
             services: BTreeMap::new(),
             vips: BTreeMap::new(),
             owned: None,
-            service_ids: IdPool::new(MAX_SERVICES),
-            backend_ids: IdPool::new(MAX_BACKENDS),
+            service_ids: IdPool::new(max_services),
+            backend_ids: IdPool::new(max_backends),
         }
     }
 
@@ -76,11 +82,12 @@ impl Reconciler {
     /// backend ids. `ring(base, len)` reads a table from the `MAGLEV` array.
     pub fn adopt(
         ring_entries: u32,
+        (max_services, max_backends): (u32, u32),
         services: &[(ServiceKey, Service)],
         backends: &[(u32, Backend)],
         ring: impl Fn(u32, u32) -> anyhow::Result<Vec<u32>>,
     ) -> anyhow::Result<Self> {
-        let mut r = Self::new(ring_entries);
+        let mut r = Self::with_limits(ring_entries, max_services, max_backends);
         for (key, value) in services {
             if !r.ring.reserve(value.ring_base, value.ring_size) {
                 bail!(
@@ -397,9 +404,16 @@ impl Reconciler {
             });
         }
 
-        // 2. The table, into fresh space, then the switch.
-        let table =
-            maglev::build(&members, spec.ring_size).map_err(|e| anyhow::anyhow!("Maglev: {e}"))?;
+        // 2. The table, into fresh space, then the switch. Unchanged backends (same addresses,
+        // weights and health, so the same ids and keys) and ring size give the same table: a
+        // reload that touches one service of a thousand rebuilds one table, not a thousand.
+        let table = match prev {
+            Some(p) if p.spec.backends == spec.backends && p.spec.ring_size == spec.ring_size => {
+                p.table.clone()
+            }
+            _ => maglev::build(&members, spec.ring_size)
+                .map_err(|e| anyhow::anyhow!("Maglev: {e}"))?,
+        };
         let (snat_addrs, snat_count) = snat_pool(&spec.snat)?;
         let (port_min, port_max) = spec.snat_ports;
         let port_range = hash::prime_range(port_min, port_max);
@@ -690,9 +704,13 @@ mod tests {
         let services: Vec<_> = dp.services.iter().map(|(k, v)| (*k, *v)).collect();
         let backends: Vec<_> = dp.backends.iter().map(|(k, v)| (*k, *v)).collect();
         let ring = dp.ring.clone();
-        let mut adopted = Reconciler::adopt(1000, &services, &backends, |base, len| {
-            Ok((base..base + len).map(|i| ring[&i]).collect())
-        })
+        let mut adopted = Reconciler::adopt(
+            1000,
+            (MAX_SERVICES, MAX_BACKENDS),
+            &services,
+            &backends,
+            |base, len| Ok((base..base + len).map(|i| ring[&i]).collect()),
+        )
         .unwrap();
         dp.log.clear();
         let s = adopted.apply(&desired, &mut dp).unwrap();

@@ -76,6 +76,16 @@ enum Bench {
         #[arg(long, default_value_t = 2_000_000)]
         repeat: u32,
     },
+    /// vmlb end to end in the lab against direct, an XDP hop floor, HAProxy and nftables: new
+    /// connections/s, keep-alive requests/s with p50/p99, CPU per request. Root. About 4
+    /// minutes; VMLB_E2E_REPS and VMLB_E2E_SECS (default 5 x 4 s) make it longer.
+    E2e,
+    /// 4096 services, 65,536 backends and 1,000,000 live flows loaded; the kernel's memory per
+    /// map. Root.
+    Scale,
+    /// Maglev build times, initial load and config-change latency with 1000 services, daemon
+    /// start and restart to ready. Root.
+    Control,
 }
 
 fn root_dir() -> PathBuf {
@@ -201,6 +211,29 @@ fn main() -> anyhow::Result<()> {
                     "datapath-bench",
                 ])
                 .env("VMLB_BENCH_REPEAT", repeat.to_string()))
+        }
+        Task::Bench { which: Bench::E2e } => {
+            require_root("the end-to-end benchmark")?;
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "vmlb-user", "--bin", "vmlb"]))?;
+            run(cargo()
+                .args(["run", "--release", "-p", "vmlb-tests", "--bin", "e2e-bench"])
+                .env("VMLB_BIN", target_dir().join("release").join("vmlb")))
+        }
+        Task::Bench {
+            which: which @ (Bench::Scale | Bench::Control),
+        } => {
+            require_root("the benchmark")?;
+            setup()?;
+            let bin = if matches!(which, Bench::Scale) {
+                "scale-bench"
+            } else {
+                run(cargo().args(["build", "--release", "-p", "vmlb-user", "--bin", "vmlb"]))?;
+                "control-bench"
+            };
+            run(cargo()
+                .args(["run", "--release", "-p", "vmlb-tests", "--bin", bin])
+                .env("VMLB_BIN", target_dir().join("release").join("vmlb")))
         }
         Task::Lab { action } => {
             require_root("the lab")?;

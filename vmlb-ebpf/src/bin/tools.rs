@@ -13,6 +13,10 @@
 //! The `bench_floor_*` programs are references: the floor plus exactly one operation a
 //! load balancer's data path may need, so vmlb's costs can be read as ratios to them.
 //!
+//! `hop_forward` is the end-to-end benchmark's XDP hop floor: attached where vmlb would be, it
+//! forwards frames addressed to the node by rewriting the MACs and sending them back out
+//! (XDP_TX), with no NAT and no state, the least any XDP load balancer on that wire can do.
+//!
 //! `trunk_push` / `trunk_pop` (tc) make a veth an 802.1Q trunk for the lab, whose kernel has no
 //! 8021q devices and no bridge VLAN filtering: egress tags untagged frames with `TRUNK_VID`,
 //! ingress strips that tag and drops every other frame, as a switch's trunk port that carries
@@ -67,6 +71,44 @@ static BENCH_LRU_NEW: LruHashMap<[u32; 4], [u64; 8]> = LruHashMap::with_max_entr
 /// generation): the one map insert vmlb's new-flow path keeps.
 #[map]
 static BENCH_HASH_NEW: HashMap<[u32; 4], [u32; 2]> = HashMap::with_max_entries(1 << 18, 0);
+
+/// `hop_forward`'s next hops: IPv4 destination (network order) -> MAC in the first 6 bytes. Key
+/// 0 holds the node's own MAC: only frames sent to it are forwarded (a bridge floods frames for
+/// MACs it has not learned yet, and forwarding those too would duplicate them).
+#[map]
+static HOP_MACS: HashMap<u32, [u8; 8]> = HashMap::with_max_entries(16, 0);
+
+/// The XDP hop floor of `bench e2e`: an IPv4 frame to the node's MAC for a destination in
+/// `HOP_MACS` leaves again from the node's MAC to the destination's, unchanged otherwise (no
+/// TTL, no checksum, no state); anything else goes to the kernel.
+#[xdp]
+pub fn hop_forward(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 14 + 20 > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    let p = start as *mut u8;
+    // SAFETY: 34 bytes (Ethernet + a minimal IPv4 header) are bounds-checked above.
+    unsafe {
+        if *(p.add(12) as *const u16) != 0x0800u16.to_be() {
+            return xdp_action::XDP_PASS;
+        }
+        let Some(own) = HOP_MACS.get(&0) else {
+            return xdp_action::XDP_PASS;
+        };
+        if *(p as *const u32) != *(own.as_ptr() as *const u32)
+            || *(p.add(4) as *const u16) != *(own.as_ptr().add(4) as *const u16)
+        {
+            return xdp_action::XDP_PASS;
+        }
+        let Some(next) = HOP_MACS.get(&*(p.add(30) as *const u32)) else {
+            return xdp_action::XDP_PASS;
+        };
+        core::ptr::copy_nonoverlapping(p, p.add(6), 6);
+        core::ptr::copy_nonoverlapping(next.as_ptr(), p, 6);
+    }
+    xdp_action::XDP_TX
+}
 
 /// The floor's parse: an Ethernet/IPv4/TCP frame with its whole TCP header present.
 /// Returns the frame start and the L4 offset.

@@ -35,6 +35,12 @@ pub struct CheckArgs {
     /// Entries of the MAGLEV array to check the tables against (as `vmlb run`).
     #[arg(long, default_value_t = vmlb_common::DEFAULT_MAGLEV_ENTRIES)]
     pub maglev_entries: u32,
+    /// Service ids to check against (as `vmlb run`).
+    #[arg(long, default_value_t = vmlb_common::MAX_SERVICES)]
+    pub max_services: u32,
+    /// Backend ids to check against (as `vmlb run`).
+    #[arg(long, default_value_t = vmlb_common::MAX_BACKENDS)]
+    pub max_backends: u32,
     /// How to print the result: the files and services as tables, or one JSON / YAML document
     /// (`{"files", "services", "warnings", "errors"}`).
     #[arg(long, short, value_enum, default_value_t)]
@@ -87,6 +93,8 @@ pub fn check_to(
     let node = source::node::load(args.node_config.as_deref(), args.snat_addr, None)?;
     let capacity = config::Capacity {
         ring_entries: args.maglev_entries,
+        services: args.max_services,
+        backends: args.max_backends,
     };
     let report = config::read(&args.paths, &node, capacity);
     for w in &report.warnings {
@@ -505,6 +513,8 @@ mod tests {
             snat_addr: None,
             node_config: Some(node),
             maglev_entries: vmlb_common::DEFAULT_MAGLEV_ENTRIES,
+            max_services: vmlb_common::MAX_SERVICES,
+            max_backends: vmlb_common::MAX_BACKENDS,
             output: Output::Table,
         };
         let (mut out, mut err) = (Vec::new(), Vec::new());

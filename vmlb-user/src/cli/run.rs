@@ -109,6 +109,14 @@ pub struct RunArgs {
     /// Entries of the array holding every service's Maglev table.
     #[arg(long, default_value_t = vmlb_common::DEFAULT_MAGLEV_ENTRIES)]
     pub maglev_entries: u32,
+    /// Service ids the maps hold (one per VIP, port and protocol; id 0 is never used). Per-CPU
+    /// counters cost 32 bytes per id and CPU.
+    #[arg(long, default_value_t = vmlb_common::MAX_SERVICES, value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
+    pub max_services: u32,
+    /// Backend ids the maps hold (one per service and endpoint; id 0 is never used). Per-CPU
+    /// next hops and counters cost 56 bytes per id and CPU.
+    #[arg(long, default_value_t = vmlb_common::MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(2..=16_777_216))]
+    pub max_backends: u32,
     /// Log lines as text (coloured only on a terminal) or JSON (one object per line).
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
     pub log_format: LogFormatArg,
@@ -179,6 +187,8 @@ impl RunArgs {
             icmp_echo_rate: self.icmp_echo_rate,
             icmp_echo_burst: self.icmp_echo_burst,
             maglev_entries: self.maglev_entries,
+            max_services: self.max_services,
+            max_backends: self.max_backends,
             log_format: match self.log_format {
                 LogFormatArg::Text => LogFormat::Text,
                 LogFormatArg::Json => LogFormat::Json,

@@ -64,6 +64,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let layout = PinLayout::new(&opts.pin_dir, &opts.iface);
     let capacity = Capacity {
         ring_entries: opts.maglev_entries,
+        services: opts.max_services,
+        backends: opts.max_backends,
     };
     // The configuration is read before anything is loaded: a daemon refused for a bad file
     // leaves no trace. With a pinned program to adopt it keeps serving the adopted state.
@@ -102,6 +104,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         pin_root: opts.pin_dir.clone(),
         flow_entries: opts.flow_entries,
         maglev_entries: opts.maglev_entries,
+        max_services: opts.max_services,
+        max_backends: opts.max_backends,
     })?;
     telemetry::forward_ebpf_logs(&mut attachment);
     let ifindex = nix::net::if_::if_nametoindex(opts.iface.as_str())

@@ -25,6 +25,10 @@ pub struct Options {
     /// Map sizes for a fresh load.
     pub flow_entries: u32,
     pub maglev_entries: u32,
+    /// Service and backend ids the maps hold, id 0 included (`--max-services`,
+    /// `--max-backends`).
+    pub max_services: u32,
+    pub max_backends: u32,
     pub flows: FlowOptions,
     /// ICMP echo answers for VIPs per second and CPU (0: unlimited), and the burst above it.
     pub icmp_echo_rate: u32,

@@ -37,6 +37,8 @@ pub struct AttachSpec {
     /// Map sizes for a fresh load (an adopted program keeps its maps' sizes).
     pub flow_entries: u32,
     pub maglev_entries: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
 }
 
 /// How the program came to run, for logs and `vmlb inspect status`.
@@ -133,6 +135,8 @@ pub fn attach_or_adopt(spec: &AttachSpec) -> anyhow::Result<(Attachment, BpfMaps
     let mut ebpf = loader::load(Sizes {
         flows: Some(spec.flow_entries),
         maglev: Some(spec.maglev_entries),
+        services: Some(spec.max_services),
+        backends: Some(spec.max_backends),
         pins: Some(layout.clone()),
     })?;
     let prog: &mut Xdp = ebpf
@@ -281,7 +285,9 @@ pub fn adopt_reconciler(maps: &BpfMaps, ring_entries: u32) -> anyhow::Result<Rec
         }
     }
     let ring_entries = ring_entries.max(maps.maglev.len());
-    let r = Reconciler::adopt(ring_entries, &services, &backends, |base, len| {
+    // The id spaces are the maps' own sizes (pinned maps keep the sizes they were made with).
+    let limits = (maps.svc_stats.len(), maps.backends.len());
+    let r = Reconciler::adopt(ring_entries, limits, &services, &backends, |base, len| {
         (base..base + len)
             .map(|i| Ok(maps.maglev.get(&i, 0)?))
             .collect()

@@ -37,6 +37,12 @@ pub struct Sizes {
     pub flows: Option<u32>,
     /// Entries of the Maglev array shared by all services' tables.
     pub maglev: Option<u32>,
+    /// Service ids (`SERVICES`, `VIPS`, `SVC_STATS`; id 0 is never used), default
+    /// `MAX_SERVICES`.
+    pub services: Option<u32>,
+    /// Backend ids (`BACKENDS`, `HOPS`, `BE_STATS`; id 0 is never used), default
+    /// `MAX_BACKENDS`. `HOPS` and `BE_STATS` are per-CPU: 56 bytes per id and CPU.
+    pub backends: Option<u32>,
     /// Pin every map under this layout: a map already pinned there (an earlier daemon's state)
     /// is reused, else it is created and pinned.
     pub pins: Option<PinLayout>,
@@ -87,6 +93,16 @@ fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
     }
     if let Some(n) = sizes.maglev {
         loader.map_max_entries(map_names::MAGLEV, n);
+    }
+    if let Some(n) = sizes.services {
+        for map in [map_names::SERVICES, map_names::VIPS, map_names::SVC_STATS] {
+            loader.map_max_entries(map, n);
+        }
+    }
+    if let Some(n) = sizes.backends {
+        for map in [map_names::BACKENDS, map_names::HOPS, map_names::BE_STATS] {
+            loader.map_max_entries(map, n);
+        }
     }
     let mut ebpf = loader
         .load(VMLB_OBJ)

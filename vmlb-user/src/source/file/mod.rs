@@ -20,7 +20,7 @@ use std::{
 };
 
 use crate::model::{ConfiguredService, NodeConfig};
-use serviceentry::{Parsed, MAX_BACKEND_COUNT, MAX_SERVICE_COUNT};
+use serviceentry::Parsed;
 pub use serviceentry::{ANNOTATIONS, API_VERSIONS};
 
 /// One problem in the configuration, located as precisely as the input allows.
@@ -78,12 +78,18 @@ pub const MAX_TOTAL_BYTES: u64 = 16 * MAX_FILE_BYTES;
 pub struct Capacity {
     /// Entries of the MAGLEV array (`--maglev-entries`).
     pub ring_entries: u32,
+    /// Service ids the maps hold, id 0 included (`loader::Sizes::services`).
+    pub services: u32,
+    /// Backend ids the maps hold, id 0 included (`loader::Sizes::backends`).
+    pub backends: u32,
 }
 
 impl Default for Capacity {
     fn default() -> Self {
         Self {
             ring_entries: vmlb_common::DEFAULT_MAGLEV_ENTRIES,
+            services: vmlb_common::MAX_SERVICES,
+            backends: vmlb_common::MAX_BACKENDS,
         }
     }
 }
@@ -310,11 +316,14 @@ fn capacity_errors(
         message,
     };
     let mut errors = Vec::new();
-    if let Some(p) = parsed.get(MAX_SERVICE_COUNT) {
+    // Id 0 is never assigned.
+    let max_services = (capacity.services as usize).saturating_sub(1);
+    let max_backends = (capacity.backends as usize).saturating_sub(1);
+    if let Some(p) = parsed.get(max_services) {
         errors.push(at(
             p,
             format!(
-                "{} services in all; the data path holds at most {MAX_SERVICE_COUNT}",
+                "{} services in all; the data path holds at most {max_services}",
                 parsed.len()
             ),
         ));
@@ -327,13 +336,13 @@ fn capacity_errors(
     for p in parsed {
         backends += p.svc.spec.backends.len();
         ring += u64::from(p.svc.spec.ring_size);
-        if backends > MAX_BACKEND_COUNT && !backends_reported {
+        if backends > max_backends && !backends_reported {
             backends_reported = true;
             errors.push(at(
                 p,
                 format!(
                     "{total_backends} backends in all (one per service and endpoint); the data \
-                     path holds at most {MAX_BACKEND_COUNT}"
+                     path holds at most {max_backends}"
                 ),
             ));
         }
