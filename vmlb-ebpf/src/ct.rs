@@ -215,7 +215,8 @@ pub fn martian(src: u32, cfg: &Config) -> bool {
     if first == 0 || first == 127 || first >= 224 {
         return true;
     }
-    is_snat_addr(src, cfg) || crate::lookup::is_vip(src)
+    is_snat_addr(src, cfg)
+        || (vmlb_common::vip_filter_has(&cfg.vip_filter, src) && crate::lookup::is_vip(src))
 }
 
 /// Is `addr` one of the node's SNAT addresses (a reply candidate)?

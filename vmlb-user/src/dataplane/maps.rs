@@ -202,6 +202,17 @@ impl BpfMaps {
         Ok(self.config.get(&0, 0)?)
     }
 
+    /// Rebuild `Config::vip_filter` from the VIPs in the map (after a removal, and when maps
+    /// are taken over, whatever wrote them).
+    pub fn refresh_vip_filter(&mut self) -> anyhow::Result<()> {
+        let mut filter = [0u32; 4];
+        for vip in self.vips.keys() {
+            let bit = vmlb_common::vip_filter_bit(vip.context("reading VIPS")?);
+            filter[(bit >> 5) as usize] |= 1 << (bit & 31);
+        }
+        self.update_config(|c| c.vip_filter = filter)
+    }
+
     /// Change the node-wide settings with `f` (read, modify, write: only the daemon writes).
     pub fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
         let mut c = self.config()?;
@@ -231,7 +242,8 @@ impl BpfMaps {
             c.slot_count = slots;
             c.mac = mac;
             c.ifindex = ifindex;
-        })
+        })?;
+        self.refresh_vip_filter()
     }
 }
 
@@ -272,11 +284,17 @@ impl Dataplane for BpfMaps {
     }
 
     fn set_vip(&mut self, vip: u32, flags: u32) -> anyhow::Result<()> {
+        // Its filter bit first: the data path never sees a VIP its filter lacks.
+        if !vmlb_common::vip_filter_has(&self.config()?.vip_filter, vip) {
+            let bit = vmlb_common::vip_filter_bit(vip);
+            self.update_config(|c| c.vip_filter[(bit >> 5) as usize] |= 1 << (bit & 31))?;
+        }
         self.vips.insert(vip, flags, 0).context("writing a VIP")
     }
 
     fn remove_vip(&mut self, vip: u32) -> anyhow::Result<()> {
-        self.vips.remove(&vip).context("removing a VIP")
+        self.vips.remove(&vip).context("removing a VIP")?;
+        self.refresh_vip_filter()
     }
 
     fn set_snat_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> anyhow::Result<()> {
