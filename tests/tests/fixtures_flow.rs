@@ -232,26 +232,51 @@ fn xdp_ct_fin_rst_close_and_the_tuple_waits_out_time_wait() {
     assert_eq!(port2, port, "the tuple is reused once TIME_WAIT is over");
 }
 
-/// A SYN on the 5-tuple of a closing flow starts a new flow with a new SNAT tuple; the closing
-/// flow keeps translating its last packets.
+/// A SYN on the 5-tuple of a closing flow whose backend the table still names reopens that
+/// flow on its SNAT tuple (the backend's TIME_WAIT for it is this same client's, whose
+/// timestamps go on increasing): no second tuple is used up.
 #[test]
-fn xdp_ct_syn_reusing_a_closing_tuple_gets_a_new_snat_tuple() {
+fn xdp_ct_syn_reusing_a_closing_tuple_reopens_it() {
     let mut e = env_with(None, &[(VM1, 8080)]);
     let (backend, port) = open(&e, CLIENT, 40001);
     e.run(&from_client(CLIENT, 40001, TCP_RST));
     e.snapshot().unwrap();
     let (backend2, port2) = open(&e, CLIENT, 40001);
-    assert_eq!(backend2, backend);
-    assert_ne!(port2, port);
-    e.expect_counters(&[
-        (FlowTupleReuse, 1),
-        (SnatPortCollision, 1),
-        (FlowNew, 1),
-        (TxSameIface, 1),
-    ]);
+    assert_eq!((backend2, port2), (backend, port));
+    e.expect_counters(&[(FlowTupleReuse, 1), (FlowHit, 1), (TxSameIface, 1)]);
+    let flows = e.maps.live_flows();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].1.state(), flow_state::SYN_SENT);
+    // The backend's answer establishes it as usual.
+    let (action, out) = e.run(&from_backend(backend, port, TCP_SYN | TCP_ACK));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(tuple(&out).2, CLIENT);
+    assert_eq!(e.maps.live_flows()[0].1.state(), flow_state::ESTABLISHED);
+    assert_eq!(index_len(&e), 1);
+}
+
+/// When the table no longer names the closing flow's backend, the reused 5-tuple is a new flow
+/// on a new SNAT tuple; the closing flow keeps translating its last packets.
+#[test]
+fn xdp_ct_syn_reusing_a_closing_tuple_of_another_backend_gets_a_new_flow() {
+    let mut e = env_with(None, &[(VM1, 8080)]);
+    let (backend, port) = open(&e, CLIENT, 40002);
+    e.run(&from_client(CLIENT, 40002, TCP_FIN | TCP_ACK));
+    // VM1 is drained (weight 0): out of the table, its flows kept.
+    let mut drained = be(VM1, 8080);
+    drained.weight = 0;
+    e.install(&[
+        svc(80, Proto::Tcp, &[drained, be(VM2, 8080)]),
+        svc(53, Proto::Udp, &[be(VM1, 8080)]),
+    ])
+    .unwrap();
+    e.snapshot().unwrap();
+    let (backend2, port2) = open(&e, CLIENT, 40002);
+    assert_eq!(backend2, (VM2, 8080));
+    e.expect_counters(&[(FlowTupleReuse, 1), (FlowNew, 1), (TxSameIface, 1)]);
     // Old tuple: still the old flow's (closing); new tuple: the new flow's.
-    for p in [port, port2] {
-        let (action, out) = e.run(&from_backend(backend, p, TCP_ACK));
+    for (b, p) in [(backend, port), (backend2, port2)] {
+        let (action, out) = e.run(&from_backend(b, p, TCP_ACK));
         assert_eq!(action, XDP_TX);
         assert_eq!(tuple(&out).2, CLIENT);
     }

@@ -67,8 +67,9 @@ pub enum Counter {
     DropFlood = 25,
     /// A flow saw FIN or RST and entered closing (event).
     FlowClosing = 26,
-    /// A SYN reused the client 5-tuple of a closing flow: a new flow with a new SNAT tuple
-    /// (the old one waits out TIME_WAIT safety).
+    /// A SYN reused the client 5-tuple of a closing flow: reopened on its SNAT tuple when the
+    /// Maglev table still names its backend, else a new flow with a new SNAT tuple (the old one
+    /// waits out TIME_WAIT safety).
     FlowTupleReuse = 27,
     /// A backend's next hop was (re)looked up with bpf_fib_lookup (event).
     HopLookup = 28,

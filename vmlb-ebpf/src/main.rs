@@ -117,9 +117,20 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
         // SAFETY: a valid map value pointer.
         let backend_id = unsafe { (*f).backend_id };
         if syn && c as u8 == st::CLOSING {
-            // The client reuses the 5-tuple of a closing flow: a new flow, and a new SNAT
-            // tuple, since the backend may hold the old one in TIME_WAIT.
+            // The client reuses the 5-tuple of a closing flow. If the table still sends it to
+            // the same backend, the flow is reopened on its SNAT tuple, as conntrack does: the
+            // backend's TIME_WAIT for that tuple came from this same client, whose timestamps
+            // (and ISNs) go on increasing, so the backend accepts the SYN. This keeps a client
+            // that cycles through its ports fast from using up SNAT tuples held for TIME_WAIT.
+            // Otherwise: a new flow on a new tuple.
             count(Counter::FlowTupleReuse);
+            let same = lookup::service(&p.key)
+                .and_then(|svc| lookup::pick_backend(&svc, flow_hash(&p.key)).ok())
+                == Some(backend_id);
+            if same && lookup::backend_up(backend_id) && ct::transition(f, c, st::SYN_SENT) {
+                let reopened = (c & !0xff) | st::SYN_SENT as u64;
+                return established(ctx, &p, f, reopened);
+            }
             replace = true;
         } else if !lookup::backend_up(backend_id) {
             // Its backend is down: close it (the old SNAT tuple waits out its hold) and move
