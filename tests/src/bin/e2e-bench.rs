@@ -272,6 +272,11 @@ impl Bench {
         b.lab
             .client
             .sysctl("net.ipv4.ip_local_port_range", CLIENT_PORTS)?;
+        // The client closes first and keeps TIME_WAIT for 60 s: at ~10,000 connections a
+        // second its 14,000 ports are all waiting after a few runs, and connect() then burns
+        // CPU searching for a port (whichever contender runs then looks slow). Load generators
+        // reuse TIME_WAIT ports for outgoing connections (RFC 6191, with timestamps).
+        b.lab.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         b.lab
             .node
             .sysctl("net.ipv4.ip_local_port_range", NODE_PORTS)?;
