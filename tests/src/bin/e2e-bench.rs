@@ -541,15 +541,15 @@ impl Bench {
         let vmlb_counters: Vec<(String, u64)> = counters1
             .iter()
             .zip(&counters0)
-            .filter(|((c, _), _)| {
-                !matches!(
-                    c.kind(),
-                    vmlb_common::stats::CounterKind::Flow | vmlb_common::stats::CounterKind::Tx
-                ) && *c != vmlb_common::Counter::HopLookup
+            .filter(|((c, after), (_, before))| {
+                after > before
+                    && !matches!(
+                        c.kind(),
+                        vmlb_common::stats::CounterKind::Flow | vmlb_common::stats::CounterKind::Tx
+                    )
+                    && *c != vmlb_common::Counter::HopLookup
             })
-            .filter_map(|((c, after), (_, before))| {
-                (after > before).then(|| (c.name().to_string(), after - before))
-            })
+            .map(|((c, after), (_, before))| (c.name().to_string(), after - before))
             .collect();
         let node_rx_packets = read_sys(&self.lab.node, &rx_path)? - rx0;
         let tw = self

@@ -137,6 +137,13 @@ pub async fn run_renewal(
     }
 }
 
+/// Where `run_ownership` publishes: the VIPs this node owns, and until when it may answer for
+/// them without another accepted renewal.
+pub struct OwnershipOut {
+    pub owned_tx: watch::Sender<BTreeSet<Ipv4Addr>>,
+    pub until_tx: watch::Sender<Option<Instant>>,
+}
+
 /// Feeds the membership from the node Leases and this node's renewals, and publishes the VIPs
 /// this node owns whenever that can change: a Lease event, a renewal, a change of services,
 /// or a peer's (or our own) deadline passing.
@@ -146,10 +153,10 @@ pub async fn run_ownership(
     mut membership: Membership,
     mut renewed: mpsc::Receiver<Instant>,
     mut services: watch::Receiver<Option<Vec<ConfiguredService>>>,
-    owned_tx: watch::Sender<BTreeSet<Ipv4Addr>>,
-    until_tx: watch::Sender<Option<Instant>>,
+    out: OwnershipOut,
     mut stop: watch::Receiver<bool>,
 ) {
+    let OwnershipOut { owned_tx, until_tx } = out;
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let cfg = watcher::Config::default().labels(&format!("{NODE_LEASE_LABEL}=true"));
     let mut leases = watcher::watcher(api, cfg).default_backoff().boxed();

@@ -122,8 +122,7 @@ impl KubeSource {
             membership,
             renewed_rx,
             services.clone(),
-            owned_tx,
-            until_tx,
+            leases::OwnershipOut { owned_tx, until_tx },
             stop_owning_rx,
         ));
         let releasing = vec![
