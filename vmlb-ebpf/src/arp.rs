@@ -18,10 +18,9 @@ const ARP_IPV4: u16 = 0x0800;
 const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
 
-/// ARP at offset `l3` of the frame: the XDP action, counted. It takes only the frame and
-/// finds everything else itself, so that the TCP/UDP paths carry nothing of ARP's in their
-/// registers. (It stays inline: as a BPF-to-BPF call its frame would add to the main one's,
-/// beyond the verifier's 512-byte stack.)
+/// ARP at offset `l3` of the frame: the XDP action, counted. Like the ICMP stage it takes a
+/// plain offset, re-derives its pointers and is inlined (as a BPF-to-BPF call its frame adds
+/// to the main one's beyond the verifier's 512-byte stack).
 #[inline(always)]
 pub fn answer(ctx: *mut aya_ebpf::bindings::xdp_md, l3: usize) -> u32 {
     let ctx = XdpContext::new(ctx);

@@ -52,9 +52,9 @@ fn within<T>(ctx: &XdpContext, off: usize, end: usize) -> Option<*mut T> {
 }
 
 /// An unfragmented ICMP message at `l4` of an IPv4 packet at `l3` ending at `end`: the XDP
-/// action, counted. It takes only offsets and finds everything else itself, so that the
-/// TCP/UDP paths carry nothing of ICMP's in their registers. (It stays inline: as a BPF-to-BPF
-/// call its frame would add to the main one's, beyond the verifier's 512-byte stack.)
+/// action, counted. The stage takes plain offsets and re-derives its pointers. It is inlined:
+/// as a BPF-to-BPF call (tried) its frame adds to the main one's beyond the verifier's
+/// 512-byte stack.
 #[inline(always)]
 pub fn answer(
     ctx: *mut aya_ebpf::bindings::xdp_md,
