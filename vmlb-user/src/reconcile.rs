@@ -32,6 +32,9 @@ struct Installed {
     /// (address, port) -> backend id.
     backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
     table: Vec<u32>,
+    /// `observe::digest` of `table`, computed when first asked (every state publish asks for
+    /// every service's; an unchanged service keeps this `Installed` and so its digest).
+    digest: std::sync::OnceLock<u64>,
 }
 
 /// What one pass changed.
@@ -147,6 +150,7 @@ impl Reconciler {
                     value: *value,
                     backend_ids,
                     table,
+                    digest: Default::default(),
                 },
             );
         }
@@ -178,6 +182,17 @@ impl Reconciler {
             .backend_ids
             .get(&(addr, port))
             .copied()
+    }
+
+    /// `observe::digest` of a service's installed table (ids read as the addresses they stand
+    /// for), computed once per installed table.
+    pub fn table_digest(&self, key: &ServiceKey) -> Option<u64> {
+        let i = self.services.get(key)?;
+        Some(*i.digest.get_or_init(|| {
+            let by_id: BTreeMap<u32, (Ipv4Addr, u16)> =
+                i.backend_ids.iter().map(|(&k, &id)| (id, k)).collect();
+            crate::observe::digest::digest_ids(&i.table, |id| by_id.get(&id).copied())
+        }))
     }
 
     /// The installed Maglev table of a service.
@@ -474,6 +489,7 @@ impl Reconciler {
             value,
             backend_ids,
             table,
+            digest: Default::default(),
         })
     }
 }
