@@ -32,6 +32,9 @@ struct Installed {
     /// (address, port) -> backend id.
     backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
     table: Vec<u32>,
+    /// `observe::digest` of `table`, computed when first asked (every state publish asks for
+    /// every service's; an unchanged service keeps this `Installed` and so its digest).
+    digest: std::sync::OnceLock<u64>,
 }
 
 /// What one pass changed.
@@ -88,6 +91,11 @@ impl Reconciler {
         ring: impl Fn(u32, u32) -> anyhow::Result<Vec<u32>>,
     ) -> anyhow::Result<Self> {
         let mut r = Self::with_limits(ring_entries, max_services, max_backends);
+        // Each service's backends, found once rather than by a scan per service.
+        let mut by_service: BTreeMap<u32, Vec<(u32, &Backend)>> = BTreeMap::new();
+        for (id, b) in backends.iter().filter(|(_, b)| b.addr != 0) {
+            by_service.entry(b.service_id).or_default().push((*id, b));
+        }
         for (key, value) in services {
             if !r.ring.reserve(value.ring_base, value.ring_size) {
                 bail!(
@@ -100,14 +108,11 @@ impl Reconciler {
             r.service_ids.mark_used(value.id);
             let mut backend_ids = BTreeMap::new();
             let mut specs = Vec::new();
-            for (id, b) in backends
-                .iter()
-                .filter(|(_, b)| b.service_id == value.id && b.addr != 0)
-            {
+            for &(id, b) in by_service.get(&value.id).into_iter().flatten() {
                 let addr = Ipv4Addr::from(b.addr.to_ne_bytes());
                 let port = u16::from_be(b.port);
-                r.backend_ids.mark_used(*id);
-                backend_ids.insert((addr, port), *id);
+                r.backend_ids.mark_used(id);
+                backend_ids.insert((addr, port), id);
                 // The weight is not in the maps; only `up` and the table are compared later.
                 specs.push(BackendSpec {
                     addr,
@@ -145,6 +150,7 @@ impl Reconciler {
                     value: *value,
                     backend_ids,
                     table,
+                    digest: Default::default(),
                 },
             );
         }
@@ -176,6 +182,17 @@ impl Reconciler {
             .backend_ids
             .get(&(addr, port))
             .copied()
+    }
+
+    /// `observe::digest` of a service's installed table (ids read as the addresses they stand
+    /// for), computed once per installed table.
+    pub fn table_digest(&self, key: &ServiceKey) -> Option<u64> {
+        let i = self.services.get(key)?;
+        Some(*i.digest.get_or_init(|| {
+            let by_id: BTreeMap<u32, (Ipv4Addr, u16)> =
+                i.backend_ids.iter().map(|(&k, &id)| (id, k)).collect();
+            crate::observe::digest::digest_ids(&i.table, |id| by_id.get(&id).copied())
+        }))
     }
 
     /// The installed Maglev table of a service.
@@ -244,7 +261,17 @@ impl Reconciler {
 
         for spec in desired {
             let key = spec.key();
-            let prev = self.services.remove(&key);
+            // Unchanged (same backends, so the same ids, health, weights, ring size and SNAT):
+            // `apply_service` would write nothing and keep the same table and value. Skipping
+            // it saves copying and comparing a 64 KiB table per service: most of a reload that
+            // changes one service of a thousand.
+            let prev = match self.services.remove(&key) {
+                Some(p) if p.spec == *spec => {
+                    self.services.insert(key, p);
+                    continue;
+                }
+                prev => prev,
+            };
             match self.apply_service(spec, prev.as_ref(), dp, &mut summary) {
                 Ok(installed) => {
                     self.services.insert(key, installed);
@@ -462,6 +489,7 @@ impl Reconciler {
             value,
             backend_ids,
             table,
+            digest: Default::default(),
         })
     }
 }

@@ -5,7 +5,8 @@
 //! - In process, against the real maps (loaded, not attached): the initial load of 1000
 //!   ServiceEntries × 10 endpoints (parse the file + reconcile + map writes), then 200 config
 //!   changes (one service loses or regains an endpoint; the whole file is parsed again, as the
-//!   daemon does) with p50/p99/max. The daemon adds its 200 ms reload debounce on top.
+//!   daemon does) with p50/p99/max. The daemon adds its 200 ms reload debounce on top for a
+//!   file written in place (a file renamed into place is read at once).
 //! - The daemon (VMLB_BIN) on a veth in a namespace of its own with the same 1000 services:
 //!   start to /readyz, then `kill -9` and restart to /readyz with everything pinned.
 //!
@@ -238,7 +239,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  config change to maps updated ({changes} changes): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
          (of which reconcile and map writes p99 {:.1} ms); target p99 ≤ 50 ms: {} (the daemon adds \
-         its 200 ms reload debounce)",
+         its 200 ms reload debounce to a file written in place, none to one renamed into place)",
         pct(&samples, 0.5),
         pct(&samples, 0.99),
         pct(&samples, 1.0),

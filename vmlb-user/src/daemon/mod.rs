@@ -45,8 +45,10 @@ use crate::{
 };
 use apply::{health_targets, Applier};
 
-/// Wait this long after the last file event before reloading: editors write a file in several
-/// steps (truncate, write, rename), and one reload should see the finished file.
+/// Wait this long after a file event before reloading when the file may be being written in
+/// place (truncate, write, write): one reload should see the finished file. A file renamed
+/// into place (editors, `kubectl`, the lab's writer) is whole when it appears and is read at
+/// once.
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// Set up logging and a small runtime, then run the daemon until SIGTERM/SIGINT.
@@ -223,7 +225,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<()>(16);
-    let _watcher = source::file::watch::watch(&opts.configs, reload_tx)?;
+    let in_place = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _watcher = source::file::watch::watch(&opts.configs, reload_tx, in_place.clone())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -250,9 +253,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 stages.reload().await;
             }
             Some(()) = reload_rx.recv() => {
-                // Let the burst of events from one save settle, then reload once.
-                tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                // Only renames since the last reload: the files are whole, read them now.
+                // Otherwise let the burst of events from one save settle, then reload once.
                 while reload_rx.try_recv().is_ok() {}
+                if in_place.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                    // Cleared before the drain: a write after it still debounces its reload.
+                    in_place.store(false, std::sync::atomic::Ordering::SeqCst);
+                    while reload_rx.try_recv().is_ok() {}
+                }
                 info!("configuration changed on disk: reloading");
                 stages.reload().await;
             }

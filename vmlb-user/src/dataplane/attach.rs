@@ -277,20 +277,15 @@ fn adopt_or_upgrade(spec: &AttachSpec, layout: PinLayout) -> anyhow::Result<(Att
 /// applying the same configuration again writes nothing.
 pub fn adopt_reconciler(maps: &BpfMaps, ring_entries: u32) -> anyhow::Result<Reconciler> {
     let services: Vec<_> = maps.services.iter().collect::<Result<_, _>>()?;
-    let mut backends = Vec::new();
-    for (id, b) in maps.backends.iter().enumerate() {
-        let b = b?;
-        if b.addr != 0 {
-            backends.push((id as u32, b));
-        }
-    }
+    let backends: Vec<_> = (0u32..)
+        .zip(maps.read_backends()?)
+        .filter(|(_, b)| b.addr != 0)
+        .collect();
     let ring_entries = ring_entries.max(maps.maglev.len());
     // The id spaces are the maps' own sizes (pinned maps keep the sizes they were made with).
     let limits = (maps.svc_stats.len(), maps.backends.len());
     let r = Reconciler::adopt(ring_entries, limits, &services, &backends, |base, len| {
-        (base..base + len)
-            .map(|i| Ok(maps.maglev.get(&i, 0)?))
-            .collect()
+        maps.read_ring(base, len)
     })?;
     if !services.is_empty() {
         info!(

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuValues},
     Ebpf,
 };
 use vmlb_common::{
@@ -10,7 +10,7 @@ use vmlb_common::{
     TrafficStats, MAX_SNAT_ADDRS,
 };
 
-use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 
 use super::{pins::PinLayout, Dataplane};
 use crate::conntrack::SlotTable;
@@ -20,8 +20,6 @@ pub struct BpfMaps {
     pub vips: HashMap<MapData, u32, u32>,
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
-    /// `maglev`'s descriptor again, for batched writes (aya 0.14 has no batch operations).
-    maglev_fd: OwnedFd,
     /// The flow index (client 5-tuple -> slot).
     pub flows: HashMap<MapData, FlowKey, FlowRef>,
     /// The flows (`FLOW_SLOTS`), mapped into this process.
@@ -39,69 +37,164 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
         .with_context(|| format!("map {name} missing from the object"))
 }
 
-/// A second descriptor of an array map.
-fn array_fd(map: &Map) -> anyhow::Result<OwnedFd> {
-    match map {
-        Map::Array(data) => Ok(data.fd().as_fd().try_clone_to_owned()?),
-        _ => anyhow::bail!("not an array map"),
-    }
+/// An (array) map's descriptor, for the batch operations aya 0.14 lacks; valid while the
+/// map handle lives.
+fn fd_of<V>(map: &impl IterableMap<u32, V>) -> RawFd {
+    map.map().fd().as_fd().as_raw_fd()
 }
 
-/// BPF_MAP_UPDATE_BATCH of `values` at consecutive keys from `base` into an array map: one
-/// syscall per 64k entries instead of one per entry (a 16381-slot Maglev table took ~11 ms one
-/// entry at a time). Returns false when the kernel has no batch operations for the map.
-fn update_batch(fd: &OwnedFd, base: u32, values: &[u32]) -> anyhow::Result<bool> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    /// `union bpf_attr`'s `batch` member.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
+/// `union bpf_attr`'s `batch` member (BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// Entries per batch call: bounds the key buffer; the syscall count stays tiny either way.
+const BATCH_CHUNK: usize = 1 << 16;
+
+/// One batch syscall; returns how many entries the kernel processed, and its error if any
+/// (a lookup that reaches the end of the map reports ENOENT with the entries it did read).
+fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> (usize, Option<std::io::Error>) {
+    // SAFETY: `attr` is a valid `bpf_attr.batch`; its pointers (set by the callers) point at
+    // `count` keys and `count` values that outlive the call, writable for a lookup. The kernel
+    // writes back only `count` and, for a lookup, `*out_batch`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    let err = (rc < 0).then(std::io::Error::last_os_error);
+    (attr.count as usize, err)
+}
+
+/// Whether a batch call failed because the kernel (or this map type) has no batch operations.
+fn unsupported(e: &std::io::Error) -> bool {
+    // 524: ENOTSUPP.
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524))
+}
+
+/// Drive batch calls over `len` entries: `call(done)` handles entries from `done` on and
+/// returns how many it did. When the very first call finds no batch support, `single(i)` does
+/// every entry one at a time instead. Returns whether the batch path was taken.
+fn batched(
+    len: usize,
+    mut call: impl FnMut(usize) -> (usize, Option<std::io::Error>),
+    mut single: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    let mut done = 0;
+    while done < len {
+        match call(done) {
+            // The kernel may leave `count` as it was on this error: trust only `done`.
+            (_, Some(e)) if done == 0 && unsupported(&e) => {
+                for i in 0..len {
+                    single(i)?;
+                }
+                return Ok(false);
+            }
+            (n, Some(e)) if n > 0 && e.raw_os_error() == Some(libc::ENOENT) => done += n,
+            (_, Some(e)) => {
+                return Err(e).with_context(|| format!("batch operation at entry {done}"));
+            }
+            (0, None) => anyhow::bail!("batch operation made no progress at entry {done}"),
+            (n, None) => done += n,
+        }
     }
-    for (n, chunk) in values.chunks(1 << 16).enumerate() {
-        let first = base + (n << 16) as u32;
-        let keys: Vec<u32> = (first..first + chunk.len() as u32).collect();
-        let mut done = 0usize;
-        while done < chunk.len() {
+    Ok(true)
+}
+
+/// BPF_MAP_UPDATE_BATCH of `values` at `keys` of an array map (`stride` bytes per value, as
+/// the kernel lays them out: the value size, or for a per-CPU array the value size rounded
+/// up to 8 times the possible CPUs): one syscall per 64k entries instead of one per entry (a
+/// 16381-slot Maglev table took ~11 ms one entry at a time). `single(i)` writes entry `i`
+/// when the kernel has no batch operations for the map.
+fn update_batch(
+    fd: RawFd,
+    keys: &[u32],
+    values: &[u8],
+    stride: usize,
+    single: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(values.len() == keys.len() * stride, "batch of uneven size");
+    batched(
+        keys.len(),
+        |done| {
+            let count = (keys.len() - done).min(BATCH_CHUNK);
             let mut attr = BatchAttr {
                 in_batch: 0,
                 out_batch: 0,
                 keys: keys[done..].as_ptr() as u64,
-                values: chunk[done..].as_ptr() as u64,
-                count: (chunk.len() - done) as u32,
-                map_fd: fd.as_raw_fd() as u32,
+                values: values[done * stride..].as_ptr() as u64,
+                count: count as u32,
+                map_fd: fd as u32,
                 elem_flags: 0,
                 flags: 0,
             };
-            // SAFETY: attr points at `count` keys and values that outlive the call; the kernel
-            // reads them and writes back only `count`.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_UPDATE_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    std::mem::size_of::<BatchAttr>(),
-                )
+            batch_call(BPF_MAP_UPDATE_BATCH, &mut attr)
+        },
+        single,
+    )
+}
+
+/// BPF_MAP_LOOKUP_BATCH of `len` entries of an array map from key `base` on, into `out`
+/// (`stride` bytes per value as in `update_batch`): a restart reads every pinned Maglev
+/// table, 16M entries for 1000 services, which took 16M syscalls one at a time.
+/// `single(i, value)` reads entry `base + i` when the kernel has no batch operations.
+fn lookup_batch(
+    fd: RawFd,
+    base: u32,
+    len: usize,
+    stride: usize,
+    out: &mut [u8],
+    mut single: impl FnMut(u32, &mut [u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(out.len() == len * stride, "batch of uneven size");
+    let mut keys = vec![0u32; len.min(BATCH_CHUNK)];
+    let out_ptr = out.as_mut_ptr();
+    let batched = batched(
+        len,
+        |done| {
+            let count = (len - done).min(BATCH_CHUNK);
+            // An array's batch starts after the key `in_batch` names (at 0 without one).
+            let first = base as usize + done;
+            let prev = first.wrapping_sub(1) as u32;
+            let mut next = 0u32;
+            let mut attr = BatchAttr {
+                in_batch: if first == 0 {
+                    0
+                } else {
+                    &prev as *const u32 as u64
+                },
+                out_batch: &mut next as *mut u32 as u64,
+                keys: keys.as_mut_ptr() as u64,
+                // SAFETY (of the pointer arithmetic): done * stride < out.len().
+                values: unsafe { out_ptr.add(done * stride) } as u64,
+                count: count as u32,
+                map_fd: fd as u32,
+                elem_flags: 0,
+                flags: 0,
             };
-            if rc < 0 {
-                let e = std::io::Error::last_os_error();
-                if done == 0 && n == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL | 524)) {
-                    // 524: ENOTSUPP, no batch operations for this map or kernel.
-                    return Ok(false);
-                }
-                return Err(e).with_context(|| format!("batch write at {}", first as usize + done));
-            }
-            anyhow::ensure!(attr.count > 0, "batch write made no progress");
-            done += attr.count as usize;
+            batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr)
+        },
+        |_| Ok(()),
+    )?;
+    if !batched {
+        for (i, value) in out.chunks_exact_mut(stride).enumerate() {
+            single(base + i as u32, value)?;
         }
     }
-    Ok(true)
+    Ok(batched)
 }
 
 /// Open a pinned map.
@@ -116,14 +209,11 @@ impl BpfMaps {
     /// Open the maps a daemon pinned for one interface.
     pub fn from_pins(layout: &PinLayout) -> anyhow::Result<Self> {
         let open = |name| open_pinned(layout, name);
-        let maglev = open(map_names::MAGLEV)?;
-        let maglev_fd = array_fd(&maglev)?;
         Ok(Self {
             services: open(map_names::SERVICES)?.try_into()?,
             vips: open(map_names::VIPS)?.try_into()?,
             backends: open(map_names::BACKENDS)?.try_into()?,
-            maglev: maglev.try_into()?,
-            maglev_fd,
+            maglev: open(map_names::MAGLEV)?.try_into()?,
             flows: open(map_names::FLOWS)?.try_into()?,
             slots: slot_table(open(map_names::FLOW_SLOTS)?)?,
             config: open(map_names::CONFIG)?.try_into()?,
@@ -136,14 +226,11 @@ impl BpfMaps {
 
     /// Take the maps out of a loaded object (the program keeps its references).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let maglev = take(ebpf, map_names::MAGLEV)?;
-        let maglev_fd = array_fd(&maglev)?;
         Ok(Self {
             services: take(ebpf, map_names::SERVICES)?.try_into()?,
             vips: take(ebpf, map_names::VIPS)?.try_into()?,
             backends: take(ebpf, map_names::BACKENDS)?.try_into()?,
-            maglev: maglev.try_into()?,
-            maglev_fd,
+            maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
             flows: take(ebpf, map_names::FLOWS)?.try_into()?,
             slots: slot_table(take(ebpf, map_names::FLOW_SLOTS)?)?,
             config: take(ebpf, map_names::CONFIG)?.try_into()?,
@@ -194,7 +281,6 @@ impl BpfMaps {
 
     /// Flow capacity: concurrent flows (`FLOWS`' max_entries), whichever CPUs create them.
     pub fn flow_capacity(&self) -> anyhow::Result<u32> {
-        use aya::maps::IterableMap as _;
         Ok(self.flows.map().info()?.max_entries())
     }
 
@@ -234,6 +320,75 @@ impl BpfMaps {
         Ok(())
     }
 
+    /// `len` Maglev entries from `base` (a table), in batches.
+    pub fn read_ring(&self, base: u32, len: u32) -> anyhow::Result<Vec<u32>> {
+        let mut out = vec![0u32; len as usize];
+        let fd = fd_of(&self.maglev);
+        let single = |key: u32, value: &mut [u8]| {
+            let v = self.maglev.get(&key, 0)?;
+            value.copy_from_slice(&v.to_ne_bytes());
+            Ok(())
+        };
+        let context = || format!("reading Maglev entries {base}+{len}");
+        // The first entries find out whether the kernel batches; the rest go in parallel.
+        let head = out.len().min(PROBE_ENTRIES);
+        let (first, rest) = out.split_at_mut(head);
+        let batched =
+            lookup_batch(fd, base, head, 4, as_bytes_mut(first), single).with_context(context)?;
+        let rest_base = base + head as u32;
+        if !batched {
+            for (i, value) in rest.iter_mut().enumerate() {
+                *value = self
+                    .maglev
+                    .get(&(rest_base + i as u32), 0)
+                    .with_context(context)?;
+            }
+            return Ok(out);
+        }
+        let parts = parts(rest.len());
+        let size = rest.len().div_ceil(parts.max(1)).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = rest
+                .chunks_mut(size)
+                .enumerate()
+                .map(|(n, chunk)| {
+                    scope.spawn(move || {
+                        let len = chunk.len();
+                        let at = rest_base + (n * size) as u32;
+                        lookup_batch(fd, at, len, 4, as_bytes_mut(chunk), |_, _| no_fallback(0))
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join()
+                    .map_err(|_| anyhow::anyhow!("a reader thread panicked"))?
+                    .with_context(context)?;
+            }
+            anyhow::Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Every entry of `BACKENDS` (id = index), in batches.
+    pub fn read_backends(&self) -> anyhow::Result<Vec<Backend>> {
+        let len = self.backends.len();
+        let mut out = vec![Backend::default(); len as usize];
+        lookup_batch(
+            fd_of(&self.backends),
+            0,
+            len as usize,
+            std::mem::size_of::<Backend>(),
+            as_bytes_mut(&mut out),
+            |key, value| {
+                let b = self.backends.get(&key, 0)?;
+                value.copy_from_slice(as_bytes(std::slice::from_ref(&b)));
+                Ok(())
+            },
+        )
+        .context("reading BACKENDS")?;
+        Ok(out)
+    }
+
     /// Settings that follow from the maps and the interface: the slot count (FLOW_SLOTS' size),
     /// the interface and its MAC (the source of frames sent to clients).
     pub fn init_config(&mut self, ifindex: u32, mac: [u8; 6]) -> anyhow::Result<()> {
@@ -244,6 +399,72 @@ impl BpfMaps {
             c.ifindex = ifindex;
         })?;
         self.refresh_vip_filter()
+    }
+}
+
+/// Entries done on the calling thread before a table is split across threads: enough to learn
+/// whether the kernel batches (and to make splitting a small table not worth it).
+const PROBE_ENTRIES: usize = 2048;
+/// Fewest entries worth a thread of their own (~0.2 ms of kernel copies at ~100 ns each,
+/// against ~30 µs to start a thread).
+const MIN_PART: usize = 2048;
+
+/// How many threads for `len` entries: the kernel's per-entry work in a batch (a user copy
+/// with hardened-usercopy checks and the element copy, 100-200 ns) is CPU-bound and an array
+/// takes no lock, so a 1000-table load or restart is up to this many times faster.
+fn parts(len: usize) -> usize {
+    // Asked once: the standard library reads the cgroup files each time.
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    cpus.min(4).min(len / MIN_PART).max(1)
+}
+
+/// Run `f` over `0..len` split in `parts(len)` ranges, each on a thread of its own.
+fn in_parallel(
+    len: usize,
+    f: impl Fn(std::ops::Range<usize>) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    let parts = parts(len);
+    if parts <= 1 {
+        return if len == 0 { Ok(()) } else { f(0..len) };
+    }
+    let size = len.div_ceil(parts);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let workers: Vec<_> = (0..len)
+            .step_by(size)
+            .map(|start| scope.spawn(move || f(start..(start + size).min(len))))
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a map writer thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// The fallback for batches after the first succeeded: the kernel cannot lose batch support.
+fn no_fallback(_: usize) -> anyhow::Result<()> {
+    anyhow::bail!("batch operations failed after the first batch succeeded")
+}
+
+/// `values` as the bytes the kernel copies.
+fn as_bytes<T: aya::Pod>(values: &[T]) -> &[u8] {
+    // SAFETY: `Pod` types are plain data without padding the kernel could not read; the
+    // slice covers exactly the values' memory.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
+}
+
+/// `values` as bytes the kernel may overwrite.
+fn as_bytes_mut<T: aya::Pod>(values: &mut [T]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`; any bytes are a valid `Pod` value.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            values.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(values),
+        )
     }
 }
 
@@ -262,15 +483,23 @@ impl Dataplane for BpfMaps {
     }
 
     fn write_ring(&mut self, base: u32, table: &[u32]) -> anyhow::Result<()> {
-        if update_batch(&self.maglev_fd, base, table)? {
-            return Ok(());
+        let keys: Vec<u32> = (base..base + table.len() as u32).collect();
+        let fd = fd_of(&self.maglev);
+        let maglev = &mut self.maglev;
+        let mut single = |i: usize| {
+            maglev
+                .set(keys[i], table[i], 0)
+                .with_context(|| format!("writing Maglev entry {}", keys[i]))
+        };
+        // The first entries find out whether the kernel batches; the rest go in parallel.
+        let head = table.len().min(PROBE_ENTRIES);
+        if !update_batch(fd, &keys[..head], as_bytes(&table[..head]), 4, &mut single)? {
+            return (head..table.len()).try_for_each(single);
         }
-        for (i, id) in table.iter().enumerate() {
-            self.maglev
-                .set(base + i as u32, id, 0)
-                .with_context(|| format!("writing Maglev entry {}", base as usize + i))?;
-        }
-        Ok(())
+        in_parallel(table.len() - head, |r| {
+            let r = head + r.start..head + r.end;
+            update_batch(fd, &keys[r.clone()], as_bytes(&table[r]), 4, no_fallback).map(drop)
+        })
     }
 
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> anyhow::Result<()> {
@@ -329,4 +558,121 @@ impl Dataplane for BpfMaps {
 
 fn nr_cpus() -> anyhow::Result<usize> {
     aya::util::nr_cpus().map_err(|(_, e)| anyhow::anyhow!("reading the possible CPUs: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(code: i32) -> Option<std::io::Error> {
+        Some(std::io::Error::from_raw_os_error(code))
+    }
+
+    #[test]
+    fn batches_until_every_entry_is_done() {
+        let mut calls = Vec::new();
+        let batched = batched(
+            10,
+            |done| {
+                calls.push(done);
+                (4.min(10 - done), None)
+            },
+            |_| panic!("no fallback when batches work"),
+        )
+        .expect("batches");
+        assert!(batched);
+        assert_eq!(calls, [0, 4, 8]);
+    }
+
+    #[test]
+    fn falls_back_to_single_entries_without_batch_support() {
+        // ENOTSUPP (524) and EINVAL, with the kernel leaving `count` as it was.
+        for code in [524, libc::EINVAL] {
+            let mut singles = Vec::new();
+            let batched = batched(
+                3,
+                |_| (3, err(code)),
+                |i| {
+                    singles.push(i);
+                    Ok(())
+                },
+            )
+            .expect("falls back");
+            assert!(!batched);
+            assert_eq!(singles, [0, 1, 2]);
+        }
+    }
+
+    #[test]
+    fn a_lookup_reaching_the_map_end_counts_what_it_read() {
+        let mut calls = 0;
+        let batched = batched(
+            5,
+            |done| {
+                calls += 1;
+                if done == 0 {
+                    (5, err(libc::ENOENT))
+                } else {
+                    (0, err(libc::ENOENT))
+                }
+            },
+            |_| panic!("no fallback"),
+        )
+        .expect("ENOENT with entries is progress");
+        assert!(batched);
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn errors_after_progress_and_stalls_are_reported() {
+        // Past the end of the map: ENOENT with nothing read.
+        let e = batched(
+            5,
+            |done| {
+                if done == 0 {
+                    (2, None)
+                } else {
+                    (0, err(libc::ENOENT))
+                }
+            },
+            |_| Ok(()),
+        )
+        .expect_err("reading past the end");
+        assert!(format!("{e:#}").contains("at entry 2"), "{e:#}");
+        // EINVAL after some entries were done is an error, not a reason to start over.
+        let e = batched(
+            5,
+            |done| {
+                if done == 0 {
+                    (2, None)
+                } else {
+                    (0, err(libc::EINVAL))
+                }
+            },
+            |_| Ok(()),
+        )
+        .expect_err("EINVAL later");
+        assert!(format!("{e:#}").contains("at entry 2"), "{e:#}");
+        let e = batched(5, |_| (0, None), |_| Ok(())).expect_err("no progress");
+        assert!(format!("{e:#}").contains("no progress"), "{e:#}");
+        // A fallback that fails reports its error.
+        let e = batched(
+            2,
+            |_| (0, err(524)),
+            |i| {
+                anyhow::ensure!(i == 0, "entry {i}");
+                Ok(())
+            },
+        )
+        .expect_err("single write fails");
+        assert!(format!("{e:#}").contains("entry 1"), "{e:#}");
+    }
+
+    #[test]
+    fn byte_views_cover_the_values() {
+        let mut v = [1u32, 2];
+        assert_eq!(as_bytes(&v).len(), 8);
+        as_bytes_mut(&mut v)[4..].copy_from_slice(&7u32.to_ne_bytes());
+        assert_eq!(v, [1, 7]);
+    }
 }
