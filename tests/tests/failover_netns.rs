@@ -35,11 +35,11 @@ use std::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
     },
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Mutex, OnceLock,
+        Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -48,6 +48,7 @@ use std::{
 use apiserver::{kubeconfig, ApiServer};
 use serde_json::{json, Value};
 use vmlb_tests::{
+    daemon::vmlb_bin,
     lab::{
         curl, mount_bpffs, stop_group, unmount_bpffs, HttpConn, Httpd, Lab, Ns, NODE_ADDR,
         NODE_DEV, NODE_MAC, VIP,
@@ -82,29 +83,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keep-alive connections open across the failover.
 const ESTABLISHED: usize = 4;
-
-/// The vmlb binary, built once per test process (`cargo test` does not build a dependency's
-/// binaries).
-fn vmlb_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(&cargo)
-            .args(["build", "-p", "vmlb-user", "--bin", "vmlb"])
-            .current_dir(root)
-            .output()
-            .expect("running cargo");
-        assert!(
-            out.status.success(),
-            "building vmlb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| root.join("target"), |t| root.join(t));
-        target.join("debug").join("vmlb")
-    })
-}
 
 /// One node's directory with a bpffs for its pins; unmounted and removed on drop.
 struct Dir(PathBuf);

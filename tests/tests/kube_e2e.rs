@@ -17,8 +17,7 @@ use std::{
     net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::OnceLock,
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -26,6 +25,7 @@ use std::{
 use apiserver::{kubeconfig, ApiServer};
 use serde_json::{json, Value};
 use vmlb_tests::{
+    daemon::vmlb_bin,
     lab::{curl, mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP},
     netns::Netns,
 };
@@ -33,29 +33,6 @@ use vmlb_user::observe::state::{state_path, DaemonState};
 
 const NS: &str = "vmlb-system";
 const NODE: &str = "node-0";
-
-/// The vmlb binary, built once per test process (`cargo test` does not build a dependency's
-/// binaries).
-fn vmlb_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(&cargo)
-            .args(["build", "-p", "vmlb-user", "--bin", "vmlb"])
-            .current_dir(root)
-            .output()
-            .expect("running cargo");
-        assert!(
-            out.status.success(),
-            "building vmlb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| root.join("target"), |t| root.join(t));
-        target.join("debug").join("vmlb")
-    })
-}
 
 /// The test's directory with a bpffs for the pins; removed (and unmounted) on drop.
 struct Dir(PathBuf);

@@ -19,11 +19,8 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU16, AtomicU32, Ordering},
-        OnceLock,
-    },
+    process::{Child, Stdio},
+    sync::atomic::{AtomicU16, AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -31,6 +28,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _};
 use serde_json::Value;
 use vmlb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+use vmlb_tests::daemon::vmlb_bin;
 use vmlb_tests::lab::{
     curl, mount_bpffs, stop_group, unmount_bpffs, vm_mac, HttpConn, Httpd, Lab, NODE_ADDR,
     NODE_DEV, VIP, VM1_ADDR, VM2_ADDR, VM3_ADDR,
@@ -48,32 +46,6 @@ const FAST_HEALTH: &[(&str, &str)] = &[
     ("vmlb.io/health-timeout", "300ms"),
     ("vmlb.io/health-fall", "2"),
 ];
-
-/// The vmlb binary, built once per test process.
-fn vmlb_bin() -> &'static Path {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ lives in the workspace");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(&cargo)
-            .args(["build", "-p", "vmlb-user", "--bin", "vmlb"])
-            .current_dir(root)
-            .output()
-            .map_err(|e| format!("running {cargo}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cargo build -p vmlb-user --bin vmlb failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| root.join("target"), |t| root.join(t));
-        Ok(target.join("debug").join("vmlb"))
-    });
-    built.as_deref().unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// A ServiceEntry like the seed's: VIP 10.10.1.128 on `ports`, one endpoint per address (taken
 /// as written, so a test can write an invalid one).
