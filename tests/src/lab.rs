@@ -181,15 +181,21 @@ impl Trunk {
                 .try_into()?;
             prog.load()?;
         }
-        for (ns, dev) in [(segment, NODE_PEER), (node, NODE_DEV)] {
+        let ends = [(segment, NODE_PEER), (node, NODE_DEV)];
+        for (ns, dev) in ends {
             ns.exec(&["ethtool", "-K", dev, "txvlan", "off"])
                 .context("turning off tx VLAN offload")?;
-            // Interface names are looked up in the calling thread's namespace.
-            let _in_ns = ns.enter()?;
-            for (name, how) in [
-                ("trunk_push", TcAttachType::Egress),
-                ("trunk_pop", TcAttachType::Ingress),
-            ] {
+        }
+        // Both ends tag before either drops untagged frames: the namespaces' stacks send on
+        // their own (IPv6 DAD, MLD, router solicitations), and a frame sent untagged while
+        // only the far end filtered would count as a drop the tests did not cause.
+        for (name, how) in [
+            ("trunk_push", TcAttachType::Egress),
+            ("trunk_pop", TcAttachType::Ingress),
+        ] {
+            for (ns, dev) in ends {
+                // Interface names are looked up in the calling thread's namespace.
+                let _in_ns = ns.enter()?;
                 let prog: &mut SchedClassifier =
                     obj.program_mut(name).expect("loaded above").try_into()?;
                 prog.attach(dev, how)
