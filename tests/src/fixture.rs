@@ -72,6 +72,7 @@ pub fn svc(port: u16, proto: Proto, backends: &[BackendSpec]) -> ServiceSpec {
         vip: VIP,
         port,
         proto,
+        mode: Default::default(),
         snat: vec![SNAT],
         snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
         ring_size: vmlb_common::maglev::DEFAULT_RING_SIZE,

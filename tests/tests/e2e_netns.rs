@@ -52,6 +52,7 @@ fn curl_through_vip_reaches_both_vms_with_snat_source() {
         vip: VIP,
         port: 80,
         proto: Proto::Tcp,
+        mode: Default::default(),
         snat: vec![NODE_ADDR],
         snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
         ring_size: 16381,

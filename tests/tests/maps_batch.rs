@@ -92,6 +92,7 @@ fn a_restart_adopts_the_maps_and_the_same_configuration_writes_nothing() {
             vip: Ipv4Addr::new(10, 66, 0, k),
             port: 80,
             proto: Proto::Tcp,
+            mode: Default::default(),
             snat: vec![Ipv4Addr::new(10, 64, 0, 1)],
             snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
             ring_size: RING,

@@ -20,6 +20,7 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const SVC_STATS: &str = "SVC_STATS";
     pub const BE_STATS: &str = "BE_STATS";
+    pub const DNAT_ENDPOINTS: &str = "DNAT_ENDPOINTS";
 }
 
 /// Name of the XDP entry point in the object.
@@ -83,8 +84,44 @@ const _: () = assert!(size_of::<ServiceKey>() == 8);
 /// owns all its VIPs unless told otherwise; with Kubernetes the VIP's elected node does).
 pub const VIP_F_OWNED: u32 = 1;
 
-/// `Service::flags`: SNAT the client to `snat_addrs` (the only mode so far; DNAT-only later).
+/// `Service::flags`: SNAT the client to `snat_addrs` (full NAT; the backend sees a node
+/// address and replies to it).
 pub const SVC_F_SNAT: u32 = 1;
+/// `Service::flags`: rewrite only the destination, so the backend sees the client's address.
+/// Its replies must come back through the node (its gateway or its route to the clients); they
+/// are recognised by their source (`DNAT_ENDPOINTS`).
+pub const SVC_F_DNAT: u32 = 2;
+
+/// Slots a dnat flow may take, from its reply tuple's own slot on. A dnat flow's tuple is the
+/// client's (there is no SNAT port to choose), so a taken slot is skipped instead of choosing
+/// another tuple; the reply looks through the same few slots.
+pub const DNAT_PROBES: u32 = 4;
+
+/// `DNAT_ENDPOINTS` key: a backend's address, port and protocol (wire order), the source of
+/// its replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<EndpointKey>() == 8);
+
+/// `DNAT_ENDPOINTS` value: the dnat service this backend endpoint serves (a backend endpoint
+/// serves at most one dnat service, so its replies name it without any state). It lets a node
+/// that took a VIP over translate replies of connections it has never seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnatEndpoint {
+    pub vip: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<DnatEndpoint>() == 16);
 
 /// `SERVICES` value.
 #[repr(C)]
@@ -176,6 +213,11 @@ pub const FLOW_GEN_SHIFT: u32 = 8;
 /// tuple can be held by at most one flow at a time (the one in its slot), including while it
 /// waits out the backend's TIME_WAIT after close. The client direction finds it through `FLOWS`.
 /// One slot per flow means the two directions are created, found, expired and freed as one.
+///
+/// A dnat flow (`SVC_F_DNAT`) has no SNAT tuple: `snat_addr`/`snat_port` hold the client's own
+/// address and port (what the backend replies to), and the flow sits in the first free of
+/// `DNAT_PROBES` slots from that reply tuple's slot, so every path that reads the "SNAT" side
+/// (reply, ICMP errors, the sweep) serves both modes unchanged.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -290,8 +332,11 @@ pub struct Config {
     /// lookup on nearly every new flow (measured: ~25 ns of ~460). User space sets a bit
     /// before the VIP is written and rebuilds the filter after one is removed.
     pub vip_filter: [u32; 4],
+    /// Entries in `DNAT_ENDPOINTS`: 0 spares every packet that is neither to a VIP nor to a
+    /// SNAT address the lookup of its source there.
+    pub dnat_endpoints: u32,
     /// Room to grow without changing the pinned map's value size.
-    pub _reserved: [u32; 2],
+    pub _reserved: [u32; 1],
 }
 const _: () = assert!(size_of::<Config>() == 128);
 
@@ -371,6 +416,8 @@ mod pod {
     unsafe impl aya::Pod for super::Hop {}
     unsafe impl aya::Pod for super::RateBucket {}
     unsafe impl aya::Pod for super::TrafficStats {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::DnatEndpoint {}
 }
 
 #[cfg(test)]

@@ -98,11 +98,19 @@ pub enum Counter {
     IcmpErrorTranslated = 37,
     /// An ICMP error to a VIP that quotes no flow, or too little of the packet to name one.
     DropIcmpError = 38,
+    /// A dnat backend's reply that no flow here knows (the VIP moved to this node, or the flow
+    /// expired): its source is rewritten to the service's VIP and port (`DNAT_ENDPOINTS`) and
+    /// the node's kernel routes it to the client.
+    PassDnatStateless = 39,
+    /// A client's packet for a dnat service without a flow and not a SYN (a connection made
+    /// through another node before a takeover): sent to its Maglev backend without creating
+    /// state.
+    DnatStateless = 40,
 }
 
 impl Counter {
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 39;
+    pub const COUNT: u32 = 41;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIpv4,
@@ -144,6 +152,8 @@ impl Counter {
         Counter::DropIcmpEcho,
         Counter::IcmpErrorTranslated,
         Counter::DropIcmpError,
+        Counter::PassDnatStateless,
+        Counter::DnatStateless,
     ];
 
     /// snake_case name, used as a metric label and in the CLI.
@@ -188,6 +198,8 @@ impl Counter {
             Counter::DropIcmpEcho => "drop_icmp_echo",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::DropIcmpError => "drop_icmp_error",
+            Counter::PassDnatStateless => "pass_dnat_stateless",
+            Counter::DnatStateless => "dnat_stateless",
         }
     }
 
@@ -209,7 +221,8 @@ impl Counter {
             | Counter::PassTtlExceeded
             | Counter::PassArp
             | Counter::PassOtherVlan
-            | Counter::PassQinq => CounterKind::Pass,
+            | Counter::PassQinq
+            | Counter::PassDnatStateless => CounterKind::Pass,
             Counter::DropTruncated
             | Counter::DropBadHeader
             | Counter::DropFragment
@@ -227,9 +240,11 @@ impl Counter {
             | Counter::TxRedirect
             | Counter::TxArpReply
             | Counter::TxIcmpEchoReply => CounterKind::Tx,
-            Counter::FlowNew | Counter::FlowHit | Counter::FlowRebalanced | Counter::ReplyHit => {
-                CounterKind::Flow
-            }
+            Counter::FlowNew
+            | Counter::FlowHit
+            | Counter::FlowRebalanced
+            | Counter::ReplyHit
+            | Counter::DnatStateless => CounterKind::Flow,
             Counter::SnatPortCollision
             | Counter::FlowStale
             | Counter::FlowClosing

@@ -97,6 +97,39 @@ pub fn find_reply(idx: u32, key: &FlowKey) -> Option<(*mut Flow, u64)> {
     ok.then_some((f, c))
 }
 
+/// The `probe`-th slot a dnat flow with this reply tuple may take (`DNAT_PROBES`): the tuple's
+/// own slot, then the ones after it, wrapping.
+#[inline(always)]
+pub fn dnat_slot(base: u32, probe: u32, slot_count: u32) -> u32 {
+    let idx = base + probe;
+    if idx >= slot_count {
+        idx - slot_count
+    } else {
+        idx
+    }
+}
+
+/// The reply direction of a dnat flow: the tuple's slot and the `DNAT_PROBES - 1` after it.
+#[inline(always)]
+pub fn find_dnat_reply(key: &FlowKey, slot_count: u32) -> Option<(*mut Flow, u64)> {
+    let base = vmlb_common::hash::tuple_slot(
+        key.src_addr,
+        key.dst_addr,
+        key.src_port,
+        key.dst_port,
+        key.proto,
+        slot_count,
+    );
+    let mut probe = 0;
+    while probe < vmlb_common::DNAT_PROBES {
+        if let Some(found) = find_reply(dnat_slot(base, probe, slot_count), key) {
+            return Some(found);
+        }
+        probe += 1;
+    }
+    None
+}
+
 /// Move a live flow to `to` (a TCP state change), unless someone changed it first. Closing
 /// records its time (the only clock read on the established and reply paths, once per flow).
 #[inline(always)]

@@ -88,7 +88,10 @@ fn handle(
     // SAFETY: `ip` and `eth` were bounds-checked by parse().
     let (dst, dst_mac) = unsafe { ((*ip).daddr, (*eth).dst) };
     let to_vip = lookup::is_vip(dst);
-    if !to_vip && !ct::is_snat_addr(dst, cfg) {
+    let to_snat = !to_vip && ct::is_snat_addr(dst, cfg);
+    // With dnat services, an error to any address may be about a packet a client sent to a
+    // backend (the quote names the backend); without, only SNAT addresses need a look.
+    if !to_vip && !to_snat && cfg.dnat_endpoints == 0 {
         return Err(Counter::PassNotVip);
     }
     if !forward::for_us(ctx, &dst_mac, cfg) {
@@ -113,7 +116,7 @@ fn handle(
                 end,
                 vlan_dev,
             };
-            error(ctx, &quote, to_vip, cfg)
+            error(ctx, &quote, to_vip, to_snat, cfg)
         }
         _ if to_vip => Err(Counter::PassUnsupportedProto),
         // Echo replies and the like for the node's own address.
@@ -175,13 +178,22 @@ struct Quote {
 
 /// Translate an ICMP error quoting a NATed packet. `to_vip`: sent by the client's side about a
 /// packet we sent it (VIP -> client), so it goes to the backend; else sent by the backend's
-/// side about a packet we sent there (SNAT address -> backend), so it goes to the client.
+/// side about a packet we sent there (SNAT address -> backend, `to_snat`; or, for a dnat
+/// flow, client -> backend), so it goes to the client.
 #[inline(always)]
-fn error(ctx: &XdpContext, q: &Quote, to_vip: bool, cfg: &Config) -> Result<u32, Counter> {
+fn error(
+    ctx: &XdpContext,
+    q: &Quote,
+    to_vip: bool,
+    to_snat: bool,
+    cfg: &Config,
+) -> Result<u32, Counter> {
     let no_flow = if to_vip {
         Counter::DropIcmpError
-    } else {
+    } else if to_snat {
         Counter::PassReplyNoFlow
+    } else {
+        Counter::PassNotVip
     };
     // SAFETY: bounds-checked by parse().
     let (osrc, odst, ttl) = unsafe { ((*q.ip).saddr, (*q.ip).daddr, (*q.ip).ttl) };
@@ -227,6 +239,8 @@ fn error(ctx: &XdpContext, q: &Quote, to_vip: bool, cfg: &Config) -> Result<u32,
     };
     let (f, _) = if to_vip {
         ct::find(&key)
+    } else if !to_snat {
+        ct::find_dnat_reply(&key, cfg.slot_count)
     } else {
         let idx = tuple_slot(
             key.src_addr,

@@ -1,8 +1,11 @@
 //! Lookup: services, the Maglev ring, backends.
 
-use vmlb_common::{hash::maglev_slot, Backend, Counter, FlowKey, Service, ServiceKey, BE_F_UP};
+use vmlb_common::{
+    hash::maglev_slot, Backend, Counter, DnatEndpoint, EndpointKey, FlowKey, Service, ServiceKey,
+    BE_F_UP,
+};
 
-use crate::maps::{BACKENDS, MAGLEV, SERVICES, VIPS};
+use crate::maps::{BACKENDS, DNAT_ENDPOINTS, MAGLEV, SERVICES, VIPS};
 
 #[inline(always)]
 pub fn service(key: &FlowKey) -> Option<Service> {
@@ -14,6 +17,19 @@ pub fn service(key: &FlowKey) -> Option<Service> {
     };
     // SAFETY: copied out at once.
     SERVICES.get_ptr(&skey).map(|s| unsafe { *s })
+}
+
+/// The dnat service whose backend sent this packet (its source), if any.
+#[inline(always)]
+pub fn dnat_endpoint(key: &FlowKey) -> Option<DnatEndpoint> {
+    let ekey = EndpointKey {
+        addr: key.src_addr,
+        port: key.src_port,
+        proto: key.proto,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    DNAT_ENDPOINTS.get_ptr(&ekey).map(|e| unsafe { *e })
 }
 
 #[inline(always)]

@@ -29,8 +29,8 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 use vmlb_common::{
     flow_state as st,
     hash::{flow_hash, snat_addr_index, snat_pick, snat_port, tuple_slot},
-    Backend, Config, Counter, Flow, Service, IPPROTO_TCP, MAX_SNAT_PER_SERVICE,
-    SNAT_RANDOM_RETRIES, SNAT_RETRIES,
+    vip_filter_has, Backend, Config, Counter, DnatEndpoint, Flow, FlowKey, Service, DNAT_PROBES,
+    IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES, SNAT_RETRIES, SVC_F_DNAT,
 };
 
 use crate::{
@@ -99,6 +99,16 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
     // A backend's reply: the SNAT tuple names its slot.
     if ct::is_snat_addr(p.key.dst_addr, cfg) {
         return reply(ctx, &p, cfg);
+    }
+    // A dnat backend's reply, named by its source (looked up only when dnat services exist).
+    // The same endpoint talking to a VIP is a client, not a reply.
+    if cfg.dnat_endpoints != 0 {
+        if let Some(ep) = lookup::dnat_endpoint(&p.key) {
+            let dst = p.key.dst_addr;
+            if !(vip_filter_has(&cfg.vip_filter, dst) && lookup::is_vip(dst)) {
+                return dnat_reply(ctx, &p, cfg, &ep);
+            }
+        }
     }
 
     // A SYN opens a flow without looking for one first (its index insert finds an existing
@@ -183,6 +193,37 @@ fn reply(ctx: &XdpContext, p: &Packet, cfg: &Config) -> Result<u32, Counter> {
         cfg.slot_count,
     );
     let (f, c) = ct::find_reply(idx, k).ok_or(Counter::PassReplyNoFlow)?;
+    to_client(ctx, p, cfg, f, c)
+}
+
+/// A reply to a dnat service's client. Without a flow here (the VIP moved to this node, or the
+/// flow expired) its source alone names the service: it is translated to the VIP and left to
+/// the node's kernel, which routes it to the client (the node is the backend's gateway).
+#[inline(always)]
+fn dnat_reply(
+    ctx: &XdpContext,
+    p: &Packet,
+    cfg: &Config,
+    ep: &DnatEndpoint,
+) -> Result<u32, Counter> {
+    let k = &p.key;
+    if let Some((f, c)) = ct::find_dnat_reply(k, cfg.slot_count) {
+        return to_client(ctx, p, cfg, f, c);
+    }
+    nat::rewrite(p, ep.vip, ep.port, k.dst_addr, k.dst_port);
+    count_traffic(ep.service_id, ep.backend_id, p.len, false, true);
+    Err(Counter::PassDnatStateless)
+}
+
+/// The reply of flow `f` (state `c`), translated back and sent to its client.
+#[inline(always)]
+fn to_client(
+    ctx: &XdpContext,
+    p: &Packet,
+    cfg: &Config,
+    f: *mut Flow,
+    c: u64,
+) -> Result<u32, Counter> {
     ct::track(f, c, p.tcp_flags, true);
     ct::touch(f);
     // SAFETY: a valid map value pointer; copied out at once.
@@ -230,12 +271,19 @@ fn new_flow(
     if ct::martian(k.src_addr, cfg) {
         return Err(Counter::DropMartian);
     }
+    let dnat = svc.flags & SVC_F_DNAT != 0;
     // Only a SYN opens a TCP flow (an ACK or RST flood creates no state); a flow moved off a
     // down backend is the exception: its next packet reaches the new backend, which resets it.
     if k.proto == IPPROTO_TCP
         && !rebalance
         && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN
     {
+        if dnat {
+            // A dnat connection needs no state to go on: the client's own tuple reaches the
+            // backend Maglev still picks, so connections made through another node survive
+            // a takeover (their replies: `dnat_reply`).
+            return dnat_stateless(ctx, p, &svc).map(Some);
+        }
         return Err(Counter::DropTcpNoFlow);
     }
     let now = ct::now();
@@ -245,18 +293,19 @@ fn new_flow(
     let be = lookup::backend(backend_id)?;
     let pick = snat_pick(hash, svc.snat_count);
     // The FIB source only matters for policy routing; any address of the pool will do.
+    let fib_src = if dnat { k.src_addr } else { svc.snat_addrs[0] };
     let hop = forward::hop(
         ctx,
         &forward::L3::of(p),
         backend_id,
-        svc.snat_addrs[0],
+        fib_src,
         be.addr,
         Some(now),
     )?;
 
     // The first candidate's slot is read before the index insert: both are cache misses into
     // large tables, and issued this way they overlap instead of following each other.
-    let (snat0, port0, idx0) = candidate(&svc, &be, k.proto, hash, pick, 0, cfg.slot_count)?;
+    let (snat0, port0, idx0) = candidate(&svc, &be, k, hash, pick, 0, cfg.slot_count)?;
     let f0 = ct::slot(idx0).ok_or(Counter::DropBadBackend)?;
     let c0 = ct::load(f0);
     if let ct::Indexed::Exists = ct::index(k, idx0, replace)? {
@@ -266,9 +315,13 @@ fn new_flow(
     let mut claimed = ct::claim(f0, c0, now).map(|c| (f0, c, idx0, snat0, port0));
     if claimed.is_none() {
         count(Counter::SnatPortCollision);
-        for attempt in 1..SNAT_RETRIES + SNAT_RANDOM_RETRIES {
-            let (snat, port, idx) =
-                candidate(&svc, &be, k.proto, hash, pick, attempt, cfg.slot_count)?;
+        let attempts = if dnat {
+            DNAT_PROBES
+        } else {
+            SNAT_RETRIES + SNAT_RANDOM_RETRIES
+        };
+        for attempt in 1..attempts {
+            let (snat, port, idx) = candidate(&svc, &be, k, hash, pick, attempt, cfg.slot_count)?;
             if let Some(f) = ct::slot(idx) {
                 if let Some(c) = ct::claim(f, ct::load(f), now) {
                     claimed = Some((f, c, idx, snat, port));
@@ -281,7 +334,11 @@ fn new_flow(
     }
     let Some((f, c, _, snat, port)) = claimed else {
         ct::unindex(k);
-        return Err(Counter::DropSnatExhausted);
+        return Err(if dnat {
+            Counter::DropFlowTableFull
+        } else {
+            Counter::DropSnatExhausted
+        });
     };
     // SAFETY: the slot is ours (CLAIMING) until published; `eth` was bounds-checked by parse().
     unsafe {
@@ -322,20 +379,55 @@ fn new_flow(
     )))
 }
 
+/// A dnat service's client packet without a flow and not a SYN: to its Maglev backend, no state.
+#[inline(always)]
+fn dnat_stateless(ctx: &XdpContext, p: &Packet, svc: &Service) -> Result<u32, Counter> {
+    let k = &p.key;
+    let backend_id = lookup::pick_backend(svc, flow_hash(k))?;
+    let be = lookup::backend(backend_id)?;
+    let hop = forward::hop(
+        ctx,
+        &forward::L3::of(p),
+        backend_id,
+        k.src_addr,
+        be.addr,
+        None,
+    )?;
+    count(Counter::DnatStateless);
+    nat::rewrite(p, k.src_addr, k.src_port, be.addr, be.port);
+    count_traffic(svc.id, backend_id, p.len, false, false);
+    Ok(forward::send(
+        ctx,
+        p.eth,
+        p.vlan_dev,
+        hop.ifindex,
+        &hop.dst_mac,
+        &hop.src_mac,
+    ))
+}
+
 /// The `attempt`-th SNAT candidate of a flow: (address, port in wire order, slot). The first
 /// `SNAT_RETRIES` come from the flow hash, so `vmlb simulate` can name them; then random ones,
 /// because a client that reuses its 5-tuple gets the same hashed candidates every time. Each
 /// candidate also moves on to the next address of the pool.
+///
+/// A dnat flow keeps the client's tuple: its candidates are the slots after that tuple's own.
 #[inline(always)]
 fn candidate(
     svc: &Service,
     be: &Backend,
-    proto: u8,
+    k: &FlowKey,
     hash: u32,
     pick: u32,
     attempt: u32,
     slot_count: u32,
 ) -> Result<(u32, u16, u32), Counter> {
+    let proto = k.proto;
+    if svc.flags & SVC_F_DNAT != 0 {
+        let base = tuple_slot(be.addr, k.src_addr, be.port, k.src_port, proto, slot_count);
+        let idx = ct::dnat_slot(base, attempt, slot_count);
+        return Ok((k.src_addr, k.src_port, idx));
+    }
     let a = snat_addr_index(pick, attempt, svc.snat_count) as usize;
     let snat = *svc
         .snat_addrs

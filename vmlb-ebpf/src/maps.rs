@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use vmlb_common::{
-    Backend, Config, Counter, Flow, FlowKey, FlowRef, Hop, RateBucket, Service, ServiceKey,
-    TrafficStats, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
-    RATE_COUNT, SLOTS_PER_FLOW,
+    Backend, Config, Counter, DnatEndpoint, EndpointKey, Flow, FlowKey, FlowRef, Hop, RateBucket,
+    Service, ServiceKey, TrafficStats, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS,
+    MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
 };
 
 /// BPF_F_MMAPABLE: user space maps `FLOW_SLOTS` to sweep it and to free slots with the same
@@ -22,6 +22,11 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MA
 /// from "not ours" (passed), and whether to answer ARP for it.
 #[map]
 pub static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// The backends of dnat services, by the source of their replies (see `DnatEndpoint`).
+#[map]
+pub static DNAT_ENDPOINTS: HashMap<EndpointKey, DnatEndpoint> =
+    HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -34,14 +34,36 @@ impl Proto {
     }
 }
 
+/// How a service's packets reach the backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// Full NAT: destination to the backend, source to a node (SNAT) address. The backend
+    /// needs no route back to clients; it sees the node's address.
+    #[default]
+    Snat,
+    /// Destination only: the backend sees the client's address. Its replies must be routed
+    /// through the node (its gateway, or its route to the clients).
+    Dnat,
+}
+
+impl Mode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::Snat => "snat",
+            Mode::Dnat => "dnat",
+        }
+    }
+}
+
 /// A VIP:port/proto balanced over backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub proto: Proto,
+    pub mode: Mode,
     /// Source addresses towards the backends (a pool, used by flow hash; at most
-    /// `vmlb_common::MAX_SNAT_PER_SERVICE`).
+    /// `vmlb_common::MAX_SNAT_PER_SERVICE`); empty in dnat mode.
     pub snat: Vec<Ipv4Addr>,
     /// SNAT source ports (inclusive). The default keeps clear of the node's own ephemeral
     /// ports; a dedicated SNAT address may use 1024-65535.

@@ -15,13 +15,13 @@ use anyhow::{bail, Context as _};
 use vmlb_common::{
     hash,
     maglev::{self, MaglevBackend},
-    Backend, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS,
-    MAX_SNAT_PER_SERVICE, SVC_F_SNAT, VIP_F_OWNED,
+    Backend, DnatEndpoint, EndpointKey, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SNAT_ADDRS, MAX_SNAT_PER_SERVICE, SVC_F_DNAT, SVC_F_SNAT, VIP_F_OWNED,
 };
 
 use crate::{
     dataplane::Dataplane,
-    model::{BackendSpec, Proto, ServiceSpec},
+    model::{BackendSpec, Mode, Proto, ServiceSpec},
     ring_alloc::RingAlloc,
 };
 
@@ -58,6 +58,8 @@ pub struct Reconciler {
     owned: Option<BTreeSet<u32>>,
     service_ids: IdPool,
     backend_ids: IdPool,
+    /// Installed `DNAT_ENDPOINTS` entries.
+    dnat: BTreeMap<EndpointKey, DnatEndpoint>,
 }
 
 impl Reconciler {
@@ -77,6 +79,7 @@ impl Reconciler {
             owned: None,
             service_ids: IdPool::new(max_services),
             backend_ids: IdPool::new(max_backends),
+            dnat: BTreeMap::new(),
         }
     }
 
@@ -88,9 +91,11 @@ impl Reconciler {
         (max_services, max_backends): (u32, u32),
         services: &[(ServiceKey, Service)],
         backends: &[(u32, Backend)],
+        dnat: &[(EndpointKey, DnatEndpoint)],
         ring: impl Fn(u32, u32) -> anyhow::Result<Vec<u32>>,
     ) -> anyhow::Result<Self> {
         let mut r = Self::with_limits(ring_entries, max_services, max_backends);
+        r.dnat = dnat.iter().copied().collect();
         // Each service's backends, found once rather than by a scan per service.
         let mut by_service: BTreeMap<u32, Vec<(u32, &Backend)>> = BTreeMap::new();
         for (id, b) in backends.iter().filter(|(_, b)| b.addr != 0) {
@@ -127,6 +132,11 @@ impl Reconciler {
                 proto: Proto::from_number(key.proto).with_context(|| {
                     format!("pinned service {} has protocol {}", value.id, key.proto)
                 })?,
+                mode: if value.flags & SVC_F_DNAT != 0 {
+                    Mode::Dnat
+                } else {
+                    Mode::Snat
+                },
                 snat: value.snat_addrs[..(value.snat_count as usize).min(MAX_SNAT_PER_SERVICE)]
                     .iter()
                     .map(|a| Ipv4Addr::from(a.to_ne_bytes()))
@@ -229,6 +239,24 @@ impl Reconciler {
                 );
             }
         }
+        // The sources already refuse this with file and line; checked again because the data
+        // path could not tell such services' replies apart.
+        let mut dnat_owner = BTreeMap::new();
+        for spec in desired.iter().filter(|s| s.mode == Mode::Dnat) {
+            for b in &spec.backends {
+                if let Some(other) = dnat_owner.insert(endpoint_key(spec, b), spec.key()) {
+                    if other != spec.key() {
+                        bail!(
+                            "endpoint {}:{} serves two dnat services ({}:{} and another)",
+                            b.addr,
+                            b.port,
+                            spec.vip,
+                            spec.port
+                        );
+                    }
+                }
+            }
+        }
 
         // SNAT addresses: the data path must know a new one (to translate its replies) before
         // any flow uses it, and forgets an old one only after no service names it.
@@ -298,6 +326,7 @@ impl Reconciler {
         for key in gone {
             let inst = self.services.remove(&key).expect("listed above");
             dp.remove_service(&key)?;
+            self.unset_endpoints(inst.value.id, &BTreeMap::new(), dp)?;
             for &id in inst.backend_ids.values() {
                 dp.set_backend(id, &Backend::default())?;
                 self.backend_ids.release(id);
@@ -441,11 +470,40 @@ impl Reconciler {
             _ => maglev::build(&members, spec.ring_size)
                 .map_err(|e| anyhow::anyhow!("Maglev: {e}"))?,
         };
-        let (snat_addrs, snat_count) = snat_pool(&spec.snat)?;
+        let (snat_addrs, snat_count) = snat_pool(&spec.snat, spec.mode)?;
+        let flags = match spec.mode {
+            Mode::Snat => SVC_F_SNAT,
+            Mode::Dnat => SVC_F_DNAT,
+        };
+        // A dnat service's replies are recognised by their source before the service exists.
+        let endpoints: BTreeMap<EndpointKey, DnatEndpoint> = match spec.mode {
+            Mode::Snat => BTreeMap::new(),
+            Mode::Dnat => spec
+                .backends
+                .iter()
+                .map(|b| {
+                    let value = DnatEndpoint {
+                        vip: u32::from_ne_bytes(spec.vip.octets()),
+                        port: spec.port.to_be(),
+                        _pad: 0,
+                        service_id: id,
+                        backend_id: backend_ids[&(b.addr, b.port)],
+                    };
+                    (endpoint_key(spec, b), value)
+                })
+                .collect(),
+        };
+        for (k, v) in &endpoints {
+            if self.dnat.get(k) != Some(v) {
+                self.dnat.insert(*k, *v);
+                dp.set_dnat_endpoint(k, Some(v), self.dnat.len())?;
+            }
+        }
         let (port_min, port_max) = spec.snat_ports;
         let port_range = hash::prime_range(port_min, port_max);
         let same_snat = |v: &Service| {
-            v.snat_addrs == snat_addrs
+            v.flags == flags
+                && v.snat_addrs == snat_addrs
                 && v.snat_count == snat_count
                 && v.port_min == port_min
                 && v.port_range == port_range
@@ -457,7 +515,7 @@ impl Reconciler {
                 dp.write_ring(ring_base, &table)?;
                 let value = Service {
                     id,
-                    flags: SVC_F_SNAT,
+                    flags,
                     snat_addrs,
                     snat_count,
                     ring_base,
@@ -483,6 +541,7 @@ impl Reconciler {
                 summary.backends_written += 1;
             }
         }
+        self.unset_endpoints(id, &endpoints, dp)?;
 
         Ok(Installed {
             spec: spec.clone(),
@@ -491,6 +550,39 @@ impl Reconciler {
             table,
             digest: Default::default(),
         })
+    }
+}
+
+impl Reconciler {
+    /// Remove service `id`'s dnat endpoints that `keep` does not have (an endpoint another
+    /// service took over meanwhile is that service's now, and stays).
+    fn unset_endpoints(
+        &mut self,
+        id: u32,
+        keep: &BTreeMap<EndpointKey, DnatEndpoint>,
+        dp: &mut impl Dataplane,
+    ) -> anyhow::Result<()> {
+        let stale: Vec<EndpointKey> = self
+            .dnat
+            .iter()
+            .filter(|(k, v)| v.service_id == id && !keep.contains_key(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.dnat.remove(&k);
+            dp.set_dnat_endpoint(&k, None, self.dnat.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// The `DNAT_ENDPOINTS` key of a service's backend: the source of its replies.
+fn endpoint_key(spec: &ServiceSpec, b: &BackendSpec) -> EndpointKey {
+    EndpointKey {
+        addr: u32::from_ne_bytes(b.addr.octets()),
+        port: b.port.to_be(),
+        proto: spec.proto.number(),
+        _pad: 0,
     }
 }
 
@@ -533,8 +625,12 @@ impl IdPool {
     }
 }
 
-/// A service's SNAT pool as the data path stores it.
-fn snat_pool(addrs: &[Ipv4Addr]) -> anyhow::Result<([u32; MAX_SNAT_PER_SERVICE], u32)> {
+/// A service's SNAT pool as the data path stores it (none in dnat mode).
+fn snat_pool(addrs: &[Ipv4Addr], mode: Mode) -> anyhow::Result<([u32; MAX_SNAT_PER_SERVICE], u32)> {
+    if mode == Mode::Dnat {
+        anyhow::ensure!(addrs.is_empty(), "a dnat service has no SNAT addresses");
+        return Ok(([0; MAX_SNAT_PER_SERVICE], 0));
+    }
     if addrs.is_empty() || addrs.len() > MAX_SNAT_PER_SERVICE {
         anyhow::bail!(
             "a service needs 1 to {MAX_SNAT_PER_SERVICE} SNAT addresses, not {}",
@@ -572,6 +668,7 @@ mod tests {
             vip: VIP,
             port,
             proto: Proto::Tcp,
+            mode: Default::default(),
             snat: vec![Ipv4Addr::new(10, 10, 1, 125)],
             snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
             ring_size: 251,
@@ -737,6 +834,7 @@ mod tests {
             (MAX_SERVICES, MAX_BACKENDS),
             &services,
             &backends,
+            &[],
             |base, len| Ok((base..base + len).map(|i| ring[&i]).collect()),
         )
         .unwrap();

@@ -4,7 +4,8 @@ use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use vmlb_user::{
     model::{
-        BackendSpec, ConfiguredService, HealthKind, HealthSpec, NodeConfig, Proto, ServiceSpec,
+        BackendSpec, ConfiguredService, HealthKind, HealthSpec, Mode, NodeConfig, Proto,
+        ServiceSpec,
     },
     source::file::{self as config, ConfigError},
 };
@@ -104,6 +105,7 @@ fn base_parses_with_target_ports_overrides_and_draining_endpoint() {
                 vip: ip("10.0.0.1"),
                 port: 80,
                 proto: Proto::Tcp,
+                mode: Default::default(),
                 snat: vec![ip("10.10.1.125")],
                 snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
                 ring_size: vmlb_common::maglev::DEFAULT_RING_SIZE,
@@ -308,8 +310,8 @@ fn every_error_names_file_line_and_field() {
          r#"t.yaml:6: metadata.annotations."vmlb.io/maglev-szie": unknown vmlb annotation; known: vmlb.io/snat-address, vmlb.io/snat-ports, vmlb.io/mode, vmlb.io/maglev-size, vmlb.io/health-check, vmlb.io/health-path, vmlb.io/health-interval, vmlb.io/health-timeout, vmlb.io/health-rise, vmlb.io/health-fall"#),
         (ann, "    vmlb.io/maglev-size: '1000'",
          r#"t.yaml:6: metadata.annotations."vmlb.io/maglev-size": Maglev size 1000 is not allowed (one of [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 65537, 131071])"#),
-        (ann, "    vmlb.io/mode: dnat",
-         r#"t.yaml:6: metadata.annotations."vmlb.io/mode": dnat-only mode is not supported yet"#),
+        (ann, "    vmlb.io/mode: bridge",
+         r#"t.yaml:6: metadata.annotations."vmlb.io/mode": unknown mode "bridge" (snat or dnat)"#),
         (ann, "    vmlb.io/snat-address: 10.10.1",
          r#"t.yaml:6: metadata.annotations."vmlb.io/snat-address": invalid IPv4 address "10.10.1""#),
         (ann, "    vmlb.io/health-check: icmp",
@@ -336,6 +338,54 @@ fn every_error_names_file_line_and_field() {
 }
 
 #[test]
+fn dnat_mode_keeps_no_snat_and_needs_no_snat_address() {
+    let text = with("    example.com/owner: team-a", "    vmlb.io/mode: dnat");
+    let no_snat = NodeConfig::default();
+    let services = config::parse_str(&text, Path::new("t.yaml"), &no_snat).unwrap();
+    for s in &services {
+        assert_eq!(s.spec.mode, Mode::Dnat, "{}", s.name);
+        assert!(s.spec.snat.is_empty(), "{}", s.name);
+    }
+    // A SNAT setting on a dnat service is a mistake, named at its line.
+    let text = with(
+        "    example.com/owner: team-a",
+        "    vmlb.io/mode: dnat\n    vmlb.io/snat-address: 10.10.1.125",
+    );
+    assert_eq!(
+        parse(&text).unwrap_err(),
+        [
+            r#"t.yaml:7: metadata.annotations."vmlb.io/snat-address": not used with vmlb.io/mode: dnat (the VMs see the client's address)"#
+        ]
+    );
+}
+
+/// Replies of a dnat service are recognised by their source: one endpoint, one dnat service.
+#[test]
+fn an_endpoint_shared_by_two_dnat_services_is_refused_at_the_second() {
+    let second = base()
+        .replace("name: web", "name: web2")
+        .replace("10.0.0.1", "10.0.0.2");
+    let text = format!(
+        "{}---\n{}",
+        with("    example.com/owner: team-a", "    vmlb.io/mode: dnat"),
+        second.replace("example.com/owner: team-a", "vmlb.io/mode: dnat")
+    );
+    let errs = parse(&text).unwrap_err();
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("t.yaml:38: spec.ports[0]: endpoint 10.0.1.1:80/tcp already serves the dnat service web/http (t.yaml:11)"),
+        "{errs:#?}"
+    );
+    // The same endpoints in a snat and a dnat service are fine: their replies differ.
+    let text = format!(
+        "{}---\n{}",
+        with("    example.com/owner: team-a", "    vmlb.io/mode: dnat"),
+        second
+    );
+    assert_eq!(parse(&text).unwrap().len(), 4);
+}
+
+#[test]
 fn a_service_entry_without_a_spec_mapping_is_one_error() {
     let head = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\n";
     let err = parse(&format!("{head}spec: 5\n")).unwrap_err();
@@ -358,7 +408,7 @@ fn missing_snat_points_at_the_annotation_to_set() {
 fn all_errors_of_a_document_are_collected_in_line_order() {
     let text = with("    protocol: HTTP\n", "    protocol: SCTP\n")
         .replace("  - address: 10.0.1.2", "  - address: 10.0.1.x")
-        .replace("example.com/owner: team-a", "vmlb.io/mode: dnat");
+        .replace("example.com/owner: team-a", "vmlb.io/mode: bridge");
     let lines: Vec<_> = parse(&text)
         .unwrap_err()
         .iter()

@@ -284,9 +284,15 @@ pub fn adopt_reconciler(maps: &BpfMaps, ring_entries: u32) -> anyhow::Result<Rec
     let ring_entries = ring_entries.max(maps.maglev.len());
     // The id spaces are the maps' own sizes (pinned maps keep the sizes they were made with).
     let limits = (maps.svc_stats.len(), maps.backends.len());
-    let r = Reconciler::adopt(ring_entries, limits, &services, &backends, |base, len| {
-        maps.read_ring(base, len)
-    })?;
+    let dnat: Vec<_> = maps.dnat_endpoints.iter().collect::<Result<_, _>>()?;
+    let r = Reconciler::adopt(
+        ring_entries,
+        limits,
+        &services,
+        &backends,
+        &dnat,
+        |base, len| maps.read_ring(base, len),
+    )?;
     if !services.is_empty() {
         info!(
             services = services.len(),

@@ -9,7 +9,7 @@ use vmlb_common::{map_names, PROGRAM_NAME};
 use super::pins::PinLayout;
 
 /// Every map of the object (the pinned state of a daemon).
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     map_names::SERVICES,
     map_names::VIPS,
     map_names::BACKENDS,
@@ -22,6 +22,7 @@ pub const ALL_MAPS: [&str; 12] = [
     map_names::STATS,
     map_names::SVC_STATS,
     map_names::BE_STATS,
+    map_names::DNAT_ENDPOINTS,
 ];
 
 /// The XDP object built by build.rs from vmlb-ebpf.
@@ -100,7 +101,12 @@ fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
         }
     }
     if let Some(n) = sizes.backends {
-        for map in [map_names::BACKENDS, map_names::HOPS, map_names::BE_STATS] {
+        for map in [
+            map_names::BACKENDS,
+            map_names::HOPS,
+            map_names::BE_STATS,
+            map_names::DNAT_ENDPOINTS,
+        ] {
             loader.map_max_entries(map, n);
         }
     }

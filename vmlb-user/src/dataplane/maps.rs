@@ -6,8 +6,8 @@ use aya::{
     Ebpf,
 };
 use vmlb_common::{
-    map_names, Backend, Config, Counter, Flow, FlowKey, FlowRef, Hop, Service, ServiceKey,
-    TrafficStats, MAX_SNAT_ADDRS,
+    map_names, Backend, Config, Counter, DnatEndpoint, EndpointKey, Flow, FlowKey, FlowRef, Hop,
+    Service, ServiceKey, TrafficStats, MAX_SNAT_ADDRS,
 };
 
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
@@ -30,6 +30,8 @@ pub struct BpfMaps {
     pub stats: PerCpuArray<MapData, u64>,
     pub svc_stats: PerCpuArray<MapData, TrafficStats>,
     pub be_stats: PerCpuArray<MapData, TrafficStats>,
+    /// dnat backends by the source of their replies.
+    pub dnat_endpoints: HashMap<MapData, EndpointKey, DnatEndpoint>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -221,6 +223,7 @@ impl BpfMaps {
             stats: open(map_names::STATS)?.try_into()?,
             svc_stats: open(map_names::SVC_STATS)?.try_into()?,
             be_stats: open(map_names::BE_STATS)?.try_into()?,
+            dnat_endpoints: open(map_names::DNAT_ENDPOINTS)?.try_into()?,
         })
     }
 
@@ -238,6 +241,7 @@ impl BpfMaps {
             stats: take(ebpf, map_names::STATS)?.try_into()?,
             svc_stats: take(ebpf, map_names::SVC_STATS)?.try_into()?,
             be_stats: take(ebpf, map_names::BE_STATS)?.try_into()?,
+            dnat_endpoints: take(ebpf, map_names::DNAT_ENDPOINTS)?.try_into()?,
         })
     }
 
@@ -553,6 +557,38 @@ impl Dataplane for BpfMaps {
         self.be_stats
             .set(id, zero, 0)
             .with_context(|| format!("clearing backend {id}'s counters"))
+    }
+
+    fn set_dnat_endpoint(
+        &mut self,
+        key: &EndpointKey,
+        value: Option<&DnatEndpoint>,
+        total: usize,
+    ) -> anyhow::Result<()> {
+        let what = || {
+            format!(
+                "dnat endpoint {}:{}",
+                std::net::Ipv4Addr::from(key.addr.to_ne_bytes()),
+                u16::from_be(key.port)
+            )
+        };
+        // The count turns the lookup on before the first entry, and off before the last goes.
+        let count = |maps: &mut Self| maps.update_config(|c| c.dnat_endpoints = total as u32);
+        match value {
+            Some(v) => {
+                count(self)?;
+                self.dnat_endpoints
+                    .insert(key, v, 0)
+                    .with_context(|| format!("writing {}", what()))
+            }
+            None => {
+                count(self)?;
+                match self.dnat_endpoints.remove(key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                    Err(e) => Err(e).with_context(|| format!("removing {}", what())),
+                }
+            }
+        }
     }
 }
 

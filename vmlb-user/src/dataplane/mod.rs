@@ -11,7 +11,7 @@ pub mod pins;
 
 use std::collections::BTreeMap;
 
-use vmlb_common::{Backend, Service, ServiceKey};
+use vmlb_common::{Backend, DnatEndpoint, EndpointKey, Service, ServiceKey};
 
 pub trait Dataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
@@ -28,6 +28,14 @@ pub trait Dataplane {
     /// not inherit a previous holder's numbers.
     fn clear_service_stats(&mut self, id: u32) -> anyhow::Result<()>;
     fn clear_backend_stats(&mut self, id: u32) -> anyhow::Result<()>;
+    /// Install (`Some`) or remove a dnat backend endpoint; `total`: how many remain installed
+    /// after this write (the data path looks reply sources up only while there are any).
+    fn set_dnat_endpoint(
+        &mut self,
+        key: &EndpointKey,
+        value: Option<&DnatEndpoint>,
+        total: usize,
+    ) -> anyhow::Result<()>;
 }
 
 /// In-memory dataplane for tests of reconcile.
@@ -38,6 +46,7 @@ pub struct FakeDataplane {
     pub services: BTreeMap<ServiceKey, Service>,
     pub vips: std::collections::BTreeSet<u32>,
     pub snat_addrs: Vec<std::net::Ipv4Addr>,
+    pub dnat_endpoints: BTreeMap<EndpointKey, DnatEndpoint>,
     /// Every write, in order, to check ordering guarantees.
     pub log: Vec<String>,
 }
@@ -87,6 +96,38 @@ impl Dataplane for FakeDataplane {
     }
     fn clear_backend_stats(&mut self, id: u32) -> anyhow::Result<()> {
         self.log.push(format!("clear backend stats {id}"));
+        Ok(())
+    }
+    fn set_dnat_endpoint(
+        &mut self,
+        key: &EndpointKey,
+        value: Option<&DnatEndpoint>,
+        total: usize,
+    ) -> anyhow::Result<()> {
+        match value {
+            Some(v) => {
+                self.log.push(format!(
+                    "dnat endpoint {:#x}:{} service {}",
+                    key.addr,
+                    u16::from_be(key.port),
+                    v.service_id
+                ));
+                self.dnat_endpoints.insert(*key, *v);
+            }
+            None => {
+                self.log.push(format!(
+                    "remove dnat endpoint {:#x}:{}",
+                    key.addr,
+                    u16::from_be(key.port)
+                ));
+                self.dnat_endpoints.remove(key);
+            }
+        }
+        assert_eq!(
+            self.dnat_endpoints.len(),
+            total,
+            "the count given is the map's"
+        );
         Ok(())
     }
 }

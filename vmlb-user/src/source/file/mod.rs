@@ -19,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::model::{ConfiguredService, NodeConfig};
+use crate::model::{ConfiguredService, Mode, NodeConfig};
 use serviceentry::Parsed;
 pub use serviceentry::{ANNOTATIONS, API_VERSIONS};
 
@@ -403,6 +403,41 @@ fn duplicates(parsed: &[Parsed]) -> Vec<ConfigError> {
                 first.line
             ),
         });
+    }
+    errors.extend(dnat_conflicts(parsed));
+    errors
+}
+
+/// A dnat service's replies are recognised by their source, the backend endpoint: one endpoint
+/// can serve only one dnat service (its replies could not say which VIP to answer from).
+fn dnat_conflicts(parsed: &[Parsed]) -> Vec<ConfigError> {
+    let mut owner: HashMap<_, &ConfiguredService> = HashMap::new();
+    let mut errors = Vec::new();
+    for p in parsed.iter().filter(|p| p.svc.spec.mode == Mode::Dnat) {
+        let s = &p.svc;
+        for b in &s.spec.backends {
+            let first = *owner.entry((b.addr, b.port, s.spec.proto)).or_insert(s);
+            if std::ptr::eq(first, s) {
+                continue;
+            }
+            errors.push(ConfigError {
+                file: s.file.clone(),
+                line: Some(s.line),
+                field: p.field.clone(),
+                message: format!(
+                    "endpoint {}:{}/{} already serves the dnat service {} ({}:{}); an endpoint \
+                     can serve one dnat service only, since its replies name the service by \
+                     their source",
+                    b.addr,
+                    b.port,
+                    s.spec.proto.name(),
+                    first.name,
+                    first.file.display(),
+                    first.line
+                ),
+            });
+            break;
+        }
     }
     errors
 }

@@ -17,7 +17,7 @@ use super::{
     ConfigError,
 };
 use crate::model::{
-    BackendSpec, ConfiguredService, HealthKind, HealthSpec, NodeConfig, Proto, ServiceSpec,
+    BackendSpec, ConfiguredService, HealthKind, HealthSpec, Mode, NodeConfig, Proto, ServiceSpec,
 };
 
 /// The ServiceEntry API versions read (v1alpha3 is the same schema, still served by Istio).
@@ -53,7 +53,8 @@ pub const ANNOTATIONS: &[(&str, &str)] = &[
     ),
     (
         MODE,
-        "snat (default; dnat, keeping the client address, is not supported yet)",
+        "snat (default: the VMs see a node address) or dnat (the VMs see the client's \
+         address and must route replies through the node)",
     ),
     (
         MAGLEV_SIZE,
@@ -321,6 +322,7 @@ fn service_entry(
                 vip,
                 port: port.number,
                 proto: port.proto,
+                mode: opts.mode,
                 snat: snat.clone(),
                 snat_ports: opts.snat_ports,
                 ring_size: opts.ring_size,
@@ -500,6 +502,7 @@ fn endpoints<'a>(v: &Val<'a>, names: &[&str], errs: &mut Vec<ConfigError>) -> Ve
 }
 
 struct Options {
+    mode: Mode,
     snat: Option<Vec<Ipv4Addr>>,
     snat_ports: (u16, u16),
     ring_size: u32,
@@ -564,11 +567,13 @@ fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options
         }
         Ok((lo, hi))
     });
-    a.get(MODE, |s, _| match s {
-        "snat" => Ok(()),
-        "dnat" => Err("dnat-only mode is not supported yet".into()),
-        _ => Err(format!("unknown mode {s:?} (snat or dnat)")),
-    });
+    let mode = a
+        .get(MODE, |s, _| match s {
+            "snat" => Ok(Mode::Snat),
+            "dnat" => Ok(Mode::Dnat),
+            _ => Err(format!("unknown mode {s:?} (snat or dnat)")),
+        })
+        .unwrap_or_default();
     let ring_size = a.get(MAGLEV_SIZE, |s, v| match count(0)(s, v)? {
         n if RING_SIZES.contains(&n) => Ok(n),
         n => Err(format!(
@@ -603,6 +608,23 @@ fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options
         a.errs
             .push(v.error(format!("only used with {HEALTH}: http")));
     }
+    if mode == Mode::Dnat {
+        // Nothing is translated at the source in dnat mode: a SNAT setting is a mistake.
+        for key in [SNAT, SNAT_PORTS] {
+            if let Some((_, v)) = a.set.get(key) {
+                a.errs.push(v.error(format!(
+                    "not used with {MODE}: dnat (the VMs see the client's address)"
+                )));
+            }
+        }
+        return Options {
+            mode,
+            snat: Some(Vec::new()),
+            snat_ports: (SNAT_PORT_MIN, SNAT_PORT_MAX),
+            ring_size: ring_size.unwrap_or(DEFAULT_RING_SIZE),
+            health,
+        };
+    }
     if node.snat.is_none() && !a.set.contains_key(SNAT) {
         a.errs.push(ann.field(SNAT).error(
             "no SNAT address: pass --snat-addr (the node's address on the VLAN) or set this \
@@ -610,6 +632,7 @@ fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options
         ));
     }
     Options {
+        mode,
         snat: snat.or(node.snat.map(|a| vec![a])),
         snat_ports: snat_ports.unwrap_or((SNAT_PORT_MIN, SNAT_PORT_MAX)),
         ring_size: ring_size.unwrap_or(DEFAULT_RING_SIZE),

@@ -46,6 +46,7 @@ mod tests {
                 vip: vip.into(),
                 port,
                 proto: Proto::Tcp,
+                mode: Default::default(),
                 snat: vec![[10, 10, 1, 125].into()],
                 snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
                 ring_size: 16381,
