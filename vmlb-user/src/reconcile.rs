@@ -914,4 +914,63 @@ mod tests {
         let changed = r.set_ownership(Some([VIP].into()), &mut dp).unwrap();
         assert_eq!(changed, vec![(VIP, true)]);
     }
+
+    fn dnat(port: u16, backends: Vec<BackendSpec>) -> ServiceSpec {
+        ServiceSpec {
+            mode: Mode::Dnat,
+            snat: Vec::new(),
+            ..svc(port, backends)
+        }
+    }
+
+    /// A dnat service's endpoints are installed before the service (its first reply must be
+    /// recognised), follow its backends, and leave with it or when it turns to snat.
+    #[test]
+    fn dnat_endpoints_come_before_the_service_and_follow_it() {
+        let mut r = Reconciler::new(100_000);
+        let mut dp = FakeDataplane::default();
+        r.apply(&[dnat(80, vec![be(2, 1, true), be(3, 1, true)])], &mut dp)
+            .unwrap();
+        let first_endpoint = dp.log.iter().position(|l| l.starts_with("dnat endpoint"));
+        let service = dp.log.iter().position(|l| l.starts_with("service"));
+        assert!(first_endpoint < service, "{:?}", dp.log);
+        assert_eq!(dp.dnat_endpoints.len(), 2);
+        let value = dp.services.values().next().unwrap();
+        assert_eq!((value.flags, value.snat_count), (SVC_F_DNAT, 0));
+
+        r.apply(&[dnat(80, vec![be(3, 1, true)])], &mut dp).unwrap();
+        assert_eq!(dp.dnat_endpoints.len(), 1);
+        // To snat: the endpoints go, after the service value changed.
+        dp.log.clear();
+        r.apply(&[svc(80, vec![be(3, 1, true)])], &mut dp).unwrap();
+        assert!(dp.dnat_endpoints.is_empty());
+        let service = dp.log.iter().position(|l| l.starts_with("service"));
+        let removed = dp.log.iter().position(|l| l.starts_with("remove dnat"));
+        assert!(service < removed, "{:?}", dp.log);
+        // And back, then away.
+        r.apply(&[dnat(80, vec![be(3, 1, true)])], &mut dp).unwrap();
+        assert_eq!(dp.dnat_endpoints.len(), 1);
+        r.apply(&[], &mut dp).unwrap();
+        assert!(dp.dnat_endpoints.is_empty());
+    }
+
+    #[test]
+    fn an_endpoint_in_two_dnat_services_is_refused() {
+        let mut r = Reconciler::new(100_000);
+        let mut dp = FakeDataplane::default();
+        let err = r
+            .apply(
+                &[
+                    dnat(80, vec![be(2, 1, true)]),
+                    dnat(81, vec![be(2, 1, true)]),
+                ],
+                &mut dp,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("serves two dnat services"),
+            "{err}"
+        );
+        assert!(dp.log.is_empty(), "nothing written: {:?}", dp.log);
+    }
 }

@@ -1,0 +1,83 @@
+//! dnat mode in the lab: a far client (behind the VLAN's router, `LabOptions::pmtu`'s topology)
+//! fetches through the VIP of a `vmlb.io/mode: dnat` service, and the VMs' access logs show the
+//! client's own address. The VMs route the clients' network through the node, as dnat needs
+//! (README, "dnat or snat"); in the full-NAT control they would see the node's SNAT address.
+//!
+//! Needs root, apache2 and curl.
+
+use std::collections::BTreeMap;
+
+use vmlb_tests::{
+    daemon::LabDaemon,
+    lab::{curl, Httpd, Lab, LabOptions, FAR_CLIENT_ADDR, FAR_NET, NODE_ADDR, VIP},
+};
+
+fn dnat_entry(lab: &Lab) -> String {
+    let mut y = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: vms\n  \
+         annotations:\n    vmlb.io/mode: dnat\nspec:\n  hosts:\n  - vms.vlan-1512.org\n  \
+         addresses:\n  - {VIP}\n  ports:\n  - number: 80\n    name: http\n    protocol: TCP\n  \
+         resolution: STATIC\n  endpoints:\n"
+    );
+    for vm in &lab.vms {
+        y += &format!("  - address: \"{}\"\n", vm.addr);
+    }
+    y
+}
+
+#[test]
+fn dnat_service_shows_the_client_address_to_the_vms() {
+    let lab = Lab::with(LabOptions {
+        pmtu: true,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("building the lab: {e:#}"));
+    let servers: Vec<Httpd> = lab
+        .vms
+        .iter()
+        .map(|vm| Httpd::start(&vm.ns, vm.name, vm.addr).expect("httpd"))
+        .collect();
+    // dnat: the VMs' route to the clients is the node.
+    for vm in &lab.vms {
+        vm.ns
+            .ip(&["route", "replace", FAR_NET, "via", &NODE_ADDR.to_string()])
+            .expect("routing the clients through the node");
+    }
+    let far = lab.far.as_ref().expect("the far client");
+    let daemon = LabDaemon::start(&lab, &dnat_entry(&lab), &[])
+        .unwrap_or_else(|e| panic!("starting vmlb: {e:#}\n{}", lab.describe()));
+
+    // New connections until both VMs have answered (2^-19 that 20 miss one of two).
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..20 {
+        match curl(&far.client, &format!("http://{VIP}/?t=dnat-{i}"), 3) {
+            Ok(body) => *answers.entry(body.trim().to_string()).or_default() += 1,
+            Err(e) => panic!(
+                "request {i} through the dnat VIP: {e:#}\n{}{}",
+                daemon.report(&lab),
+                lab.describe()
+            ),
+        }
+        if answers.len() == 2 {
+            break;
+        }
+    }
+    // Each answer came back from the VIP: the client's curl would not take a SYN-ACK from a
+    // VM's address, so every reply was translated on its way through the node.
+    assert_eq!(answers.len(), 2, "both VMs answer: {answers:?}");
+    for s in &servers {
+        let lines: Vec<String> = s
+            .access_lines()
+            .into_iter()
+            .filter(|l| l.contains("t=dnat-"))
+            .collect();
+        assert!(!lines.is_empty(), "{} logged no request", s.name);
+        for l in &lines {
+            assert!(
+                l.starts_with(&format!("{FAR_CLIENT_ADDR} ")),
+                "{} saw another source than the client: {l}",
+                s.name
+            );
+        }
+    }
+}
