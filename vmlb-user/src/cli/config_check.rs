@@ -225,12 +225,16 @@ fn services_table(services: &[ConfiguredService]) -> String {
                 } else {
                     backends.join(", ")
                 },
-                s.spec
-                    .snat
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                match s.spec.mode {
+                    crate::model::Mode::Dnat => "dnat".to_string(),
+                    crate::model::Mode::Snat => s
+                        .spec
+                        .snat
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                },
                 s.spec.ring_size.to_string(),
                 health(s),
             ]
@@ -269,6 +273,7 @@ fn to_json(s: &ConfiguredService) -> serde_json::Value {
         "vip": s.spec.vip,
         "port": s.spec.port,
         "proto": s.spec.proto.name(),
+        "mode": s.spec.mode.name(),
         "snat": s.spec.snat,
         "maglev_size": s.spec.ring_size,
         "backends": s.spec.backends.iter().map(|b| json!({

@@ -297,7 +297,20 @@ pub fn predict(
         ));
     };
 
-    // 5. The SNAT tuple: the first candidate whose slot is free and past its TIME_WAIT hold.
+    // 5. dnat keeps the client's tuple (the data path takes the first free of a few slots).
+    if svc.flags & vmlb_common::SVC_F_DNAT != 0 {
+        return done(Outcome::New {
+            service_id: svc.id,
+            rebalanced,
+            flow_hash: h,
+            slot,
+            backend_id,
+            backend: sock(be.addr, be.port),
+            snat: sock(key.src_addr, key.src_port),
+            snat_attempt: 0,
+        });
+    }
+    // The SNAT tuple: the first candidate whose slot is free and past its TIME_WAIT hold.
     let pick = hash::snat_pick(h, svc.snat_count);
     let now = maps.now();
     for attempt in 0..SNAT_RETRIES {
@@ -381,7 +394,9 @@ pub fn describe(p: &Prediction) -> String {
         } => format!(
             "{}: {pkt}\n  service {service_id}, flow hash {flow_hash:#010x}, Maglev slot {slot}\n  \
              backend {backend_id} {backend}, {}\n",
-            if *snat_attempt < SNAT_RETRIES {
+            if *snat == p.src {
+                format!("dnat (the client's address is kept)\n  leaves as {snat} -> {backend}")
+            } else if *snat_attempt < SNAT_RETRIES {
                 format!("SNAT port candidate {snat_attempt}\n  leaves as {snat} -> {backend}")
             } else {
                 format!(

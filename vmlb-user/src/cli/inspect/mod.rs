@@ -166,7 +166,9 @@ pub struct ServiceRef {
 pub struct ServiceRow {
     #[serde(flatten)]
     pub service: ServiceRef,
-    /// The SNAT pool, comma-separated.
+    /// `snat` or `dnat` (`vmlb.io/mode`).
+    pub mode: &'static str,
+    /// The SNAT pool, comma-separated (empty in dnat mode).
     pub snat: String,
     pub ring_base: u32,
     pub ring_size: u32,
@@ -287,6 +289,11 @@ impl View {
                 let mine = backends.iter().filter(|(_, b)| b.service_id == s.id);
                 Ok(ServiceRow {
                     service: self.service_ref(k, s),
+                    mode: if s.flags & vmlb_common::SVC_F_DNAT != 0 {
+                        "dnat"
+                    } else {
+                        "snat"
+                    },
                     snat: s.snat_addrs[..(s.snat_count as usize).min(s.snat_addrs.len())]
                         .iter()
                         .map(|a| ip(*a).to_string())
@@ -363,7 +370,12 @@ impl View {
                     r.service.id.to_string(),
                     format!("{}:{}/{}", r.service.vip, r.service.port, r.service.proto),
                     r.service.name.clone().unwrap_or_else(|| "-".into()),
-                    r.snat.to_string(),
+                    // dnat has no pool: the column says so instead.
+                    if r.mode == "dnat" {
+                        "dnat".to_string()
+                    } else {
+                        r.snat.to_string()
+                    },
                     r.ring_base.to_string(),
                     r.ring_size.to_string(),
                     format!("{}/{}", r.backends_up, r.backends),
