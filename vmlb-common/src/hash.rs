@@ -3,7 +3,7 @@
 //! kernel agrees. Hand-rolled (murmur3's 32-bit mixing) because it must be bit-identical in a
 //! `no_std` BPF program and on the host, forever, and cost a handful of instructions per flow.
 
-use crate::FlowKey;
+use crate::{Addr6, FlowKey, FlowKey6};
 #[cfg(test)]
 use crate::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 
@@ -40,6 +40,53 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
     h = mix(h, ports);
     h = mix(h, k.proto as u32);
     fmix(h ^ 13)
+}
+
+/// Hash of an IPv6 client flow: the same mixing over every word of both addresses.
+#[inline(always)]
+pub const fn flow_hash6(k: &FlowKey6) -> u32 {
+    let ports = (k.src_port as u32) | ((k.dst_port as u32) << 16);
+    let mut h = SEED ^ 0x0606_0606;
+    let mut i = 0;
+    while i < 4 {
+        h = mix(h, k.src_addr[i]);
+        i += 1;
+    }
+    i = 0;
+    while i < 4 {
+        h = mix(h, k.dst_addr[i]);
+        i += 1;
+    }
+    h = mix(h, ports);
+    h = mix(h, k.proto as u32);
+    fmix(h ^ 37)
+}
+
+/// The `FLOW_SLOTS6` index of an IPv6 SNAT tuple (as `tuple_slot`).
+#[inline(always)]
+pub const fn tuple_slot6(
+    backend_addr: &Addr6,
+    snat_addr: &Addr6,
+    backend_port: u16,
+    snat_port: u16,
+    proto: u8,
+    slot_count: u32,
+) -> u32 {
+    let mut h = SEED ^ 0xa5a5_a5a5;
+    let mut i = 0;
+    while i < 4 {
+        h = mix(h, backend_addr[i]);
+        h = mix(h, snat_addr[i]);
+        i += 1;
+    }
+    h = mix(h, (backend_port as u32) | ((snat_port as u32) << 16));
+    h = mix(h, proto as u32);
+    let h = fmix(h ^ 37);
+    if slot_count == 0 {
+        0
+    } else {
+        h % slot_count
+    }
 }
 
 /// Maglev slot for a flow hash.

@@ -8,6 +8,7 @@
 extern crate alloc;
 
 pub mod abi;
+pub mod abi6;
 pub mod csum;
 pub mod hash;
 #[cfg(feature = "user")]
@@ -15,4 +16,5 @@ pub mod maglev;
 pub mod stats;
 
 pub use abi::*;
+pub use abi6::*;
 pub use stats::Counter;

@@ -6,7 +6,7 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Counter {
-    /// Neither IPv4 nor ARP (IPv6, LLDP, ...): left to the kernel.
+    /// Neither IPv4, IPv6 nor ARP (LLDP, ...): left to the kernel.
     PassNotIpv4 = 0,
     /// IPv4 neither to a VIP nor a reply to a NATed flow: the node's own traffic.
     PassNotVip = 1,
@@ -106,11 +106,19 @@ pub enum Counter {
     /// through another node before a takeover): sent to its Maglev backend without creating
     /// state.
     DnatStateless = 40,
+    /// IPv6 to a VIP with an extension header or a fragment header: not walked, not balanced
+    /// (policy, see `IPV6_EXT_HEADERS`).
+    DropIpv6ExtHeader = 41,
+    /// A neighbour solicitation for an owned IPv6 VIP, answered with a neighbour advertisement
+    /// (XDP_TX).
+    TxNdpAdvert = 42,
+    /// Neighbour discovery that is not a solicitation for an owned VIP: left to the kernel.
+    PassNdp = 43,
 }
 
 impl Counter {
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 41;
+    pub const COUNT: u32 = 44;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIpv4,
@@ -154,6 +162,9 @@ impl Counter {
         Counter::DropIcmpError,
         Counter::PassDnatStateless,
         Counter::DnatStateless,
+        Counter::DropIpv6ExtHeader,
+        Counter::TxNdpAdvert,
+        Counter::PassNdp,
     ];
 
     /// snake_case name, used as a metric label and in the CLI.
@@ -200,6 +211,9 @@ impl Counter {
             Counter::DropIcmpError => "drop_icmp_error",
             Counter::PassDnatStateless => "pass_dnat_stateless",
             Counter::DnatStateless => "dnat_stateless",
+            Counter::DropIpv6ExtHeader => "drop_ipv6_ext_header",
+            Counter::TxNdpAdvert => "tx_ndp_advert",
+            Counter::PassNdp => "pass_ndp",
         }
     }
 
@@ -222,7 +236,8 @@ impl Counter {
             | Counter::PassArp
             | Counter::PassOtherVlan
             | Counter::PassQinq
-            | Counter::PassDnatStateless => CounterKind::Pass,
+            | Counter::PassDnatStateless
+            | Counter::PassNdp => CounterKind::Pass,
             Counter::DropTruncated
             | Counter::DropBadHeader
             | Counter::DropFragment
@@ -235,11 +250,13 @@ impl Counter {
             | Counter::DropMartian
             | Counter::DropFlood
             | Counter::DropIcmpEcho
-            | Counter::DropIcmpError => CounterKind::Drop,
+            | Counter::DropIcmpError
+            | Counter::DropIpv6ExtHeader => CounterKind::Drop,
             Counter::TxSameIface
             | Counter::TxRedirect
             | Counter::TxArpReply
-            | Counter::TxIcmpEchoReply => CounterKind::Tx,
+            | Counter::TxIcmpEchoReply
+            | Counter::TxNdpAdvert => CounterKind::Tx,
             Counter::FlowNew
             | Counter::FlowHit
             | Counter::FlowRebalanced

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use vmlb_common::{
-    Backend, Config, Counter, DnatEndpoint, EndpointKey, Flow, FlowKey, FlowRef, Hop, RateBucket,
-    Service, ServiceKey, TrafficStats, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS,
+    Addr6, Backend, Backend6, Config, Config6, Counter, DnatEndpoint, EndpointKey, Flow, Flow6,
+    FlowKey, FlowKey6, FlowRef, Hop, RateBucket, Service, Service6, ServiceKey, ServiceKey6,
+    DEFAULT_FLOW6_ENTRIES, TrafficStats, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS,
     MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
 };
 
@@ -67,3 +68,29 @@ pub static SVC_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(
 
 #[map]
 pub static BE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+// IPv6 (vmlb_common::abi6): its own keys and values; MAGLEV, HOPS, RATE and the stats are
+// shared by id with IPv4.
+
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, Service6> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Every IPv6 VIP (value: `VIP_F_*` flags), as `VIPS`.
+#[map]
+pub static VIPS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// As `FLOWS`, for IPv6 client 5-tuples.
+#[map]
+pub static FLOWS6: HashMap<FlowKey6, FlowRef> =
+    HashMap::with_max_entries(DEFAULT_FLOW6_ENTRIES, 0);
+
+/// As `FLOW_SLOTS`, direct-mapped by IPv6 SNAT tuple (`hash::tuple_slot6`).
+#[map]
+pub static FLOW_SLOTS6: Array<Flow6> =
+    Array::with_max_entries(DEFAULT_FLOW6_ENTRIES * SLOTS_PER_FLOW, BPF_F_MMAPABLE);
+
+#[map]
+pub static CONFIG6: Array<Config6> = Array::with_max_entries(1, 0);
