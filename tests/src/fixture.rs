@@ -6,7 +6,10 @@
 //! VM1..VM3; fx2 = 10.10.2.125/24 with REMOTE as a permanent neighbour (for redirects); NO_NEIGH
 //! (10.10.1.9) is on-link but unresolved. The veth peers live in a second namespace.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::Context as _;
 use aya::{
@@ -42,6 +45,13 @@ pub const VM2: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 3);
 pub const VM3: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 4);
 pub const NO_NEIGH: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 9);
 pub const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 9);
+
+/// The IPv6 twins (ULA fd00:10:10:1::/64 on fx0), same last digits.
+pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 0x125);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 0x128);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 0x50);
+pub const VM1_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 2);
+pub const VM2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 3);
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -135,6 +145,30 @@ impl Env {
         )?;
         node.ip(&["addr", "add", "10.10.1.125/24", "dev", "fx0"])?;
         node.ip(&["addr", "add", "10.10.2.125/24", "dev", "fx2"])?;
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:10:10:1::125/64",
+            "dev",
+            "fx0",
+            "nodad",
+        ])?;
+        for (ip, m) in [(VM1_6, VM1_MAC), (VM2_6, VM2_MAC)] {
+            node.ip(&[
+                "-6",
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                &mac(&m),
+                "dev",
+                "fx0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         for (ip, m, dev) in [
             (VM1, VM1_MAC, "fx0"),
             (VM2, VM2_MAC, "fx0"),

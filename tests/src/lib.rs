@@ -4,7 +4,9 @@
 pub mod bench;
 pub mod daemon;
 pub mod fixture;
+pub mod fixture6;
 pub mod lab;
 pub mod load;
 pub mod netns;
 pub mod packet;
+pub mod packet6;

@@ -265,17 +265,21 @@ fn service_whose_backends_all_have_weight_zero_drops() {
 }
 
 #[test]
-fn non_vip_arp_and_ipv6_pass_untouched() {
+fn non_vip_arp_ipv6_and_other_ethertypes_pass_untouched() {
     let mut e = one_backend_env();
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&CLIENT_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[0; 20]);
-    let mut v6 = Packet::tcp((CLIENT, 1), (VIP, 80), TCP_SYN).build();
-    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
-    // (An ARP request for 0.0.0.0, not a VIP: fixtures_l2.rs covers ARP for VIPs.)
-    for (input, c) in [(arp, PassArp), (v6, PassNotIpv4)] {
+    let v6 = vmlb_tests::packet6::Packet6::tcp((CLIENT6, 1), (VM2_6, 80), TCP_SYN)
+        .macs(CLIENT_MAC, NODE_MAC)
+        .build();
+    let mut lldp = Packet::tcp((CLIENT, 1), (VIP, 80), TCP_SYN).build();
+    lldp[12..14].copy_from_slice(&[0x88, 0xcc]);
+    // (An ARP request for 0.0.0.0, not a VIP: fixtures_l2.rs covers ARP for VIPs, and
+    // fixtures_v6.rs IPv6 for VIPs.)
+    for (input, c) in [(arp, PassArp), (v6, PassNotVip), (lldp, PassNotIpv4)] {
         let (action, out) = e.run(&input);
         assert_eq!((action, out), (XDP_PASS, input));
         e.expect_counters(&[(c, 1)]);

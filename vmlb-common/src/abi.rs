@@ -21,10 +21,17 @@ pub mod map_names {
     pub const SVC_STATS: &str = "SVC_STATS";
     pub const BE_STATS: &str = "BE_STATS";
     pub const DNAT_ENDPOINTS: &str = "DNAT_ENDPOINTS";
+    pub const JUMP: &str = "JUMP";
 }
 
 /// Name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "vmlb";
+/// Name of the IPv6 program, tail-called from the entry point through `JUMP[JUMP_V6]`.
+pub const PROGRAM6_NAME: &str = "vmlb6";
+pub const JUMP_V6: u32 = 0;
+/// Name of the ICMPv6 program (NDP, echo, errors), tail-called by `vmlb6` at `JUMP_V6_ICMP`.
+pub const PROGRAM6_ICMP_NAME: &str = "vmlb6_icmp";
+pub const JUMP_V6_ICMP: u32 = 1;
 
 /// Service ids index `SVC_STATS`; id 0 is never assigned. Sized for a node fronting a few hundred
 /// ServiceEntry ports with room to spare; per-CPU arrays cost `MAX_SERVICES * ncpu * 32` bytes.

@@ -208,9 +208,18 @@ mod tests {
     fn flow6_shares_the_lifecycle_offsets_of_flow() {
         use core::mem::offset_of;
         assert_eq!(offset_of!(Flow6, ctl), offset_of!(crate::Flow, ctl));
-        assert_eq!(offset_of!(Flow6, last_seen), offset_of!(crate::Flow, last_seen));
+        assert_eq!(
+            offset_of!(Flow6, last_seen),
+            offset_of!(crate::Flow, last_seen)
+        );
         assert_eq!(offset_of!(Flow6, stamp), offset_of!(crate::Flow, stamp));
-        assert_eq!(offset_of!(Flow6, service_id), offset_of!(crate::Flow, service_id));
-        assert_eq!(offset_of!(Flow6, backend_id), offset_of!(crate::Flow, backend_id));
+        assert_eq!(
+            offset_of!(Flow6, service_id),
+            offset_of!(crate::Flow, service_id)
+        );
+        assert_eq!(
+            offset_of!(Flow6, backend_id),
+            offset_of!(crate::Flow, backend_id)
+        );
     }
 }

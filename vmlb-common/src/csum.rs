@@ -28,7 +28,10 @@ pub const fn delta4(old: u32, new: u32) -> u32 {
 /// `delta2` for a 128-bit field (an IPv6 address, as `Addr6`).
 #[inline(always)]
 pub const fn delta16(old: &crate::Addr6, new: &crate::Addr6) -> u32 {
-    delta4(old[0], new[0]) + delta4(old[1], new[1]) + delta4(old[2], new[2]) + delta4(old[3], new[3])
+    delta4(old[0], new[0])
+        + delta4(old[1], new[1])
+        + delta4(old[2], new[2])
+        + delta4(old[3], new[3])
 }
 
 /// Checksum after changes whose differences add up to `delta` (a few dozen fields at most, so

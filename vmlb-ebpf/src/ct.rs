@@ -8,7 +8,9 @@
 //! no longer holds its 5-tuple is stale: it is counted and deleted, never followed.
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
-use vmlb_common::{flow_state as st, Config, Counter, Flow, FlowKey, FlowRef, FLOW_GEN_SHIFT};
+use vmlb_common::{
+    flow_state as st, Config, Counter, Flow, Flow6, FlowKey, FlowRef, FLOW_GEN_SHIFT,
+};
 
 /// `-EEXIST` from a map insert with BPF_NOEXIST.
 const EEXIST: i32 = -17;
@@ -22,25 +24,67 @@ pub fn now() -> u32 {
     (unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() } >> vmlb_common::CLOCK_SHIFT) as u32
 }
 
+/// A flow slot of either family: the state machine below touches only `ctl`, `stamp` and
+/// `touched`, so IPv4 (`Flow`) and IPv6 (`Flow6`) flows share it.
+pub trait Slot {
+    fn ctl(f: *mut Self) -> *mut u64;
+    fn stamp(f: *mut Self) -> *mut u32;
+    fn touched(f: *mut Self) -> *mut u8;
+}
+
+impl Slot for Flow {
+    #[inline(always)]
+    fn ctl(f: *mut Self) -> *mut u64 {
+        // SAFETY: a field address of a valid pointer, not dereferenced here.
+        unsafe { core::ptr::addr_of_mut!((*f).ctl) }
+    }
+    #[inline(always)]
+    fn stamp(f: *mut Self) -> *mut u32 {
+        // SAFETY: as above.
+        unsafe { core::ptr::addr_of_mut!((*f).stamp) }
+    }
+    #[inline(always)]
+    fn touched(f: *mut Self) -> *mut u8 {
+        // SAFETY: as above.
+        unsafe { core::ptr::addr_of_mut!((*f).touched) }
+    }
+}
+
+impl Slot for Flow6 {
+    #[inline(always)]
+    fn ctl(f: *mut Self) -> *mut u64 {
+        // SAFETY: a field address of a valid pointer, not dereferenced here.
+        unsafe { core::ptr::addr_of_mut!((*f).ctl) }
+    }
+    #[inline(always)]
+    fn stamp(f: *mut Self) -> *mut u32 {
+        // SAFETY: as above.
+        unsafe { core::ptr::addr_of_mut!((*f).stamp) }
+    }
+    #[inline(always)]
+    fn touched(f: *mut Self) -> *mut u8 {
+        // SAFETY: as above.
+        unsafe { core::ptr::addr_of_mut!((*f).touched) }
+    }
+}
+
 /// Compare-and-swap of a flow's `ctl`. `AtomicU64::compare_exchange` does not exist on the
 /// bpfel target (its spec leaves atomic CAS off), but LLVM lowers the intrinsic to the BPF
 /// `cmpxchg` instruction (kernel >= 5.12), so the intrinsic is used directly.
 #[inline(always)]
-fn cas(f: *mut Flow, old: u64, new: u64) -> bool {
+fn cas<F: Slot>(f: *mut F, old: u64, new: u64) -> bool {
     use core::intrinsics::{atomic_cxchg, AtomicOrdering::SeqCst};
     // SAFETY: `ctl` is an aligned u64 inside a live map value.
-    unsafe {
-        atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(core::ptr::addr_of_mut!((*f).ctl), old, new).1
-    }
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(F::ctl(f), old, new).1 }
 }
 
 /// Read a flow's `ctl`. An aligned 8-byte load is atomic on every BPF JIT; LLVM's acquire
 /// loads need BPF v4, and the ordering that matters (fields written before `ctl` publishes
 /// them) comes from the writer's full-barrier `cmpxchg`.
 #[inline(always)]
-pub fn load(f: *mut Flow) -> u64 {
+pub fn load<F: Slot>(f: *mut F) -> u64 {
     // SAFETY: `ctl` is an aligned u64 inside a live map value.
-    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*f).ctl)) }
+    unsafe { core::ptr::read_volatile(F::ctl(f)) }
 }
 
 #[inline(always)]
@@ -133,21 +177,21 @@ pub fn find_dnat_reply(key: &FlowKey, slot_count: u32) -> Option<(*mut Flow, u64
 /// Move a live flow to `to` (a TCP state change), unless someone changed it first. Closing
 /// records its time (the only clock read on the established and reply paths, once per flow).
 #[inline(always)]
-pub fn transition(f: *mut Flow, c: u64, to: u8) -> bool {
+pub fn transition<F: Slot>(f: *mut F, c: u64, to: u8) -> bool {
     let new = (c & !0xff) | to as u64;
     if !cas(f, c, new) {
         return false;
     }
     if to == st::CLOSING {
         // SAFETY: valid map value; only the CPU that won the CAS writes the closing time.
-        unsafe { (*f).stamp = now() };
+        unsafe { *F::stamp(f) = now() };
     }
     true
 }
 
 /// TCP flags on a live flow: FIN/RST start closing; a reply ends SYN_SENT. Returns the state.
 #[inline(always)]
-pub fn track(f: *mut Flow, c: u64, flags: u8, reply: bool) -> u8 {
+pub fn track<F: Slot>(f: *mut F, c: u64, flags: u8, reply: bool) -> u8 {
     let state = c as u8;
     if state == st::UDP || state == st::CLOSING {
         return state;
@@ -167,11 +211,12 @@ pub fn track(f: *mut Flow, c: u64, flags: u8, reply: bool) -> u8 {
 /// Mark the flow as seen since the last sweep, storing only when the mark is not set yet (a busy
 /// flow's cache line is then only read).
 #[inline(always)]
-pub fn touch(f: *mut Flow) {
+pub fn touch<F: Slot>(f: *mut F) {
     // SAFETY: valid map value pointer; racing stores of 1 are harmless.
     unsafe {
-        if (*f).touched == 0 {
-            (*f).touched = 1;
+        let t = F::touched(f);
+        if *t == 0 {
+            *t = 1;
         }
     }
 }
@@ -179,14 +224,14 @@ pub fn touch(f: *mut Flow) {
 /// Claim slot `f` (whose `ctl` was read as `c`) for a new flow: it must be FREE and past its
 /// TIME_WAIT hold. Returns its new `ctl` (state CLAIMING) on success.
 #[inline(always)]
-pub fn claim(f: *mut Flow, c: u64, now: u32) -> Option<u64> {
+pub fn claim<F: Slot>(f: *mut F, c: u64, now: u32) -> Option<u64> {
     if c as u8 != st::FREE {
         return None;
     }
     // SAFETY: valid map value pointer. `stamp` of a FREE slot is its earliest reuse time; a
     // never-used slot has 0, and wrapping comparison treats "ahead by more than half the clock
     // range" as past, so a slot can never be held for more than ~24 days by a bogus stamp.
-    let hold = unsafe { (*f).stamp };
+    let hold = unsafe { *F::stamp(f) };
     if (now.wrapping_sub(hold) as i32) < 0 {
         return None;
     }
@@ -196,7 +241,7 @@ pub fn claim(f: *mut Flow, c: u64, now: u32) -> Option<u64> {
 
 /// Make a claimed and written slot visible with its first state; returns the new `ctl`.
 #[inline(always)]
-pub fn publish(f: *mut Flow, claimed: u64, state: u8) -> u64 {
+pub fn publish<F: Slot>(f: *mut F, claimed: u64, state: u8) -> u64 {
     // Only this CPU changes a CLAIMING slot, so the swap cannot fail.
     let c = (claimed & !0xff) | state as u64;
     cas(f, claimed, c);

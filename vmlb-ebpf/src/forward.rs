@@ -10,6 +10,7 @@ use vmlb_common::{Counter, Hop, HOP_TTL};
 use crate::{maps::HOPS, parse::Eth, stats::count};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
@@ -37,11 +38,48 @@ pub fn hop(
     addr: u32,
     now: Option<u32>,
 ) -> Result<Hop, Counter> {
-    let h = cached_hop(ctx, l3, id, src, addr, now)?;
-    if l3.vlan_dev != 0 && h.ifindex != l3.vlan_dev && h.ifindex != ctx.ingress_ifindex() as u32 {
+    let h = cached_hop(id, now, || lookup(ctx, l3, src, addr))?;
+    on_vlan(ctx, l3.vlan_dev, h)
+}
+
+/// A tagged frame's next hop must be on its VLAN's device or its own interface.
+#[inline(always)]
+fn on_vlan(ctx: &XdpContext, vlan_dev: u32, h: Hop) -> Result<Hop, Counter> {
+    if vlan_dev != 0 && h.ifindex != vlan_dev && h.ifindex != ctx.ingress_ifindex() as u32 {
         return Err(Counter::PassOtherVlan);
     }
     Ok(h)
+}
+
+/// `hop` for an IPv6 backend (the same per-CPU cache, by backend id).
+#[inline(always)]
+pub fn hop6(
+    ctx: &XdpContext,
+    p: &crate::parse6::Packet6,
+    id: u32,
+    src: &vmlb_common::Addr6,
+    addr: &vmlb_common::Addr6,
+    now: Option<u32>,
+) -> Result<Hop, Counter> {
+    // SAFETY: bounds-checked by parse6().
+    let plen = unsafe { u16::from_be_bytes((*p.ip).payload_len) } as u64;
+    let h = cached_hop(id, now, || lookup6(ctx, p.key.proto, plen, src, addr))?;
+    on_vlan(ctx, p.vlan_dev, h)
+}
+
+/// `hop6` from the FIB inputs themselves (an ICMPv6 error, not a TCP/UDP packet).
+#[inline(always)]
+pub fn hop6_raw(
+    ctx: &XdpContext,
+    proto: u8,
+    plen: u64,
+    vlan_dev: u32,
+    id: u32,
+    src: &vmlb_common::Addr6,
+    addr: &vmlb_common::Addr6,
+) -> Result<Hop, Counter> {
+    let h = cached_hop(id, None, || lookup6(ctx, proto, plen, src, addr))?;
+    on_vlan(ctx, vlan_dev, h)
 }
 
 /// What the FIB lookup needs to know of the packet being forwarded.
@@ -55,12 +93,9 @@ pub struct L3 {
 
 #[inline(always)]
 fn cached_hop(
-    ctx: &XdpContext,
-    l3: &L3,
     id: u32,
-    src: u32,
-    addr: u32,
     now: Option<u32>,
+    lookup: impl FnOnce() -> Result<NextHop, Counter>,
 ) -> Result<Hop, Counter> {
     let cached = HOPS.get_ptr_mut(id).ok_or(Counter::DropBadBackend)?;
     // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
@@ -80,7 +115,7 @@ fn cached_hop(
             return Ok(*cached);
         }
         count(Counter::HopLookup);
-        match lookup(ctx, l3, src, addr) {
+        match lookup() {
             Ok(h) => {
                 (*cached).ifindex = h.ifindex;
                 (*cached).dst_mac = h.dst_mac;
@@ -116,12 +151,58 @@ fn lookup(ctx: &XdpContext, l3: &L3, src: u32, dst: u32) -> Result<NextHop, Coun
         0,
         0,
     ];
+    fib(ctx, &mut raw, &words)
+}
+
+/// IPv6: family, protocol, payload length | ifindex, flowinfo 0 | source | destination, written
+/// into this CPU's scratch entry (`SCRATCH6`: the IPv6 programs have no stack to spare).
+#[inline(always)]
+fn lookup6(
+    ctx: &XdpContext,
+    proto: u8,
+    plen: u64,
+    src: &vmlb_common::Addr6,
+    dst: &vmlb_common::Addr6,
+) -> Result<NextHop, Counter> {
+    let scratch = crate::maps::SCRATCH6
+        .get_ptr_mut(0)
+        .ok_or(Counter::PassFibFailed)?;
+    // SAFETY: this CPU's scratch entry, ours for the program's run.
+    let base = unsafe { core::ptr::addr_of_mut!((*scratch).fib) }.cast::<u64>();
+    let pair = |a: u32, b: u32| a as u64 | (b as u64) << 32;
+    // SAFETY: every write is within the 8-word buffer.
+    unsafe {
+        base.write_volatile(AF_INET6 as u64 | (proto as u64) << 8 | (plen + 40) << 48);
+        base.add(1)
+            .write_volatile(ctx.ingress_ifindex() as u64 & 0xffff_ffff);
+        base.add(2).write_volatile(pair(src[0], src[1]));
+        base.add(3).write_volatile(pair(src[2], src[3]));
+        base.add(4).write_volatile(pair(dst[0], dst[1]));
+        base.add(5).write_volatile(pair(dst[2], dst[3]));
+        base.add(6).write_volatile(0);
+        base.add(7).write_volatile(0);
+    }
+    ask(ctx, base.cast::<FibParams>())
+}
+
+/// Ask the FIB with `words` as `struct bpf_fib_lookup`.
+#[inline(always)]
+fn fib(
+    ctx: &XdpContext,
+    raw: &mut core::mem::MaybeUninit<[u64; 8]>,
+    words: &[u64; 8],
+) -> Result<NextHop, Counter> {
     let base = raw.as_mut_ptr().cast::<u64>();
     for (i, w) in words.iter().enumerate() {
         // SAFETY: in bounds of the 8-word buffer.
         unsafe { base.add(i).write_volatile(*w) };
     }
-    let params = base.cast::<FibParams>();
+    ask(ctx, base.cast::<FibParams>())
+}
+
+/// `bpf_fib_lookup` on filled-in parameters.
+#[inline(always)]
+fn ask(ctx: &XdpContext, params: *mut FibParams) -> Result<NextHop, Counter> {
     // SAFETY: `params` is a fully initialised bpf_fib_lookup of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(

@@ -3,7 +3,8 @@
 //!
 //! The entry point dispatches and counts; each stage lives in its own module:
 //! parse -> ct (flow index and slots) / lookup (service, Maglev, backend) -> guard (new-flow
-//! rate) -> nat -> forward, with stats alongside.
+//! rate) -> nat -> forward, with stats alongside. ARP (arp.rs), ICMP (icmp.rs) and IPv6 (v6.rs,
+//! with parse6, ct6, icmp6, ndp) are stages of their own.
 #![no_std]
 #![no_main]
 // The BPF `cmpxchg` through the intrinsic (see ct.rs); the eBPF build runs with
@@ -16,14 +17,19 @@
 
 mod arp;
 mod ct;
+mod ct6;
 mod forward;
 mod guard;
 mod icmp;
+mod icmp6;
 mod lookup;
 mod maps;
 mod nat;
+mod ndp;
 mod parse;
+mod parse6;
 mod stats;
+mod v6;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use vmlb_common::{
@@ -60,6 +66,33 @@ pub fn vmlb(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The IPv6 path (v6.rs), entered by tail call from `vmlb` with a stack of its own. The frame
+/// is parsed again up to its IPv6 header (Ethernet and the tag: a few loads).
+#[xdp]
+#[inline(always)]
+pub fn vmlb6(ctx: XdpContext) -> u32 {
+    let Some(cfg) = maps::CONFIG.get(0) else {
+        return stats::verdict(Err(Counter::PassNotVip));
+    };
+    match parse::parse(&ctx, cfg) {
+        Err(Classify::Ipv6 { l3, vlan_dev }) => v6::handle(ctx.ctx, l3, vlan_dev),
+        _ => stats::verdict(Err(Counter::PassNotIpv4)),
+    }
+}
+
+/// ICMPv6 (v6.rs `handle_icmp`), entered by tail call from `vmlb6`.
+#[xdp]
+#[inline(always)]
+pub fn vmlb6_icmp(ctx: XdpContext) -> u32 {
+    let Some(cfg) = maps::CONFIG.get(0) else {
+        return stats::verdict(Err(Counter::PassNotVip));
+    };
+    match parse::parse(&ctx, cfg) {
+        Err(Classify::Ipv6 { l3, vlan_dev }) => v6::handle_icmp(ctx.ctx, l3, vlan_dev),
+        _ => stats::verdict(Err(Counter::PassNotIpv4)),
+    }
+}
+
 #[inline(always)]
 fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
     let cfg = maps::CONFIG.get(0).ok_or(Counter::PassNotVip)?;
@@ -67,6 +100,12 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
         Ok(p) => p,
         Err(Classify::Pass(c)) => return Err(c),
         Err(Classify::Arp { l3 }) => return Ok(arp::answer(ctx.ctx, l3)),
+        Err(Classify::Ipv6 { .. }) => {
+            // SAFETY: a tail call with our own context; it returns only when no IPv6 program
+            // is installed, and then the frame goes to the kernel.
+            unsafe { maps::JUMP.tail_call(ctx, vmlb_common::JUMP_V6) };
+            return Err(Counter::PassNotIpv4);
+        }
         Err(Classify::Icmp {
             l3,
             l4,

@@ -3,13 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
 };
 use vmlb_common::{
     Addr6, Backend, Backend6, Config, Config6, Counter, DnatEndpoint, EndpointKey, Flow, Flow6,
     FlowKey, FlowKey6, FlowRef, Hop, RateBucket, Service, Service6, ServiceKey, ServiceKey6,
-    DEFAULT_FLOW6_ENTRIES, TrafficStats, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS,
-    MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
+    TrafficStats, DEFAULT_FLOW6_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES,
+    MAX_BACKENDS, MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
 };
 
 /// BPF_F_MMAPABLE: user space maps `FLOW_SLOTS` to sweep it and to free slots with the same
@@ -69,6 +69,13 @@ pub static SVC_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(
 #[map]
 pub static BE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// The IPv6 program (`vmlb6`, at `JUMP_V6`), tail-called by `vmlb` for IPv6 frames: a stage
+/// of its own with its own 512-byte stack. Inlined, the two paths' stack frames did not overlap
+/// (IPv4 408 bytes + IPv6 424, measured with `-bpf-stack-size`), and as BPF-to-BPF calls they
+/// would add up just the same; a tail call costs only IPv6 packets, once.
+#[map]
+pub static JUMP: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
 // IPv6 (vmlb_common::abi6): its own keys and values; MAGLEV, HOPS, RATE and the stats are
 // shared by id with IPv4.
 
@@ -84,8 +91,7 @@ pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0)
 
 /// As `FLOWS`, for IPv6 client 5-tuples.
 #[map]
-pub static FLOWS6: HashMap<FlowKey6, FlowRef> =
-    HashMap::with_max_entries(DEFAULT_FLOW6_ENTRIES, 0);
+pub static FLOWS6: HashMap<FlowKey6, FlowRef> = HashMap::with_max_entries(DEFAULT_FLOW6_ENTRIES, 0);
 
 /// As `FLOW_SLOTS`, direct-mapped by IPv6 SNAT tuple (`hash::tuple_slot6`).
 #[map]
@@ -94,3 +100,15 @@ pub static FLOW_SLOTS6: Array<Flow6> =
 
 #[map]
 pub static CONFIG6: Array<Config6> = Array::with_max_entries(1, 0);
+
+/// Per-CPU scratch space of the IPv6 programs: their flow keys and FIB parameters live here, not
+/// on the stack (the ICMPv6 program's error translation did not fit the verifier's 512 bytes
+/// otherwise). Used within one program run; XDP runs do not nest on a CPU. Not pinned.
+#[map]
+pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct Scratch6 {
+    pub key: FlowKey6,
+    pub fib: [u64; 8],
+}

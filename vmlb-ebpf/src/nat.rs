@@ -41,3 +41,33 @@ pub fn rewrite(p: &Packet, src: u32, sport: u16, dst: u32, dport: u16) {
         *p.l4_check = c;
     }
 }
+
+/// The IPv6 `rewrite`: the 5-tuple to `src:sport -> dst:dport` and the hop limit one lower.
+/// IPv6 has no header checksum; the L4 checksum covers the pseudo-header's addresses and the
+/// ports. (A UDP checksum of 0 is invalid over IPv6; such a packet stays as broken as it came.)
+#[inline(always)]
+pub fn rewrite6(
+    p: &crate::parse6::Packet6,
+    src: &vmlb_common::Addr6,
+    sport: u16,
+    dst: &vmlb_common::Addr6,
+    dport: u16,
+) {
+    let k = &p.key;
+    // SAFETY: every pointer in `Packet6` was bounds-checked by parse6().
+    unsafe {
+        let addrs = csum::delta16(&k.src_addr, src) + csum::delta16(&k.dst_addr, dst);
+        (*p.ip).hop_limit -= 1;
+        crate::parse6::write_addr(&mut (*p.ip).src_addr, src);
+        crate::parse6::write_addr(&mut (*p.ip).dst_addr, dst);
+        (*p.ports).src = sport;
+        (*p.ports).dst = dport;
+        let old = *p.l4_check;
+        let ports = csum::delta2(k.src_port, sport) + csum::delta2(k.dst_port, dport);
+        let mut c = csum::apply(old, addrs + ports);
+        if k.proto == IPPROTO_UDP {
+            c = csum::udp_fixup(old, c);
+        }
+        *p.l4_check = c;
+    }
+}

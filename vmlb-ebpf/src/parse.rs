@@ -44,16 +44,17 @@ pub struct Ports {
 pub const ETH_LEN: usize = 14;
 const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
 const ETH_P_ARP: u16 = EtherType::Arp as u16;
+const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
 const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
 const ETH_P_8021AD: u16 = EtherType::Ieee8021ad as u16;
 /// The pre-standard QinQ S-tag still found on older switches.
 const ETH_P_QINQ1: u16 = EtherType::Ieee8021QinQ1 as u16;
 /// More-fragments flag and fragment offset, in wire order.
 const IP_MF_OFFSET: u16 = 0x3fffu16.to_be();
-const TCP_HDR_LEN: usize = 20;
-const TCP_CHECK_OFF: usize = 16;
-const UDP_HDR_LEN: usize = 8;
-const UDP_CHECK_OFF: usize = 6;
+pub const TCP_HDR_LEN: usize = 20;
+pub const TCP_CHECK_OFF: usize = 16;
+pub const UDP_HDR_LEN: usize = 8;
+pub const UDP_CHECK_OFF: usize = 6;
 
 /// A TCP or UDP over IPv4 packet we may rewrite.
 pub struct Packet {
@@ -76,7 +77,7 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
-const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_FLAGS_OFF: usize = 13;
 
 /// Why a packet is not balanceable; the caller turns it into a counter.
 pub enum Classify {
@@ -92,6 +93,8 @@ pub enum Classify {
         end: usize,
         vlan_dev: u32,
     },
+    /// IPv6 at offset `l3` (its own stage, v6.rs).
+    Ipv6 { l3: usize, vlan_dev: u32 },
     /// IPv4 to `dst`: `if_vip` if `dst` is a VIP, else `if_not_vip`.
     Ipv4 {
         dst: u32,
@@ -153,6 +156,9 @@ pub fn parse(ctx: &XdpContext, cfg: &Config) -> Result<Packet, Classify> {
         return Err(Classify::Arp { l3 });
     }
     if proto != ETH_P_IPV4 {
+        if proto == ETH_P_IPV6 {
+            return Err(Classify::Ipv6 { l3, vlan_dev });
+        }
         return Err(Classify::Pass(Counter::PassNotIpv4));
     }
     // Two copies of the IPv4 parse, each with a constant offset: the untagged one (nearly

@@ -3,13 +3,19 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use aya::{programs::Xdp, Ebpf, EbpfLoader};
-use vmlb_common::{map_names, PROGRAM_NAME};
+use aya::{
+    maps::ProgramArray,
+    programs::{ProgramFd, Xdp},
+    Ebpf, EbpfLoader,
+};
+use vmlb_common::{
+    map_names, JUMP_V6, JUMP_V6_ICMP, PROGRAM6_ICMP_NAME, PROGRAM6_NAME, PROGRAM_NAME,
+};
 
 use super::pins::PinLayout;
 
 /// Every map of the object (the pinned state of a daemon).
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     map_names::SERVICES,
     map_names::VIPS,
     map_names::BACKENDS,
@@ -23,6 +29,9 @@ pub const ALL_MAPS: [&str; 13] = [
     map_names::SVC_STATS,
     map_names::BE_STATS,
     map_names::DNAT_ENDPOINTS,
+    // Pinned so the IPv6 programs stay in it while no daemon runs (a program array forgets its
+    // entries when user space lets go of it); an upgrade puts its own programs there.
+    map_names::JUMP,
 ];
 
 /// The XDP object built by build.rs from vmlb-ebpf.
@@ -119,5 +128,29 @@ fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
         .try_into()?;
     prog.load()
         .context("the verifier rejected the vmlb XDP program")?;
+    install_tail_calls(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// Load the IPv6 programs and put them where `vmlb` tail-calls them (`JUMP`).
+fn install_tail_calls(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut fds: Vec<(u32, ProgramFd)> = Vec::new();
+    for (name, idx) in [(PROGRAM6_NAME, JUMP_V6), (PROGRAM6_ICMP_NAME, JUMP_V6_ICMP)] {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the verifier rejected the {name} XDP program"))?;
+        fds.push((idx, prog.fd()?.try_clone()?));
+    }
+    let mut jump: ProgramArray<_> = ebpf
+        .map_mut(map_names::JUMP)
+        .context("map JUMP missing from the object")?
+        .try_into()?;
+    for (idx, fd) in &fds {
+        jump.set(*idx, fd, 0)
+            .with_context(|| format!("installing the IPv6 program at JUMP[{idx}]"))?;
+    }
+    Ok(())
 }

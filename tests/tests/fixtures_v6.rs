@@ -1,0 +1,304 @@
+//! IPv6 fixtures (BPF_PROG_TEST_RUN through `vmlb`, which tail-calls `vmlb6` and
+//! `vmlb6_icmp`): each mirrors an IPv4 case — full NAT both ways, the flow lifecycle's entry
+//! policies, hop limit, the extension-header and fragment policy, martians, neighbour
+//! discovery for owned VIPs, echo, and packet-too-big translated both ways. Frames are
+//! compared byte for byte with packets built independently, every checksum is recomputed from
+//! scratch, and counter deltas are exact.
+//!
+//! Needs root (BPF, network namespaces); part of the normal test run.
+
+use std::net::Ipv6Addr;
+
+use vmlb_common::Counter;
+use vmlb_tests::{
+    fixture::*,
+    fixture6::svc6,
+    packet::{diff, TCP_ACK, TCP_SYN},
+    packet6::{verify_checksums6, Packet6},
+};
+use vmlb_user::model::Proto;
+
+use Counter::*;
+
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 0xfe);
+/// What Linux quotes in an ICMPv6 error: as much as fits in 1280 bytes.
+const LINUX_QUOTE6: usize = 1280 - 40 - 8;
+
+fn env() -> Env {
+    let mut e = Env::new().expect("fixture environment (needs root)");
+    e.install6(&[
+        svc6(80, Proto::Tcp, &[(VM1_6, 8080)]),
+        svc6(53, Proto::Udp, &[(VM1_6, 5353)]),
+    ])
+    .unwrap();
+    e.snapshot().unwrap();
+    e
+}
+
+#[track_caller]
+fn assert_bytes(got: &[u8], want: &[u8]) {
+    assert!(got == want, "output differs:\n{}", diff(got, want));
+}
+
+/// `p` as the node sends it on: one hop later, between these MACs.
+fn forwarded(mut p: Packet6, src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
+    p.hop_limit -= 1;
+    p.macs(src, dst).build()
+}
+
+/// (source, source port, destination, destination port) of an output frame.
+fn tuple(out: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
+    let a = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&out[o..o + 16]).unwrap());
+    let port = |o: usize| u16::from_be_bytes([out[o], out[o + 1]]);
+    (a(22), port(54), a(38), port(56))
+}
+
+/// Open a TCP flow from the client; its SNAT port.
+fn open(e: &mut Env, sport: u16) -> u16 {
+    let syn = Packet6::tcp((CLIENT6, sport), (VIP6, 80), TCP_SYN).macs(CLIENT_MAC, NODE_MAC);
+    let (action, out) = e.run(&syn.build());
+    assert_eq!(action, XDP_TX, "SYN from port {sport}");
+    e.snapshot().unwrap();
+    tuple(&out).1
+}
+
+#[test]
+fn full_nat_both_ways_over_ipv6() {
+    let mut e = env();
+    let syn = Packet6::tcp((CLIENT6, 41000), (VIP6, 80), TCP_SYN);
+    let (action, out) = e.run(&syn.clone().macs(CLIENT_MAC, NODE_MAC).build());
+    assert_eq!(action, XDP_TX);
+    let (src, port, dst, dport) = tuple(&out);
+    assert_eq!((src, dst, dport), (SNAT6, VM1_6, 8080));
+    assert!((1024..=32764).contains(&port), "SNAT port {port}");
+    let want = forwarded(
+        Packet6::tcp((SNAT6, port), (VM1_6, 8080), TCP_SYN),
+        NODE_MAC,
+        VM1_MAC,
+    );
+    assert_bytes(&out, &want);
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(FlowNew, 1), (TxSameIface, 1)]);
+
+    let reply = Packet6::tcp((VM1_6, 8080), (SNAT6, port), TCP_SYN | TCP_ACK);
+    let (action, out) = e.run(&reply.macs(VM1_MAC, NODE_MAC).build());
+    assert_eq!(action, XDP_TX);
+    let want = forwarded(
+        Packet6::tcp((VIP6, 80), (CLIENT6, 41000), TCP_SYN | TCP_ACK),
+        NODE_MAC,
+        CLIENT_MAC,
+    );
+    assert_bytes(&out, &want);
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(ReplyHit, 1), (TxSameIface, 1)]);
+
+    let ack =
+        Packet6::tcp((CLIENT6, 41000), (VIP6, 80), TCP_ACK).payload(b"GET / HTTP/1.1\r\n\r\n");
+    let (action, out) = e.run(&ack.macs(CLIENT_MAC, NODE_MAC).build());
+    assert_eq!(action, XDP_TX);
+    assert_eq!(tuple(&out), (SNAT6, port, VM1_6, 8080));
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(FlowHit, 1), (TxSameIface, 1)]);
+}
+
+#[test]
+fn udp_over_ipv6_keeps_its_flow() {
+    let mut e = env();
+    let q = Packet6::udp((CLIENT6, 41001), (VIP6, 53)).payload(b"query");
+    let (action, out) = e.run(&q.clone().macs(CLIENT_MAC, NODE_MAC).build());
+    assert_eq!(action, XDP_TX);
+    let (_, port, dst, dport) = tuple(&out);
+    assert_eq!((dst, dport), (VM1_6, 5353));
+    verify_checksums6(&out).unwrap();
+    let (action, out2) = e.run(&q.macs(CLIENT_MAC, NODE_MAC).build());
+    assert_eq!(action, XDP_TX);
+    assert_eq!(tuple(&out2).1, port, "the same flow, the same SNAT port");
+    e.expect_counters(&[(FlowNew, 1), (FlowHit, 1), (TxSameIface, 2)]);
+    let answer = Packet6::udp((VM1_6, 5353), (SNAT6, port)).payload(b"answer");
+    let (action, out) = e.run(&answer.macs(VM1_MAC, NODE_MAC).build());
+    assert_eq!(action, XDP_TX);
+    let want = forwarded(
+        Packet6::udp((VIP6, 53), (CLIENT6, 41001)).payload(b"answer"),
+        NODE_MAC,
+        CLIENT_MAC,
+    );
+    assert_bytes(&out, &want);
+    e.expect_counters(&[(ReplyHit, 1), (TxSameIface, 1)]);
+}
+
+/// The entry policies of IPv4, on IPv6: TCP without SYN creates nothing; an unknown port of a
+/// VIP is dropped; other destinations pass; a martian source is dropped; a hop limit that would
+/// expire goes to the kernel.
+#[test]
+fn ipv6_entry_policies_match_ipv4() {
+    let mut e = env();
+    let run = |e: &mut Env, p: Packet6| e.run(&p.macs(CLIENT_MAC, NODE_MAC).build()).0;
+    assert_eq!(
+        run(&mut e, Packet6::tcp((CLIENT6, 41002), (VIP6, 80), TCP_ACK)),
+        XDP_DROP
+    );
+    e.expect_counters(&[(DropTcpNoFlow, 1)]);
+    assert_eq!(
+        run(&mut e, Packet6::tcp((CLIENT6, 41002), (VIP6, 81), TCP_SYN)),
+        XDP_DROP
+    );
+    e.expect_counters(&[(DropUnknownPort, 1)]);
+    assert_eq!(
+        run(&mut e, Packet6::tcp((CLIENT6, 41002), (VM2_6, 80), TCP_SYN)),
+        XDP_PASS
+    );
+    e.expect_counters(&[(PassNotVip, 1)]);
+    assert_eq!(
+        run(
+            &mut e,
+            Packet6::tcp((Ipv6Addr::LOCALHOST, 41002), (VIP6, 80), TCP_SYN)
+        ),
+        XDP_DROP
+    );
+    e.expect_counters(&[(DropMartian, 1)]);
+    let mut last_hop = Packet6::tcp((CLIENT6, 41003), (VIP6, 80), TCP_SYN);
+    last_hop.hop_limit = 1;
+    assert_eq!(run(&mut e, last_hop), XDP_PASS);
+    e.expect_counters(&[(PassTtlExceeded, 1)]);
+}
+
+/// Extension headers are not walked: to a VIP they are dropped and counted (a fragment header
+/// included, as IPv4 fragments to VIPs are), elsewhere they pass.
+#[test]
+fn ipv6_extension_headers_and_fragments_are_a_counted_policy() {
+    let mut e = env();
+    let hop_by_hop = (0u8, vec![0, 0, 1, 4, 0, 0, 0, 0]);
+    let fragment = (44u8, vec![0, 0, 0, 1, 0, 0, 0x12, 0x34]);
+    for ext in [hop_by_hop, fragment] {
+        let mut p = Packet6::tcp((CLIENT6, 41004), (VIP6, 80), TCP_SYN).macs(CLIENT_MAC, NODE_MAC);
+        p.ext = vec![ext.clone()];
+        assert_eq!(e.run(&p.build()).0, XDP_DROP, "next header {}", ext.0);
+        e.expect_counters(&[(DropIpv6ExtHeader, 1)]);
+        let mut p = Packet6::tcp((CLIENT6, 41004), (VM2_6, 80), TCP_SYN).macs(CLIENT_MAC, NODE_MAC);
+        p.ext = vec![ext.clone()];
+        assert_eq!(e.run(&p.build()).0, XDP_PASS, "next header {}", ext.0);
+        e.expect_counters(&[(PassNotVip, 1)]);
+    }
+}
+
+#[test]
+fn neighbour_solicitation_for_an_owned_vip_is_answered() {
+    let mut e = env();
+    let ns = Packet6::neighbour_solicit(CLIENT6, CLIENT_MAC, VIP6);
+    let (action, out) = e.run(&ns.build());
+    assert_eq!(action, XDP_TX);
+    let want = Packet6::neighbour_advert(VIP6, CLIENT6, VIP6, NODE_MAC).macs(NODE_MAC, CLIENT_MAC);
+    assert_bytes(&out, &want.build());
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(TxNdpAdvert, 1)]);
+
+    // Not ours, a duplicate-address probe (from ::), and one that crossed a router.
+    let other = Packet6::neighbour_solicit(CLIENT6, CLIENT_MAC, VM2_6);
+    let dad = Packet6::neighbour_solicit(Ipv6Addr::UNSPECIFIED, CLIENT_MAC, VIP6);
+    let mut routed = Packet6::neighbour_solicit(CLIENT6, CLIENT_MAC, VIP6);
+    routed.hop_limit = 254;
+    for p in [other, dad, routed] {
+        let frame = p.build();
+        let (action, out) = e.run(&frame);
+        assert_eq!(action, XDP_PASS);
+        assert_bytes(&out, &frame);
+    }
+    e.expect_counters(&[(PassNdp, 3)]);
+}
+
+#[test]
+fn icmpv6_echo_to_a_vip_is_answered() {
+    let mut e = env();
+    let req =
+        Packet6::ping(CLIENT6, VIP6, 0x4242, 7, b"vmlb ping6 payload").macs(CLIENT_MAC, NODE_MAC);
+    let (action, out) = e.run(&req.build());
+    assert_eq!(action, XDP_TX);
+    let want = Packet6::icmp(VIP6, CLIENT6, 129, 0, [0x42, 0x42, 0, 7])
+        .payload(b"vmlb ping6 payload")
+        .macs(NODE_MAC, CLIENT_MAC);
+    assert_bytes(&out, &want.build());
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(TxIcmpEchoReply, 1)]);
+}
+
+/// Path-MTU discovery at IPv6's minimum MTU: a router on the client's side cannot pass a large
+/// reply (VIP -> client); the backend gets packet-too-big about what it sent (backend -> SNAT).
+#[test]
+fn packet_too_big_from_the_client_side_reaches_the_backend() {
+    let mut e = env();
+    let port = open(&mut e, 41005);
+    let big: Vec<u8> = (0..1400u32).map(|i| (i * 7) as u8).collect();
+    let sent = Packet6::tcp((VIP6, 80), (CLIENT6, 41005), TCP_ACK).payload(&big);
+    let err = Packet6::packet_too_big(ROUTER6, VIP6, 1280, &sent, LINUX_QUOTE6)
+        .macs(CLIENT_MAC, NODE_MAC);
+    let (action, out) = e.run(&err.build());
+    assert_eq!(action, XDP_TX);
+    let want = forwarded(
+        Packet6::packet_too_big(
+            ROUTER6,
+            VM1_6,
+            1280,
+            &Packet6::tcp((VM1_6, 8080), (SNAT6, port), TCP_ACK).payload(&big),
+            LINUX_QUOTE6,
+        ),
+        NODE_MAC,
+        VM1_MAC,
+    );
+    assert_bytes(&out, &want);
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(IcmpErrorTranslated, 1), (TxSameIface, 1)]);
+}
+
+/// And from the backend's side: the client gets it quoting its own packet (client -> VIP); an
+/// error the backend sends itself comes from the VIP.
+#[test]
+fn icmpv6_errors_from_the_backend_side_reach_the_client() {
+    let mut e = env();
+    let port = open(&mut e, 41006);
+    let big: Vec<u8> = (0..1400u32).map(|i| (i * 3) as u8).collect();
+    let sent = Packet6::tcp((SNAT6, port), (VM1_6, 8080), TCP_ACK).payload(&big);
+    let err =
+        Packet6::packet_too_big(ROUTER6, SNAT6, 1280, &sent, LINUX_QUOTE6).macs(VM1_MAC, NODE_MAC);
+    let (action, out) = e.run(&err.build());
+    assert_eq!(action, XDP_TX);
+    let quoted = Packet6::tcp((CLIENT6, 41006), (VIP6, 80), TCP_ACK).payload(&big);
+    let want = forwarded(
+        Packet6::packet_too_big(ROUTER6, CLIENT6, 1280, &quoted, LINUX_QUOTE6),
+        NODE_MAC,
+        CLIENT_MAC,
+    );
+    assert_bytes(&out, &want);
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(IcmpErrorTranslated, 1), (TxSameIface, 1)]);
+
+    // Port unreachable from the VM itself, about a UDP flow: from the VIP.
+    let q = Packet6::udp((CLIENT6, 41007), (VIP6, 53)).payload(b"query");
+    let (action, out) = e.run(&q.clone().macs(CLIENT_MAC, NODE_MAC).build());
+    assert_eq!(action, XDP_TX);
+    let uport = tuple(&out).1;
+    e.snapshot().unwrap();
+    let sent = Packet6::udp((SNAT6, uport), (VM1_6, 5353)).payload(b"query");
+    let err = Packet6::icmp_error(VM1_6, SNAT6, 1, 4, [0; 4], &sent, LINUX_QUOTE6)
+        .macs(VM1_MAC, NODE_MAC);
+    let (action, out) = e.run(&err.build());
+    assert_eq!(action, XDP_TX);
+    let want = forwarded(
+        Packet6::icmp_error(VIP6, CLIENT6, 1, 4, [0; 4], &q, LINUX_QUOTE6),
+        NODE_MAC,
+        CLIENT_MAC,
+    );
+    assert_bytes(&out, &want);
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(IcmpErrorTranslated, 1), (TxSameIface, 1)]);
+}
+
+/// An error to a VIP that quotes no flow is dropped, as for IPv4.
+#[test]
+fn an_icmpv6_error_quoting_no_flow_is_dropped() {
+    let mut e = env();
+    let sent = Packet6::tcp((VIP6, 80), (CLIENT6, 49999), TCP_ACK);
+    let err = Packet6::packet_too_big(ROUTER6, VIP6, 1280, &sent, LINUX_QUOTE6)
+        .macs(CLIENT_MAC, NODE_MAC);
+    assert_eq!(e.run(&err.build()).0, XDP_DROP);
+    e.expect_counters(&[(DropIcmpError, 1)]);
+}
