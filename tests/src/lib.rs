@@ -8,3 +8,4 @@ pub mod lab;
 pub mod load;
 pub mod netns;
 pub mod packet;
+pub mod prev_layout;

@@ -22,6 +22,16 @@ pub mod map_names {
     pub const BE_STATS: &str = "BE_STATS";
 }
 
+/// Version of the pinned map layout: the set of maps and each map's type, key, value, flags
+/// and the meaning of its entries. Pins live under `<pin-dir>/<iface>/v<N>/` (version 1: flat
+/// in `<pin-dir>/<iface>/`), so a daemon never opens another layout's maps as its own; it
+/// migrates them (vmlb-user `dataplane::layout`) or refuses. Bump it with any such change, add
+/// a line below, and say in `dataplane::layout::MAPS` how the older versions' maps carry over.
+///
+/// - 1: the flat pins up to commit f85e675 (no version marker).
+/// - 2: pins under `v2/`.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "vmlb";
 
