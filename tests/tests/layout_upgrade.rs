@@ -27,6 +27,12 @@ use vmlb_tests::{
 };
 use vmlb_user::dataplane::{attach::pinned_program, migrate::live_version, pins::PinLayout};
 
+// A bump of LAYOUT_VERSION moves `prev_layout` to the last commit of the version before it.
+const _: () = assert!(
+    prev_layout::VERSION + 1 == LAYOUT_VERSION,
+    "vmlb_tests::prev_layout must name the layout version before this one"
+);
+
 /// Requests on the kept-alive connection, one every this long.
 const PACE: Duration = Duration::from_millis(50);
 
@@ -125,10 +131,6 @@ fn upgrade_from_the_previous_layout_keeps_connections() {
     // Built before the lab: the first build of the old source takes minutes.
     let prev = prev_layout::vmlb_bin();
     let current = vmlb_bin();
-    assert!(
-        prev_layout::VERSION < LAYOUT_VERSION,
-        "prev_layout names the layout before this one"
-    );
     let lab = Lab::new().expect("building the lab");
     let _servers: Vec<Httpd> = lab
         .vms

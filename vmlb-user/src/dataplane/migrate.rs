@@ -247,7 +247,7 @@ impl Migration {
             let new = MapData::from_pin(self.new.map(spec.name))?;
             let (oi, ni) = (old.info()?, new.info()?);
             let size = oi.value_size() as usize;
-            if size % 8 != 0 {
+            if !size.is_multiple_of(8) {
                 continue;
             }
             let stride = size.div_ceil(8) * 8 * cpus;
