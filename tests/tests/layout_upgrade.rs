@@ -204,10 +204,12 @@ fn upgrade(lab: &Lab, d: &mut LabDaemon, current: &std::path::Path) -> anyhow::R
         pins.iface_dir().display(),
         old.dir().display()
     );
-    ensure!(
-        d.log().contains("migrated the pinned maps to this layout"),
-        "no migration in the log"
-    );
+    let log = d.log();
+    let migrated = log
+        .lines()
+        .find(|l| l.contains("migrated the pinned maps to this layout"))
+        .context("no migration in the log")?;
+    println!("{migrated}");
     let status = d.inspect(lab, &["-o", "json", "status"])?;
     let status: serde_json::Value = serde_json::from_str(&status)?;
     ensure!(status["attach"] == "migrated", "inspect status: {status}");
