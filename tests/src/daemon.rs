@@ -107,41 +107,19 @@ impl LabDaemon {
     /// Start `vmlb run` on the lab's node with `config` and the extra arguments (e.g.
     /// `["--vlan", "1512"]`), and wait (at most 20 s) until it is ready.
     pub fn start(lab: &Lab, config: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let bin = vmlb_bin();
+        Self::start_bin(lab, vmlb_bin(), config, extra)
+    }
+
+    /// `start` with another vmlb binary (e.g. an older version's).
+    pub fn start_bin(lab: &Lab, bin: &Path, config: &str, extra: &[&str]) -> anyhow::Result<Self> {
         sweep_stale_dirs();
         let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
         let dir = Dir(std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{n}", std::process::id())));
         fs::create_dir_all(dir.0.join("run"))?;
         mount_bpffs(&dir.0.join("bpf"))?;
-        let config_path = dir.0.join("services.yaml");
-        fs::write(&config_path, config)?;
-        let log = fs::File::create(dir.0.join("daemon.log"))?;
+        fs::write(dir.0.join("services.yaml"), config)?;
         let metrics = SocketAddr::from(([127, 0, 0, 1], NEXT_PORT.fetch_add(1, Ordering::Relaxed)));
-        let child = lab
-            .node
-            .command(bin)
-            .args([
-                "run",
-                "--iface",
-                NODE_DEV,
-                "--xdp-mode",
-                "native",
-                "--config",
-            ])
-            .arg(&config_path)
-            .args(["--snat-addr", &NODE_ADDR.to_string(), "--pin-dir"])
-            .arg(dir.0.join("bpf"))
-            .arg("--run-dir")
-            .arg(dir.0.join("run"))
-            .args(["--metrics-addr", &metrics.to_string()])
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning vmlb run")?;
+        let child = Self::spawn(lab, bin, &dir.0, metrics, extra)?;
         let mut d = Self {
             child,
             metrics,
@@ -151,7 +129,70 @@ impl LabDaemon {
         Ok(d)
     }
 
-    fn pins(&self) -> PathBuf {
+    fn spawn(
+        lab: &Lab,
+        bin: &Path,
+        dir: &Path,
+        metrics: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Child> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))?;
+        lab.node
+            .command(bin)
+            .args([
+                "run",
+                "--iface",
+                NODE_DEV,
+                "--xdp-mode",
+                "native",
+                "--config",
+            ])
+            .arg(dir.join("services.yaml"))
+            .args(["--snat-addr", &NODE_ADDR.to_string(), "--pin-dir"])
+            .arg(dir.join("bpf"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning vmlb run")
+    }
+
+    /// Stop this daemon (SIGTERM: the program stays attached and pinned) and start `bin` on the
+    /// same pins, run directory and configuration, as an upgrade does; wait until it is ready.
+    /// On failure the error carries the new daemon's output (it may have refused to start).
+    pub fn restart_with(&mut self, lab: &Lab, bin: &Path, extra: &[&str]) -> anyhow::Result<()> {
+        self.stop();
+        self.child = Self::spawn(lab, bin, &self.dir.0, self.metrics, extra)?;
+        self.wait_ready(lab)
+    }
+
+    /// Stop the daemon (SIGTERM, SIGKILL after 5 s), leaving its pins.
+    pub fn stop(&mut self) {
+        let child = &mut self.child;
+        if matches!(child.try_wait(), Ok(None)) {
+            stop_group(child.id(), Duration::from_secs(5), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the daemon process has exited, with its status.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The daemon's `--pin-dir`.
+    pub fn pins(&self) -> PathBuf {
         self.dir.0.join("bpf")
     }
 
@@ -209,12 +250,6 @@ impl LabDaemon {
 
 impl Drop for LabDaemon {
     fn drop(&mut self) {
-        let child = &mut self.child;
-        if matches!(child.try_wait(), Ok(None)) {
-            stop_group(child.id(), Duration::from_secs(5), || {
-                matches!(child.try_wait(), Ok(Some(_)))
-            });
-            let _ = child.wait();
-        }
+        self.stop();
     }
 }

@@ -10,3 +10,4 @@ pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod packet6;
+pub mod prev_layout;

@@ -135,10 +135,11 @@ impl Drop for RunDir {
     }
 }
 
-/// Pin every map as the daemon does: `<root>/<iface>/<MAP NAME>`.
+/// Pin every map as the daemon does: `<root>/<iface>/v<LAYOUT_VERSION>/<MAP NAME>`.
 fn pin_maps(env: &Env, root: &Path) {
-    let dir = root.join(IFACE);
-    std::fs::create_dir(&dir).unwrap();
+    let layout = PinLayout::new(root, IFACE);
+    let dir = layout.dir();
+    std::fs::create_dir_all(dir).unwrap();
     let m = &env.maps;
     for (name, data) in [
         (map_names::SERVICES, m.services.map()),
@@ -152,6 +153,7 @@ fn pin_maps(env: &Env, root: &Path) {
         (map_names::STATS, m.stats.map()),
         (map_names::SVC_STATS, m.svc_stats.map()),
         (map_names::BE_STATS, m.be_stats.map()),
+        (map_names::DNAT_ENDPOINTS, m.dnat_endpoints.map()),
     ] {
         data.pin(dir.join(name))
             .unwrap_or_else(|e| panic!("pinning {name}: {e}"));

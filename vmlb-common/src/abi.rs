@@ -24,6 +24,18 @@ pub mod map_names {
     pub const JUMP: &str = "JUMP";
 }
 
+/// Version of the pinned map layout: the set of maps and each map's type, key, value, flags
+/// and the meaning of its entries. Pins live under `<pin-dir>/<iface>/v<N>/` (version 1: flat
+/// in `<pin-dir>/<iface>/`), so a daemon never opens another layout's maps as its own; it
+/// migrates them (vmlb-user `dataplane::layout`) or refuses. Bump it with any such change, add
+/// a line below, and say in `dataplane::layout::MAPS` how the older versions' maps carry over.
+///
+/// - 1: the flat pins up to commit f85e675 (no version marker).
+/// - 2: pins under `v2/`; `DNAT_ENDPOINTS` (dnat mode); the IPv6 maps (`abi6`) and `JUMP` (the
+///   IPv6 programs); `STATS` has 44 counters (was 39, append-only); `Config::dnat_endpoints`
+///   in what was reserved (the value size is unchanged).
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "vmlb";
 /// Name of the IPv6 program, tail-called from the entry point through `JUMP[JUMP_V6]`.

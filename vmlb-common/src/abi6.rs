@@ -20,6 +20,7 @@ pub mod map_names6 {
     pub const FLOWS6: &str = "FLOWS6";
     pub const FLOW_SLOTS6: &str = "FLOW_SLOTS6";
     pub const CONFIG6: &str = "CONFIG6";
+    pub const SCRATCH6: &str = "SCRATCH6";
 }
 
 /// Default `FLOWS6` size. Smaller than IPv4's: an IPv6 slot is 112 bytes (`Flow6`), and most

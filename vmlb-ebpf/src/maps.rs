@@ -103,7 +103,7 @@ pub static CONFIG6: Array<Config6> = Array::with_max_entries(1, 0);
 
 /// Per-CPU scratch space of the IPv6 programs: their flow keys and FIB parameters live here, not
 /// on the stack (the ICMPv6 program's error translation did not fit the verifier's 512 bytes
-/// otherwise). Used within one program run; XDP runs do not nest on a CPU. Not pinned.
+/// otherwise). Used within one program run; XDP runs do not nest on a CPU.
 #[map]
 pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
 

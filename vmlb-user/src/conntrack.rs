@@ -247,6 +247,35 @@ impl SlotTable {
         unsafe { std::ptr::write_volatile(self.base.as_ptr().add(i), *f) }
     }
 
+    /// Slot `i`'s `ctl` now.
+    pub fn ctl_now(&self, i: usize) -> u64 {
+        self.ctl(i).load(Ordering::SeqCst)
+    }
+
+    /// Put `f` (its state included) into slot `i` if the slot's `ctl` is still `expected`, the
+    /// way the data path creates a flow: claim by compare-and-swap (CLAIMING, next generation),
+    /// write the other fields, publish. Returns the slot's new `ctl`, or `None` when someone
+    /// changed the slot first (a layout migration then leaves it to them).
+    pub fn install(&self, i: usize, expected: u64, f: &Flow) -> Option<u64> {
+        let claimed = ((expected >> vmlb_common::FLOW_GEN_SHIFT).wrapping_add(1)
+            << vmlb_common::FLOW_GEN_SHIFT)
+            | st::CLAIMING as u64;
+        self.ctl(i)
+            .compare_exchange(expected, claimed, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()?;
+        let skip = std::mem::offset_of!(Flow, last_seen);
+        // SAFETY: in bounds; everything after `ctl` is copied. Only the claimer writes a
+        // CLAIMING slot, and readers ignore it until the store below publishes it.
+        unsafe {
+            let dst = self.base.as_ptr().add(i).cast::<u8>().add(skip);
+            let src = (f as *const Flow).cast::<u8>().add(skip);
+            std::ptr::copy_nonoverlapping(src, dst, size_of::<Flow>() - skip);
+        }
+        let published = (claimed & !0xff) | f.state() as u64;
+        self.ctl(i).store(published, Ordering::SeqCst);
+        Some(published)
+    }
+
     /// Every live flow with its slot index.
     pub fn live(&self) -> impl Iterator<Item = (u32, Flow)> + '_ {
         (0..self.len).filter_map(|i| {

@@ -148,10 +148,18 @@ impl PinArgs {
     /// Open the pinned maps of the interface these arguments designate.
     pub fn open_maps(&self) -> anyhow::Result<(String, BpfMaps)> {
         let (iface, layout) = self.resolve()?;
-        let maps = BpfMaps::from_pins(&layout)
-            .with_context(|| format!("opening the maps pinned in {}", layout.dir().display()))?;
-        Ok((iface, maps))
+        Ok((iface, open_pinned(&layout)?))
     }
+}
+
+/// Open this version's pinned maps for a reader (`inspect`, `simulate`), saying so clearly
+/// when the pins there are of another layout version (they are never read as this one's).
+pub fn open_pinned(layout: &PinLayout) -> anyhow::Result<BpfMaps> {
+    if let Some(hint) = layout.missing_version_hint() {
+        bail!("{hint}");
+    }
+    BpfMaps::from_pins(layout)
+        .with_context(|| format!("opening the maps pinned in {}", layout.dir().display()))
 }
 
 pub fn main() -> anyhow::Result<()> {

@@ -63,6 +63,11 @@ pub struct RunArgs {
     /// attached and keeps forwarding; the next daemon adopts it.
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// When the pinned maps are of an older layout whose flows this version cannot carry over,
+    /// upgrade anyway, dropping every established connection (without it the daemon refuses
+    /// and the running program keeps serving).
+    #[arg(long)]
+    pub upgrade_drops_flows: bool,
     /// Concurrent flows (connections) the flow table holds, whichever CPUs create them. A full
     /// table refuses new flows (drop_flow_table_full) and never evicts a live one. Memory:
     /// about 64 bytes per flow in the index plus 4 slots of 64 bytes.
@@ -169,6 +174,7 @@ impl RunArgs {
             node,
             metrics_addr: self.metrics_addr,
             detach_on_exit: self.detach_on_exit,
+            upgrade_drops_flows: self.upgrade_drops_flows,
             flow_entries: self.flow_entries,
             flows: FlowOptions {
                 timeouts: crate::conntrack::Timeouts {

@@ -100,7 +100,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
-    let (mut attachment, mut maps) = attach::attach_or_adopt(&AttachSpec {
+    let (mut attachment, mut maps, mut migration) = attach::attach_or_adopt(&AttachSpec {
         iface: opts.iface.clone(),
         mode: opts.xdp_mode,
         pin_root: opts.pin_dir.clone(),
@@ -108,7 +108,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         maglev_entries: opts.maglev_entries,
         max_services: opts.max_services,
         max_backends: opts.max_backends,
+        upgrade_drops_flows: opts.upgrade_drops_flows,
     })?;
+    if migration.is_some() && configured.is_none() {
+        // Dropping the migration removes this version's unused pins.
+        return Err(ExitError::error(
+            exit::CONFIG_INVALID,
+            "the configuration is invalid (errors listed above), and the pinned maps are of an \
+             older layout: this version needs a valid configuration to take over. The running \
+             program keeps serving.",
+        ));
+    }
     telemetry::forward_ebpf_logs(&mut attachment);
     let ifindex = nix::net::if_::if_nametoindex(opts.iface.as_str())
         .with_context(|| format!("no interface {}", opts.iface))?;
@@ -210,6 +220,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             applier
                 .apply(&mut reconciler, c, &health)
                 .context("applying the initial configuration")?;
+            if let Some(m) = migration.take() {
+                let mut m_maps = maps.lock().expect("maps lock");
+                attachment.finish_migration(m, &mut m_maps)?;
+            }
             daemon_metrics.reload(ReloadResult::Applied);
             metrics_source.set_ready(true);
             info!(iface = %opts.iface, metrics = %opts.metrics_addr, "vmlb is serving");
@@ -245,6 +259,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         health: &mut health,
         reconciler: &mut reconciler,
         applier: &mut applier,
+        attachment: &mut attachment,
+        migration,
+        fatal: None,
     };
     loop {
         tokio::select! {
@@ -296,7 +313,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
         }
+        if stages.fatal.is_some() {
+            break;
+        }
     }
+    let fatal = stages.fatal.take();
 
     metrics_source.set_ready(false);
     sweeper.stop();
@@ -307,6 +328,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     health.shutdown().await;
     let _ = stop_metrics.send(());
     let _ = metrics_task.await;
+    if let Some(e) = fatal {
+        // A migration that failed before its swap: the old program still serves.
+        return Err(e);
+    }
     if opts.detach_on_exit {
         attachment.detach()?;
         let _ = std::fs::remove_file(&applier.state_path);
@@ -360,6 +385,11 @@ struct Stages<'a> {
     health: &'a mut HealthChecker,
     reconciler: &'a mut Reconciler,
     applier: &'a mut Applier,
+    attachment: &'a mut attach::Attachment,
+    /// A layout migration waiting for the first apply (with the cluster as a source).
+    migration: Option<crate::dataplane::migrate::Migration>,
+    /// Stops the loop: a migration failed.
+    fatal: Option<anyhow::Error>,
 }
 
 /// The next value of an ownership channel (the VIPs this node owns, or until when), or never
@@ -510,6 +540,13 @@ impl Stages<'_> {
         self.health.update(health_targets(&all));
         self.applier.apply(self.reconciler, &all, self.health)?;
         self.started = true;
+        if let Some(m) = self.migration.take() {
+            let mut maps = self.applier.maps.lock().expect("maps lock");
+            if let Err(e) = self.attachment.finish_migration(m, &mut maps) {
+                error!("migrating the pinned maps: {e:#}");
+                self.fatal = Some(e);
+            }
+        }
         Ok(())
     }
 }

@@ -22,6 +22,8 @@ pub struct Options {
     pub metrics_addr: SocketAddr,
     /// Detach the program and remove the pins on exit.
     pub detach_on_exit: bool,
+    /// Migrate from an older map layout even when its flows cannot be carried over.
+    pub upgrade_drops_flows: bool,
     /// Map sizes for a fresh load.
     pub flow_entries: u32,
     pub maglev_entries: u32,

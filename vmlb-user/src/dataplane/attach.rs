@@ -12,8 +12,10 @@ use tracing::{info, warn};
 use vmlb_common::PROGRAM_NAME;
 
 use super::{
-    loader::{self, Sizes, ALL_MAPS},
+    layout::{self, Action},
+    loader::{self, Sizes},
     maps::BpfMaps,
+    migrate::Migration,
     pins::{create_private_dir, ensure_bpffs, PinLayout},
 };
 use crate::reconcile::Reconciler;
@@ -39,6 +41,8 @@ pub struct AttachSpec {
     pub maglev_entries: u32,
     pub max_services: u32,
     pub max_backends: u32,
+    /// Migrate from an older map layout even when its flows cannot be carried over.
+    pub upgrade_drops_flows: bool,
 }
 
 /// How the program came to run, for logs and `vmlb inspect status`.
@@ -52,6 +56,9 @@ pub enum Origin {
     Adopted,
     /// A previous daemon's program replaced in its link by this version's.
     Upgraded,
+    /// A previous daemon's program on an older map layout, replaced in its link by this
+    /// version's with its state migrated (`dataplane::migrate`).
+    Migrated,
 }
 
 impl Origin {
@@ -62,6 +69,7 @@ impl Origin {
             Origin::LoadedSkb => "loaded_skb",
             Origin::Adopted => "adopted",
             Origin::Upgraded => "upgraded",
+            Origin::Migrated => "migrated",
         }
     }
 
@@ -70,7 +78,7 @@ impl Origin {
         match self {
             Origin::LoadedNative => Some("native"),
             Origin::LoadedSkb => Some("skb"),
-            Origin::Adopted | Origin::Upgraded => None,
+            Origin::Adopted | Origin::Upgraded | Origin::Migrated => None,
         }
     }
 }
@@ -100,23 +108,57 @@ impl Attachment {
     pub fn detach(self) -> anyhow::Result<()> {
         let fd_link: FdLink = self.link.unpin().context("unpinning the XDP link")?;
         drop(fd_link);
-        for name in ALL_MAPS {
-            let _ = std::fs::remove_file(self.layout.map(name));
-        }
-        let _ = std::fs::remove_dir(self.layout.dir());
+        let _ = self.layout.remove_maps();
+        let _ = std::fs::remove_dir(self.layout.iface_dir());
         Ok(())
     }
 }
 
 /// Adopt a pinned program if one is attached to this interface; otherwise load, attach and pin.
-pub fn attach_or_adopt(spec: &AttachSpec) -> anyhow::Result<(Attachment, BpfMaps)> {
+///
+/// Pins of another layout version are never opened as this version's maps: an older one in use
+/// is migrated (the returned `Migration`, finished by the daemon once its configuration is in
+/// this version's maps: until then the old program keeps serving), a newer one is refused.
+pub fn attach_or_adopt(
+    spec: &AttachSpec,
+) -> anyhow::Result<(Attachment, BpfMaps, Option<Migration>)> {
     let layout = PinLayout::new(&spec.pin_root, &spec.iface);
-    if layout.link().exists() {
-        // Pins made by an older version may be wider open.
-        for dir in [spec.pin_root.as_path(), layout.dir()] {
-            create_private_dir(dir).with_context(|| format!("making {} private", dir.display()))?;
+    let present = layout.versions_present();
+    let link = layout.link().exists();
+    let live = if link {
+        super::migrate::live_version(&layout, &present)
+    } else {
+        None
+    };
+    let (action, leftovers) = layout::decide(&present, link, live);
+    if let Action::RefuseNewer { version } = action {
+        anyhow::bail!(
+            "the maps pinned in {} are of layout v{version}, newer than this vmlb's v{} (a \
+             downgrade); a vmlb never opens a newer layout's maps. The running program keeps \
+             serving. Keep running the newer vmlb, or detach it first (stop its daemon with \
+             --detach-on-exit; every flow is lost), then start this one.",
+            layout.with_version(version).dir().display(),
+            vmlb_common::LAYOUT_VERSION
+        );
+    }
+    for v in leftovers {
+        let old = layout.with_version(v);
+        warn!(pins = %old.dir().display(), "removing layout v{v}'s pins: no program uses them");
+        old.remove_maps()
+            .with_context(|| format!("removing {}", old.dir().display()))?;
+    }
+    match action {
+        Action::Adopt => {
+            // Pins made by an older version may be wider open.
+            for dir in [spec.pin_root.as_path(), layout.iface_dir(), layout.dir()] {
+                create_private_dir(dir)
+                    .with_context(|| format!("making {} private", dir.display()))?;
+            }
+            let (a, m) = adopt_or_upgrade(spec, layout)?;
+            return Ok((a, m, None));
         }
-        return adopt_or_upgrade(spec, layout);
+        Action::Migrate { from } => return prepare_migration(spec, layout, from),
+        Action::Fresh | Action::RefuseNewer { .. } => {}
     }
 
     if ensure_bpffs(&spec.pin_root)
@@ -124,7 +166,7 @@ pub fn attach_or_adopt(spec: &AttachSpec) -> anyhow::Result<(Attachment, BpfMaps
     {
         info!(pin_dir = %spec.pin_root.display(), "mounted a BPF filesystem for the pins");
     }
-    for dir in [spec.pin_root.as_path(), layout.dir()] {
+    for dir in [spec.pin_root.as_path(), layout.iface_dir(), layout.dir()] {
         create_private_dir(dir).with_context(|| {
             format!(
                 "creating {} (is bpffs mounted at /sys/fs/bpf?)",
@@ -186,7 +228,78 @@ pub fn attach_or_adopt(spec: &AttachSpec) -> anyhow::Result<(Attachment, BpfMaps
         origin,
         layout,
     };
-    Ok((attachment, maps))
+    Ok((attachment, maps, None))
+}
+
+/// The link runs on an older layout's maps: load this version against fresh maps of its own
+/// (the old ones' sizes) and plan the migration; the old program keeps serving until the
+/// daemon finishes it.
+fn prepare_migration(
+    spec: &AttachSpec,
+    layout: PinLayout,
+    from: u32,
+) -> anyhow::Result<(Attachment, BpfMaps, Option<Migration>)> {
+    let old = layout.with_version(from);
+    let migration = Migration::prepare(old, layout.clone(), spec.upgrade_drops_flows)?;
+    for dir in [spec.pin_root.as_path(), layout.iface_dir(), layout.dir()] {
+        create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    use vmlb_common::map_names as n;
+    let sized = |name, default| Some(migration.old_max_entries(name).unwrap_or(default));
+    let mut ebpf = loader::load(Sizes {
+        flows: sized(n::FLOWS, spec.flow_entries),
+        maglev: sized(n::MAGLEV, spec.maglev_entries),
+        services: sized(n::SVC_STATS, spec.max_services),
+        backends: sized(n::BACKENDS, spec.max_backends),
+        pins: Some(layout.clone()),
+    })?;
+    let maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    info!(
+        iface = %spec.iface,
+        from,
+        to = vmlb_common::LAYOUT_VERSION,
+        "the pinned program runs on an older map layout: loaded this version against maps of \
+         its own; the old program serves until they hold the configuration"
+    );
+    let attachment = Attachment {
+        _ebpf: Some(ebpf),
+        link: open_link(&layout)?,
+        origin: Origin::Migrated,
+        layout,
+    };
+    Ok((attachment, maps, Some(migration)))
+}
+
+/// Replace the program in the pinned link with `ebpf`'s (BPF_LINK_UPDATE: no packet goes
+/// unprocessed).
+pub fn swap_into_link(ebpf: &mut Ebpf, layout: &PinLayout) -> anyhow::Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("program vmlb missing from the object")?
+        .try_into()?;
+    let link = XdpLink::try_from(FdLink::from(open_link(layout)?))
+        .context("the pinned link is not an XDP link")?;
+    let id = prog
+        .attach_to_link(link)
+        .context("replacing the program in the pinned link")?;
+    // The link stays pinned; keep it out of the program's own list so nothing detaches it.
+    drop(prog.take_link(id)?);
+    Ok(())
+}
+
+impl Attachment {
+    /// Finish a migration: carry the state over and swap this daemon's program into the link.
+    pub fn finish_migration(
+        &mut self,
+        migration: Migration,
+        maps: &mut BpfMaps,
+    ) -> anyhow::Result<()> {
+        let ebpf = self
+            ._ebpf
+            .as_mut()
+            .context("a migration needs this daemon's own program")?;
+        migration.finish(ebpf, maps)
+    }
 }
 
 fn open_link(layout: &PinLayout) -> anyhow::Result<PinnedLink> {
@@ -222,10 +335,11 @@ fn adopt_or_upgrade(spec: &AttachSpec, layout: PinLayout) -> anyhow::Result<(Att
         // Pins of another map layout (an older or newer vmlb) are never written to.
         let maps = BpfMaps::from_pins(&layout).with_context(|| {
             format!(
-                "the maps pinned under {} have another layout than this vmlb's; detach the \
-                 running version first (its daemon with --detach-on-exit), or remove that \
-                 directory (every flow is lost), then start this one",
-                layout.dir().display()
+                "the maps pinned under {} do not fit this vmlb's program although they carry \
+                 its layout version ({}): detach the running version first (its daemon with \
+                 --detach-on-exit; every flow is lost), then start this one",
+                layout.dir().display(),
+                vmlb_common::LAYOUT_VERSION
             )
         })?;
         info!(%iface, "adopted the pinned XDP program: nothing reloaded, flows keep going");
@@ -255,13 +369,7 @@ fn adopt_or_upgrade(spec: &AttachSpec, layout: PinLayout) -> anyhow::Result<(Att
         // Same code: the copy just loaded is dropped (the pinned maps stay).
         return adopt(layout);
     }
-    let link = XdpLink::try_from(FdLink::from(open_link(&layout)?))
-        .context("the pinned link is not an XDP link")?;
-    let id = prog
-        .attach_to_link(link)
-        .context("replacing the program in the pinned link")?;
-    // The link stays pinned; keep it out of the program's own list so nothing detaches it.
-    drop(prog.take_link(id)?);
+    swap_into_link(&mut ebpf, &layout)?;
     let maps = BpfMaps::from_ebpf(&mut ebpf)?;
     info!(%iface, old_program = attached_id, "replaced the pinned program with this version's in place: flows keep going");
     let attachment = Attachment {

@@ -14,26 +14,6 @@ use vmlb_common::{
 
 use super::pins::PinLayout;
 
-/// Every map of the object (the pinned state of a daemon).
-pub const ALL_MAPS: [&str; 14] = [
-    map_names::SERVICES,
-    map_names::VIPS,
-    map_names::BACKENDS,
-    map_names::MAGLEV,
-    map_names::FLOWS,
-    map_names::FLOW_SLOTS,
-    map_names::CONFIG,
-    map_names::HOPS,
-    map_names::RATE,
-    map_names::STATS,
-    map_names::SVC_STATS,
-    map_names::BE_STATS,
-    map_names::DNAT_ENDPOINTS,
-    // Pinned so the IPv6 programs stay in it while no daemon runs (a program array forgets its
-    // entries when user space lets go of it); an upgrade puts its own programs there.
-    map_names::JUMP,
-];
-
 /// The XDP object built by build.rs from vmlb-ebpf.
 pub static VMLB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmlb"));
 
@@ -88,7 +68,9 @@ fn interrupted(e: &anyhow::Error) -> bool {
 fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     let pin_paths: Vec<(&str, PathBuf)> = match &sizes.pins {
-        Some(layout) => ALL_MAPS.iter().map(|n| (*n, layout.map(n))).collect(),
+        Some(layout) => super::layout::map_names()
+            .map(|n| (n, layout.map(n)))
+            .collect(),
         None => Vec::new(),
     };
     for (name, path) in &pin_paths {

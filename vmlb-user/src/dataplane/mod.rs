@@ -2,11 +2,14 @@
 //! implements it on the real maps; tests use `FakeDataplane`.
 //!
 //! Around it: `loader` (the embedded object and how to load it), `pins` (where the maps and the
-//! link live), `attach` (load + attach + pin, adopt a pinned program, upgrade it in place).
+//! link live), `attach` (load + attach + pin, adopt a pinned program, upgrade it in place),
+//! `layout` and `migrate` (the pinned layout's version, and moving from an older one).
 
 pub mod attach;
+pub mod layout;
 pub mod loader;
 pub mod maps;
+pub mod migrate;
 pub mod pins;
 
 use std::collections::BTreeMap;

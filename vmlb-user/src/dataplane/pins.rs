@@ -1,32 +1,80 @@
-//! Where the daemon pins its state: `<root>/<iface>/` holds one file per map (named as in
-//! `vmlb_common::map_names`) and `link`, the XDP link. A restarted daemon reopens these instead
-//! of loading and attaching again, so established flows never notice; the inspection CLI reads
-//! the same maps with or without a daemon running.
+//! Where the daemon pins its state: `<root>/<iface>/link` is the XDP link, and the maps of
+//! layout version N (`vmlb_common::LAYOUT_VERSION`) are files named as in
+//! `vmlb_common::map_names` under `<root>/<iface>/v<N>/` (version 1 had them flat in
+//! `<root>/<iface>/`). The link stays put across layouts, so an upgrade swaps the program inside
+//! it. A restarted daemon reopens these instead of loading and attaching again, so established
+//! flows never notice; the inspection CLI reads the same maps with or without a daemon running.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
 
 use nix::{
     mount::{mount, MsFlags},
     sys::statfs::BPF_FS_MAGIC,
 };
+use vmlb_common::LAYOUT_VERSION;
+
+use super::layout;
 
 /// Default root of the pin directories (one per interface below it).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/vmlb";
 
 #[derive(Clone, Debug)]
 pub struct PinLayout {
+    /// `<root>/<iface>`: the link.
+    iface_dir: PathBuf,
+    /// The maps' directory.
     dir: PathBuf,
+    version: u32,
 }
 
 impl PinLayout {
+    /// This version's layout for `iface`.
     pub fn new(root: &Path, iface: &str) -> Self {
+        Self::of_version(root, iface, LAYOUT_VERSION)
+    }
+
+    /// Layout version `version`'s pins for `iface` (to migrate from, or to remove).
+    pub fn of_version(root: &Path, iface: &str, version: u32) -> Self {
+        let iface_dir = root.join(iface);
+        let dir = match layout::version_dir(version) {
+            Some(sub) => iface_dir.join(sub),
+            None => iface_dir.clone(),
+        };
         Self {
-            dir: root.join(iface),
+            iface_dir,
+            dir,
+            version,
         }
     }
 
+    /// Another version's layout on the same interface.
+    pub fn with_version(&self, version: u32) -> Self {
+        let dir = match layout::version_dir(version) {
+            Some(sub) => self.iface_dir.join(sub),
+            None => self.iface_dir.clone(),
+        };
+        Self {
+            iface_dir: self.iface_dir.clone(),
+            dir,
+            version,
+        }
+    }
+
+    /// The maps' directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The interface's directory (the link, and one directory per layout version).
+    pub fn iface_dir(&self) -> &Path {
+        &self.iface_dir
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
@@ -34,7 +82,65 @@ impl PinLayout {
     }
 
     pub fn link(&self) -> PathBuf {
-        self.dir.join("link")
+        self.iface_dir.join(layout::LINK)
+    }
+
+    /// The layout versions pinned for this interface (from its directory listing).
+    pub fn versions_present(&self) -> BTreeSet<u32> {
+        let entries = std::fs::read_dir(&self.iface_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let dir = e.file_type().ok()?.is_dir();
+                Some((e.file_name().into_string().ok()?, dir))
+            });
+        layout::versions_present(entries)
+    }
+
+    /// Remove this version's pins: its map files (whatever their names: they may be an older
+    /// version's) and, unless it is the interface's own directory, the directory. The link is
+    /// never touched.
+    pub fn remove_maps(&self) -> std::io::Result<()> {
+        for e in std::fs::read_dir(&self.dir)? {
+            let e = e?;
+            let name = e.file_name();
+            if e.file_type()?.is_dir() || name == layout::LINK {
+                continue;
+            }
+            std::fs::remove_file(e.path())?;
+        }
+        if self.dir != self.iface_dir {
+            std::fs::remove_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// A message for readers of the pins (`vmlb inspect`) when this version's maps are not
+    /// there: which version is, and what that means.
+    pub fn missing_version_hint(&self) -> Option<String> {
+        if self.dir.join(vmlb_common::map_names::CONFIG).exists() {
+            return None;
+        }
+        let present = self.versions_present();
+        let other = present.iter().next_back()?;
+        let dir = self.with_version(*other);
+        Some(if *other > self.version {
+            format!(
+                "the maps pinned in {} are of layout v{other}, newer than this vmlb's v{}: use \
+                 the vmlb that pinned them",
+                dir.dir().display(),
+                self.version
+            )
+        } else {
+            format!(
+                "the maps pinned in {} are of layout v{other}, older than this vmlb's v{}: \
+                 they belong to an older vmlb (start this version's daemon to migrate them, or \
+                 use the older vmlb to read them)",
+                dir.dir().display(),
+                self.version
+            )
+        })
     }
 
     /// The interfaces that have pinned state under `root`.

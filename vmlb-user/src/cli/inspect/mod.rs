@@ -106,8 +106,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 /// `inspect`, writing to `out` (tests capture it).
 pub fn inspect_to(args: &InspectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let (iface, layout) = args.pins.resolve()?;
-    let maps = BpfMaps::from_pins(&layout)
-        .with_context(|| format!("opening the maps pinned in {}", layout.dir().display()))?;
+    let maps = super::open_pinned(&layout)?;
     let path = state::state_path(&args.run_dir, &iface);
     // Names are a nicety: a broken state file must not hide the data path's state.
     let state = state::read(&path).unwrap_or_else(|e| {
