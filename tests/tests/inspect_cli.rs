@@ -291,8 +291,8 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         run: run.0.clone(),
     };
     let ring_size = u64::from(spec.ring_size);
-    let svc_id = env.reconciler.service(&key).unwrap().id;
-    let be_id = |addr| env.reconciler.backend_id(&key, addr, 8080).unwrap();
+    let svc_id = env.reconciler.service(key).unwrap().id();
+    let be_id = |addr| env.reconciler.backend_id(key, addr, 8080).unwrap();
 
     // services
     let v = cli.json(InspectCommand::Services);
@@ -357,7 +357,7 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     assert_eq!(v["service"]["name"], "web/http");
     assert_eq!(v["empty_slots"], 0);
     let table: Vec<u32> = serde_json::from_value(v["table"].clone()).unwrap();
-    assert_eq!(table, env.reconciler.table(&key).unwrap());
+    assert_eq!(table, env.reconciler.table(key).unwrap());
     // The live table's digest (read from the maps) is the one the daemon computed from its
     // own copy and wrote to the state file (what the metric shows).
     let digest = v["digest"].as_str().unwrap();

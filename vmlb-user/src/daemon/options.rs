@@ -24,6 +24,7 @@ pub struct Options {
     pub detach_on_exit: bool,
     /// Map sizes for a fresh load.
     pub flow_entries: u32,
+    pub flow6_entries: u32,
     pub maglev_entries: u32,
     /// Service and backend ids the maps hold, id 0 included (`--max-services`,
     /// `--max-backends`).

@@ -36,6 +36,7 @@ pub struct AttachSpec {
     pub pin_root: std::path::PathBuf,
     /// Map sizes for a fresh load (an adopted program keeps its maps' sizes).
     pub flow_entries: u32,
+    pub flow6_entries: u32,
     pub maglev_entries: u32,
     pub max_services: u32,
     pub max_backends: u32,
@@ -134,6 +135,7 @@ pub fn attach_or_adopt(spec: &AttachSpec) -> anyhow::Result<(Attachment, BpfMaps
     }
     let mut ebpf = loader::load(Sizes {
         flows: Some(spec.flow_entries),
+        flows6: Some(spec.flow6_entries),
         maglev: Some(spec.maglev_entries),
         services: Some(spec.max_services),
         backends: Some(spec.max_backends),
@@ -293,9 +295,14 @@ pub fn adopt_reconciler(maps: &BpfMaps, ring_entries: u32) -> anyhow::Result<Rec
         &dnat,
         |base, len| maps.read_ring(base, len),
     )?;
-    if !services.is_empty() {
+    let services6 = maps.v6.read_services()?;
+    let r = r.adopt6(&services6, &maps.v6.read_backends()?, |base, len| {
+        maps.read_ring(base, len)
+    })?;
+    if !services.is_empty() || !services6.is_empty() {
         info!(
             services = services.len(),
+            services6 = services6.len(),
             "adopted the services found in the pinned maps"
         );
     }

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use aya::{programs::Xdp, Ebpf, EbpfLoader};
-use vmlb_common::{map_names, PROGRAM_NAME};
+use vmlb_common::{map_names, map_names6, PROGRAM_NAME};
 
 use super::pins::PinLayout;
 
 /// Every map of the object (the pinned state of a daemon).
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 19] = [
     map_names::SERVICES,
     map_names::VIPS,
     map_names::BACKENDS,
@@ -23,6 +23,12 @@ pub const ALL_MAPS: [&str; 13] = [
     map_names::SVC_STATS,
     map_names::BE_STATS,
     map_names::DNAT_ENDPOINTS,
+    map_names6::SERVICES6,
+    map_names6::VIPS6,
+    map_names6::BACKENDS6,
+    map_names6::FLOWS6,
+    map_names6::FLOW_SLOTS6,
+    map_names6::CONFIG6,
 ];
 
 /// The XDP object built by build.rs from vmlb-ebpf.
@@ -36,12 +42,16 @@ pub static TOOLS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub struct Sizes {
     /// Concurrent flows (`FLOWS`; `FLOW_SLOTS` gets `SLOTS_PER_FLOW` times as many).
     pub flows: Option<u32>,
+    /// Concurrent IPv6 flows (`FLOWS6`; `FLOW_SLOTS6` gets `SLOTS_PER_FLOW` times as many),
+    /// default `DEFAULT_FLOW6_ENTRIES`. 112 bytes per slot.
+    pub flows6: Option<u32>,
     /// Entries of the Maglev array shared by all services' tables.
     pub maglev: Option<u32>,
-    /// Service ids (`SERVICES`, `VIPS`, `SVC_STATS`; id 0 is never used), default
+    /// Service ids (`SERVICES`, `VIPS`, `SERVICES6`, `VIPS6`, `SVC_STATS`; id 0 is never
+    /// used), default
     /// `MAX_SERVICES`.
     pub services: Option<u32>,
-    /// Backend ids (`BACKENDS`, `HOPS`, `BE_STATS`; id 0 is never used), default
+    /// Backend ids (`BACKENDS`, `BACKENDS6`, `HOPS`, `BE_STATS`; id 0 is never used), default
     /// `MAX_BACKENDS`. `HOPS` and `BE_STATS` are per-CPU: 56 bytes per id and CPU.
     pub backends: Option<u32>,
     /// Pin every map under this layout: a map already pinned there (an earlier daemon's state)
@@ -92,17 +102,31 @@ fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
             n.saturating_mul(vmlb_common::SLOTS_PER_FLOW),
         );
     }
+    if let Some(n) = sizes.flows6 {
+        loader.map_max_entries(map_names6::FLOWS6, n);
+        loader.map_max_entries(
+            map_names6::FLOW_SLOTS6,
+            n.saturating_mul(vmlb_common::SLOTS_PER_FLOW),
+        );
+    }
     if let Some(n) = sizes.maglev {
         loader.map_max_entries(map_names::MAGLEV, n);
     }
     if let Some(n) = sizes.services {
-        for map in [map_names::SERVICES, map_names::VIPS, map_names::SVC_STATS] {
+        for map in [
+            map_names::SERVICES,
+            map_names::VIPS,
+            map_names6::SERVICES6,
+            map_names6::VIPS6,
+            map_names::SVC_STATS,
+        ] {
             loader.map_max_entries(map, n);
         }
     }
     if let Some(n) = sizes.backends {
         for map in [
             map_names::BACKENDS,
+            map_names6::BACKENDS6,
             map_names::HOPS,
             map_names::BE_STATS,
             map_names::DNAT_ENDPOINTS,
