@@ -69,7 +69,7 @@ pub fn mac(m: &Mac) -> String {
 /// A backend at `addr:port`, weight 1, up.
 pub fn be(addr: Ipv4Addr, port: u16) -> BackendSpec {
     BackendSpec {
-        addr,
+        addr: addr.into(),
         port,
         weight: 1,
         up: true,
@@ -79,11 +79,11 @@ pub fn be(addr: Ipv4Addr, port: u16) -> BackendSpec {
 /// A service on VIP:`port` SNATed to SNAT, with the default Maglev size.
 pub fn svc(port: u16, proto: Proto, backends: &[BackendSpec]) -> ServiceSpec {
     ServiceSpec {
-        vip: VIP,
+        vip: VIP.into(),
         port,
         proto,
         mode: Default::default(),
-        snat: vec![SNAT],
+        snat: vec![SNAT.into()],
         snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
         ring_size: vmlb_common::maglev::DEFAULT_RING_SIZE,
         backends: backends.to_vec(),
@@ -296,17 +296,20 @@ impl Env {
     /// of `spec`, from its own Maglev table and the shared flow hash (first SNAT candidate).
     pub fn predict(&self, spec: &ServiceSpec, key: &FlowKey) -> (Ipv4Addr, u16, u16) {
         let skey = spec.key();
-        let table = self.reconciler.table(&skey).expect("service installed");
+        let table = self.reconciler.table(skey).expect("service installed");
         let h = hash::flow_hash(key);
         let id = table[hash::maglev_slot(h, table.len() as u32) as usize];
         let b = spec
             .backends
             .iter()
-            .find(|b| self.reconciler.backend_id(&skey, b.addr, b.port) == Some(id))
+            .find(|b| self.reconciler.backend_id(skey, b.addr, b.port) == Some(id))
             .expect("table names a known backend");
         let range = hash::prime_range(spec.snat_ports.0, spec.snat_ports.1);
+        let std::net::IpAddr::V4(addr) = b.addr else {
+            panic!("the packet fixtures serve IPv4 services");
+        };
         (
-            b.addr,
+            addr,
             b.port,
             hash::snat_port(h, 0, spec.snat_ports.0, range),
         )

@@ -49,18 +49,18 @@ fn curl_through_vip_reaches_both_vms_with_snat_source() {
     maps.init_config(node_ifindex, node_mac.try_into().unwrap())
         .expect("writing CONFIG");
     let spec = ServiceSpec {
-        vip: VIP,
+        vip: VIP.into(),
         port: 80,
         proto: Proto::Tcp,
         mode: Default::default(),
-        snat: vec![NODE_ADDR],
+        snat: vec![NODE_ADDR.into()],
         snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
         ring_size: 16381,
         backends: lab
             .vms
             .iter()
             .map(|vm| BackendSpec {
-                addr: vm.addr,
+                addr: vm.addr.into(),
                 port: 80,
                 weight: 1,
                 up: true,
@@ -182,15 +182,15 @@ fn check(
          pass_fib_failed"
     );
     let key = spec.key();
-    let svc = reconciler.service(&key).context("service not installed")?;
-    let st = maps.service_stats(svc.id)?;
+    let svc = reconciler.service(key).context("service not installed")?;
+    let st = maps.service_stats(svc.id())?;
     ensure!(
         st.packets > 0 && st.reply_packets > 0 && st.new_flows == REQUESTS as u64,
         "service stats: {st:?}"
     );
     for (vm, s) in lab.vms.iter().zip(servers) {
         let id = reconciler
-            .backend_id(&key, vm.addr, 80)
+            .backend_id(key, vm.addr, 80)
             .context("backend id")?;
         let be = maps.backend_stats(id)?;
         ensure!(
@@ -219,11 +219,11 @@ fn report(
         Err(e) => out += &format!("{e:#}\n"),
     }
     let key = spec.key();
-    if let Some(svc) = reconciler.service(&key) {
-        out += &format!("service {svc:?}: {:?}\n", maps.service_stats(svc.id));
+    if let Some(svc) = reconciler.service(key) {
+        out += &format!("service {svc:?}: {:?}\n", maps.service_stats(svc.id()));
     }
     for vm in &lab.vms {
-        if let Some(id) = reconciler.backend_id(&key, vm.addr, 80) {
+        if let Some(id) = reconciler.backend_id(key, vm.addr, 80) {
             out += &format!("backend {} ({id}): {:?}\n", vm.name, maps.backend_stats(id));
         }
     }

@@ -529,3 +529,53 @@ fn xdp_ct_million_short_connections_through_the_seed_service() {
         d.get(&SnatPortCollision).copied().unwrap_or(0)
     );
 }
+
+/// The sweeper's IPv6 half: `FLOW_SLOTS6` is mapped and swept like `FLOW_SLOTS` (flows written
+/// into the mapping here, as the IPv6 data path will claim them): an idle flow is freed and
+/// loses its `FLOWS6` entry, a touched one has its `last_seen` refreshed and stays.
+#[test]
+fn xdp_ct_ipv6_slots_are_swept_through_their_own_mapping() {
+    use vmlb_common::{Flow6, FlowRef};
+    let mut e = Env::new().unwrap();
+    let t = short(0);
+    let now = conntrack::now();
+    let flow = |client: u16, touched: u8| Flow6 {
+        ctl: (3 << vmlb_common::FLOW_GEN_SHIFT) | u64::from(flow_state::UDP),
+        last_seen: now.wrapping_sub(clock_units_from_ms(10_000)),
+        client_addr: vmlb_common::addr6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]),
+        client_port: client.to_be(),
+        vip_port: 53u16.to_be(),
+        proto: 17,
+        backend_id: 9,
+        touched,
+        ..Default::default()
+    };
+    let (idle, busy) = (flow(1000, 0), flow(1001, 1));
+    let v6 = &mut e.maps.v6;
+    assert_eq!(
+        v6.config().unwrap().slot_count as usize,
+        v6.slots.len(),
+        "CONFIG6 knows FLOW_SLOTS6' size"
+    );
+    for (slot, f) in [(3u32, &idle), (4, &busy)] {
+        v6.slots.set(slot as usize, f);
+        v6.flows
+            .insert(f.client_key(), FlowRef { slot, _pad: 0 }, 0)
+            .unwrap();
+    }
+    assert_eq!(conntrack::live_backends(&v6.slots), BTreeSet::from([9]));
+    let s = conntrack::sweep(&v6.slots, &mut v6.flows, &t, false);
+    assert_eq!((s.expired[Expiry::Udp as usize], s.udp), (1, 1), "{s:?}");
+    assert_eq!(v6.slots.get(3).state(), flow_state::FREE);
+    assert!(
+        v6.flows.get(&idle.client_key(), 0).is_err(),
+        "index entry gone"
+    );
+    let kept = v6.slots.get(4);
+    assert_eq!((kept.state(), kept.touched), (flow_state::UDP, 0));
+    assert!(v6.flows.get(&busy.client_key(), 0).is_ok());
+    // Once idle for the UDP timeout it goes too.
+    wait_clock(t.udp);
+    let s = conntrack::sweep(&v6.slots, &mut v6.flows, &t, false);
+    assert_eq!((s.expired[Expiry::Udp as usize], s.live()), (1, 0), "{s:?}");
+}

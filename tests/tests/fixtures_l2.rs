@@ -50,7 +50,7 @@ fn l2_arp_request_for_an_owned_vip_is_answered() {
 fn l2_other_arp_passes() {
     let mut e = env();
     e.reconciler
-        .set_ownership(Some(BTreeSet::new()), &mut e.maps)
+        .set_ownership(Some(BTreeSet::<std::net::Ipv4Addr>::new()), &mut e.maps)
         .unwrap();
     let cases = [
         (
@@ -87,7 +87,7 @@ fn l2_other_arp_passes() {
         .reconciler
         .set_ownership(Some([VIP].into()), &mut e.maps)
         .unwrap();
-    assert_eq!(changed, vec![(VIP, true)]);
+    assert_eq!(changed, vec![(VIP.into(), true)]);
     let (action, _) = e.run(&arp(1, BROADCAST, CLIENT_MAC, CLIENT, ZERO, VIP));
     assert_eq!(action, XDP_TX);
     e.expect_counters(&[(TxArpReply, 1)]);

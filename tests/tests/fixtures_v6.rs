@@ -26,7 +26,7 @@ const LINUX_QUOTE6: usize = 1280 - 40 - 8;
 
 fn env() -> Env {
     let mut e = Env::new().expect("fixture environment (needs root)");
-    e.install6(&[
+    e.install(&[
         svc6(80, Proto::Tcp, &[(VM1_6, 8080)]),
         svc6(53, Proto::Udp, &[(VM1_6, 5353)]),
     ])

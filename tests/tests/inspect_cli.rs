@@ -21,7 +21,8 @@ use aya::maps::IterableMap as _;
 use nix::sched::{setns, unshare, CloneFlags};
 use serde_json::Value;
 use vmlb_common::{
-    flow_state, hash, map_names, Counter, Flow, DEFAULT_FLOW_ENTRIES, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    flow_state, hash, map_names, map_names6, Counter, Flow, DEFAULT_FLOW_ENTRIES, SNAT_PORT_MAX,
+    SNAT_PORT_MIN,
 };
 use vmlb_tests::{
     fixture::*,
@@ -154,6 +155,12 @@ fn pin_maps(env: &Env, root: &Path) {
         (map_names::SVC_STATS, m.svc_stats.map()),
         (map_names::BE_STATS, m.be_stats.map()),
         (map_names::DNAT_ENDPOINTS, m.dnat_endpoints.map()),
+        (map_names6::SERVICES6, m.v6.services.map()),
+        (map_names6::VIPS6, m.v6.vips.map()),
+        (map_names6::BACKENDS6, m.v6.backends.map()),
+        (map_names6::FLOWS6, m.v6.flows.map()),
+        (map_names6::FLOW_SLOTS6, m.v6.slots.map_data()),
+        (map_names6::CONFIG6, m.v6.config.map()),
     ] {
         data.pin(dir.join(name))
             .unwrap_or_else(|e| panic!("pinning {name}: {e}"));
@@ -293,8 +300,8 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         run: run.0.clone(),
     };
     let ring_size = u64::from(spec.ring_size);
-    let svc_id = env.reconciler.service(&key).unwrap().id;
-    let be_id = |addr| env.reconciler.backend_id(&key, addr, 8080).unwrap();
+    let svc_id = env.reconciler.service(key).unwrap().id();
+    let be_id = |addr| env.reconciler.backend_id(key, addr, 8080).unwrap();
 
     // services
     let v = cli.json(InspectCommand::Services);
@@ -359,7 +366,7 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     assert_eq!(v["service"]["name"], "web/http");
     assert_eq!(v["empty_slots"], 0);
     let table: Vec<u32> = serde_json::from_value(v["table"].clone()).unwrap();
-    assert_eq!(table, env.reconciler.table(&key).unwrap());
+    assert_eq!(table, env.reconciler.table(key).unwrap());
     // The live table's digest (read from the maps) is the one the daemon computed from its
     // own copy and wrote to the state file (what the metric shows).
     let digest = v["digest"].as_str().unwrap();

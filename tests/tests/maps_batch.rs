@@ -4,7 +4,7 @@
 //!
 //! Needs root (it loads the program, not attached); part of the normal test run.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use vmlb_common::{maglev, Backend, BE_F_UP};
 use vmlb_user::{
@@ -87,18 +87,32 @@ fn batched_ring_and_backend_reads_return_what_was_written() {
 #[test]
 fn a_restart_adopts_the_maps_and_the_same_configuration_writes_nothing() {
     let (_ebpf, mut maps) = load();
+    // Two IPv4 services and an IPv6 one (SERVICES6, BACKENDS6, sharing MAGLEV and the ids).
+    let v6 = |k: u8, j: u8| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x65, k.into(), 0, 0, 0, 0, j.into()));
     let specs: Vec<ServiceSpec> = (0..3u8)
         .map(|k| ServiceSpec {
-            vip: Ipv4Addr::new(10, 66, 0, k),
+            vip: if k == 2 {
+                Ipv6Addr::new(0xfd00, 0x66, 0, 0, 0, 0, 0, 2).into()
+            } else {
+                Ipv4Addr::new(10, 66, 0, k).into()
+            },
             port: 80,
             proto: Proto::Tcp,
             mode: Default::default(),
-            snat: vec![Ipv4Addr::new(10, 64, 0, 1)],
+            snat: vec![if k == 2 {
+                Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 1).into()
+            } else {
+                Ipv4Addr::new(10, 64, 0, 1).into()
+            }],
             snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
             ring_size: RING,
             backends: (1..=10u8)
                 .map(|j| BackendSpec {
-                    addr: Ipv4Addr::new(10, 65, k, j),
+                    addr: if k == 2 {
+                        v6(k, j)
+                    } else {
+                        Ipv4Addr::new(10, 65, k, j).into()
+                    },
                     port: 80,
                     weight: 1,
                     up: j != 4,
@@ -109,9 +123,18 @@ fn a_restart_adopts_the_maps_and_the_same_configuration_writes_nothing() {
     let mut first = Reconciler::with_limits(ENTRIES, 64, 256);
     first.apply(&specs, &mut maps).expect("first apply");
 
+    let config6 = maps.v6.config().expect("CONFIG6");
+    assert_eq!(config6.snat_count, 1, "the IPv6 SNAT address is in CONFIG6");
+    assert_eq!(maps.v6.read_services().expect("SERVICES6").len(), 1);
+
     let mut adopted = attach::adopt_reconciler(&maps, ENTRIES).expect("adopting");
+    assert_eq!(
+        adopted.services6().count(),
+        1,
+        "the IPv6 service is adopted"
+    );
     for s in &specs {
-        assert_eq!(adopted.table(&s.key()), first.table(&s.key()), "{}", s.vip);
+        assert_eq!(adopted.table(s.key()), first.table(s.key()), "{}", s.vip);
     }
     let summary = adopted
         .apply(&specs, &mut maps)

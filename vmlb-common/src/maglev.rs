@@ -127,22 +127,6 @@ pub const fn backend_key(addr: [u8; 4], port: u16) -> u64 {
     mix_stafford13(raw ^ SEED_BACKEND)
 }
 
-/// Stable 64-bit key for an IPv6 backend address+port. 144 input bits do not fit a bijection
-/// into 64: the halves are mixed in turn (a collision needs two backends of one service whose
-/// keys agree on 64 mixed bits, which only costs them sharing a permutation).
-pub const fn backend_key6(addr: [u8; 16], port: u16) -> u64 {
-    let mut hi = [0u8; 8];
-    let mut lo = [0u8; 8];
-    let mut i = 0;
-    while i < 8 {
-        hi[i] = addr[i];
-        lo[i] = addr[8 + i];
-        i += 1;
-    }
-    let h = mix_stafford13(u64::from_be_bytes(hi) ^ SEED_BACKEND ^ 0x0606);
-    mix_stafford13(h ^ u64::from_be_bytes(lo) ^ ((port as u64) << 48).rotate_left(7))
-}
-
 /// Inverse of an odd number modulo 2^32 (Newton's iteration doubles the correct bits each step).
 const fn inverse_mod_2_32(b: u32) -> u32 {
     let mut x = b; // correct to 3 bits for odd b

@@ -7,6 +7,9 @@
 //! a CPU is claiming, is never freed under it), stamps the slot with the earliest time its SNAT
 //! tuple may be reused (TIME_WAIT safety), and then deletes the flow's `FLOWS` index entry if it
 //! still names this slot and generation.
+//!
+//! IPv6 flows (`FLOW_SLOTS6`, `FLOWS6`) go through the same code: `Flow6` keeps `Flow`'s
+//! lifecycle fields at the same offsets, and both implement [`Slot`].
 
 use std::{
     os::fd::AsFd,
@@ -17,7 +20,78 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
-use vmlb_common::{clock_units_from_ms, flow_state as st, Flow, FlowKey, FlowRef, CLOCK_SHIFT};
+use vmlb_common::{
+    clock_units_from_ms, flow_state as st, Flow, Flow6, FlowKey, FlowKey6, FlowRef, CLOCK_SHIFT,
+};
+
+/// A value of a flow slot array: `Flow` in `FLOW_SLOTS`, `Flow6` in `FLOW_SLOTS6`. What the
+/// sweep reads and writes of a slot: the lifecycle fields (`ctl`, `last_seen`, `stamp`,
+/// `touched`), the backend, and the key of the flow's index entry.
+pub trait Slot: Copy + Default + 'static {
+    /// The key of the flow's entry in the index (`FLOWS`, `FLOWS6`).
+    type Key: aya::Pod;
+    /// The array's name, for errors.
+    const MAP: &'static str;
+    fn ctl(&self) -> u64;
+    fn state(&self) -> u8;
+    fn last_seen(&self) -> u32;
+    fn set_last_seen(&mut self, t: u32);
+    fn stamp(&self) -> u32;
+    fn touched(&self) -> u8;
+    fn backend_id(&self) -> u32;
+    fn client_key(&self) -> Self::Key;
+    /// `ctl`, `last_seen`, `stamp` and `touched` of the slot at `p`.
+    ///
+    /// # Safety
+    /// `p` points at a slot (in bounds of a mapping of its array).
+    unsafe fn fields(p: *mut Self) -> (*mut u64, *mut u32, *mut u32, *mut u8);
+}
+
+macro_rules! slot {
+    ($flow:ty, $key:ty, $map:literal) => {
+        impl Slot for $flow {
+            type Key = $key;
+            const MAP: &'static str = $map;
+            fn ctl(&self) -> u64 {
+                self.ctl
+            }
+            fn state(&self) -> u8 {
+                <$flow>::state(self)
+            }
+            fn last_seen(&self) -> u32 {
+                self.last_seen
+            }
+            fn set_last_seen(&mut self, t: u32) {
+                self.last_seen = t;
+            }
+            fn stamp(&self) -> u32 {
+                self.stamp
+            }
+            fn touched(&self) -> u8 {
+                self.touched
+            }
+            fn backend_id(&self) -> u32 {
+                self.backend_id
+            }
+            fn client_key(&self) -> $key {
+                <$flow>::client_key(self)
+            }
+            unsafe fn fields(p: *mut Self) -> (*mut u64, *mut u32, *mut u32, *mut u8) {
+                // SAFETY: the caller's `p` is a slot; only field addresses are taken.
+                unsafe {
+                    (
+                        std::ptr::addr_of_mut!((*p).ctl),
+                        std::ptr::addr_of_mut!((*p).last_seen),
+                        std::ptr::addr_of_mut!((*p).stamp),
+                        std::ptr::addr_of_mut!((*p).touched),
+                    )
+                }
+            }
+        }
+    };
+}
+slot!(Flow, FlowKey, "FLOW_SLOTS");
+slot!(Flow6, FlowKey6, "FLOW_SLOTS6");
 
 /// Flow timeouts (README: "Flow state"). Defaults and why:
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,9 +184,9 @@ impl Expiry {
 
 /// Has `f` expired at `now`? If so, why, and from when its SNAT tuple may be reused.
 /// Pure: the whole expiry policy, tested without a kernel.
-pub fn expiry(f: &Flow, now: u32, t: &Timeouts, pressure: bool) -> Option<(Expiry, u32)> {
+pub fn expiry(f: &impl Slot, now: u32, t: &Timeouts, pressure: bool) -> Option<(Expiry, u32)> {
     let u = Units::from(t);
-    let idle = now.wrapping_sub(f.last_seen);
+    let idle = now.wrapping_sub(f.last_seen());
     let (why, limit, since) = match f.state() {
         st::SYN_SENT => (
             Expiry::Syn,
@@ -120,7 +194,7 @@ pub fn expiry(f: &Flow, now: u32, t: &Timeouts, pressure: bool) -> Option<(Expir
             idle,
         ),
         st::ESTABLISHED => (Expiry::Established, u.established, idle),
-        st::CLOSING => (Expiry::Closing, u.closing, now.wrapping_sub(f.stamp)),
+        st::CLOSING => (Expiry::Closing, u.closing, now.wrapping_sub(f.stamp())),
         st::UDP => (Expiry::Udp, u.udp, idle),
         _ => return None,
     };
@@ -130,9 +204,9 @@ pub fn expiry(f: &Flow, now: u32, t: &Timeouts, pressure: bool) -> Option<(Expir
     // TCP: the tuple waits out the VM's TIME_WAIT from when the close began (or from the last
     // packet, for flows that just went silent). UDP has no TIME_WAIT: free at once.
     let reuse_at = match why {
-        Expiry::Closing => f.stamp.wrapping_add(u.time_wait),
+        Expiry::Closing => f.stamp().wrapping_add(u.time_wait),
         Expiry::Udp => now,
-        Expiry::Syn | Expiry::Established => f.last_seen.wrapping_add(u.time_wait),
+        Expiry::Syn | Expiry::Established => f.last_seen().wrapping_add(u.time_wait),
     };
     // Never earlier than now (the slot is already FREE, a past time just means "now").
     let reuse_at = if (reuse_at.wrapping_sub(now) as i32) < 0 {
@@ -152,9 +226,9 @@ pub fn now() -> u32 {
     (ns >> CLOCK_SHIFT) as u32
 }
 
-/// `FLOW_SLOTS`, mapped into this process.
-pub struct SlotTable {
-    base: NonNull<Flow>,
+/// `FLOW_SLOTS` (or `FLOW_SLOTS6`: `SlotTable<Flow6>`), mapped into this process.
+pub struct SlotTable<F: Slot = Flow> {
+    base: NonNull<F>,
     len: usize,
     bytes: usize,
     map: MapData,
@@ -163,37 +237,40 @@ pub struct SlotTable {
 // SAFETY: the mapping is shared memory that the kernel keeps alive until munmap; all access to
 // `ctl` is atomic and other fields are read as plain copies (the data path's writes to them are
 // ordered before its `ctl` compare-and-swap).
-unsafe impl Send for SlotTable {}
-unsafe impl Sync for SlotTable {}
+unsafe impl<F: Slot> Send for SlotTable<F> {}
+unsafe impl<F: Slot> Sync for SlotTable<F> {}
 
-impl SlotTable {
-    /// Map the `FLOW_SLOTS` array behind `map` (a handle opened any way: taken from the loaded
+impl<F: Slot> SlotTable<F> {
+    /// Map the `FLOW_SLOTS` (`F::MAP`) array behind `map` (a handle opened any way: taken from the loaded
     /// object or from its pin).
     pub fn map(map: MapData) -> anyhow::Result<Self> {
-        let info = map.info().context("reading FLOW_SLOTS' info")?;
+        let name = F::MAP;
+        let info = map
+            .info()
+            .with_context(|| format!("reading {name}' info"))?;
         let len = info.max_entries() as usize;
-        if info.value_size() as usize != size_of::<Flow>() {
+        if info.value_size() as usize != size_of::<F>() {
             anyhow::bail!(
-                "FLOW_SLOTS holds {}-byte values; this vmlb expects {}",
+                "{name} holds {}-byte values; this vmlb expects {}",
                 info.value_size(),
-                size_of::<Flow>()
+                size_of::<F>()
             );
         }
         let page = 4096usize;
-        let bytes = (len * size_of::<Flow>()).div_ceil(page) * page;
+        let bytes = (len * size_of::<F>()).div_ceil(page) * page;
         // SAFETY: mapping a BPF array map fd as the kernel documents (offset 0, shared); the
         // length is the array's data rounded up to whole pages.
         let ptr = unsafe {
             nix::sys::mman::mmap(
                 None,
-                std::num::NonZeroUsize::new(bytes).context("empty FLOW_SLOTS")?,
+                std::num::NonZeroUsize::new(bytes).with_context(|| format!("empty {name}"))?,
                 nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
                 nix::sys::mman::MapFlags::MAP_SHARED,
                 map.fd().as_fd(),
                 0,
             )
         }
-        .context("mapping FLOW_SLOTS (it must be created with BPF_F_MMAPABLE)")?;
+        .with_context(|| format!("mapping {name} (it must be created with BPF_F_MMAPABLE)"))?;
         Ok(Self {
             base: ptr.cast(),
             len,
@@ -215,14 +292,21 @@ impl SlotTable {
         self.len == 0
     }
 
-    fn ctl(&self, i: usize) -> &AtomicU64 {
+    /// The lifecycle fields of slot `i` (see `Slot::fields`).
+    fn fields(&self, i: usize) -> (*mut u64, *mut u32, *mut u32, *mut u8) {
         assert!(i < self.len);
-        // SAFETY: in bounds; `ctl` is the first, 8-byte aligned field of a page-aligned array.
-        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.base.as_ptr().add(i)).ctl)) }
+        // SAFETY: in bounds of the mapping.
+        unsafe { F::fields(self.base.as_ptr().add(i)) }
+    }
+
+    fn ctl(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: in bounds; `ctl` is the first, 8-byte aligned field of a page-aligned array
+        // of 8-byte multiples.
+        unsafe { AtomicU64::from_ptr(self.fields(i).0) }
     }
 
     /// A copy of slot `i`.
-    pub fn get(&self, i: usize) -> Flow {
+    pub fn get(&self, i: usize) -> F {
         assert!(i < self.len);
         // SAFETY: in bounds; a plain copy of shared memory (see the Sync impl).
         unsafe { std::ptr::read_volatile(self.base.as_ptr().add(i)) }
@@ -233,15 +317,15 @@ impl SlotTable {
         assert!(i < self.len);
         // SAFETY: in bounds; plain stores racing with the data path's store of `touched = 1`
         // lose at most one mark, which the next packet sets again.
+        let (_, last_seen, _, touched) = self.fields(i);
         unsafe {
-            let f = self.base.as_ptr().add(i);
-            std::ptr::addr_of_mut!((*f).last_seen).write_volatile(now);
-            std::ptr::addr_of_mut!((*f).touched).write_volatile(0);
+            last_seen.write_volatile(now);
+            touched.write_volatile(0);
         }
     }
 
     /// Overwrite slot `i` (tests and tools: not atomic with the data path).
-    pub fn set(&self, i: usize, f: &Flow) {
+    pub fn set(&self, i: usize, f: &F) {
         assert!(i < self.len);
         // SAFETY: in bounds of the shared mapping.
         unsafe { std::ptr::write_volatile(self.base.as_ptr().add(i), *f) }
@@ -277,7 +361,7 @@ impl SlotTable {
     }
 
     /// Every live flow with its slot index.
-    pub fn live(&self) -> impl Iterator<Item = (u32, Flow)> + '_ {
+    pub fn live(&self) -> impl Iterator<Item = (u32, F)> + '_ {
         (0..self.len).filter_map(|i| {
             let f = self.get(i);
             (f.state() > st::CLAIMING).then_some((i as u32, f))
@@ -289,7 +373,7 @@ impl SlotTable {
         // `stamp` first: a claimer reads it only after seeing FREE, and the swap orders it.
         // SAFETY: in bounds; `stamp` of a live slot is written only by the CPU that moves it to
         // CLOSING, which cannot happen once our swap succeeds (it swaps from the same `ctl`).
-        let stamp = unsafe { std::ptr::addr_of_mut!((*self.base.as_ptr().add(i)).stamp) };
+        let stamp = self.fields(i).2;
         let old_stamp = unsafe { stamp.read_volatile() };
         unsafe { stamp.write_volatile(reuse_at) };
         let freed = self
@@ -313,7 +397,7 @@ impl SlotTable {
     }
 }
 
-impl Drop for SlotTable {
+impl<F: Slot> Drop for SlotTable<F> {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, unmapped once.
         let _ = unsafe { nix::sys::mman::munmap(self.base.cast(), self.bytes) };
@@ -349,9 +433,9 @@ impl Sweep {
 /// by compare-and-swap. In that order no index entry can ever point at a slot freed under it,
 /// and a flow the data path changed meanwhile (a FIN on a reply) just fails the swap and is
 /// looked at again next time.
-pub fn sweep(
-    slots: &SlotTable,
-    index: &mut HashMap<MapData, FlowKey, FlowRef>,
+pub fn sweep<F: Slot>(
+    slots: &SlotTable<F>,
+    index: &mut HashMap<MapData, F::Key, FlowRef>,
     t: &Timeouts,
     pressure: bool,
 ) -> Sweep {
@@ -361,7 +445,7 @@ pub fn sweep(
         let mut f = slots.get(i);
         let state = f.state();
         if state == st::FREE {
-            if (f.stamp.wrapping_sub(now) as i32) > 0 {
+            if (f.stamp().wrapping_sub(now) as i32) > 0 {
                 out.held += 1;
             }
             continue;
@@ -369,9 +453,9 @@ pub fn sweep(
         if state == st::CLAIMING {
             continue;
         }
-        if f.touched != 0 {
+        if f.touched() != 0 {
             slots.seen(i, now);
-            f.last_seen = now;
+            f.set_last_seen(now);
         }
         if let Some((why, reuse_at)) = expiry(&f, now, t, pressure) {
             let key = f.client_key();
@@ -380,7 +464,7 @@ pub fn sweep(
                     let _ = index.remove(&key);
                 }
             }
-            if slots.free(i, f.ctl, reuse_at) {
+            if slots.free(i, f.ctl(), reuse_at) {
                 out.expired[why as usize] += 1;
                 if reuse_at != now {
                     out.held += 1;
@@ -400,12 +484,12 @@ pub fn sweep(
 }
 
 /// Backend ids of the live flows (whose next hops the sweeper keeps fresh).
-pub fn live_backends(slots: &SlotTable) -> std::collections::BTreeSet<u32> {
-    slots.live().map(|(_, f)| f.backend_id).collect()
+pub fn live_backends<F: Slot>(slots: &SlotTable<F>) -> std::collections::BTreeSet<u32> {
+    slots.live().map(|(_, f)| f.backend_id()).collect()
 }
 
 /// Entries of the `FLOWS` index (for `inspect` and tests; the sweep does not need it).
-pub fn index_len(index: &HashMap<MapData, FlowKey, FlowRef>) -> usize {
+pub fn index_len<K: aya::Pod>(index: &HashMap<MapData, K, FlowRef>) -> usize {
     index.keys().count()
 }
 
@@ -495,5 +579,26 @@ mod tests {
         for s in [st::FREE, st::CLAIMING] {
             assert_eq!(expiry(&flow(s, 0, 0), u32::MAX / 2, &t, false), None);
         }
+    }
+
+    /// `Flow6` goes through the same policy (the sweep is generic over the slot type).
+    #[test]
+    fn ipv6_flows_expire_like_ipv4_flows() {
+        let t = Timeouts::default();
+        let now = 90_000_000;
+        let f = |state: u8, last_seen: u32| Flow6 {
+            ctl: (7 << vmlb_common::FLOW_GEN_SHIFT) | state as u64,
+            last_seen,
+            ..Default::default()
+        };
+        assert_eq!(
+            expiry(&f(st::UDP, now - units(t.udp)), now, &t, false),
+            Some((Expiry::Udp, now))
+        );
+        assert_eq!(expiry(&f(st::ESTABLISHED, now - 1), now, &t, false), None);
+        let flow = f(st::SYN_SENT, 5);
+        assert_eq!(Slot::state(&flow), st::SYN_SENT);
+        assert_eq!(Slot::ctl(&flow), flow.ctl);
+        assert_eq!(<Flow6 as Slot>::MAP, "FLOW_SLOTS6");
     }
 }

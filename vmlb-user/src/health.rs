@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -26,13 +26,13 @@ use crate::model::{HealthKind, HealthSpec};
 /// An endpoint to probe: a backend's address and target port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        write!(f, "{}", SocketAddr::new(self.addr, self.port))
     }
 }
 
@@ -399,7 +399,14 @@ impl ProbeTask {
 /// together (a daemon start) do not all fire at once. Fibonacci hashing spreads neighbouring
 /// addresses and ports; the same target always gets the same offset.
 fn first_delay(t: &Target, interval: Duration) -> Duration {
-    let key = (u64::from(u32::from(t.addr)) << 16) | u64::from(t.port);
+    let addr = match t.addr {
+        IpAddr::V4(a) => u64::from(u32::from(a)),
+        IpAddr::V6(a) => {
+            let a = u128::from(a);
+            (a as u64) ^ ((a >> 64) as u64)
+        }
+    };
+    let key = (addr << 16) | u64::from(t.port);
     let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     // Top 53 bits as a fraction in [0, 1): exact in an f64.
     interval.mul_f64((h >> 11) as f64 / (1u64 << 53) as f64)
@@ -408,7 +415,7 @@ fn first_delay(t: &Target, interval: Duration) -> Duration {
 /// One probe. `HealthKind::None` always passes. The whole probe (connect, request, status line)
 /// is bounded by `spec.timeout`.
 pub async fn probe(target: &Target, spec: &HealthSpec) -> Result<(), String> {
-    let addr = SocketAddrV4::new(target.addr, target.port);
+    let addr = SocketAddr::new(target.addr, target.port);
     let attempt = async {
         match &spec.kind {
             HealthKind::None => Ok(()),
@@ -426,7 +433,7 @@ pub async fn probe(target: &Target, spec: &HealthSpec) -> Result<(), String> {
         })
 }
 
-async fn connect(addr: SocketAddrV4) -> Result<TcpStream, String> {
+async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
     TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {}", io_message(&e)))
@@ -435,7 +442,7 @@ async fn connect(addr: SocketAddrV4) -> Result<TcpStream, String> {
 /// A deliberately minimal HTTP/1.1 client: one request with `Connection: close`, then only the
 /// status line is read and judged; headers and body are never parsed. Enough for a health
 /// check, and no HTTP client crate in the daemon.
-async fn http_get(addr: SocketAddrV4, path: &str) -> Result<(), String> {
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
     // A path with whitespace or CR/LF would break (or inject into) the request line.
     if path
         .bytes()
@@ -445,9 +452,13 @@ async fn http_get(addr: SocketAddrV4, path: &str) -> Result<(), String> {
     }
     let path = if path.is_empty() { "/" } else { path };
     let mut stream = connect(addr).await?;
+    // An IPv6 host goes in brackets (RFC 9110 7.2, RFC 3986 3.2.2).
+    let host = match addr {
+        SocketAddr::V4(a) => a.ip().to_string(),
+        SocketAddr::V6(a) => format!("[{}]", a.ip()),
+    };
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vmlb-health\r\nConnection: close\r\n\r\n",
-        addr.ip()
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vmlb-health\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -599,7 +610,7 @@ mod tests {
         let delays: Vec<_> = (0..64u16)
             .map(|i| {
                 let t = Target {
-                    addr: Ipv4Addr::new(10, 0, 0, (i % 8) as u8 + 1),
+                    addr: std::net::Ipv4Addr::new(10, 0, 0, (i % 8) as u8 + 1).into(),
                     port: 8080 + i / 8,
                 };
                 let d = first_delay(&t, interval);
@@ -620,7 +631,7 @@ mod tests {
     #[tokio::test]
     async fn retired_task_records_and_sends_nothing() {
         let target = Target {
-            addr: Ipv4Addr::LOCALHOST,
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
             port: 9,
         };
         let spec = HealthSpec {

@@ -1,8 +1,12 @@
 //! Desired state: what services should exist, independent of ids and map layout.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
-use vmlb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use vmlb_common::{ServiceKey, ServiceKey6, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -55,16 +59,17 @@ impl Mode {
     }
 }
 
-/// A VIP:port/proto balanced over backends.
+/// A VIP:port/proto balanced over backends, of one address family: the VIP, the backends and
+/// the SNAT addresses are all IPv4 or all IPv6 (`Reconciler::apply` refuses a mix).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub proto: Proto,
     pub mode: Mode,
     /// Source addresses towards the backends (a pool, used by flow hash; at most
-    /// `vmlb_common::MAX_SNAT_PER_SERVICE`); empty in dnat mode.
-    pub snat: Vec<Ipv4Addr>,
+    /// `vmlb_common::MAX_SNAT_PER_SERVICE`), of the VIP's family; empty in dnat mode.
+    pub snat: Vec<IpAddr>,
     /// SNAT source ports (inclusive). The default keeps clear of the node's own ephemeral
     /// ports; a dedicated SNAT address may use 1024-65535.
     pub snat_ports: (u16, u16),
@@ -75,7 +80,7 @@ pub struct ServiceSpec {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// 0 drains: no new flows, existing flows stay.
     pub weight: u32,
@@ -84,13 +89,69 @@ pub struct BackendSpec {
 }
 
 impl ServiceSpec {
-    pub fn key(&self) -> vmlb_common::ServiceKey {
-        vmlb_common::ServiceKey {
-            vip: u32::from_ne_bytes(self.vip.octets()),
-            port: self.port.to_be(),
-            proto: self.proto.number(),
-            _pad: 0,
+    /// Its key in its family's services map.
+    pub fn key(&self) -> SvcKey {
+        let (port, proto) = (self.port.to_be(), self.proto.number());
+        match self.vip {
+            IpAddr::V4(vip) => SvcKey::V4(ServiceKey {
+                vip: u32::from_ne_bytes(vip.octets()),
+                port,
+                proto,
+                _pad: 0,
+            }),
+            IpAddr::V6(vip) => SvcKey::V6(ServiceKey6 {
+                vip: vmlb_common::addr6(vip.octets()),
+                port,
+                proto,
+                _pad: 0,
+            }),
         }
+    }
+}
+
+/// A service's key in `SERVICES` (IPv4) or `SERVICES6` (IPv6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SvcKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+impl SvcKey {
+    pub fn vip(&self) -> IpAddr {
+        match self {
+            SvcKey::V4(k) => IpAddr::V4(Ipv4Addr::from(k.vip.to_ne_bytes())),
+            SvcKey::V6(k) => IpAddr::V6(Ipv6Addr::from(vmlb_common::octets6(&k.vip))),
+        }
+    }
+}
+
+impl From<ServiceKey> for SvcKey {
+    fn from(k: ServiceKey) -> Self {
+        SvcKey::V4(k)
+    }
+}
+
+impl From<&ServiceKey> for SvcKey {
+    fn from(k: &ServiceKey) -> Self {
+        SvcKey::V4(*k)
+    }
+}
+
+impl From<ServiceKey6> for SvcKey {
+    fn from(k: ServiceKey6) -> Self {
+        SvcKey::V6(k)
+    }
+}
+
+impl From<&ServiceKey6> for SvcKey {
+    fn from(k: &ServiceKey6) -> Self {
+        SvcKey::V6(*k)
+    }
+}
+
+impl From<&SvcKey> for SvcKey {
+    fn from(k: &SvcKey) -> Self {
+        *k
     }
 }
 
@@ -150,6 +211,8 @@ impl Default for HealthSpec {
 pub struct NodeConfig {
     /// The node's address on the VLAN, used as SNAT source unless a service overrides it.
     pub snat: Option<Ipv4Addr>,
+    /// The same for IPv6 services.
+    pub snat6: Option<Ipv6Addr>,
     /// The VLAN whose 802.1Q-tagged frames are served (on a trunk); untagged frames always are.
     pub vlan: Option<u16>,
 }

@@ -7,30 +7,105 @@
 //!    update (the switch), and the old space is reused only from the next pass on;
 //! 3. backends leaving a service are marked down only after no table names them, which moves
 //!    their established flows (weight 0 keeps them: draining).
+//!
+//! IPv4 and IPv6 services go to their own maps (`SERVICES`/`SERVICES6`, `BACKENDS`/`BACKENDS6`,
+//! `VIPS`/`VIPS6`) under the same rules, and share the `MAGLEV` array and the id spaces: a
+//! service id or backend id names an entry of one family only.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context as _};
 use vmlb_common::{
-    hash,
+    addr6, hash,
     maglev::{self, MaglevBackend},
-    Backend, DnatEndpoint, EndpointKey, Service, ServiceKey, BE_F_UP, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SNAT_ADDRS, MAX_SNAT_PER_SERVICE, SVC_F_DNAT, SVC_F_SNAT, VIP_F_OWNED,
+    octets6, Addr6, Backend, Backend6, DnatEndpoint, EndpointKey, Service, Service6, ServiceKey,
+    ServiceKey6, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, MAX_SNAT_PER_SERVICE,
+    SVC_F_DNAT, SVC_F_SNAT, VIP_F_OWNED,
 };
 
 use crate::{
     dataplane::Dataplane,
-    model::{BackendSpec, Mode, Proto, ServiceSpec},
+    model::{BackendSpec, Mode, Proto, ServiceSpec, SvcKey},
     ring_alloc::RingAlloc,
 };
+
+/// A service's value in its family's map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceValue {
+    V4(Service),
+    V6(Service6),
+}
+
+impl ServiceValue {
+    pub const fn id(&self) -> u32 {
+        match self {
+            ServiceValue::V4(s) => s.id,
+            ServiceValue::V6(s) => s.id,
+        }
+    }
+
+    pub const fn ring_base(&self) -> u32 {
+        match self {
+            ServiceValue::V4(s) => s.ring_base,
+            ServiceValue::V6(s) => s.ring_base,
+        }
+    }
+
+    pub const fn ring_size(&self) -> u32 {
+        match self {
+            ServiceValue::V4(s) => s.ring_size,
+            ServiceValue::V6(s) => s.ring_size,
+        }
+    }
+
+    pub const fn flags(&self) -> u32 {
+        match self {
+            ServiceValue::V4(s) => s.flags,
+            ServiceValue::V6(s) => s.flags,
+        }
+    }
+
+    /// The SNAT pool as installed.
+    pub fn snat(&self) -> Vec<IpAddr> {
+        match self {
+            ServiceValue::V4(s) => s.snat_addrs
+                [..(s.snat_count as usize).min(MAX_SNAT_PER_SERVICE)]
+                .iter()
+                .map(|a| IpAddr::V4(Ipv4Addr::from(a.to_ne_bytes())))
+                .collect(),
+            ServiceValue::V6(s) => s.snat_addrs
+                [..(s.snat_count as usize).min(MAX_SNAT_PER_SERVICE)]
+                .iter()
+                .map(|a| IpAddr::V6(Ipv6Addr::from(octets6(a))))
+                .collect(),
+        }
+    }
+
+    /// SNAT ports as (first, last).
+    fn snat_ports(&self) -> (u16, u16) {
+        let (min, range) = match self {
+            ServiceValue::V4(s) => (s.port_min, s.port_range),
+            ServiceValue::V6(s) => (s.port_min, s.port_range),
+        };
+        (min, min.saturating_add(range.saturating_sub(1)))
+    }
+
+    fn with_ring_base(mut self, base: u32) -> Self {
+        match &mut self {
+            ServiceValue::V4(s) => s.ring_base = base,
+            ServiceValue::V6(s) => s.ring_base = base,
+        }
+        self
+    }
+}
 
 #[derive(Debug)]
 struct Installed {
     spec: ServiceSpec,
-    value: Service,
+    value: ServiceValue,
     /// (address, port) -> backend id.
-    backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
+    backend_ids: BTreeMap<(IpAddr, u16), u32>,
     table: Vec<u32>,
     /// `observe::digest` of `table`, computed when first asked (every state publish asks for
     /// every service's; an unchanged service keeps this `Installed` and so its digest).
@@ -46,16 +121,20 @@ pub struct Summary {
     pub backends_written: usize,
 }
 
+/// A backend read back from the maps, for `Reconciler::adopt`: (id, address, port, up,
+/// service id).
+type Adopted = (u32, IpAddr, u16, bool, u32);
+
 #[derive(Debug)]
 pub struct Reconciler {
     ring: RingAlloc,
     /// Table space released by the previous pass, reusable from this one on.
     pending_free: Vec<(u32, u32)>,
-    services: BTreeMap<ServiceKey, Installed>,
-    /// Installed VIPs and their `VIP_F_*` flags.
-    vips: BTreeMap<u32, u32>,
-    /// The VIPs this node owns (answers ARP for); `None`: all of them (file mode).
-    owned: Option<BTreeSet<u32>>,
+    services: BTreeMap<SvcKey, Installed>,
+    /// Installed VIPs (both families) and their `VIP_F_*` flags.
+    vips: BTreeMap<IpAddr, u32>,
+    /// The VIPs this node owns (answers ARP/NDP for); `None`: all of them (file mode).
+    owned: Option<BTreeSet<IpAddr>>,
     service_ids: IdPool,
     backend_ids: IdPool,
     /// Installed `DNAT_ENDPOINTS` entries.
@@ -85,7 +164,8 @@ impl Reconciler {
 
     /// Rebuild the in-memory state from what a previous daemon left in the maps (pinned), so the
     /// next `apply` of the same configuration writes nothing and established flows keep their
-    /// backend ids. `ring(base, len)` reads a table from the `MAGLEV` array.
+    /// backend ids. `ring(base, len)` reads a table from the `MAGLEV` array. IPv6 services are
+    /// added with `adopt6`.
     pub fn adopt(
         ring_entries: u32,
         (max_services, max_backends): (u32, u32),
@@ -96,75 +176,123 @@ impl Reconciler {
     ) -> anyhow::Result<Self> {
         let mut r = Self::with_limits(ring_entries, max_services, max_backends);
         r.dnat = dnat.iter().copied().collect();
+        let backends: Vec<Adopted> = backends
+            .iter()
+            .filter(|(_, b)| b.addr != 0)
+            .map(|(id, b)| {
+                let addr = IpAddr::V4(Ipv4Addr::from(b.addr.to_ne_bytes()));
+                (
+                    *id,
+                    addr,
+                    u16::from_be(b.port),
+                    b.flags & BE_F_UP != 0,
+                    b.service_id,
+                )
+            })
+            .collect();
+        let services = services
+            .iter()
+            .map(|(k, v)| (SvcKey::V4(*k), ServiceValue::V4(*v)));
+        r.adopt_services(services, &backends, ring)?;
+        Ok(r)
+    }
+
+    /// The IPv6 half of `adopt`: `SERVICES6` and `BACKENDS6` as a previous daemon left them
+    /// (their ids and table space come from the same pools as IPv4's).
+    pub fn adopt6(
+        mut self,
+        services: &[(ServiceKey6, Service6)],
+        backends: &[(u32, Backend6)],
+        ring: impl Fn(u32, u32) -> anyhow::Result<Vec<u32>>,
+    ) -> anyhow::Result<Self> {
+        let backends: Vec<Adopted> = backends
+            .iter()
+            .filter(|(_, b)| b.addr != [0; 4])
+            .map(|(id, b)| {
+                let addr = IpAddr::V6(Ipv6Addr::from(octets6(&b.addr)));
+                (
+                    *id,
+                    addr,
+                    u16::from_be(b.port),
+                    b.flags & BE_F_UP != 0,
+                    b.service_id,
+                )
+            })
+            .collect();
+        let services = services
+            .iter()
+            .map(|(k, v)| (SvcKey::V6(*k), ServiceValue::V6(*v)));
+        self.adopt_services(services, &backends, ring)?;
+        Ok(self)
+    }
+
+    fn adopt_services(
+        &mut self,
+        services: impl Iterator<Item = (SvcKey, ServiceValue)>,
+        backends: &[Adopted],
+        ring: impl Fn(u32, u32) -> anyhow::Result<Vec<u32>>,
+    ) -> anyhow::Result<()> {
         // Each service's backends, found once rather than by a scan per service.
-        let mut by_service: BTreeMap<u32, Vec<(u32, &Backend)>> = BTreeMap::new();
-        for (id, b) in backends.iter().filter(|(_, b)| b.addr != 0) {
-            by_service.entry(b.service_id).or_default().push((*id, b));
+        let mut by_service: BTreeMap<u32, Vec<&Adopted>> = BTreeMap::new();
+        for b in backends {
+            by_service.entry(b.4).or_default().push(b);
         }
         for (key, value) in services {
-            if !r.ring.reserve(value.ring_base, value.ring_size) {
+            let (id, base, size) = (value.id(), value.ring_base(), value.ring_size());
+            if !self.ring.reserve(base, size) {
                 bail!(
-                    "pinned service {} has a Maglev table at {}+{} that overlaps another or lies                      outside the array",
-                    value.id,
-                    value.ring_base,
-                    value.ring_size
+                    "pinned service {id} has a Maglev table at {base}+{size} that overlaps \
+                     another or lies outside the array"
                 );
             }
-            r.service_ids.mark_used(value.id);
+            self.service_ids.mark_used(id);
             let mut backend_ids = BTreeMap::new();
             let mut specs = Vec::new();
-            for &(id, b) in by_service.get(&value.id).into_iter().flatten() {
-                let addr = Ipv4Addr::from(b.addr.to_ne_bytes());
-                let port = u16::from_be(b.port);
-                r.backend_ids.mark_used(id);
-                backend_ids.insert((addr, port), id);
+            for &&(bid, addr, port, up, _) in by_service.get(&id).into_iter().flatten() {
+                self.backend_ids.mark_used(bid);
+                backend_ids.insert((addr, port), bid);
                 // The weight is not in the maps; only `up` and the table are compared later.
                 specs.push(BackendSpec {
                     addr,
                     port,
                     weight: 0,
-                    up: b.flags & BE_F_UP != 0,
+                    up,
                 });
             }
+            let (port, proto) = match key {
+                SvcKey::V4(k) => (k.port, k.proto),
+                SvcKey::V6(k) => (k.port, k.proto),
+            };
             let spec = ServiceSpec {
-                vip: Ipv4Addr::from(key.vip.to_ne_bytes()),
-                port: u16::from_be(key.port),
-                proto: Proto::from_number(key.proto).with_context(|| {
-                    format!("pinned service {} has protocol {}", value.id, key.proto)
-                })?,
-                mode: if value.flags & SVC_F_DNAT != 0 {
+                vip: key.vip(),
+                port: u16::from_be(port),
+                proto: Proto::from_number(proto)
+                    .with_context(|| format!("pinned service {id} has protocol {proto}"))?,
+                mode: if value.flags() & SVC_F_DNAT != 0 {
                     Mode::Dnat
                 } else {
                     Mode::Snat
                 },
-                snat: value.snat_addrs[..(value.snat_count as usize).min(MAX_SNAT_PER_SERVICE)]
-                    .iter()
-                    .map(|a| Ipv4Addr::from(a.to_ne_bytes()))
-                    .collect(),
-                snat_ports: (
-                    value.port_min,
-                    value
-                        .port_min
-                        .saturating_add(value.port_range.saturating_sub(1)),
-                ),
-                ring_size: value.ring_size,
+                snat: value.snat(),
+                snat_ports: value.snat_ports(),
+                ring_size: size,
                 backends: specs,
             };
-            let table = ring(value.ring_base, value.ring_size)?;
+            let table = ring(base, size)?;
             // Pinned by an earlier daemon; file mode (owning every VIP) wrote the same value.
-            r.vips.insert(key.vip, VIP_F_OWNED);
-            r.services.insert(
-                *key,
+            self.vips.insert(key.vip(), VIP_F_OWNED);
+            self.services.insert(
+                key,
                 Installed {
                     spec,
-                    value: *value,
+                    value,
                     backend_ids,
                     table,
                     digest: Default::default(),
                 },
             );
         }
-        Ok(r)
+        Ok(())
     }
 
     /// Backends installed as down (health), as (address, port) probe targets.
@@ -181,33 +309,48 @@ impl Reconciler {
     }
 
     /// The installed value of a service, if any.
-    pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
-        self.services.get(key).map(|i| &i.value)
+    pub fn service(&self, key: impl Into<SvcKey>) -> Option<&ServiceValue> {
+        self.services.get(&key.into()).map(|i| &i.value)
+    }
+
+    /// The installed IPv6 services (for `vmlb inspect` and tests).
+    pub fn services6(&self) -> impl Iterator<Item = (&ServiceKey6, &Service6)> {
+        self.services
+            .iter()
+            .filter_map(|(k, i)| match (k, &i.value) {
+                (SvcKey::V6(k), ServiceValue::V6(v)) => Some((k, v)),
+                _ => None,
+            })
     }
 
     /// Backend id assigned to `addr:port` in the service `key`.
-    pub fn backend_id(&self, key: &ServiceKey, addr: Ipv4Addr, port: u16) -> Option<u32> {
+    pub fn backend_id(
+        &self,
+        key: impl Into<SvcKey>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+    ) -> Option<u32> {
         self.services
-            .get(key)?
+            .get(&key.into())?
             .backend_ids
-            .get(&(addr, port))
+            .get(&(addr.into(), port))
             .copied()
     }
 
     /// `observe::digest` of a service's installed table (ids read as the addresses they stand
     /// for), computed once per installed table.
-    pub fn table_digest(&self, key: &ServiceKey) -> Option<u64> {
-        let i = self.services.get(key)?;
+    pub fn table_digest(&self, key: impl Into<SvcKey>) -> Option<u64> {
+        let i = self.services.get(&key.into())?;
         Some(*i.digest.get_or_init(|| {
-            let by_id: BTreeMap<u32, (Ipv4Addr, u16)> =
+            let by_id: BTreeMap<u32, (IpAddr, u16)> =
                 i.backend_ids.iter().map(|(&k, &id)| (id, k)).collect();
             crate::observe::digest::digest_ids(&i.table, |id| by_id.get(&id).copied())
         }))
     }
 
     /// The installed Maglev table of a service.
-    pub fn table(&self, key: &ServiceKey) -> Option<&[u32]> {
-        self.services.get(key).map(|i| i.table.as_slice())
+    pub fn table(&self, key: impl Into<SvcKey>) -> Option<&[u32]> {
+        self.services.get(&key.into()).map(|i| i.table.as_slice())
     }
 
     pub fn apply(
@@ -223,18 +366,17 @@ impl Reconciler {
         for spec in desired {
             if !maglev::RING_SIZES.contains(&spec.ring_size) {
                 bail!(
-                    "service {}:{}: Maglev size {} is not one of {:?}",
-                    spec.vip,
-                    spec.port,
+                    "service {}: Maglev size {} is not one of {:?}",
+                    sock(spec.vip, spec.port),
                     spec.ring_size,
                     maglev::RING_SIZES
                 );
             }
+            check_family(spec)?;
             if !wanted.insert(spec.key()) {
                 bail!(
-                    "service {}:{}/{:?} is defined twice",
-                    spec.vip,
-                    spec.port,
+                    "service {}/{:?} is defined twice",
+                    sock(spec.vip, spec.port),
                     spec.proto
                 );
             }
@@ -244,14 +386,16 @@ impl Reconciler {
         let mut dnat_owner = BTreeMap::new();
         for spec in desired.iter().filter(|s| s.mode == Mode::Dnat) {
             for b in &spec.backends {
-                if let Some(other) = dnat_owner.insert(endpoint_key(spec, b), spec.key()) {
+                let Some(ek) = endpoint_key(spec, b) else {
+                    continue;
+                };
+                if let Some(other) = dnat_owner.insert(ek, spec.key()) {
                     if other != spec.key() {
                         bail!(
-                            "endpoint {}:{} serves two dnat services ({}:{} and another)",
+                            "endpoint {}:{} serves two dnat services ({} and another)",
                             b.addr,
                             b.port,
-                            spec.vip,
-                            spec.port
+                            sock(spec.vip, spec.port)
                         );
                     }
                 }
@@ -260,31 +404,21 @@ impl Reconciler {
 
         // SNAT addresses: the data path must know a new one (to translate its replies) before
         // any flow uses it, and forgets an old one only after no service names it.
-        let installed_snat: BTreeSet<Ipv4Addr> = self
-            .services
-            .values()
-            .flat_map(|i| i.spec.snat.iter().copied())
-            .collect();
-        let desired_snat: BTreeSet<Ipv4Addr> = desired
-            .iter()
-            .flat_map(|s| s.snat.iter().copied())
-            .collect();
-        let both: BTreeSet<Ipv4Addr> = installed_snat.union(&desired_snat).copied().collect();
-        if desired_snat.len() > MAX_SNAT_ADDRS {
-            bail!(
-                "{} SNAT addresses in use; a node supports at most {MAX_SNAT_ADDRS}",
-                desired_snat.len()
-            );
+        let installed_snat = || self.services.values().flat_map(|i| i.spec.snat.iter());
+        let desired_snat = || desired.iter().flat_map(|s| s.snat.iter());
+        let snat4 = SnatChange::new(
+            installed_snat().filter_map(v4).collect(),
+            desired_snat().filter_map(v4).collect(),
+        )?;
+        let snat6 = SnatChange::new(
+            installed_snat().filter_map(v6).collect(),
+            desired_snat().filter_map(v6).collect(),
+        )?;
+        if let Some(a) = snat4.first() {
+            dp.set_snat_addrs(&a)?;
         }
-        // During a change from one full set to another the union may not fit: then the new
-        // set is written first (replies to a retired address pass to the kernel meanwhile).
-        let during = if both.len() <= MAX_SNAT_ADDRS {
-            &both
-        } else {
-            &desired_snat
-        };
-        if *during != installed_snat {
-            dp.set_snat_addrs(&during.iter().copied().collect::<Vec<_>>())?;
+        if let Some(a) = snat6.first() {
+            dp.set_snat_addrs6(&a)?;
         }
 
         for spec in desired {
@@ -310,14 +444,15 @@ impl Reconciler {
                         self.services.insert(key, p);
                     }
                     return Err(e.context(format!(
-                        "service {}:{}/{:?}",
-                        spec.vip, spec.port, spec.proto
+                        "service {}/{:?}",
+                        sock(spec.vip, spec.port),
+                        spec.proto
                     )));
                 }
             }
         }
 
-        let gone: Vec<ServiceKey> = self
+        let gone: Vec<SvcKey> = self
             .services
             .keys()
             .filter(|k| !wanted.contains(k))
@@ -325,21 +460,27 @@ impl Reconciler {
             .collect();
         for key in gone {
             let inst = self.services.remove(&key).expect("listed above");
-            dp.remove_service(&key)?;
-            self.unset_endpoints(inst.value.id, &BTreeMap::new(), dp)?;
-            for &id in inst.backend_ids.values() {
-                dp.set_backend(id, &Backend::default())?;
+            match key {
+                SvcKey::V4(k) => dp.remove_service(&k)?,
+                SvcKey::V6(k) => dp.remove_service6(&k)?,
+            }
+            self.unset_endpoints(inst.value.id(), &BTreeMap::new(), dp)?;
+            for (&(addr, _), &id) in &inst.backend_ids {
+                backend_down(dp, addr, id)?;
                 self.backend_ids.release(id);
             }
             self.pending_free
-                .push((inst.value.ring_base, inst.value.ring_size));
-            self.service_ids.release(inst.value.id);
+                .push((inst.value.ring_base(), inst.value.ring_size()));
+            self.service_ids.release(inst.value.id());
             summary.services_removed += 1;
         }
 
         self.write_vips(dp)?;
-        if *during != desired_snat {
-            dp.set_snat_addrs(&desired_snat.iter().copied().collect::<Vec<_>>())?;
+        if let Some(a) = snat4.last() {
+            dp.set_snat_addrs(&a)?;
+        }
+        if let Some(a) = snat6.last() {
+            dp.set_snat_addrs6(&a)?;
         }
         Ok(summary)
     }
@@ -347,47 +488,62 @@ impl Reconciler {
     /// Which VIPs this node owns: `None` owns every VIP (file mode), else only these (the
     /// Kubernetes source's election). Returns the VIPs whose ownership changed, with the new
     /// state, so the caller can announce the ones taken (gratuitous ARP).
-    pub fn set_ownership(
+    pub fn set_ownership<A: Into<IpAddr> + Copy>(
         &mut self,
-        owned: Option<BTreeSet<Ipv4Addr>>,
+        owned: Option<BTreeSet<A>>,
         dp: &mut impl Dataplane,
-    ) -> anyhow::Result<Vec<(Ipv4Addr, bool)>> {
-        self.owned = owned.map(|s| s.iter().map(|a| u32::from_ne_bytes(a.octets())).collect());
+    ) -> anyhow::Result<Vec<(IpAddr, bool)>> {
+        self.owned = owned.map(|s| s.iter().map(|&a| a.into()).collect());
         self.write_vips(dp)
     }
 
-    /// The VIPs this node answers ARP for now.
+    /// The IPv4 VIPs this node answers ARP for now.
     pub fn owned_vips(&self) -> Vec<Ipv4Addr> {
+        self.owned().filter_map(|v| v4(&v)).collect()
+    }
+
+    /// The IPv6 VIPs this node owns now (the ones to answer neighbour solicitations for).
+    pub fn owned_vips6(&self) -> Vec<Ipv6Addr> {
+        self.owned().filter_map(|v| v6(&v)).collect()
+    }
+
+    fn owned(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.vips
             .iter()
             .filter(|(_, f)| *f & VIP_F_OWNED != 0)
-            .map(|(v, _)| Ipv4Addr::from(v.to_ne_bytes()))
-            .collect()
+            .map(|(v, _)| *v)
     }
 
-    /// Bring `VIPS` to the installed services' VIPs with their ownership flags; returns the
-    /// ownership changes of VIPs that stay.
-    fn write_vips(&mut self, dp: &mut impl Dataplane) -> anyhow::Result<Vec<(Ipv4Addr, bool)>> {
-        let want: BTreeMap<u32, u32> = self
+    /// Bring `VIPS` and `VIPS6` to the installed services' VIPs with their ownership flags;
+    /// returns the ownership changes of VIPs that stay.
+    fn write_vips(&mut self, dp: &mut impl Dataplane) -> anyhow::Result<Vec<(IpAddr, bool)>> {
+        let want: BTreeMap<IpAddr, u32> = self
             .services
             .keys()
             .map(|k| {
-                let owned = self.owned.as_ref().is_none_or(|o| o.contains(&k.vip));
-                (k.vip, if owned { VIP_F_OWNED } else { 0 })
+                let vip = k.vip();
+                let owned = self.owned.as_ref().is_none_or(|o| o.contains(&vip));
+                (vip, if owned { VIP_F_OWNED } else { 0 })
             })
             .collect();
         let mut changed = Vec::new();
         for (vip, flags) in &want {
             let before = self.vips.get(vip).copied();
             if before != Some(*flags) {
-                dp.set_vip(*vip, *flags)?;
+                match vip {
+                    IpAddr::V4(a) => dp.set_vip(u32::from_ne_bytes(a.octets()), *flags)?,
+                    IpAddr::V6(a) => dp.set_vip6(addr6(a.octets()), *flags)?,
+                }
                 if before.is_none_or(|b| b & VIP_F_OWNED != flags & VIP_F_OWNED) {
-                    changed.push((Ipv4Addr::from(vip.to_ne_bytes()), flags & VIP_F_OWNED != 0));
+                    changed.push((*vip, flags & VIP_F_OWNED != 0));
                 }
             }
         }
         for vip in self.vips.keys().filter(|v| !want.contains_key(v)) {
-            dp.remove_vip(*vip)?;
+            match vip {
+                IpAddr::V4(a) => dp.remove_vip(u32::from_ne_bytes(a.octets()))?,
+                IpAddr::V6(a) => dp.remove_vip6(addr6(a.octets()))?,
+            }
         }
         self.vips = want;
         Ok(changed)
@@ -402,7 +558,7 @@ impl Reconciler {
     ) -> anyhow::Result<Installed> {
         let key = spec.key();
         let id = match prev {
-            Some(p) => p.value.id,
+            Some(p) => p.value.id(),
             None => {
                 summary.services_added += 1;
                 let id = self.service_ids.alloc().context("no free service id")?;
@@ -414,7 +570,7 @@ impl Reconciler {
             .as_ref()
             .map(|p| p.backend_ids.clone())
             .unwrap_or_default();
-        let prev_spec_backends: BTreeMap<(Ipv4Addr, u16), _> = prev
+        let prev_spec_backends: BTreeMap<(IpAddr, u16), _> = prev
             .as_ref()
             .map(|p| {
                 p.spec
@@ -431,7 +587,7 @@ impl Reconciler {
         for b in &spec.backends {
             let k = (b.addr, b.port);
             if backend_ids.contains_key(&k) {
-                bail!("backend {}:{} is listed twice", b.addr, b.port);
+                bail!("backend {} is listed twice", sock(b.addr, b.port));
             }
             let bid = match prev_ids.get(&k) {
                 Some(&bid) => bid,
@@ -443,19 +599,34 @@ impl Reconciler {
             };
             backend_ids.insert(k, bid);
             if prev_spec_backends.get(&k).is_none_or(|old| old.up != b.up) {
-                let value = Backend {
-                    addr: u32::from_ne_bytes(b.addr.octets()),
-                    port: b.port.to_be(),
-                    _pad: 0,
-                    flags: if b.up { BE_F_UP } else { 0 },
-                    service_id: id,
-                };
-                dp.set_backend(bid, &value)?;
+                let flags = if b.up { BE_F_UP } else { 0 };
+                match b.addr {
+                    IpAddr::V4(a) => dp.set_backend(
+                        bid,
+                        &Backend {
+                            addr: u32::from_ne_bytes(a.octets()),
+                            port: b.port.to_be(),
+                            _pad: 0,
+                            flags,
+                            service_id: id,
+                        },
+                    )?,
+                    IpAddr::V6(a) => dp.set_backend6(
+                        bid,
+                        &Backend6 {
+                            addr: addr6(a.octets()),
+                            port: b.port.to_be(),
+                            _pad: 0,
+                            flags,
+                            service_id: id,
+                        },
+                    )?,
+                }
                 summary.backends_written += 1;
             }
             members.push(MaglevBackend {
                 id: bid,
-                key: maglev::backend_key(b.addr.octets(), b.port),
+                key: maglev_key(b.addr, b.port),
                 weight: if b.up { b.weight } else { 0 },
             });
         }
@@ -470,28 +641,23 @@ impl Reconciler {
             _ => maglev::build(&members, spec.ring_size)
                 .map_err(|e| anyhow::anyhow!("Maglev: {e}"))?,
         };
-        let (snat_addrs, snat_count) = snat_pool(&spec.snat, spec.mode)?;
-        let flags = match spec.mode {
-            Mode::Snat => SVC_F_SNAT,
-            Mode::Dnat => SVC_F_DNAT,
-        };
         // A dnat service's replies are recognised by their source before the service exists.
-        let endpoints: BTreeMap<EndpointKey, DnatEndpoint> = match spec.mode {
-            Mode::Snat => BTreeMap::new(),
-            Mode::Dnat => spec
+        let endpoints: BTreeMap<EndpointKey, DnatEndpoint> = match (spec.mode, spec.vip) {
+            (Mode::Dnat, IpAddr::V4(vip)) => spec
                 .backends
                 .iter()
-                .map(|b| {
+                .filter_map(|b| {
                     let value = DnatEndpoint {
-                        vip: u32::from_ne_bytes(spec.vip.octets()),
+                        vip: u32::from_ne_bytes(vip.octets()),
                         port: spec.port.to_be(),
                         _pad: 0,
                         service_id: id,
                         backend_id: backend_ids[&(b.addr, b.port)],
                     };
-                    (endpoint_key(spec, b), value)
+                    Some((endpoint_key(spec, b)?, value))
                 })
                 .collect(),
+            _ => BTreeMap::new(),
         };
         for (k, v) in &endpoints {
             if self.dnat.get(k) != Some(v) {
@@ -499,34 +665,25 @@ impl Reconciler {
                 dp.set_dnat_endpoint(k, Some(v), self.dnat.len())?;
             }
         }
-        let (port_min, port_max) = spec.snat_ports;
-        let port_range = hash::prime_range(port_min, port_max);
-        let same_snat = |v: &Service| {
-            v.flags == flags
-                && v.snat_addrs == snat_addrs
-                && v.snat_count == snat_count
-                && v.port_min == port_min
-                && v.port_range == port_range
-        };
-        let value = match prev {
-            Some(p) if p.table == table && same_snat(&p.value) => p.value,
-            _ => {
+        let unchanged = prev
+            .filter(|p| p.table == table)
+            .map(|p| p.value)
+            .filter(|v| service_value(spec, id, v.ring_base()).ok() == Some(*v));
+        let value = match unchanged {
+            Some(v) => v,
+            None => {
+                let value = service_value(spec, id, 0)?;
                 let ring_base = self.ring.alloc(spec.ring_size)?;
                 dp.write_ring(ring_base, &table)?;
-                let value = Service {
-                    id,
-                    flags,
-                    snat_addrs,
-                    snat_count,
-                    ring_base,
-                    ring_size: spec.ring_size,
-                    port_min,
-                    port_range,
-                };
-                dp.set_service(&key, &value)?;
+                let value = value.with_ring_base(ring_base);
+                match (&key, &value) {
+                    (SvcKey::V4(k), ServiceValue::V4(v)) => dp.set_service(k, v)?,
+                    (SvcKey::V6(k), ServiceValue::V6(v)) => dp.set_service6(k, v)?,
+                    _ => unreachable!("service_value follows the VIP's family"),
+                }
                 if let Some(p) = prev {
                     self.pending_free
-                        .push((p.value.ring_base, p.value.ring_size));
+                        .push((p.value.ring_base(), p.value.ring_size()));
                 }
                 summary.tables_swapped += 1;
                 value
@@ -536,7 +693,7 @@ impl Reconciler {
         // 3. Backends that left: down, so their flows move (no table names them any more).
         for (k, bid) in &prev_ids {
             if !backend_ids.contains_key(k) {
-                dp.set_backend(*bid, &Backend::default())?;
+                backend_down(dp, k.0, *bid)?;
                 self.backend_ids.release(*bid);
                 summary.backends_written += 1;
             }
@@ -576,13 +733,131 @@ impl Reconciler {
     }
 }
 
-/// The `DNAT_ENDPOINTS` key of a service's backend: the source of its replies.
-fn endpoint_key(spec: &ServiceSpec, b: &BackendSpec) -> EndpointKey {
-    EndpointKey {
-        addr: u32::from_ne_bytes(b.addr.octets()),
+/// `addr:port`, IPv6 in brackets.
+fn sock(addr: IpAddr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr, port)
+}
+
+fn v4(a: &IpAddr) -> Option<Ipv4Addr> {
+    match a {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn v6(a: &IpAddr) -> Option<Ipv6Addr> {
+    match a {
+        IpAddr::V6(a) => Some(*a),
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// A service is of one family: its backends and SNAT addresses are of its VIP's. dnat is
+/// IPv4 only (the data path has no IPv6 dnat).
+fn check_family(spec: &ServiceSpec) -> anyhow::Result<()> {
+    let service = || format!("service {}/{:?}", sock(spec.vip, spec.port), spec.proto);
+    let family = |a: &IpAddr| a.is_ipv4();
+    if let Some(b) = spec
+        .backends
+        .iter()
+        .find(|b| family(&b.addr) != family(&spec.vip))
+    {
+        bail!(
+            "{}: backend {} is not of the VIP's address family",
+            service(),
+            sock(b.addr, b.port)
+        );
+    }
+    if let Some(a) = spec.snat.iter().find(|a| family(a) != family(&spec.vip)) {
+        bail!(
+            "{}: SNAT address {a} is not of the VIP's address family",
+            service()
+        );
+    }
+    if spec.mode == Mode::Dnat && spec.vip.is_ipv6() {
+        bail!(
+            "{}: dnat mode is not supported for IPv6 services",
+            service()
+        );
+    }
+    Ok(())
+}
+
+/// Maglev's key of a backend: `maglev::backend_key` for IPv4 (the tables every vmlb version
+/// builds), and for IPv6 the same mix chained over the four words of the address, so every
+/// byte counts and nodes of one version agree.
+fn maglev_key(addr: IpAddr, port: u16) -> u64 {
+    match addr {
+        IpAddr::V4(a) => maglev::backend_key(a.octets(), port),
+        IpAddr::V6(a) => a.octets().chunks_exact(4).fold(0u64, |k, w| {
+            let w = u32::from_be_bytes([w[0], w[1], w[2], w[3]]);
+            let folded = w ^ (k as u32) ^ ((k >> 32) as u32);
+            maglev::backend_key(folded.to_be_bytes(), port) ^ k.rotate_left(17)
+        }),
+    }
+}
+
+/// Mark backend `id` (of `addr`'s family) gone: no address, not up.
+fn backend_down(dp: &mut impl Dataplane, addr: IpAddr, id: u32) -> anyhow::Result<()> {
+    match addr {
+        IpAddr::V4(_) => dp.set_backend(id, &Backend::default()),
+        IpAddr::V6(_) => dp.set_backend6(id, &Backend6::default()),
+    }
+}
+
+/// The `DNAT_ENDPOINTS` key of a service's backend: the source of its replies (IPv4 only).
+fn endpoint_key(spec: &ServiceSpec, b: &BackendSpec) -> Option<EndpointKey> {
+    let IpAddr::V4(addr) = b.addr else {
+        return None;
+    };
+    Some(EndpointKey {
+        addr: u32::from_ne_bytes(addr.octets()),
         port: b.port.to_be(),
         proto: spec.proto.number(),
         _pad: 0,
+    })
+}
+
+/// A node-wide SNAT set of one family (`CONFIG` or `CONFIG6`) across one pass: the union of
+/// the installed and the desired addresses while services change, the desired ones after.
+struct SnatChange<A> {
+    installed: BTreeSet<A>,
+    during: BTreeSet<A>,
+    desired: BTreeSet<A>,
+}
+
+impl<A: Ord + Copy> SnatChange<A> {
+    fn new(installed: BTreeSet<A>, desired: BTreeSet<A>) -> anyhow::Result<Self> {
+        if desired.len() > MAX_SNAT_ADDRS {
+            bail!(
+                "{} SNAT addresses of one family in use; a node supports at most \
+                 {MAX_SNAT_ADDRS}",
+                desired.len()
+            );
+        }
+        let both: BTreeSet<A> = installed.union(&desired).copied().collect();
+        // During a change from one full set to another the union may not fit: then the new
+        // set is written first (replies to a retired address pass to the kernel meanwhile).
+        let during = if both.len() <= MAX_SNAT_ADDRS {
+            both
+        } else {
+            desired.clone()
+        };
+        Ok(Self {
+            installed,
+            during,
+            desired,
+        })
+    }
+
+    /// The set to write before services change, if it differs from the installed one.
+    fn first(&self) -> Option<Vec<A>> {
+        (self.during != self.installed).then(|| self.during.iter().copied().collect())
+    }
+
+    /// The set to write after, if the one written first still holds retired addresses.
+    fn last(&self) -> Option<Vec<A>> {
+        (self.during != self.desired).then(|| self.desired.iter().copied().collect())
     }
 }
 
@@ -625,11 +900,56 @@ impl IdPool {
     }
 }
 
-/// A service's SNAT pool as the data path stores it (none in dnat mode).
-fn snat_pool(addrs: &[Ipv4Addr], mode: Mode) -> anyhow::Result<([u32; MAX_SNAT_PER_SERVICE], u32)> {
+/// A service's value as the data path stores it (`ring_base` as given), in its family's type.
+fn service_value(spec: &ServiceSpec, id: u32, ring_base: u32) -> anyhow::Result<ServiceValue> {
+    let (port_min, port_max) = spec.snat_ports;
+    let port_range = hash::prime_range(port_min, port_max);
+    let flags = match spec.mode {
+        Mode::Snat => SVC_F_SNAT,
+        Mode::Dnat => SVC_F_DNAT,
+    };
+    let snat_count = snat_count(&spec.snat, spec.mode)?;
+    Ok(match spec.vip {
+        IpAddr::V4(_) => {
+            let mut snat_addrs = [0u32; MAX_SNAT_PER_SERVICE];
+            for (o, a) in snat_addrs.iter_mut().zip(spec.snat.iter().filter_map(v4)) {
+                *o = u32::from_ne_bytes(a.octets());
+            }
+            ServiceValue::V4(Service {
+                id,
+                flags,
+                snat_addrs,
+                snat_count,
+                ring_base,
+                ring_size: spec.ring_size,
+                port_min,
+                port_range,
+            })
+        }
+        IpAddr::V6(_) => {
+            let mut snat_addrs: [Addr6; MAX_SNAT_PER_SERVICE] = [[0; 4]; MAX_SNAT_PER_SERVICE];
+            for (o, a) in snat_addrs.iter_mut().zip(spec.snat.iter().filter_map(v6)) {
+                *o = addr6(a.octets());
+            }
+            ServiceValue::V6(Service6 {
+                id,
+                flags,
+                snat_addrs,
+                snat_count,
+                ring_base,
+                ring_size: spec.ring_size,
+                port_min,
+                port_range,
+            })
+        }
+    })
+}
+
+/// How many SNAT addresses a service's pool holds (none in dnat mode).
+fn snat_count(addrs: &[IpAddr], mode: Mode) -> anyhow::Result<u32> {
     if mode == Mode::Dnat {
         anyhow::ensure!(addrs.is_empty(), "a dnat service has no SNAT addresses");
-        return Ok(([0; MAX_SNAT_PER_SERVICE], 0));
+        return Ok(0);
     }
     if addrs.is_empty() || addrs.len() > MAX_SNAT_PER_SERVICE {
         anyhow::bail!(
@@ -637,11 +957,7 @@ fn snat_pool(addrs: &[Ipv4Addr], mode: Mode) -> anyhow::Result<([u32; MAX_SNAT_P
             addrs.len()
         );
     }
-    let mut out = [0u32; MAX_SNAT_PER_SERVICE];
-    for (o, a) in out.iter_mut().zip(addrs) {
-        *o = u32::from_ne_bytes(a.octets());
-    }
-    Ok((out, addrs.len() as u32))
+    Ok(addrs.len() as u32)
 }
 
 #[cfg(test)]
@@ -656,7 +972,7 @@ mod tests {
 
     fn be(last: u8, weight: u32, up: bool) -> BackendSpec {
         BackendSpec {
-            addr: Ipv4Addr::new(10, 10, 1, last),
+            addr: Ipv4Addr::new(10, 10, 1, last).into(),
             port: 80,
             weight,
             up,
@@ -665,14 +981,22 @@ mod tests {
 
     fn svc(port: u16, backends: Vec<BackendSpec>) -> ServiceSpec {
         ServiceSpec {
-            vip: VIP,
+            vip: VIP.into(),
             port,
             proto: Proto::Tcp,
             mode: Default::default(),
-            snat: vec![Ipv4Addr::new(10, 10, 1, 125)],
+            snat: vec![Ipv4Addr::new(10, 10, 1, 125).into()],
             snat_ports: (vmlb_common::SNAT_PORT_MIN, vmlb_common::SNAT_PORT_MAX),
             ring_size: 251,
             backends,
+        }
+    }
+
+    /// The `SERVICES` key of an IPv4 service.
+    fn key4(spec: &ServiceSpec) -> ServiceKey {
+        match spec.key() {
+            SvcKey::V4(k) => k,
+            SvcKey::V6(_) => panic!("an IPv4 service"),
         }
     }
 
@@ -705,8 +1029,8 @@ mod tests {
                 &format!("vip {:#x} flags=1", u32::from_ne_bytes(VIP.octets())),
             ]
         );
-        assert!(dp.vips.contains(&spec.key().vip));
-        let t = live_table(&dp, &spec.key());
+        assert!(dp.vips.contains(&key4(&spec).vip));
+        let t = live_table(&dp, &key4(&spec));
         assert!(t.iter().all(|&id| id == 1 || id == 2));
     }
 
@@ -727,7 +1051,7 @@ mod tests {
         let mut r = Reconciler::new(600);
         let mut dp = FakeDataplane::default();
         r.apply(&[svc(80, vec![be(2, 1, true)])], &mut dp).unwrap();
-        let key = svc(80, vec![]).key();
+        let key = key4(&svc(80, vec![]));
         assert_eq!(dp.services[&key].ring_base, 0);
         let old = live_table(&dp, &key);
 
@@ -747,14 +1071,14 @@ mod tests {
     fn backend_ids_are_stable_and_a_removed_backend_is_marked_down_after_the_swap() {
         let mut r = Reconciler::new(1000);
         let mut dp = FakeDataplane::default();
-        let key = svc(80, vec![]).key();
+        let key = key4(&svc(80, vec![]));
         r.apply(&[svc(80, vec![be(2, 1, true), be(3, 1, true)])], &mut dp)
             .unwrap();
-        let id3 = r.backend_id(&key, Ipv4Addr::new(10, 10, 1, 3), 80).unwrap();
+        let id3 = r.backend_id(key, Ipv4Addr::new(10, 10, 1, 3), 80).unwrap();
         dp.log.clear();
         r.apply(&[svc(80, vec![be(3, 1, true)])], &mut dp).unwrap();
         assert_eq!(
-            r.backend_id(&key, Ipv4Addr::new(10, 10, 1, 3), 80),
+            r.backend_id(key, Ipv4Addr::new(10, 10, 1, 3), 80),
             Some(id3)
         );
         let swap = dp
@@ -775,7 +1099,7 @@ mod tests {
     fn down_and_draining_backends_leave_the_table_but_only_down_clears_the_flag() {
         let mut r = Reconciler::new(1000);
         let mut dp = FakeDataplane::default();
-        let key = svc(80, vec![]).key();
+        let key = key4(&svc(80, vec![]));
         r.apply(
             &[svc(
                 80,
@@ -785,11 +1109,11 @@ mod tests {
         )
         .unwrap();
         let t = live_table(&dp, &key);
-        let id4 = r.backend_id(&key, Ipv4Addr::new(10, 10, 1, 4), 80).unwrap();
+        let id4 = r.backend_id(key, Ipv4Addr::new(10, 10, 1, 4), 80).unwrap();
         assert!(t.iter().all(|&id| id == id4));
         let flags = |last| {
             let id = r
-                .backend_id(&key, Ipv4Addr::new(10, 10, 1, last), 80)
+                .backend_id(key, Ipv4Addr::new(10, 10, 1, last), 80)
                 .unwrap();
             dp.backends[&id].flags
         };
@@ -853,11 +1177,11 @@ mod tests {
                 &mut dp,
             )
             .unwrap();
-        let key = svc(8080, vec![]).key();
+        let key = key4(&svc(8080, vec![]));
         let v = dp.services[&key];
         assert!(v.id > 2 && v.ring_base >= 2 * 251, "{v:?}");
         let id4 = adopted
-            .backend_id(&key, Ipv4Addr::new(10, 10, 1, 4), 80)
+            .backend_id(key, Ipv4Addr::new(10, 10, 1, 4), 80)
             .unwrap();
         assert!(id4 > 3);
     }
@@ -902,17 +1226,19 @@ mod tests {
         r.apply(&[svc(80, vec![be(2, 1, true)])], &mut dp).unwrap();
         assert_eq!(r.owned_vips(), vec![VIP], "file mode owns every VIP");
         dp.log.clear();
-        let changed = r.set_ownership(Some(BTreeSet::new()), &mut dp).unwrap();
-        assert_eq!(changed, vec![(VIP, false)]);
+        let changed = r
+            .set_ownership(Some(BTreeSet::<IpAddr>::new()), &mut dp)
+            .unwrap();
+        assert_eq!(changed, vec![(VIP.into(), false)]);
         assert!(r.owned_vips().is_empty());
         assert_eq!(dp.log.len(), 1, "{:?}", dp.log);
         // The same set again writes nothing; taking it back reports it taken.
         assert!(r
-            .set_ownership(Some(BTreeSet::new()), &mut dp)
+            .set_ownership(Some(BTreeSet::<IpAddr>::new()), &mut dp)
             .unwrap()
             .is_empty());
         let changed = r.set_ownership(Some([VIP].into()), &mut dp).unwrap();
-        assert_eq!(changed, vec![(VIP, true)]);
+        assert_eq!(changed, vec![(VIP.into(), true)]);
     }
 
     fn dnat(port: u16, backends: Vec<BackendSpec>) -> ServiceSpec {
@@ -972,5 +1298,201 @@ mod tests {
             "{err}"
         );
         assert!(dp.log.is_empty(), "nothing written: {:?}", dp.log);
+    }
+
+    const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x128);
+
+    fn be6(last: u16, weight: u32, up: bool) -> BackendSpec {
+        BackendSpec {
+            addr: Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, last).into(),
+            port: 80,
+            weight,
+            up,
+        }
+    }
+
+    fn svc6(port: u16, backends: Vec<BackendSpec>) -> ServiceSpec {
+        ServiceSpec {
+            vip: VIP6.into(),
+            snat: vec![Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x125).into()],
+            ..svc(port, backends)
+        }
+    }
+
+    fn key6(spec: &ServiceSpec) -> ServiceKey6 {
+        match spec.key() {
+            SvcKey::V6(k) => k,
+            SvcKey::V4(_) => panic!("an IPv6 service"),
+        }
+    }
+
+    /// An IPv6 service takes the IPv4 path's order (SNAT set, stats, backends, table, service,
+    /// VIP) on the v6 maps, with ids and table space from the shared pools.
+    #[test]
+    fn an_ipv6_service_goes_to_the_v6_maps_in_the_same_order() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let v4 = svc(80, vec![be(2, 1, true)]);
+        let v6 = svc6(80, vec![be6(2, 1, true), be6(3, 1, true)]);
+        r.apply(&[v4.clone(), v6.clone()], &mut dp).unwrap();
+        assert_eq!(
+            dp.log,
+            [
+                "snat addrs [10.10.1.125]",
+                "snat6 addrs [fd00:10::125]",
+                "clear service stats 1",
+                "clear backend stats 1",
+                "backend 1 flags=1",
+                "ring 0+251",
+                "service 1 ring 0",
+                "clear service stats 2",
+                "clear backend stats 2",
+                "backend6 2 flags=1",
+                "clear backend stats 3",
+                "backend6 3 flags=1",
+                "ring 251+251",
+                "service6 2 ring 251",
+                &format!("vip {:#x} flags=1", u32::from_ne_bytes(VIP.octets())),
+                "vip6 fd00:10::128 flags=1",
+            ]
+        );
+        let s6 = dp.services6[&key6(&v6)];
+        assert_eq!((s6.flags, s6.snat_count), (SVC_F_SNAT, 1));
+        assert_eq!(
+            s6.snat_addrs[0],
+            addr6(Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x125).octets())
+        );
+        let table: Vec<u32> = (s6.ring_base..s6.ring_base + s6.ring_size)
+            .map(|i| dp.ring[&i])
+            .collect();
+        assert!(table.iter().all(|&id| id == 2 || id == 3), "v6 backend ids");
+        assert_eq!(dp.backends6[&2].addr, addr6(be6(2, 1, true).addr_octets6()));
+        assert!(!dp.backends.contains_key(&2), "an id names one family only");
+        assert_eq!(r.owned_vips(), [VIP]);
+        assert_eq!(r.owned_vips6(), [VIP6]);
+        assert!(dp.snat_addrs.len() == 1 && dp.snat_addrs6.len() == 1);
+
+        // A removed IPv6 backend goes down on BACKENDS6 after the switch; the whole service
+        // leaves SERVICES6 and VIPS6, and the v6 SNAT set empties.
+        dp.log.clear();
+        r.apply(&[v4.clone(), svc6(80, vec![be6(3, 1, true)])], &mut dp)
+            .unwrap();
+        let switch = dp.log.iter().position(|l| l.starts_with("service6"));
+        let down = dp.log.iter().position(|l| l == "backend6 2 flags=0");
+        assert!(switch.is_some() && switch < down, "{:?}", dp.log);
+        r.apply(std::slice::from_ref(&v4), &mut dp).unwrap();
+        assert!(dp.services6.is_empty() && dp.vips6.is_empty());
+        assert!(dp.snat_addrs6.is_empty());
+        assert_eq!(dp.services.len(), 1);
+        assert!(dp.backends6.values().all(|b| *b == Backend6::default()));
+    }
+
+    #[test]
+    fn mixed_families_and_ipv6_dnat_are_refused_before_any_write() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let cases = [
+            (
+                svc(80, vec![be6(2, 1, true)]),
+                "not of the VIP's address family",
+            ),
+            (
+                ServiceSpec {
+                    snat: vec![Ipv4Addr::new(10, 0, 0, 1).into()],
+                    ..svc6(80, vec![be6(2, 1, true)])
+                },
+                "SNAT address 10.0.0.1 is not of the VIP's",
+            ),
+            (
+                ServiceSpec {
+                    mode: Mode::Dnat,
+                    snat: Vec::new(),
+                    ..svc6(80, vec![be6(2, 1, true)])
+                },
+                "dnat mode is not supported for IPv6",
+            ),
+        ];
+        for (spec, want) in cases {
+            let e = r.apply(&[spec], &mut dp).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        assert!(dp.log.is_empty(), "{:?}", dp.log);
+    }
+
+    #[test]
+    fn an_adopted_ipv6_service_needs_no_writes() {
+        let mut r = Reconciler::new(1000);
+        let mut dp = FakeDataplane::default();
+        let desired = [
+            svc(80, vec![be(2, 1, true)]),
+            svc6(80, vec![be6(2, 1, true), be6(3, 1, false)]),
+        ];
+        r.apply(&desired, &mut dp).unwrap();
+        let services: Vec<_> = dp.services.iter().map(|(k, v)| (*k, *v)).collect();
+        let backends: Vec<_> = dp.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        let services6: Vec<_> = dp.services6.iter().map(|(k, v)| (*k, *v)).collect();
+        let backends6: Vec<_> = dp.backends6.iter().map(|(k, v)| (*k, *v)).collect();
+        let ring = dp.ring.clone();
+        let read = |base: u32, len: u32| Ok((base..base + len).map(|i| ring[&i]).collect());
+        let mut adopted = Reconciler::adopt(
+            1000,
+            (MAX_SERVICES, MAX_BACKENDS),
+            &services,
+            &backends,
+            &[],
+            read,
+        )
+        .unwrap()
+        .adopt6(&services6, &backends6, read)
+        .unwrap();
+        dp.log.clear();
+        assert_eq!(
+            adopted.apply(&desired, &mut dp).unwrap(),
+            Summary::default()
+        );
+        assert!(dp.log.is_empty(), "{:?}", dp.log);
+        assert_eq!(adopted.owned_vips6(), [VIP6]);
+        assert_eq!(
+            adopted
+                .down_backends()
+                .into_iter()
+                .map(|t| t.addr)
+                .collect::<Vec<_>>(),
+            [be6(3, 1, false).addr]
+        );
+        // A new service's ids avoid the adopted ones of both families.
+        adopted
+            .apply(
+                &[
+                    desired[0].clone(),
+                    desired[1].clone(),
+                    svc6(443, vec![be6(4, 1, true)]),
+                ],
+                &mut dp,
+            )
+            .unwrap();
+        let v = dp.services6[&key6(&svc6(443, vec![]))];
+        assert!(v.id > 2 && v.ring_base >= 2 * 251, "{v:?}");
+    }
+
+    #[test]
+    fn ipv6_backend_keys_differ_and_ipv4_keys_are_maglevs() {
+        let a = maglev_key(be6(2, 1, true).addr, 80);
+        let b = maglev_key(be6(3, 1, true).addr, 80);
+        let c = maglev_key(be6(2, 1, true).addr, 81);
+        assert!(a != b && a != c && b != c);
+        assert_eq!(
+            maglev_key(Ipv4Addr::new(10, 0, 0, 1).into(), 80),
+            maglev::backend_key([10, 0, 0, 1], 80)
+        );
+    }
+
+    impl BackendSpec {
+        fn addr_octets6(&self) -> [u8; 16] {
+            match self.addr {
+                IpAddr::V6(a) => a.octets(),
+                IpAddr::V4(_) => panic!("IPv6"),
+            }
+        }
     }
 }

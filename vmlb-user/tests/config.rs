@@ -1,6 +1,6 @@
 //! ServiceEntry YAML -> services: what is accepted, and that every error names file, line, field.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{net::IpAddr, path::Path, time::Duration};
 
 use vmlb_user::{
     model::{
@@ -10,14 +10,14 @@ use vmlb_user::{
     source::file::{self as config, ConfigError},
 };
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
 fn node() -> NodeConfig {
     NodeConfig {
-        snat: Some(ip("10.10.1.125")),
-        vlan: None,
+        snat: Some("10.10.1.125".parse().unwrap()),
+        ..Default::default()
     }
 }
 
@@ -274,8 +274,12 @@ fn every_error_names_file_line_and_field() {
          "t.yaml:7: spec.addresses: vmlb needs at least one VIP address to answer for (e.g. addresses: [10.10.1.128])"),
         ("  addresses: [10.0.0.1]", "  addresses: []",
          "t.yaml:9: spec.addresses: vmlb needs at least one VIP address to answer for (e.g. addresses: [10.10.1.128])"),
-        ("  addresses: [10.0.0.1]", "  addresses: ['fd00::1']",
-         "t.yaml:9: spec.addresses[0]: IPv6 VIPs are not supported yet"),
+        ("  addresses: [10.0.0.1]", "  addresses: ['fd00::/64']",
+         r#"t.yaml:9: spec.addresses[0]: "fd00::/64": a VIP is a single address (/128), not a range"#),
+        ("  addresses: [10.0.0.1]", "  addresses: ['fe80::1']",
+         "t.yaml:9: spec.addresses[0]: fe80::1 cannot be a VIP"),
+        ("  - address: 10.0.1.2", "  - address: 'fd00::2'",
+         "t.yaml:22: spec.endpoints[1].address: IPv6 endpoint fd00::2 has no IPv6 VIP in spec.addresses to serve: a VIP is served only by endpoints of its own address family"),
         ("  addresses: [10.0.0.1]", "  addresses: [10.0.0.0/24]",
          r#"t.yaml:9: spec.addresses[0]: "10.0.0.0/24": a VIP is a single address (/32), not a range"#),
         ("    protocol: HTTP\n", "    protocol: SCTP\n",
@@ -291,9 +295,9 @@ fn every_error_names_file_line_and_field() {
         ("  resolution: STATIC", "  # no resolution",
          "t.yaml:7: spec.resolution: resolution NONE (the default) is not supported: vmlb balances over static endpoint addresses; use STATIC"),
         ("  - address: 10.0.1.2", "  - address: 10.10.1.300",
-         r#"t.yaml:22: spec.endpoints[1].address: invalid IPv4 address "10.10.1.300""#),
+         r#"t.yaml:22: spec.endpoints[1].address: invalid IP address "10.10.1.300""#),
         ("  - address: 10.0.1.2", "  - address: vm2.example.org",
-         r#"t.yaml:22: spec.endpoints[1].address: "vm2.example.org" is not an IPv4 address: with resolution STATIC, vmlb needs the VM's address, not a name"#),
+         r#"t.yaml:22: spec.endpoints[1].address: "vm2.example.org" is not an IP address: with resolution STATIC, vmlb needs the VM's address, not a name"#),
         ("  - address: 10.0.1.1", "  - 10.0.1.1",
          "t.yaml:21: spec.endpoints[0]: expected a mapping, found 10.0.1.1"),
         ("  - address: 10.0.1.2", "  - network: n1",
@@ -313,7 +317,7 @@ fn every_error_names_file_line_and_field() {
         (ann, "    vmlb.io/mode: bridge",
          r#"t.yaml:6: metadata.annotations."vmlb.io/mode": unknown mode "bridge" (snat or dnat)"#),
         (ann, "    vmlb.io/snat-address: 10.10.1",
-         r#"t.yaml:6: metadata.annotations."vmlb.io/snat-address": invalid IPv4 address "10.10.1""#),
+         r#"t.yaml:6: metadata.annotations."vmlb.io/snat-address": invalid IP address "10.10.1""#),
         (ann, "    vmlb.io/health-check: icmp",
          r#"t.yaml:6: metadata.annotations."vmlb.io/health-check": unknown health check "icmp" (tcp, http or none)"#),
         (ann, "    vmlb.io/health-path: /healthz",
@@ -400,7 +404,7 @@ fn missing_snat_points_at_the_annotation_to_set() {
     let err = config::parse_str(&text, Path::new("t.yaml"), &NodeConfig::default()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        r#"t.yaml:5: metadata.annotations."vmlb.io/snat-address": no SNAT address: pass --snat-addr (the node's address on the VLAN) or set this annotation"#
+        r#"t.yaml:5: metadata.annotations."vmlb.io/snat-address": no IPv4 SNAT address for the IPv4 VIPs: pass --snat-addr (the node's IPv4 address on the VLAN) or list one in this annotation"#
     );
 }
 
@@ -532,7 +536,7 @@ spec:
         ),
         (
             "vmlb.io/snat-address: 10.0.0.1,nope",
-            "invalid IPv4 address \"nope\"",
+            "invalid IP address \"nope\"",
         ),
     ] {
         let t = text.replace(
@@ -542,4 +546,108 @@ spec:
         let e = parse(&t).expect_err(bad).join("\n");
         assert!(e.contains(want), "{bad}: {e}");
     }
+}
+
+/// `base()` with a second VIP and endpoint of the other family. Lines as in `base()`.
+fn dual_stack() -> String {
+    with(
+        "  addresses: [10.0.0.1]",
+        "  addresses: [10.0.0.1, 'fd00::1']",
+    )
+    .replacen("  - address: 10.0.1.2\n", "  - address: 'fd00:1::2'\n", 1)
+}
+
+fn node6() -> NodeConfig {
+    NodeConfig {
+        snat6: Some("fd00::125".parse().unwrap()),
+        ..node()
+    }
+}
+
+fn parse6(text: &str) -> Result<Vec<ConfiguredService>, Vec<String>> {
+    config::parse_str(text, Path::new("t.yaml"), &node6())
+        .map_err(|e| e.0.iter().map(ToString::to_string).collect())
+}
+
+/// The family rule: each VIP is served by its own family's endpoints, with its own family's
+/// SNAT address.
+#[test]
+fn a_dual_stack_entry_serves_each_vip_with_its_own_family() {
+    let services = parse6(&dual_stack()).expect("valid");
+    assert_eq!(services.len(), 4, "2 VIPs x 2 ports");
+    for s in &services {
+        let v4 = s.spec.vip.is_ipv4();
+        assert!(!s.spec.backends.is_empty(), "{}", s.name);
+        assert!(
+            s.spec.backends.iter().all(|b| b.addr.is_ipv4() == v4),
+            "{}: {:?}",
+            s.name,
+            s.spec.backends
+        );
+        let want: IpAddr = if v4 { "10.10.1.125" } else { "fd00::125" }
+            .parse()
+            .unwrap();
+        assert_eq!(s.spec.snat, vec![want], "{}", s.name);
+    }
+    let https6 = services
+        .iter()
+        .find(|s| s.spec.vip == ip("fd00::1") && s.spec.port == 443)
+        .unwrap();
+    assert_eq!(https6.name, "web/https@fd00::1");
+    // The endpoint's per-port override and weight apply in its own family.
+    assert_eq!(https6.spec.backends, [be("fd00:1::2", 9443, 0)]);
+}
+
+#[test]
+fn a_vip_without_an_endpoint_of_its_family_is_refused_at_the_vip() {
+    // Both endpoints IPv6 under an IPv4 and an IPv6 VIP: the IPv4 VIP could only drop.
+    let text = with(
+        "  addresses: [10.0.0.1]",
+        "  addresses: [10.0.0.1, 'fd00::1']",
+    )
+    .replacen("  - address: 10.0.1.1\n", "  - address: 'fd00:1::1'\n", 1)
+    .replacen("  - address: 10.0.1.2\n", "  - address: 'fd00:1::2'\n", 1);
+    assert_eq!(
+        parse6(&text).unwrap_err(),
+        ["t.yaml:9: spec.addresses[0]: IPv4 VIP 10.0.0.1 has no IPv4 endpoint: a VIP is served only by endpoints of its own address family"]
+    );
+}
+
+#[test]
+fn an_ipv6_vip_needs_an_ipv6_snat_address() {
+    let e = parse(&dual_stack()).unwrap_err();
+    assert_eq!(
+        e,
+        [
+            r#"t.yaml:5: metadata.annotations."vmlb.io/snat-address": no IPv6 SNAT address for the IPv6 VIPs: pass --snat-addr with the node's IPv6 address on the VLAN or list one in this annotation"#
+        ]
+    );
+    // The annotation may name one of each family; each VIP takes its own.
+    let text = dual_stack().replacen(
+        "    example.com/owner: team-a",
+        "    vmlb.io/snat-address: 10.10.1.126, fd00::126",
+        1,
+    );
+    for s in parse(&text).expect("valid") {
+        let want = if s.spec.vip.is_ipv4() {
+            "10.10.1.126"
+        } else {
+            "fd00::126"
+        };
+        assert_eq!(s.spec.snat, vec![ip(want)], "{}", s.name);
+    }
+}
+
+#[test]
+fn dnat_on_an_ipv6_vip_is_refused_at_the_mode_annotation() {
+    let text = dual_stack().replacen("    example.com/owner: team-a", "    vmlb.io/mode: dnat", 1);
+    assert_eq!(
+        parse6(&text).unwrap_err(),
+        [
+            r#"t.yaml:6: metadata.annotations."vmlb.io/mode": dnat is not supported for IPv6 VIPs yet (fd00::1); use snat (the default)"#
+        ]
+    );
+    // IPv4 only: still fine.
+    let text = with("    example.com/owner: team-a", "    vmlb.io/mode: dnat");
+    assert!(parse6(&text).is_ok());
 }

@@ -14,7 +14,7 @@ use vmlb_user::{model::NodeConfig, source::file as config};
 fn node() -> NodeConfig {
     NodeConfig {
         snat: Some("10.0.0.9".parse().unwrap()),
-        vlan: None,
+        ..Default::default()
     }
 }
 

@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(5);
 
 fn target(port: u16) -> Target {
     Target {
-        addr: Ipv4Addr::LOCALHOST,
+        addr: Ipv4Addr::LOCALHOST.into(),
         port,
     }
 }

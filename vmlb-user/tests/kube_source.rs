@@ -28,7 +28,7 @@ fn client(s: &ApiServer) -> kube::Client {
 fn node() -> NodeConfig {
     NodeConfig {
         snat: Some("10.10.1.125".parse().unwrap()),
-        vlan: None,
+        ..Default::default()
     }
 }
 

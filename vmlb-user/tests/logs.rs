@@ -47,7 +47,7 @@ fn json_logs_are_one_object_per_line_and_text_logs_have_no_colour_off_a_terminal
         .unwrap_or_else(|| panic!("no ERROR event in {err}"));
     let message = refused["message"].as_str().unwrap();
     assert!(
-        message.starts_with("SE:") && message.contains("invalid IPv4 address \"10.10.1.300\""),
+        message.starts_with("SE:") && message.contains("invalid IP address \"10.10.1.300\""),
         "{message}"
     );
     assert!(

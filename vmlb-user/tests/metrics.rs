@@ -100,15 +100,15 @@ fn state() -> DaemonState {
         last_reload: None,
         services: vec![ServiceState {
             name: "web/http".into(),
-            vip: Ipv4Addr::new(10, 10, 1, 128),
+            vip: Ipv4Addr::new(10, 10, 1, 128).into(),
             port: 80,
             proto: "tcp".into(),
             id: 1,
             hosts: vec![],
-            snat: vec![Ipv4Addr::new(10, 10, 1, 125)],
+            snat: vec![Ipv4Addr::new(10, 10, 1, 125).into()],
             ring_size: 251,
             backends: vec![BackendState {
-                addr: Ipv4Addr::new(10, 10, 1, 2),
+                addr: Ipv4Addr::new(10, 10, 1, 2).into(),
                 port: 8080,
                 id: 3,
                 weight: 2,

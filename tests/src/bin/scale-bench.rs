@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
 
     let sizes = loader::Sizes {
         flows: Some(flow_entries),
+        flows6: None,
         maglev: Some(n_services * ring),
         // Id 0 is never used.
         services: Some(n_services + 1),

@@ -1,6 +1,6 @@
 //! `vmlb config check`: parse and validate ServiceEntry files without touching the data path.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
+use std::{fmt::Write as _, path::PathBuf};
 
 use serde_json::json;
 
@@ -26,9 +26,9 @@ pub struct CheckArgs {
     #[arg(long)]
     pub strict: bool,
     /// The node's address on the VLAN, used as SNAT source by services without a
-    /// vmlb.io/snat-address annotation (as `vmlb run --snat-addr`).
+    /// vmlb.io/snat-address annotation (as `vmlb run --snat-addr`): once per family.
     #[arg(long, value_name = "IP")]
-    pub snat_addr: Option<Ipv4Addr>,
+    pub snat_addr: Vec<std::net::IpAddr>,
     /// A node config file (`snatAddress:`, `vlan:`), as `vmlb run --node-config`; flags win.
     #[arg(long, value_name = "FILE")]
     pub node_config: Option<PathBuf>,
@@ -90,7 +90,7 @@ pub fn check_to(
     out: &mut dyn std::io::Write,
     err: &mut dyn std::io::Write,
 ) -> anyhow::Result<()> {
-    let node = source::node::load(args.node_config.as_deref(), args.snat_addr, None)?;
+    let node = source::node::load(args.node_config.as_deref(), &args.snat_addr, None)?;
     let capacity = config::Capacity {
         ring_entries: args.maglev_entries,
         services: args.max_services,
@@ -307,7 +307,7 @@ mod tests {
         .unwrap();
         let node = crate::model::NodeConfig {
             snat: Some("10.10.1.125".parse().unwrap()),
-            vlan: None,
+            ..Default::default()
         };
         let services = config::parse_str(&text, "vms.yaml".as_ref(), &node).unwrap();
         let out = services_table(&services);
@@ -515,7 +515,7 @@ mod tests {
         let args = CheckArgs {
             paths: vec![se.clone()],
             strict: true,
-            snat_addr: None,
+            snat_addr: Vec::new(),
             node_config: Some(node),
             maglev_entries: vmlb_common::DEFAULT_MAGLEV_ENTRIES,
             max_services: vmlb_common::MAX_SERVICES,

@@ -46,9 +46,10 @@ pub struct RunArgs {
     #[arg(long, default_value = DEFAULT_RUN_ROOT)]
     pub run_dir: PathBuf,
     /// The node's address on the VLAN, the SNAT source (a service may override it with the
-    /// vmlb.io/snat-address annotation).
-    #[arg(long)]
-    pub snat_addr: Option<std::net::Ipv4Addr>,
+    /// vmlb.io/snat-address annotation). Once per family: an IPv4 address for IPv4 services,
+    /// an IPv6 address for IPv6 services.
+    #[arg(long, value_name = "IP")]
+    pub snat_addr: Vec<std::net::IpAddr>,
     /// Serve 802.1Q-tagged frames of this VLAN id (1-4094) when attached to a trunk; frames
     /// leave with their tag, other VLANs pass to the kernel. Untagged frames are always served.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4094))]
@@ -73,6 +74,10 @@ pub struct RunArgs {
     /// about 64 bytes per flow in the index plus 4 slots of 64 bytes.
     #[arg(long, default_value_t = vmlb_common::DEFAULT_FLOW_ENTRIES)]
     pub flow_entries: u32,
+    /// Concurrent IPv6 flows, in a table of their own (as --flow-entries). Memory: about 64
+    /// bytes per flow in the index plus 4 slots of 112 bytes.
+    #[arg(long, default_value_t = vmlb_common::DEFAULT_FLOW6_ENTRIES)]
+    pub flow6_entries: u32,
     /// Flood guard: new flows each CPU may create per second (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub new_flow_rate: u32,
@@ -143,7 +148,7 @@ pub enum LogFormatArg {
 impl RunArgs {
     /// The daemon's options: the node config file merged under the flags.
     pub fn options(self) -> anyhow::Result<Options> {
-        let node = source::node::load(self.node_config.as_deref(), self.snat_addr, self.vlan)?;
+        let node = source::node::load(self.node_config.as_deref(), &self.snat_addr, self.vlan)?;
         let kubernetes = match (self.kubernetes, self.node_name) {
             (false, _) => None,
             (true, None) => {
@@ -176,6 +181,7 @@ impl RunArgs {
             detach_on_exit: self.detach_on_exit,
             upgrade_drops_flows: self.upgrade_drops_flows,
             flow_entries: self.flow_entries,
+            flow6_entries: self.flow6_entries,
             flows: FlowOptions {
                 timeouts: crate::conntrack::Timeouts {
                     syn: self.tcp_syn_timeout,

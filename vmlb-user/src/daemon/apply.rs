@@ -53,9 +53,15 @@ impl Applier {
         if summary != Default::default() {
             info!(?summary, "data path updated");
         }
+        // IPv4 backends: the neighbour keeper resolves IPv4 next hops (IPv6 neighbours are
+        // not kept yet).
         let backends = desired
             .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.addr))
+            .flat_map(|s| s.backends.iter())
+            .filter_map(|b| match b.addr {
+                std::net::IpAddr::V4(a) => Some(a),
+                std::net::IpAddr::V6(_) => None,
+            })
             .collect();
         self.publish_l2(Some(backends), reconciler);
         self.generation += 1;
@@ -170,7 +176,7 @@ fn daemon_state(
         .zip(desired)
         .map(|(c, spec)| {
             let key = spec.key();
-            let id = reconciler.service(&key).map_or(0, |s| s.id);
+            let id = reconciler.service(key).map_or(0, |s| s.id());
             let maglev_digest = state::table_digest(spec, reconciler);
             ServiceState {
                 maglev_digest,
@@ -188,7 +194,7 @@ fn daemon_state(
                     .map(|b| BackendState {
                         addr: b.addr,
                         port: b.port,
-                        id: reconciler.backend_id(&key, b.addr, b.port).unwrap_or(0),
+                        id: reconciler.backend_id(key, b.addr, b.port).unwrap_or(0),
                         weight: b.weight,
                         up: b.up,
                         last_error: states

@@ -105,6 +105,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         mode: opts.xdp_mode,
         pin_root: opts.pin_dir.clone(),
         flow_entries: opts.flow_entries,
+        flow6_entries: opts.flow6_entries,
         maglev_entries: opts.maglev_entries,
         max_services: opts.max_services,
         max_backends: opts.max_backends,
@@ -206,7 +207,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         // With the cluster, a VIP is answered only by its elected node: own none until then,
         // and only until the deadline each Lease renewal moves on.
         let mut m = maps.lock().expect("maps lock");
-        reconciler.set_ownership(Some(Default::default()), &mut *m)?;
+        reconciler.set_ownership(
+            Some(std::collections::BTreeSet::<std::net::IpAddr>::new()),
+            &mut *m,
+        )?;
         m.update_config(|c| c.owned_until = owned_until(None))?;
     } else {
         maps.lock()

@@ -26,6 +26,7 @@ pub struct Options {
     pub upgrade_drops_flows: bool,
     /// Map sizes for a fresh load.
     pub flow_entries: u32,
+    pub flow6_entries: u32,
     pub maglev_entries: u32,
     /// Service and backend ids the maps hold, id 0 included (`--max-services`,
     /// `--max-backends`).

@@ -1,5 +1,7 @@
 //! The flow sweeper: a thread that ends expired flows every `sweep_interval` (through
-//! `conntrack::sweep`) and raises or lowers the flood guard's pressure flag in `CONFIG`.
+//! `conntrack::sweep`, IPv4's `FLOW_SLOTS` then IPv6's `FLOW_SLOTS6`) and raises or lowers the
+//! flood guard's pressure flag in `CONFIG` (one flag for both: either table above its
+//! threshold raises it).
 
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -30,6 +32,8 @@ impl Sweeper {
         let interval = opts.sweep_interval;
         let capacity = u64::from(own.flow_capacity()?);
         let threshold = capacity * u64::from(opts.pressure_percent) / 100;
+        let capacity6 = u64::from(own.v6.flow_capacity()?);
+        let threshold6 = capacity6 * u64::from(opts.pressure_percent) / 100;
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("vmlb-sweep".into())
@@ -41,7 +45,9 @@ impl Sweeper {
                     // of seconds, so a MAC or route change reaches established flows.
                     if last_hops.elapsed() >= HOP_REFRESH {
                         last_hops = std::time::Instant::now();
-                        for id in crate::conntrack::live_backends(&own.slots) {
+                        let mut live = crate::conntrack::live_backends(&own.slots);
+                        live.extend(crate::conntrack::live_backends(&own.v6.slots));
+                        for id in live {
                             if let Err(e) = own.invalidate_hop(id) {
                                 tracing::debug!("invalidating the next hop of backend {id}: {e:#}");
                             }
@@ -49,24 +55,36 @@ impl Sweeper {
                     }
                     let s =
                         crate::conntrack::sweep(&own.slots, &mut own.flows, &timeouts, pressure);
-                    let now_pressure = s.live() >= threshold;
+                    let s6 = crate::conntrack::sweep(
+                        &own.v6.slots,
+                        &mut own.v6.flows,
+                        &timeouts,
+                        pressure,
+                    );
+                    let now_pressure = s.live() >= threshold || s6.live() >= threshold6;
                     if now_pressure != pressure {
                         pressure = now_pressure;
                         if pressure {
                             warn!(
                                 live = s.live(),
                                 capacity,
+                                live6 = s6.live(),
+                                capacity6,
                                 "flow table under pressure: SYN-only flows now expire early"
                             );
                         } else {
-                            info!(live = s.live(), capacity, "flow table pressure over");
+                            info!(
+                                live = s.live(),
+                                live6 = s6.live(),
+                                "flow table pressure over"
+                            );
                         }
                         let mut m = shared.lock().expect("maps lock");
                         if let Err(e) = m.update_config(|c| c.pressure = u32::from(pressure)) {
                             error!("setting the flow pressure flag: {e:#}");
                         }
                     }
-                    tracing::trace!(?s, "flow sweep");
+                    tracing::trace!(?s, ?s6, "flow sweep");
                     match stopped.recv_timeout(interval) {
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         _ => return,

@@ -38,6 +38,7 @@ pub struct AttachSpec {
     pub pin_root: std::path::PathBuf,
     /// Map sizes for a fresh load (an adopted program keeps its maps' sizes).
     pub flow_entries: u32,
+    pub flow6_entries: u32,
     pub maglev_entries: u32,
     pub max_services: u32,
     pub max_backends: u32,
@@ -176,6 +177,7 @@ pub fn attach_or_adopt(
     }
     let mut ebpf = loader::load(Sizes {
         flows: Some(spec.flow_entries),
+        flows6: Some(spec.flow6_entries),
         maglev: Some(spec.maglev_entries),
         services: Some(spec.max_services),
         backends: Some(spec.max_backends),
@@ -248,6 +250,8 @@ fn prepare_migration(
     let sized = |name, default| Some(migration.old_max_entries(name).unwrap_or(default));
     let mut ebpf = loader::load(Sizes {
         flows: sized(n::FLOWS, spec.flow_entries),
+        // New in layout 2: sized by this daemon's flag, whatever the old layout was.
+        flows6: sized(vmlb_common::map_names6::FLOWS6, spec.flow6_entries),
         maglev: sized(n::MAGLEV, spec.maglev_entries),
         services: sized(n::SVC_STATS, spec.max_services),
         backends: sized(n::BACKENDS, spec.max_backends),
@@ -401,9 +405,14 @@ pub fn adopt_reconciler(maps: &BpfMaps, ring_entries: u32) -> anyhow::Result<Rec
         &dnat,
         |base, len| maps.read_ring(base, len),
     )?;
-    if !services.is_empty() {
+    let services6 = maps.v6.read_services()?;
+    let r = r.adopt6(&services6, &maps.v6.read_backends()?, |base, len| {
+        maps.read_ring(base, len)
+    })?;
+    if !services.is_empty() || !services6.is_empty() {
         info!(
             services = services.len(),
+            services6 = services6.len(),
             "adopted the services found in the pinned maps"
         );
     }

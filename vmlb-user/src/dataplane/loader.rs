@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use vmlb_common::{
-    map_names, JUMP_V6, JUMP_V6_ICMP, PROGRAM6_ICMP_NAME, PROGRAM6_NAME, PROGRAM_NAME,
+    map_names, map_names6, JUMP_V6, JUMP_V6_ICMP, PROGRAM6_ICMP_NAME, PROGRAM6_NAME, PROGRAM_NAME,
 };
 
 use super::pins::PinLayout;
@@ -25,12 +25,16 @@ pub static TOOLS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub struct Sizes {
     /// Concurrent flows (`FLOWS`; `FLOW_SLOTS` gets `SLOTS_PER_FLOW` times as many).
     pub flows: Option<u32>,
+    /// Concurrent IPv6 flows (`FLOWS6`; `FLOW_SLOTS6` gets `SLOTS_PER_FLOW` times as many),
+    /// default `DEFAULT_FLOW6_ENTRIES`. 112 bytes per slot.
+    pub flows6: Option<u32>,
     /// Entries of the Maglev array shared by all services' tables.
     pub maglev: Option<u32>,
-    /// Service ids (`SERVICES`, `VIPS`, `SVC_STATS`; id 0 is never used), default
+    /// Service ids (`SERVICES`, `VIPS`, `SERVICES6`, `VIPS6`, `SVC_STATS`; id 0 is never
+    /// used), default
     /// `MAX_SERVICES`.
     pub services: Option<u32>,
-    /// Backend ids (`BACKENDS`, `HOPS`, `BE_STATS`; id 0 is never used), default
+    /// Backend ids (`BACKENDS`, `BACKENDS6`, `HOPS`, `BE_STATS`; id 0 is never used), default
     /// `MAX_BACKENDS`. `HOPS` and `BE_STATS` are per-CPU: 56 bytes per id and CPU.
     pub backends: Option<u32>,
     /// Pin every map under this layout: a map already pinned there (an earlier daemon's state)
@@ -83,17 +87,31 @@ fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
             n.saturating_mul(vmlb_common::SLOTS_PER_FLOW),
         );
     }
+    if let Some(n) = sizes.flows6 {
+        loader.map_max_entries(map_names6::FLOWS6, n);
+        loader.map_max_entries(
+            map_names6::FLOW_SLOTS6,
+            n.saturating_mul(vmlb_common::SLOTS_PER_FLOW),
+        );
+    }
     if let Some(n) = sizes.maglev {
         loader.map_max_entries(map_names::MAGLEV, n);
     }
     if let Some(n) = sizes.services {
-        for map in [map_names::SERVICES, map_names::VIPS, map_names::SVC_STATS] {
+        for map in [
+            map_names::SERVICES,
+            map_names::VIPS,
+            map_names6::SERVICES6,
+            map_names6::VIPS6,
+            map_names::SVC_STATS,
+        ] {
             loader.map_max_entries(map, n);
         }
     }
     if let Some(n) = sizes.backends {
         for map in [
             map_names::BACKENDS,
+            map_names6::BACKENDS6,
             map_names::HOPS,
             map_names::BE_STATS,
             map_names::DNAT_ENDPOINTS,

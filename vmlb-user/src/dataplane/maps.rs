@@ -12,7 +12,7 @@ use vmlb_common::{
 
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 
-use super::{pins::PinLayout, Dataplane};
+use super::{maps6::Maps6, pins::PinLayout, Dataplane};
 use crate::conntrack::SlotTable;
 
 pub struct BpfMaps {
@@ -32,6 +32,8 @@ pub struct BpfMaps {
     pub be_stats: PerCpuArray<MapData, TrafficStats>,
     /// dnat backends by the source of their replies.
     pub dnat_endpoints: HashMap<MapData, EndpointKey, DnatEndpoint>,
+    /// The IPv6 maps of their own (services, VIPs, backends, flows, CONFIG6).
+    pub v6: Maps6,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -224,6 +226,7 @@ impl BpfMaps {
             svc_stats: open(map_names::SVC_STATS)?.try_into()?,
             be_stats: open(map_names::BE_STATS)?.try_into()?,
             dnat_endpoints: open(map_names::DNAT_ENDPOINTS)?.try_into()?,
+            v6: Maps6::open(|name| open_pinned(layout, name))?,
         })
     }
 
@@ -242,6 +245,7 @@ impl BpfMaps {
             svc_stats: take(ebpf, map_names::SVC_STATS)?.try_into()?,
             be_stats: take(ebpf, map_names::BE_STATS)?.try_into()?,
             dnat_endpoints: take(ebpf, map_names::DNAT_ENDPOINTS)?.try_into()?,
+            v6: Maps6::open(|name| take(ebpf, name))?,
         })
     }
 
@@ -402,6 +406,7 @@ impl BpfMaps {
             c.mac = mac;
             c.ifindex = ifindex;
         })?;
+        self.v6.init_config()?;
         self.refresh_vip_filter()
     }
 }
@@ -589,6 +594,34 @@ impl Dataplane for BpfMaps {
                 }
             }
         }
+    }
+
+    fn set_backend6(&mut self, id: u32, backend: &vmlb_common::Backend6) -> anyhow::Result<()> {
+        self.v6.set_backend(id, backend)
+    }
+
+    fn set_service6(
+        &mut self,
+        key: &vmlb_common::ServiceKey6,
+        service: &vmlb_common::Service6,
+    ) -> anyhow::Result<()> {
+        self.v6.set_service(key, service)
+    }
+
+    fn remove_service6(&mut self, key: &vmlb_common::ServiceKey6) -> anyhow::Result<()> {
+        self.v6.remove_service(key)
+    }
+
+    fn set_vip6(&mut self, vip: vmlb_common::Addr6, flags: u32) -> anyhow::Result<()> {
+        self.v6.set_vip(vip, flags)
+    }
+
+    fn remove_vip6(&mut self, vip: vmlb_common::Addr6) -> anyhow::Result<()> {
+        self.v6.remove_vip(vip)
+    }
+
+    fn set_snat_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()> {
+        self.v6.set_snat_addrs(addrs)
     }
 }
 

@@ -9,12 +9,15 @@ pub mod attach;
 pub mod layout;
 pub mod loader;
 pub mod maps;
+pub mod maps6;
 pub mod migrate;
 pub mod pins;
 
 use std::collections::BTreeMap;
 
-use vmlb_common::{Backend, DnatEndpoint, EndpointKey, Service, ServiceKey};
+use vmlb_common::{
+    Addr6, Backend, Backend6, DnatEndpoint, EndpointKey, Service, Service6, ServiceKey, ServiceKey6,
+};
 
 pub trait Dataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
@@ -39,6 +42,17 @@ pub trait Dataplane {
         value: Option<&DnatEndpoint>,
         total: usize,
     ) -> anyhow::Result<()>;
+
+    // IPv6: the same writes on the v6 maps (`BACKENDS6`, `SERVICES6`, `VIPS6`, `CONFIG6`).
+    // Backend and service ids share the IPv4 id spaces; tables go to the shared `MAGLEV`
+    // through `write_ring`, stats are cleared through the same `clear_*_stats`.
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> anyhow::Result<()>;
+    fn set_service6(&mut self, key: &ServiceKey6, service: &Service6) -> anyhow::Result<()>;
+    fn remove_service6(&mut self, key: &ServiceKey6) -> anyhow::Result<()>;
+    fn set_vip6(&mut self, vip: Addr6, flags: u32) -> anyhow::Result<()>;
+    fn remove_vip6(&mut self, vip: Addr6) -> anyhow::Result<()>;
+    /// The node's IPv6 SNAT addresses (`CONFIG6`).
+    fn set_snat_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()>;
 }
 
 /// In-memory dataplane for tests of reconcile.
@@ -50,6 +64,10 @@ pub struct FakeDataplane {
     pub vips: std::collections::BTreeSet<u32>,
     pub snat_addrs: Vec<std::net::Ipv4Addr>,
     pub dnat_endpoints: BTreeMap<EndpointKey, DnatEndpoint>,
+    pub backends6: BTreeMap<u32, Backend6>,
+    pub services6: BTreeMap<ServiceKey6, Service6>,
+    pub vips6: BTreeMap<Addr6, u32>,
+    pub snat_addrs6: Vec<std::net::Ipv6Addr>,
     /// Every write, in order, to check ordering guarantees.
     pub log: Vec<String>,
 }
@@ -131,6 +149,41 @@ impl Dataplane for FakeDataplane {
             total,
             "the count given is the map's"
         );
+        Ok(())
+    }
+
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> anyhow::Result<()> {
+        self.log
+            .push(format!("backend6 {id} flags={}", backend.flags));
+        self.backends6.insert(id, *backend);
+        Ok(())
+    }
+    fn set_service6(&mut self, key: &ServiceKey6, service: &Service6) -> anyhow::Result<()> {
+        self.log.push(format!(
+            "service6 {} ring {}",
+            service.id, service.ring_base
+        ));
+        self.services6.insert(*key, *service);
+        Ok(())
+    }
+    fn remove_service6(&mut self, key: &ServiceKey6) -> anyhow::Result<()> {
+        self.log.push("remove service6".into());
+        self.services6.remove(key);
+        Ok(())
+    }
+    fn set_vip6(&mut self, vip: Addr6, flags: u32) -> anyhow::Result<()> {
+        let a = std::net::Ipv6Addr::from(vmlb_common::octets6(&vip));
+        self.log.push(format!("vip6 {a} flags={flags}"));
+        self.vips6.insert(vip, flags);
+        Ok(())
+    }
+    fn remove_vip6(&mut self, vip: Addr6) -> anyhow::Result<()> {
+        self.vips6.remove(&vip);
+        Ok(())
+    }
+    fn set_snat_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()> {
+        self.log.push(format!("snat6 addrs {addrs:?}"));
+        self.snat_addrs6 = addrs.to_vec();
         Ok(())
     }
 }

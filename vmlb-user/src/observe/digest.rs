@@ -6,11 +6,11 @@
 //! backend ids do not, because each node numbers its backends in its own order. FNV-1a, written
 //! out like the ownership ranking's hash, so that every vmlb version computes the same value.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// The digest of one table: `slots` are the backends the slots name, in slot order (`None`:
-/// empty).
-pub fn maglev_digest(slots: impl IntoIterator<Item = Option<(Ipv4Addr, u16)>>) -> u64 {
+/// empty, hashed as 0.0.0.0:0). An IPv4 backend hashes its 4 bytes, an IPv6 one its 16.
+pub fn maglev_digest(slots: impl IntoIterator<Item = Option<(IpAddr, u16)>>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for &b in bytes {
@@ -20,8 +20,11 @@ pub fn maglev_digest(slots: impl IntoIterator<Item = Option<(Ipv4Addr, u16)>>) -
     };
     let mut n: u32 = 0;
     for s in slots {
-        let (addr, port) = s.unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
-        eat(&addr.octets());
+        let (addr, port) = s.unwrap_or((IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+        match addr {
+            IpAddr::V4(a) => eat(&a.octets()),
+            IpAddr::V6(a) => eat(&a.octets()),
+        }
         eat(&port.to_be_bytes());
         n += 1;
     }
@@ -36,7 +39,7 @@ pub fn hex(d: u64) -> String {
 }
 
 /// The digest of a table of backend ids, given what each id stands for.
-pub fn digest_ids(table: &[u32], backend: impl Fn(u32) -> Option<(Ipv4Addr, u16)>) -> u64 {
+pub fn digest_ids(table: &[u32], backend: impl Fn(u32) -> Option<(IpAddr, u16)>) -> u64 {
     maglev_digest(
         table
             .iter()
@@ -48,8 +51,8 @@ pub fn digest_ids(table: &[u32], backend: impl Fn(u32) -> Option<(Ipv4Addr, u16)
 mod tests {
     use super::*;
 
-    const A: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 10, 1, 2), 80);
-    const B: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 10, 1, 3), 80);
+    const A: (IpAddr, u16) = (IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2)), 80);
+    const B: (IpAddr, u16) = (IpAddr::V4(Ipv4Addr::new(10, 10, 1, 3)), 80);
 
     #[test]
     fn ids_do_not_matter_addresses_and_order_do() {

@@ -122,7 +122,7 @@ pub struct ReloadState {
 pub struct ServiceState {
     /// `<ServiceEntry name>/<port name or number>`.
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     /// "tcp" or "udp".
     pub proto: String,
@@ -131,7 +131,7 @@ pub struct ServiceState {
     #[serde(default)]
     pub hosts: Vec<String>,
     /// The SNAT pool.
-    pub snat: Vec<Ipv4Addr>,
+    pub snat: Vec<IpAddr>,
     pub ring_size: u32,
     pub backends: Vec<BackendState>,
     /// `observe::digest` of the installed Maglev table (16 hex digits; empty if unknown):
@@ -142,7 +142,7 @@ pub struct ServiceState {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct BackendState {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// Backend id (index of `BACKENDS` / `BE_STATS`).
     pub id: u32,
@@ -161,7 +161,7 @@ impl DaemonState {
         let proto = addr::proto_name(key.proto);
         self.services
             .iter()
-            .find(|s| s.vip == vip && s.port == port && s.proto == proto)
+            .find(|s| s.vip == IpAddr::V4(vip) && s.port == port && s.proto == proto)
     }
 
     /// A backend by id (unique across services) and address: a stale file whose ids were since
@@ -169,9 +169,10 @@ impl DaemonState {
     pub fn backend(
         &self,
         id: u32,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
     ) -> Option<(&ServiceState, &BackendState)> {
+        let addr = addr.into();
         self.services.iter().find_map(|s| {
             let b = s.backends.iter().find(|b| b.id == id)?;
             (b.addr == addr && b.port == port).then_some((s, b))
@@ -190,7 +191,7 @@ impl ServiceState {
         reconciler: &Reconciler,
     ) -> Option<Self> {
         let key = spec.key();
-        let svc = reconciler.service(&key)?;
+        let svc = reconciler.service(key)?;
         let backends = spec
             .backends
             .iter()
@@ -198,7 +199,7 @@ impl ServiceState {
                 Some(BackendState {
                     addr: b.addr,
                     port: b.port,
-                    id: reconciler.backend_id(&key, b.addr, b.port)?,
+                    id: reconciler.backend_id(key, b.addr, b.port)?,
                     weight: b.weight,
                     up: b.up,
                     last_error: None,
@@ -210,13 +211,10 @@ impl ServiceState {
             vip: spec.vip,
             port: spec.port,
             proto: spec.proto.name().to_string(),
-            id: svc.id,
+            id: svc.id(),
             hosts: hosts.to_vec(),
-            snat: svc.snat_addrs[..(svc.snat_count as usize).min(svc.snat_addrs.len())]
-                .iter()
-                .map(|a| addr::ip(*a))
-                .collect(),
-            ring_size: svc.ring_size,
+            snat: svc.snat(),
+            ring_size: svc.ring_size(),
             backends,
             maglev_digest: table_digest(spec, reconciler),
         })
@@ -226,7 +224,7 @@ impl ServiceState {
 /// `observe::digest` of a service's installed table, in hex; empty if it is not installed.
 pub fn table_digest(spec: &ServiceSpec, reconciler: &Reconciler) -> String {
     reconciler
-        .table_digest(&spec.key())
+        .table_digest(spec.key())
         .map(super::digest::hex)
         .unwrap_or_default()
 }
@@ -290,15 +288,15 @@ mod tests {
             }),
             services: vec![ServiceState {
                 name: "web/http".into(),
-                vip: Ipv4Addr::new(10, 10, 1, 128),
+                vip: Ipv4Addr::new(10, 10, 1, 128).into(),
                 port: 80,
                 proto: "tcp".into(),
                 id: 1,
                 hosts: vec!["web.example.com".into()],
-                snat: vec![Ipv4Addr::new(10, 10, 1, 125)],
+                snat: vec![Ipv4Addr::new(10, 10, 1, 125).into()],
                 ring_size: 251,
                 backends: vec![BackendState {
-                    addr: Ipv4Addr::new(10, 10, 1, 2),
+                    addr: Ipv4Addr::new(10, 10, 1, 2).into(),
                     port: 8080,
                     id: 7,
                     weight: 1,

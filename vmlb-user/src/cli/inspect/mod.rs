@@ -501,7 +501,7 @@ impl View {
             .filter_map(|b| Some((b.id, (b.addr?, b.port?))))
             .collect();
         let digest = digest::hex(digest::digest_ids(&table_ids, |id| {
-            addr_of.get(&id).copied()
+            addr_of.get(&id).map(|&(a, p)| (a.into(), p))
         }));
         let view = MaglevView {
             iface: self.iface.clone(),

@@ -35,7 +35,7 @@ pub struct ConfigError {
 }
 
 impl fmt::Display for ConfigError {
-    /// `deploy/x.yaml:12: spec.endpoints[1].address: invalid IPv4 address "10.10.1.300"`
+    /// `deploy/x.yaml:12: spec.endpoints[1].address: invalid IP address "10.10.1.300"`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
         if let Some(line) = self.line {

@@ -2,7 +2,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::Path,
     time::Duration,
 };
@@ -43,8 +43,9 @@ const FALL: &str = "vmlb.io/health-fall";
 pub const ANNOTATIONS: &[(&str, &str)] = &[
     (
         SNAT,
-        "IPv4 source address(es) towards the VMs, comma-separated, at most 4 (a pool used by \
-         flow hash; default: the node's --snat-addr)",
+        "source address(es) towards the VMs, comma-separated, at most 4 per family (a pool \
+         used by flow hash); IPv4 VIPs use the IPv4 ones, IPv6 VIPs the IPv6 ones (default: \
+         the node's --snat-addr of that family)",
     ),
     (
         SNAT_PORTS,
@@ -195,9 +196,17 @@ fn service_entry(
         .get("namespace")
         .filter(|n| !n.is_null())
         .and_then(|n| ok(errs, n.str()));
-    let opts = options(&meta.field("annotations"), node, errs);
-
     let spec = doc.field("spec");
+    let vips = match spec.entries() {
+        Ok(_) => addresses(&spec.field("addresses"), errs),
+        Err(_) => Vec::new(),
+    };
+    let families = Families {
+        v4: vips.iter().any(|(v, _)| v.is_ipv4()),
+        v6: vips.iter().find(|(v, _)| v.is_ipv6()).map(|(v, _)| *v),
+    };
+    let opts = options(&meta.field("annotations"), node, families, errs);
+
     if let Err(e) = spec.entries() {
         errs.push(if spec.is_null() {
             spec.error("required field is missing")
@@ -233,14 +242,23 @@ fn service_entry(
         errs.push(w.error("not supported: list the VM addresses under spec.endpoints"));
     }
 
-    let vips = addresses(&spec.field("addresses"), errs);
     let (ports, names) = ports(&spec.field("ports"), errs);
     let endpoints = endpoints(&spec.field("endpoints"), &names, errs);
+    same_families(&vips, &endpoints, errs);
 
-    // Services and backends multiply (VIPs x ports, x endpoints): refuse what cannot fit before
-    // building it, so a small file cannot make the daemon allocate millions of backends.
+    // Services and backends multiply (VIPs x ports, x endpoints of the VIP's family): refuse
+    // what cannot fit before building it, so a small file cannot make the daemon allocate
+    // millions of backends.
     let services = vips.len().saturating_mul(ports.len());
-    let backends = services.saturating_mul(endpoints.len());
+    let backends = vips
+        .iter()
+        .map(|(vip, _)| {
+            let same = endpoints
+                .iter()
+                .filter(|e| e.addr.is_ipv4() == vip.is_ipv4());
+            ports.len().saturating_mul(same.count())
+        })
+        .fold(0usize, usize::saturating_add);
     if services > MAX_SERVICE_COUNT {
         errs.push(spec.field("ports").error(format!(
             "{} VIP(s) x {} port(s) = {services} services; the data path holds at most \
@@ -252,8 +270,8 @@ fn service_entry(
     }
     if backends > MAX_BACKEND_COUNT {
         errs.push(spec.field("endpoints").error(format!(
-            "{services} service(s) x {} endpoint(s) = {backends} backends; the data path holds \
-             at most {MAX_BACKEND_COUNT}",
+            "{services} service(s) x {} endpoint(s) (of each VIP's family) = {backends} \
+             backends; the data path holds at most {MAX_BACKEND_COUNT}",
             endpoints.len()
         )));
         return Vec::new();
@@ -309,8 +327,22 @@ fn service_entry(
     };
     let name = name.as_str();
     let mut out = Vec::new();
-    for &vip in &vips {
+    for &(vip, _) in &vips {
+        // A VIP is served by the endpoints of its own family (`same_families`).
+        let snat: Vec<IpAddr> = match opts.mode {
+            Mode::Dnat => Vec::new(),
+            Mode::Snat => snat
+                .iter()
+                .filter(|a| a.is_ipv4() == vip.is_ipv4())
+                .copied()
+                .collect(),
+        };
         for (port, backends) in ports.iter().zip(&backends) {
+            let backends: Vec<BackendSpec> = backends
+                .iter()
+                .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
+                .copied()
+                .collect();
             let mut svc_name = format!(
                 "{name}/{}",
                 port.name.map_or(port.number.to_string(), str::to_string)
@@ -326,7 +358,7 @@ fn service_entry(
                 snat: snat.clone(),
                 snat_ports: opts.snat_ports,
                 ring_size: opts.ring_size,
-                backends: backends.clone(),
+                backends,
             };
             let svc = ConfiguredService {
                 spec,
@@ -346,8 +378,8 @@ fn service_entry(
     out
 }
 
-/// `spec.addresses`: the VIPs.
-fn addresses(v: &Val, errs: &mut Vec<ConfigError>) -> Vec<Ipv4Addr> {
+/// `spec.addresses`: the VIPs (IPv4 or IPv6), each with where it is written.
+fn addresses<'a>(v: &Val<'a>, errs: &mut Vec<ConfigError>) -> Vec<(IpAddr, Val<'a>)> {
     let Some(items) = ok(errs, v.list()) else {
         return Vec::new();
     };
@@ -356,24 +388,74 @@ fn addresses(v: &Val, errs: &mut Vec<ConfigError>) -> Vec<Ipv4Addr> {
             "vmlb needs at least one VIP address to answer for (e.g. addresses: [10.10.1.128])",
         ));
     }
-    let vip = |a: &Val| -> Result<Ipv4Addr, ConfigError> {
+    let vip = |a: &Val| -> Result<IpAddr, ConfigError> {
         let s = a.str()?;
         let (ip, prefix) = s.split_once('/').unwrap_or((s, ""));
         let ip: IpAddr = ip
             .parse()
-            .map_err(|_| a.error(format!("invalid IPv4 address {s:?}")))?;
+            .map_err(|_| a.error(format!("invalid IP address {s:?}")))?;
+        let single = if ip.is_ipv4() { "32" } else { "128" };
         match ip {
-            IpAddr::V6(_) => Err(a.error("IPv6 VIPs are not supported yet")),
-            IpAddr::V4(_) if !prefix.is_empty() && prefix != "32" => Err(a.error(format!(
-                "{s:?}: a VIP is a single address (/32), not a range"
+            _ if !prefix.is_empty() && prefix != single => Err(a.error(format!(
+                "{s:?}: a VIP is a single address (/{single}), not a range"
             ))),
-            IpAddr::V4(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() => {
+            IpAddr::V4(v4) if v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() => {
                 Err(a.error(format!("{ip} cannot be a VIP")))
             }
-            IpAddr::V4(ip) => Ok(ip),
+            // Link-local addresses need an interface scope that a VIP does not have.
+            IpAddr::V6(v6)
+                if v6.is_unspecified()
+                    || v6.is_multicast()
+                    || v6.is_loopback()
+                    || v6.is_unicast_link_local() =>
+            {
+                Err(a.error(format!("{ip} cannot be a VIP")))
+            }
+            ip => Ok(ip),
         }
     };
-    items.iter().filter_map(|a| ok(errs, vip(a))).collect()
+    items
+        .into_iter()
+        .filter_map(|a| ok(errs, vip(&a)).map(|ip| (ip, a)))
+        .collect()
+}
+
+/// Which address families the VIPs have, for the annotations: any IPv4 VIP, and the first
+/// IPv6 VIP (named in errors).
+#[derive(Clone, Copy)]
+struct Families {
+    v4: bool,
+    v6: Option<IpAddr>,
+}
+
+/// The family rule: a VIP is served by the endpoints of its own family, so with endpoints
+/// listed every VIP needs one of its family (else its traffic could only be dropped) and every
+/// endpoint needs a VIP of its family (else it serves nothing). An entry with IPv4 and IPv6
+/// VIPs and endpoints of both is two sets of services, one per family.
+fn same_families(vips: &[(IpAddr, Val)], endpoints: &[Endpoint], errs: &mut Vec<ConfigError>) {
+    if endpoints.is_empty() || vips.is_empty() {
+        return;
+    }
+    let family = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
+    for (vip, at) in vips {
+        if !endpoints.iter().any(|e| e.addr.is_ipv4() == vip.is_ipv4()) {
+            let f = family(vip.is_ipv4());
+            errs.push(at.error(format!(
+                "{f} VIP {vip} has no {f} endpoint: a VIP is served only by endpoints of its \
+                 own address family"
+            )));
+        }
+    }
+    for e in endpoints {
+        if !vips.iter().any(|(v, _)| v.is_ipv4() == e.addr.is_ipv4()) {
+            let f = family(e.addr.is_ipv4());
+            errs.push(e.at.field("address").error(format!(
+                "{f} endpoint {} has no {f} VIP in spec.addresses to serve: a VIP is served \
+                 only by endpoints of its own address family",
+                e.addr
+            )));
+        }
+    }
 }
 
 struct Port<'a> {
@@ -444,7 +526,7 @@ fn ports<'a>(v: &Val<'a>, errs: &mut Vec<ConfigError>) -> (Vec<Port<'a>>, Vec<&'
 }
 
 struct Endpoint<'a> {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     /// Per-port target port overrides: (port name, port).
     ports: Vec<(&'a str, u16)>,
     weight: u32,
@@ -460,17 +542,17 @@ fn endpoints<'a>(v: &Val<'a>, names: &[&str], errs: &mut Vec<ConfigError>) -> Ve
         }
         let address = e.field("address");
         let addr = address.str().and_then(|s| {
-            s.parse::<Ipv4Addr>().map_err(|_| {
-                address.error(if s.parse::<IpAddr>().is_ok() {
-                    "IPv6 endpoints are not supported yet".to_string()
-                } else if s.contains(|c: char| c.is_ascii_alphabetic()) {
-                    format!(
-                        "{s:?} is not an IPv4 address: with resolution STATIC, vmlb needs the \
-                         VM's address, not a name"
-                    )
-                } else {
-                    format!("invalid IPv4 address {s:?}")
-                })
+            s.parse::<IpAddr>().map_err(|_| {
+                address.error(
+                    if !s.contains(':') && s.contains(|c: char| c.is_ascii_alphabetic()) {
+                        format!(
+                            "{s:?} is not an IP address: with resolution STATIC, vmlb needs the \
+                             VM's address, not a name"
+                        )
+                    } else {
+                        format!("invalid IP address {s:?}")
+                    },
+                )
             })
         });
         let addr = ok(errs, addr);
@@ -503,14 +585,20 @@ fn endpoints<'a>(v: &Val<'a>, names: &[&str], errs: &mut Vec<ConfigError>) -> Ve
 
 struct Options {
     mode: Mode,
-    snat: Option<Vec<Ipv4Addr>>,
+    /// Of both families (each VIP takes its own family's).
+    snat: Option<Vec<IpAddr>>,
     snat_ports: (u16, u16),
     ring_size: u32,
     health: HealthSpec,
 }
 
 /// The `vmlb.io/` annotations over their defaults.
-fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options {
+fn options(
+    ann: &Val,
+    node: &NodeConfig,
+    families: Families,
+    errs: &mut Vec<ConfigError>,
+) -> Options {
     let entries = if ann.is_null() {
         Ok(Vec::new())
     } else {
@@ -538,15 +626,17 @@ fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options
             .split(',')
             .map(|a| {
                 a.trim()
-                    .parse::<Ipv4Addr>()
-                    .map_err(|_| format!("invalid IPv4 address {:?}", a.trim()))
+                    .parse::<IpAddr>()
+                    .map_err(|_| format!("invalid IP address {:?}", a.trim()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if addrs.len() > MAX_SNAT_PER_SERVICE {
-            return Err(format!(
-                "{} addresses; at most {MAX_SNAT_PER_SERVICE} per service",
-                addrs.len()
-            ));
+        for (v4, family) in [(true, "IPv4"), (false, "IPv6")] {
+            let n = addrs.iter().filter(|a| a.is_ipv4() == v4).count();
+            if n > MAX_SNAT_PER_SERVICE {
+                return Err(format!(
+                    "{n} {family} addresses; at most {MAX_SNAT_PER_SERVICE} per service"
+                ));
+            }
         }
         Ok(addrs)
     });
@@ -608,6 +698,12 @@ fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options
         a.errs
             .push(v.error(format!("only used with {HEALTH}: http")));
     }
+    if let (Mode::Dnat, Some(vip)) = (mode, families.v6) {
+        let v = &a.set[MODE].1;
+        a.errs.push(v.error(format!(
+            "dnat is not supported for IPv6 VIPs yet ({vip}); use snat (the default)"
+        )));
+    }
     if mode == Mode::Dnat {
         // Nothing is translated at the source in dnat mode: a SNAT setting is a mistake.
         for key in [SNAT, SNAT_PORTS] {
@@ -625,15 +721,48 @@ fn options(ann: &Val, node: &NodeConfig, errs: &mut Vec<ConfigError>) -> Options
             health,
         };
     }
-    if node.snat.is_none() && !a.set.contains_key(SNAT) {
-        a.errs.push(ann.field(SNAT).error(
-            "no SNAT address: pass --snat-addr (the node's address on the VLAN) or set this \
-             annotation",
-        ));
+    // Per family: the annotation's addresses of that family, else the node's.
+    let node_snat: Vec<IpAddr> = [node.snat.map(IpAddr::V4), node.snat6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let annotated = a.set.contains_key(SNAT);
+    let mut pool = Vec::new();
+    for v4 in [true, false] {
+        let mine = |l: &[IpAddr]| -> Vec<IpAddr> {
+            l.iter().filter(|x| x.is_ipv4() == v4).copied().collect()
+        };
+        let from_ann = snat.as_deref().map(mine).unwrap_or_default();
+        pool.extend(if from_ann.is_empty() {
+            mine(&node_snat)
+        } else {
+            from_ann
+        });
+        let needed = if v4 {
+            families.v4
+        } else {
+            families.v6.is_some()
+        };
+        let have = pool.iter().any(|x| x.is_ipv4() == v4);
+        // An invalid annotation already has its error.
+        if needed && !have && (snat.is_some() || !annotated) {
+            let (family, flag) = if v4 {
+                ("IPv4", "--snat-addr (the node's IPv4 address on the VLAN)")
+            } else {
+                (
+                    "IPv6",
+                    "--snat-addr with the node's IPv6 address on the VLAN",
+                )
+            };
+            a.errs.push(ann.field(SNAT).error(format!(
+                "no {family} SNAT address for the {family} VIPs: pass {flag} or list one in \
+                 this annotation"
+            )));
+        }
     }
     Options {
         mode,
-        snat: snat.or(node.snat.map(|a| vec![a])),
+        snat: (!annotated || snat.is_some()).then_some(pool),
         snat_ports: snat_ports.unwrap_or((SNAT_PORT_MIN, SNAT_PORT_MAX)),
         ring_size: ring_size.unwrap_or(DEFAULT_RING_SIZE),
         health,

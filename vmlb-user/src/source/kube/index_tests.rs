@@ -13,7 +13,7 @@ use crate::source::kube::{
 fn node() -> NodeConfig {
     NodeConfig {
         snat: Some("10.10.1.125".parse().unwrap()),
-        vlan: None,
+        ..Default::default()
     }
 }
 

@@ -191,7 +191,10 @@ pub async fn run_ownership(
                     .borrow_and_update()
                     .iter()
                     .flatten()
-                    .map(|s| s.spec.vip)
+                    .filter_map(|s| match s.spec.vip {
+                        std::net::IpAddr::V4(v) => Some(v),
+                        std::net::IpAddr::V6(_) => None,
+                    })
                     .collect();
             }
             ev = leases.next() => match ev {

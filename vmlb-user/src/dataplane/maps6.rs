@@ -1,0 +1,142 @@
+//! The IPv6 maps (`vmlb_common::abi6`) and their writes. `BpfMaps` holds them as `v6`; its
+//! `Dataplane` impl forwards the IPv6 writes here. `MAGLEV`, `HOPS` and the stats are shared
+//! with IPv4 and stay in `BpfMaps`.
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData};
+use vmlb_common::{
+    map_names6, octets6, Addr6, Backend6, Config6, Flow6, FlowKey6, FlowRef, Service6, ServiceKey6,
+    MAX_SNAT_ADDRS,
+};
+
+use crate::conntrack::SlotTable;
+
+pub struct Maps6 {
+    pub services: HashMap<MapData, ServiceKey6, Service6>,
+    pub vips: HashMap<MapData, Addr6, u32>,
+    pub backends: Array<MapData, Backend6>,
+    /// The IPv6 flow index (client 5-tuple -> slot).
+    pub flows: HashMap<MapData, FlowKey6, FlowRef>,
+    /// `FLOW_SLOTS6`, mapped into this process.
+    pub slots: SlotTable<Flow6>,
+    pub config: Array<MapData, Config6>,
+}
+
+impl Maps6 {
+    /// The IPv6 maps, each got by `open(name)` (from pins or out of a loaded object).
+    pub fn open(mut open: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        let slots = match open(map_names6::FLOW_SLOTS6)? {
+            Map::Array(data) => SlotTable::map(data)?,
+            _ => anyhow::bail!("FLOW_SLOTS6 is not an array map"),
+        };
+        Ok(Self {
+            services: open(map_names6::SERVICES6)?.try_into()?,
+            vips: open(map_names6::VIPS6)?.try_into()?,
+            backends: open(map_names6::BACKENDS6)?.try_into()?,
+            flows: open(map_names6::FLOWS6)?.try_into()?,
+            slots,
+            config: open(map_names6::CONFIG6)?.try_into()?,
+        })
+    }
+
+    pub fn config(&self) -> anyhow::Result<Config6> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Change the node-wide IPv6 settings with `f` (read, modify, write: only the daemon
+    /// writes).
+    pub fn update_config(&mut self, f: impl FnOnce(&mut Config6)) -> anyhow::Result<()> {
+        let mut c = self.config()?;
+        f(&mut c);
+        self.config.set(0, c, 0).context("writing CONFIG6")
+    }
+
+    /// `CONFIG6.slot_count` from `FLOW_SLOTS6`' size.
+    pub fn init_config(&mut self) -> anyhow::Result<()> {
+        let slots = self.slots.len() as u32;
+        self.update_config(|c| c.slot_count = slots)
+    }
+
+    /// Flow capacity: concurrent IPv6 flows (`FLOWS6`' max_entries).
+    pub fn flow_capacity(&self) -> anyhow::Result<u32> {
+        Ok(self.flows.map().info()?.max_entries())
+    }
+
+    /// Every live IPv6 flow, with its slot.
+    pub fn live_flows(&self) -> Vec<(u32, Flow6)> {
+        self.slots.live().collect()
+    }
+
+    /// Every installed IPv6 service.
+    pub fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey6, Service6)>> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading SERVICES6")
+    }
+
+    /// The entries of `BACKENDS6` in use (id, value): one lookup per id, as a restart reads
+    /// them once.
+    pub fn read_backends(&self) -> anyhow::Result<Vec<(u32, Backend6)>> {
+        let mut out = Vec::new();
+        for id in 0..self.backends.len() {
+            let b = self
+                .backends
+                .get(&id, 0)
+                .with_context(|| format!("reading BACKENDS6[{id}]"))?;
+            if b.addr != [0; 4] {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend6) -> anyhow::Result<()> {
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing IPv6 backend {id}"))
+    }
+
+    pub fn set_service(&mut self, key: &ServiceKey6, service: &Service6) -> anyhow::Result<()> {
+        self.services
+            .insert(key, service, 0)
+            .context("writing an IPv6 service")
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey6) -> anyhow::Result<()> {
+        self.services
+            .remove(key)
+            .context("removing an IPv6 service")
+    }
+
+    pub fn set_vip(&mut self, vip: Addr6, flags: u32) -> anyhow::Result<()> {
+        self.vips
+            .insert(vip, flags, 0)
+            .with_context(|| format!("writing VIP {}", ip6(&vip)))
+    }
+
+    pub fn remove_vip(&mut self, vip: Addr6) -> anyhow::Result<()> {
+        self.vips
+            .remove(&vip)
+            .with_context(|| format!("removing VIP {}", ip6(&vip)))
+    }
+
+    pub fn set_snat_addrs(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            addrs.len() <= MAX_SNAT_ADDRS,
+            "{} IPv6 SNAT addresses; at most {MAX_SNAT_ADDRS}",
+            addrs.len()
+        );
+        self.update_config(|c| {
+            c.snat_addrs = [[0; 4]; MAX_SNAT_ADDRS];
+            for (o, a) in c.snat_addrs.iter_mut().zip(addrs) {
+                *o = vmlb_common::addr6(a.octets());
+            }
+            c.snat_count = addrs.len() as u32;
+        })
+    }
+}
+
+fn ip6(a: &Addr6) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from(octets6(a))
+}
