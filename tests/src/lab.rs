@@ -10,7 +10,7 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -40,6 +40,22 @@ pub const VM1_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 pub const VM2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 3);
 /// A third VM that tests add while the daemon runs.
 pub const VM3_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 4);
+/// The IPv6 lab (`LabOptions::ipv6`): ULA fd00:10:10:1::/64 on the same segment, each host's
+/// address ending in the same digits as its IPv4 one (`addr6`).
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 0x128);
+pub const NODE_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 0x125);
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 0x50);
+/// The far side of the IPv6 PMTU lab.
+pub const ROUTER_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 1);
+pub const FAR_CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 2, 0, 0, 0, 0x50);
+pub const FAR_NET6: &str = "fd00:10:10:2::/64";
+
+/// The IPv6 twin of a lab address on 10.10.1.0/24: fd00:10:10:1::<the same digits>.
+pub fn addr6(v4: Ipv4Addr) -> Ipv6Addr {
+    let last = u16::from_str_radix(&v4.octets()[3].to_string(), 16).expect("decimal digits");
+    Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, last)
+}
+
 /// The node's VLAN-side interface (untagged: this kernel has no 802.1Q devices).
 pub const NODE_DEV: &str = "vlan1512";
 pub const NODE_MAC: &str = "02:00:0a:0a:01:7d";
@@ -82,6 +98,8 @@ impl Naming {
 pub struct Vm {
     pub name: &'static str,
     pub addr: Ipv4Addr,
+    /// Its IPv6 address in the IPv6 lab.
+    pub addr6: Option<Ipv6Addr>,
     pub ns: Ns,
 }
 
@@ -111,6 +129,8 @@ pub struct Lab {
     pub far: Option<Far>,
     pub segment: Ns,
     naming: Naming,
+    /// `LabOptions::ipv6`: VMs added later get their IPv6 address too.
+    ipv6: bool,
 }
 
 /// Variants of the per-test lab; `Default` is the seed's topology.
@@ -121,6 +141,11 @@ pub struct LabOptions {
     pub trunk_vlan: Option<u16>,
     /// Add the router, the 1280-byte link and the far client of [`Far`].
     pub pmtu: bool,
+    /// Dual stack: every host also gets its IPv6 address (`addr6`; the far side of the PMTU
+    /// path too). Addresses skip duplicate address detection (`nodad`): the lab's addresses are
+    /// unique by construction, and waiting out DAD would only slow every test down; neighbour
+    /// discovery itself (the VIP's, the backends') is real.
+    pub ipv6: bool,
 }
 
 /// The node's wire as an 802.1Q trunk, built from tc BPF because this kernel has neither 8021q
@@ -238,7 +263,7 @@ pub const FAR_NET: &str = "10.10.2.0/24";
 pub const NARROW_MTU: u32 = 1280;
 
 impl Far {
-    fn build(naming: Naming, segment: &Ns) -> anyhow::Result<Self> {
+    fn build(naming: Naming, segment: &Ns, ipv6: bool) -> anyhow::Result<Self> {
         let router = naming.ns("rtr")?;
         plug(segment, &router, "eth0", &vm_mac(ROUTER_ADDR), "p-rtr")?;
         router.ip(&["addr", "add", &format!("{ROUTER_ADDR}/24"), "dev", "eth0"])?;
@@ -267,6 +292,24 @@ impl Far {
         router.ip(&["route", "add", FAR_NET, "via", "10.10.9.2"])?;
         for ns in [&router, &wan] {
             ns.sysctl("net.ipv4.ip_forward", "1")?;
+        }
+        if ipv6 {
+            // The same path over IPv6; the narrow link is then exactly IPv6's minimum MTU.
+            let add = |ns: &Ns, a: &str, dev: &str| {
+                ns.ip(&["-6", "addr", "add", a, "dev", dev, "nodad"])
+                    .map(drop)
+            };
+            add(&router, &format!("{ROUTER_ADDR6}/64"), "eth0")?;
+            add(&router, "fd00:10:10:9::1/64", "narrow0")?;
+            add(&wan, "fd00:10:10:9::2/64", "narrow1")?;
+            add(&wan, "fd00:10:10:2::1/64", "eth1")?;
+            add(&client, &format!("{FAR_CLIENT_ADDR6}/64"), "eth0")?;
+            client.ip(&["-6", "route", "add", "default", "via", "fd00:10:10:2::1"])?;
+            wan.ip(&["-6", "route", "add", "default", "via", "fd00:10:10:9::1"])?;
+            router.ip(&["-6", "route", "add", FAR_NET6, "via", "fd00:10:10:9::2"])?;
+            for ns in [&router, &wan] {
+                ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            }
         }
         Ok(Self {
             client,
@@ -363,14 +406,58 @@ impl Lab {
         if let Some(vid) = opts.trunk_vlan {
             lab.trunk = Some(Trunk::build(&lab.segment, &lab.node, vid).context("the trunk")?);
         }
+        if opts.ipv6 {
+            lab.ipv6 = true;
+            lab.client.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{CLIENT_ADDR6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            lab.node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{NODE_ADDR6}/64"),
+                "dev",
+                NODE_DEV,
+                "nodad",
+            ])?;
+            // bpf_fib_lookup answers IPv6 only where the kernel would forward it.
+            lab.node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            for vm in &mut lab.vms {
+                let a = addr6(vm.addr);
+                vm.ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{a}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+                vm.addr6 = Some(a);
+            }
+        }
         if opts.pmtu {
-            let far = Far::build(lab.naming, &lab.segment).context("the PMTU path")?;
+            let far = Far::build(lab.naming, &lab.segment, opts.ipv6).context("the PMTU path")?;
             // The node reaches off-VLAN clients through the VLAN's router, as would the VMs.
             let via = ROUTER_ADDR.to_string();
             lab.node
                 .ip(&["route", "add", FAR_NET, "via", &via, "dev", NODE_DEV])?;
             for vm in &lab.vms {
                 vm.ns.ip(&["route", "add", "default", "via", &via])?;
+            }
+            if opts.ipv6 {
+                let via = ROUTER_ADDR6.to_string();
+                lab.node
+                    .ip(&["-6", "route", "add", FAR_NET6, "via", &via, "dev", NODE_DEV])?;
+                for vm in &lab.vms {
+                    vm.ns.ip(&["-6", "route", "add", "default", "via", &via])?;
+                }
             }
             lab.far = Some(far);
         }
@@ -420,6 +507,7 @@ impl Lab {
             far: None,
             segment,
             naming,
+            ipv6: false,
         };
         lab.add_vm("vm1", VM1_ADDR)?;
         lab.add_vm("vm2", VM2_ADDR)?;
@@ -433,7 +521,27 @@ impl Lab {
         let mac = vm_mac(addr);
         plug(&self.segment, &ns, "eth0", &mac, &format!("p-{name}"))?;
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        self.vms.push(Vm { name, addr, ns });
+        let addr6 = if self.ipv6 {
+            let a = addr6(addr);
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            Some(a)
+        } else {
+            None
+        };
+        self.vms.push(Vm {
+            name,
+            addr,
+            addr6,
+            ns,
+        });
         Ok(self.vms.last().expect("just pushed"))
     }
 
