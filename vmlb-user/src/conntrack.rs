@@ -9,13 +9,11 @@
 //! still names this slot and generation.
 
 use std::{
-    os::fd::AsFd,
-    ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
-use anyhow::Context as _;
+use crate::dataplane::mmap::MappedArray;
 use aya::maps::{HashMap, MapData};
 use vmlb_common::{clock_units_from_ms, flow_state as st, Flow, FlowKey, FlowRef, CLOCK_SHIFT};
 
@@ -152,54 +150,27 @@ pub fn now() -> u32 {
     (ns >> CLOCK_SHIFT) as u32
 }
 
-/// `FLOW_SLOTS`, mapped into this process.
+/// `FLOW_SLOTS`, mapped into this process. All access to `ctl` is atomic and other fields are
+/// read as plain copies (the data path's writes to them are ordered before its `ctl`
+/// compare-and-swap).
 pub struct SlotTable {
-    base: NonNull<Flow>,
-    len: usize,
-    bytes: usize,
+    mem: MappedArray,
     map: MapData,
 }
-
-// SAFETY: the mapping is shared memory that the kernel keeps alive until munmap; all access to
-// `ctl` is atomic and other fields are read as plain copies (the data path's writes to them are
-// ordered before its `ctl` compare-and-swap).
-unsafe impl Send for SlotTable {}
-unsafe impl Sync for SlotTable {}
 
 impl SlotTable {
     /// Map the `FLOW_SLOTS` array behind `map` (a handle opened any way: taken from the loaded
     /// object or from its pin).
     pub fn map(map: MapData) -> anyhow::Result<Self> {
-        let info = map.info().context("reading FLOW_SLOTS' info")?;
-        let len = info.max_entries() as usize;
-        if info.value_size() as usize != size_of::<Flow>() {
-            anyhow::bail!(
-                "FLOW_SLOTS holds {}-byte values; this vmlb expects {}",
-                info.value_size(),
-                size_of::<Flow>()
-            );
-        }
-        let page = 4096usize;
-        let bytes = (len * size_of::<Flow>()).div_ceil(page) * page;
-        // SAFETY: mapping a BPF array map fd as the kernel documents (offset 0, shared); the
-        // length is the array's data rounded up to whole pages.
-        let ptr = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                std::num::NonZeroUsize::new(bytes).context("empty FLOW_SLOTS")?,
-                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_SHARED,
-                map.fd().as_fd(),
-                0,
-            )
-        }
-        .context("mapping FLOW_SLOTS (it must be created with BPF_F_MMAPABLE)")?;
-        Ok(Self {
-            base: ptr.cast(),
-            len,
-            bytes,
-            map,
-        })
+        let mem = MappedArray::map(&map, size_of::<Flow>(), "FLOW_SLOTS")?;
+        // 64 bytes (vmlb-common asserts it): the kernel's stride is the value size.
+        debug_assert_eq!(mem.stride(), size_of::<Flow>());
+        Ok(Self { mem, map })
+    }
+
+    /// Slot `i` in the mapping (bounds-checked by `MappedArray::at`).
+    fn slot(&self, i: usize) -> *mut Flow {
+        self.mem.at(i).cast()
     }
 
     /// The map itself (to pin it, or read its info).
@@ -208,33 +179,33 @@ impl SlotTable {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.mem.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.mem.is_empty()
     }
 
     fn ctl(&self, i: usize) -> &AtomicU64 {
-        assert!(i < self.len);
+        assert!(i < self.len());
         // SAFETY: in bounds; `ctl` is the first, 8-byte aligned field of a page-aligned array.
-        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.base.as_ptr().add(i)).ctl)) }
+        unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.slot(i)).ctl)) }
     }
 
     /// A copy of slot `i`.
     pub fn get(&self, i: usize) -> Flow {
-        assert!(i < self.len);
+        assert!(i < self.len());
         // SAFETY: in bounds; a plain copy of shared memory (see the Sync impl).
-        unsafe { std::ptr::read_volatile(self.base.as_ptr().add(i)) }
+        unsafe { std::ptr::read_volatile(self.slot(i)) }
     }
 
     /// A packet passed since the last sweep: record when, clear the mark.
     fn seen(&self, i: usize, now: u32) {
-        assert!(i < self.len);
+        assert!(i < self.len());
         // SAFETY: in bounds; plain stores racing with the data path's store of `touched = 1`
         // lose at most one mark, which the next packet sets again.
         unsafe {
-            let f = self.base.as_ptr().add(i);
+            let f = self.slot(i);
             std::ptr::addr_of_mut!((*f).last_seen).write_volatile(now);
             std::ptr::addr_of_mut!((*f).touched).write_volatile(0);
         }
@@ -242,14 +213,14 @@ impl SlotTable {
 
     /// Overwrite slot `i` (tests and tools: not atomic with the data path).
     pub fn set(&self, i: usize, f: &Flow) {
-        assert!(i < self.len);
+        assert!(i < self.len());
         // SAFETY: in bounds of the shared mapping.
-        unsafe { std::ptr::write_volatile(self.base.as_ptr().add(i), *f) }
+        unsafe { std::ptr::write_volatile(self.slot(i), *f) }
     }
 
     /// Every live flow with its slot index.
     pub fn live(&self) -> impl Iterator<Item = (u32, Flow)> + '_ {
-        (0..self.len).filter_map(|i| {
+        (0..self.len()).filter_map(|i| {
             let f = self.get(i);
             (f.state() > st::CLAIMING).then_some((i as u32, f))
         })
@@ -260,7 +231,7 @@ impl SlotTable {
         // `stamp` first: a claimer reads it only after seeing FREE, and the swap orders it.
         // SAFETY: in bounds; `stamp` of a live slot is written only by the CPU that moves it to
         // CLOSING, which cannot happen once our swap succeeds (it swaps from the same `ctl`).
-        let stamp = unsafe { std::ptr::addr_of_mut!((*self.base.as_ptr().add(i)).stamp) };
+        let stamp = unsafe { std::ptr::addr_of_mut!((*self.slot(i)).stamp) };
         let old_stamp = unsafe { stamp.read_volatile() };
         unsafe { stamp.write_volatile(reuse_at) };
         let freed = self
@@ -281,13 +252,6 @@ impl SlotTable {
             }
         }
         freed
-    }
-}
-
-impl Drop for SlotTable {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        let _ = unsafe { nix::sys::mman::munmap(self.base.cast(), self.bytes) };
     }
 }
 

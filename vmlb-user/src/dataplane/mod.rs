@@ -7,6 +7,7 @@
 pub mod attach;
 pub mod loader;
 pub mod maps;
+pub mod mmap;
 pub mod pins;
 
 use std::collections::BTreeMap;
