@@ -692,7 +692,7 @@ impl HttpConn {
 
 /// Write an Apache httpd site serving "<name>\n" on `addr` ports 80 and 443 into `dir` (config,
 /// document root, logs and pid file all inside it); returns the config's path.
-fn write_site(dir: &Path, name: &str, addr: Ipv4Addr) -> anyhow::Result<PathBuf> {
+fn write_site(dir: &Path, name: &str, addrs: &[IpAddr]) -> anyhow::Result<PathBuf> {
     let _ = fs::remove_dir_all(dir);
     let docs = dir.join("htdocs");
     fs::create_dir_all(&docs)?;
@@ -706,9 +706,10 @@ fn write_site(dir: &Path, name: &str, addr: Ipv4Addr) -> anyhow::Result<PathBuf>
         fs::set_permissions(p, fs::Permissions::from_mode(mode))?;
     }
     let d = dir.display();
-    let listen: String = VM_PORTS
+    let listen: String = addrs
         .iter()
-        .map(|p| format!("Listen {addr}:{p}\n"))
+        .flat_map(|a| VM_PORTS.iter().map(move |p| SocketAddr::new(*a, *p)))
+        .map(|s| format!("Listen {s}\n"))
         .collect();
     // log_config and unixd are compiled into Debian's apache2; the rest are modules.
     // %a is the client address and %{remote}p its port: what the SNAT must rewrite. Keep-alive
@@ -804,10 +805,26 @@ pub struct Httpd {
 
 impl Httpd {
     pub fn start(ns: &Ns, name: &str, addr: Ipv4Addr) -> anyhow::Result<Self> {
+        Self::start_on(ns, name, addr, None)
+    }
+
+    /// A VM's httpd on its IPv4 address and, in the IPv6 lab, on its IPv6 one too.
+    pub fn start_vm(vm: &Vm) -> anyhow::Result<Self> {
+        Self::start_on(&vm.ns, vm.name, vm.addr, vm.addr6)
+    }
+
+    fn start_on(
+        ns: &Ns,
+        name: &str,
+        addr: Ipv4Addr,
+        addr6: Option<Ipv6Addr>,
+    ) -> anyhow::Result<Self> {
         // Unique per call: tests of one process run in parallel and all have a "vm1".
         let n = NEXT_HTTPD.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("vmlb-e2e-{}-{n}-{name}", std::process::id()));
-        let conf = write_site(&dir, name, addr)?;
+        let mut addrs = vec![IpAddr::V4(addr)];
+        addrs.extend(addr6.map(IpAddr::V6));
+        let conf = write_site(&dir, name, &addrs)?;
         let stderr = fs::File::create(dir.join("stderr.log"))?;
         // `ip netns exec` execs apache2, so the child is apache's parent process; with
         // -DFOREGROUND it neither forks away nor calls setsid, so its own process group holds
@@ -1052,7 +1069,7 @@ pub mod persistent {
     /// serves; returns its pid.
     fn start_daemonized_httpd(ns: &Ns, name: &str, addr: Ipv4Addr) -> anyhow::Result<u32> {
         let dir = state().join(name);
-        let conf = write_site(&dir, name, addr)?;
+        let conf = write_site(&dir, name, &[addr.into()])?;
         let status = ns
             .command("apache2")
             .arg("-f")

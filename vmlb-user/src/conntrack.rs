@@ -12,13 +12,11 @@
 //! lifecycle fields at the same offsets, and both implement [`Slot`].
 
 use std::{
-    os::fd::AsFd,
-    ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
-use anyhow::Context as _;
+use crate::dataplane::mmap::MappedArray;
 use aya::maps::{HashMap, MapData};
 use vmlb_common::{
     clock_units_from_ms, flow_state as st, Flow, Flow6, FlowKey, FlowKey6, FlowRef, CLOCK_SHIFT,
@@ -226,57 +224,33 @@ pub fn now() -> u32 {
     (ns >> CLOCK_SHIFT) as u32
 }
 
-/// `FLOW_SLOTS` (or `FLOW_SLOTS6`: `SlotTable<Flow6>`), mapped into this process.
+/// `FLOW_SLOTS` (or `FLOW_SLOTS6`: `SlotTable<Flow6>`), mapped into this process. All access
+/// to `ctl` is atomic and other fields are read as plain copies (the data path's writes to them
+/// are ordered before its `ctl` compare-and-swap).
 pub struct SlotTable<F: Slot = Flow> {
-    base: NonNull<F>,
-    len: usize,
-    bytes: usize,
+    mem: MappedArray,
     map: MapData,
+    _slot: std::marker::PhantomData<F>,
 }
 
-// SAFETY: the mapping is shared memory that the kernel keeps alive until munmap; all access to
-// `ctl` is atomic and other fields are read as plain copies (the data path's writes to them are
-// ordered before its `ctl` compare-and-swap).
-unsafe impl<F: Slot> Send for SlotTable<F> {}
-unsafe impl<F: Slot> Sync for SlotTable<F> {}
-
 impl<F: Slot> SlotTable<F> {
-    /// Map the `FLOW_SLOTS` (`F::MAP`) array behind `map` (a handle opened any way: taken from the loaded
+    /// Map the `F::MAP` array behind `map` (a handle opened any way: taken from the loaded
     /// object or from its pin).
     pub fn map(map: MapData) -> anyhow::Result<Self> {
-        let name = F::MAP;
-        let info = map
-            .info()
-            .with_context(|| format!("reading {name}' info"))?;
-        let len = info.max_entries() as usize;
-        if info.value_size() as usize != size_of::<F>() {
-            anyhow::bail!(
-                "{name} holds {}-byte values; this vmlb expects {}",
-                info.value_size(),
-                size_of::<F>()
-            );
-        }
-        let page = 4096usize;
-        let bytes = (len * size_of::<F>()).div_ceil(page) * page;
-        // SAFETY: mapping a BPF array map fd as the kernel documents (offset 0, shared); the
-        // length is the array's data rounded up to whole pages.
-        let ptr = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                std::num::NonZeroUsize::new(bytes).with_context(|| format!("empty {name}"))?,
-                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_SHARED,
-                map.fd().as_fd(),
-                0,
-            )
-        }
-        .with_context(|| format!("mapping {name} (it must be created with BPF_F_MMAPABLE)"))?;
+        let mem = MappedArray::map(&map, size_of::<F>(), F::MAP)?;
+        // Both slot types are multiples of 8 bytes (vmlb-common asserts their sizes): the
+        // kernel's stride is the value size, so slot `i` is an `F` at `at(i)`.
+        debug_assert_eq!(mem.stride(), size_of::<F>());
         Ok(Self {
-            base: ptr.cast(),
-            len,
-            bytes,
+            mem,
             map,
+            _slot: std::marker::PhantomData,
         })
+    }
+
+    /// Slot `i` in the mapping (bounds-checked by `MappedArray::at`).
+    fn slot(&self, i: usize) -> *mut F {
+        self.mem.at(i).cast()
     }
 
     /// The map itself (to pin it, or read its info).
@@ -285,18 +259,17 @@ impl<F: Slot> SlotTable<F> {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.mem.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.mem.is_empty()
     }
 
     /// The lifecycle fields of slot `i` (see `Slot::fields`).
     fn fields(&self, i: usize) -> (*mut u64, *mut u32, *mut u32, *mut u8) {
-        assert!(i < self.len);
-        // SAFETY: in bounds of the mapping.
-        unsafe { F::fields(self.base.as_ptr().add(i)) }
+        // SAFETY: a slot of the mapping (bounds-checked by `slot`).
+        unsafe { F::fields(self.slot(i)) }
     }
 
     fn ctl(&self, i: usize) -> &AtomicU64 {
@@ -307,14 +280,12 @@ impl<F: Slot> SlotTable<F> {
 
     /// A copy of slot `i`.
     pub fn get(&self, i: usize) -> F {
-        assert!(i < self.len);
         // SAFETY: in bounds; a plain copy of shared memory (see the Sync impl).
-        unsafe { std::ptr::read_volatile(self.base.as_ptr().add(i)) }
+        unsafe { std::ptr::read_volatile(self.slot(i)) }
     }
 
     /// A packet passed since the last sweep: record when, clear the mark.
     fn seen(&self, i: usize, now: u32) {
-        assert!(i < self.len);
         // SAFETY: in bounds; plain stores racing with the data path's store of `touched = 1`
         // lose at most one mark, which the next packet sets again.
         let (_, last_seen, _, touched) = self.fields(i);
@@ -326,9 +297,8 @@ impl<F: Slot> SlotTable<F> {
 
     /// Overwrite slot `i` (tests and tools: not atomic with the data path).
     pub fn set(&self, i: usize, f: &F) {
-        assert!(i < self.len);
         // SAFETY: in bounds of the shared mapping.
-        unsafe { std::ptr::write_volatile(self.base.as_ptr().add(i), *f) }
+        unsafe { std::ptr::write_volatile(self.slot(i), *f) }
     }
 
     /// Slot `i`'s `ctl` now.
@@ -340,20 +310,21 @@ impl<F: Slot> SlotTable<F> {
     /// way the data path creates a flow: claim by compare-and-swap (CLAIMING, next generation),
     /// write the other fields, publish. Returns the slot's new `ctl`, or `None` when someone
     /// changed the slot first (a layout migration then leaves it to them).
-    pub fn install(&self, i: usize, expected: u64, f: &Flow) -> Option<u64> {
+    pub fn install(&self, i: usize, expected: u64, f: &F) -> Option<u64> {
         let claimed = ((expected >> vmlb_common::FLOW_GEN_SHIFT).wrapping_add(1)
             << vmlb_common::FLOW_GEN_SHIFT)
             | st::CLAIMING as u64;
         self.ctl(i)
             .compare_exchange(expected, claimed, Ordering::SeqCst, Ordering::SeqCst)
             .ok()?;
-        let skip = std::mem::offset_of!(Flow, last_seen);
+        // `ctl` is the first 8 bytes of both slot types.
+        let skip = size_of::<u64>();
         // SAFETY: in bounds; everything after `ctl` is copied. Only the claimer writes a
         // CLAIMING slot, and readers ignore it until the store below publishes it.
         unsafe {
-            let dst = self.base.as_ptr().add(i).cast::<u8>().add(skip);
-            let src = (f as *const Flow).cast::<u8>().add(skip);
-            std::ptr::copy_nonoverlapping(src, dst, size_of::<Flow>() - skip);
+            let dst = self.slot(i).cast::<u8>().add(skip);
+            let src = (f as *const F).cast::<u8>().add(skip);
+            std::ptr::copy_nonoverlapping(src, dst, size_of::<F>() - skip);
         }
         let published = (claimed & !0xff) | f.state() as u64;
         self.ctl(i).store(published, Ordering::SeqCst);
@@ -362,7 +333,7 @@ impl<F: Slot> SlotTable<F> {
 
     /// Every live flow with its slot index.
     pub fn live(&self) -> impl Iterator<Item = (u32, F)> + '_ {
-        (0..self.len).filter_map(|i| {
+        (0..self.len()).filter_map(|i| {
             let f = self.get(i);
             (f.state() > st::CLAIMING).then_some((i as u32, f))
         })
@@ -394,13 +365,6 @@ impl<F: Slot> SlotTable<F> {
             }
         }
         freed
-    }
-}
-
-impl<F: Slot> Drop for SlotTable<F> {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        let _ = unsafe { nix::sys::mman::munmap(self.base.cast(), self.bytes) };
     }
 }
 

@@ -170,7 +170,14 @@ fn daemon_state(
     health: &HealthChecker,
     desired: &[ServiceSpec],
 ) -> DaemonState {
-    let states = health.states();
+    // Every new table's digest at once, across threads, rather than one by one below.
+    reconciler.compute_digests();
+    // Each backend's last error by target: a scan per backend was quadratic in the backends.
+    let last_errors: std::collections::HashMap<Target, Option<String>> = health
+        .states()
+        .into_iter()
+        .map(|s| (s.target, s.last_error))
+        .collect();
     let services = configured
         .iter()
         .zip(desired)
@@ -197,10 +204,13 @@ fn daemon_state(
                         id: reconciler.backend_id(key, b.addr, b.port).unwrap_or(0),
                         weight: b.weight,
                         up: b.up,
-                        last_error: states
-                            .iter()
-                            .find(|s| s.target.addr == b.addr && s.target.port == b.port)
-                            .and_then(|s| s.last_error.clone()),
+                        last_error: last_errors
+                            .get(&Target {
+                                addr: b.addr,
+                                port: b.port,
+                            })
+                            .cloned()
+                            .flatten(),
                     })
                     .collect(),
             }

@@ -5,14 +5,21 @@ use aya::{
     maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuValues},
     Ebpf,
 };
+use tracing::warn;
 use vmlb_common::{
     map_names, Backend, Config, Counter, DnatEndpoint, EndpointKey, Flow, FlowKey, FlowRef, Hop,
     Service, ServiceKey, TrafficStats, MAX_SNAT_ADDRS,
 };
 
-use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    sync::{
+        atomic::{fence, AtomicU32, Ordering},
+        OnceLock,
+    },
+};
 
-use super::{maps6::Maps6, pins::PinLayout, Dataplane};
+use super::{maps6::Maps6, mmap, mmap::MappedArray, pins::PinLayout, Dataplane};
 use crate::conntrack::SlotTable;
 
 pub struct BpfMaps {
@@ -20,6 +27,9 @@ pub struct BpfMaps {
     pub vips: HashMap<MapData, u32, u32>,
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
+    /// `MAGLEV` mapped into this process, mapped on first use (a scrape or a CLI command never
+    /// needs it); `None` inside when the map is not BPF_F_MMAPABLE (see `ring_mem`).
+    maglev_mem: OnceLock<Option<MappedArray>>,
     /// The flow index (client 5-tuple -> slot).
     pub flows: HashMap<MapData, FlowKey, FlowRef>,
     /// The flows (`FLOW_SLOTS`), mapped into this process.
@@ -218,6 +228,7 @@ impl BpfMaps {
             vips: open(map_names::VIPS)?.try_into()?,
             backends: open(map_names::BACKENDS)?.try_into()?,
             maglev: open(map_names::MAGLEV)?.try_into()?,
+            maglev_mem: OnceLock::new(),
             flows: open(map_names::FLOWS)?.try_into()?,
             slots: slot_table(open(map_names::FLOW_SLOTS)?)?,
             config: open(map_names::CONFIG)?.try_into()?,
@@ -237,6 +248,7 @@ impl BpfMaps {
             vips: take(ebpf, map_names::VIPS)?.try_into()?,
             backends: take(ebpf, map_names::BACKENDS)?.try_into()?,
             maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
+            maglev_mem: OnceLock::new(),
             flows: take(ebpf, map_names::FLOWS)?.try_into()?,
             slots: slot_table(take(ebpf, map_names::FLOW_SLOTS)?)?,
             config: take(ebpf, map_names::CONFIG)?.try_into()?,
@@ -328,8 +340,59 @@ impl BpfMaps {
         Ok(())
     }
 
-    /// `len` Maglev entries from `base` (a table), in batches.
+    /// `MAGLEV` as memory, when it was created BPF_F_MMAPABLE (by this vmlb). Writing 1000
+    /// tables of 16381 entries through BPF_MAP_UPDATE_BATCH cost ~2 s of kernel time (a
+    /// user copy with hardened-usercopy checks and a call per entry); through the mapping it
+    /// is a memory copy. A `MAGLEV` pinned by an older vmlb lacks the flag (the kernel keeps a
+    /// map's creation flags, whatever the object reusing its pin declares): `None`, and the
+    /// tables go through the batched syscalls as before.
+    fn ring_mem(&self) -> Option<&MappedArray> {
+        self.maglev_mem
+            .get_or_init(|| {
+                let map = self.maglev.map();
+                match mmap::is_mmapable(map) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!(
+                            "the MAGLEV map was made without BPF_F_MMAPABLE (pinned by an older \
+                             vmlb): Maglev tables are written with batched syscalls, slower; \
+                             restart once with --detach-on-exit to recreate the maps"
+                        );
+                        return None;
+                    }
+                    Err(e) => {
+                        warn!("MAGLEV: {e:#}; writing tables with syscalls");
+                        return None;
+                    }
+                }
+                MappedArray::map(map, size_of::<u32>(), map_names::MAGLEV)
+                    .inspect_err(|e| warn!("{e:#}; writing Maglev tables with syscalls"))
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    /// Whether Maglev tables are read and written through a mapping of `MAGLEV` (else through
+    /// batched syscalls).
+    pub fn maglev_mapped(&self) -> bool {
+        self.ring_mem().is_some()
+    }
+
+    /// `len` Maglev entries from `base` (a table): from the mapping, else in batches.
     pub fn read_ring(&self, base: u32, len: u32) -> anyhow::Result<Vec<u32>> {
+        if let Some(mem) = self.ring_mem() {
+            let (base, len) = (base as usize, len as usize);
+            anyhow::ensure!(
+                base + len <= mem.len(),
+                "Maglev entries {base}+{len} lie outside the array of {}",
+                mem.len()
+            );
+            return Ok((base..base + len)
+                // SAFETY: in bounds (`at` checks too), 8-byte aligned, mapped while `mem`
+                // lives; atomic because the data path may read the same memory.
+                .map(|i| unsafe { AtomicU32::from_ptr(mem.at(i).cast()) }.load(Ordering::Relaxed))
+                .collect());
+        }
         let mut out = vec![0u32; len as usize];
         let fd = fd_of(&self.maglev);
         let single = |key: u32, value: &mut [u8]| {
@@ -492,6 +555,28 @@ impl Dataplane for BpfMaps {
     }
 
     fn write_ring(&mut self, base: u32, table: &[u32]) -> anyhow::Result<()> {
+        if let Some(mem) = self.ring_mem() {
+            let base = base as usize;
+            anyhow::ensure!(
+                base + table.len() <= mem.len(),
+                "Maglev entries {base}+{} lie outside the array of {}",
+                table.len(),
+                mem.len()
+            );
+            for (i, &id) in table.iter().enumerate() {
+                // SAFETY: in bounds (`at` checks too), 8-byte aligned, mapped while `mem`
+                // lives. Each entry is one aligned u32 store, so a packet reads an old or a new
+                // id, never a torn one; and the space is one no live service points into
+                // (reconcile writes a new table beside the old one, then switches the service).
+                unsafe { AtomicU32::from_ptr(mem.at(base + i).cast()) }
+                    .store(id, Ordering::Relaxed);
+            }
+            // The switch to this table is the next SERVICES update, a syscall: every entry
+            // must be visible before a packet can follow the new `ring_base` here (the kernel's
+            // update publishes with release semantics; this orders our stores before it).
+            fence(Ordering::Release);
+            return Ok(());
+        }
         let keys: Vec<u32> = (base..base + table.len() as u32).collect();
         let fd = fd_of(&self.maglev);
         let maglev = &mut self.maglev;

@@ -11,6 +11,7 @@ pub mod loader;
 pub mod maps;
 pub mod maps6;
 pub mod migrate;
+pub mod mmap;
 pub mod pins;
 
 use std::collections::BTreeMap;
