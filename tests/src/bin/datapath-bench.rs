@@ -12,7 +12,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -26,7 +26,9 @@ use serde_json::json;
 use vmlb_common::{maglev, Counter, DEFAULT_FLOW_ENTRIES, PROGRAM_NAME, SLOTS_PER_FLOW};
 use vmlb_tests::{
     fixture::*,
+    fixture6::svc6,
     packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN},
+    packet6::Packet6,
 };
 use vmlb_user::{
     conntrack::{self, Timeouts},
@@ -142,9 +144,33 @@ impl Bench {
         Ok(reply)
     }
 
+    /// The IPv6 `open_flow`.
+    fn open_flow6(&self, syn: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let (action, out) = self.env.run(syn);
+        ensure!(action == XDP_TX, "setup IPv6 SYN returned {action}");
+        let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&out[o..o + 16]).expect("16"));
+        ensure!(addr(22) == SNAT6, "setup IPv6 SYN was not SNATed");
+        let backend = (addr(38), u16::from_be_bytes([out[56], out[57]]));
+        let snat_port = u16::from_be_bytes([out[54], out[55]]);
+        let bmac = if backend.0 == VM1_6 { VM1_MAC } else { VM2_MAC };
+        let reply = Packet6::tcp(backend, (SNAT6, snat_port), TCP_ACK | TCP_PSH)
+            .macs(bmac, NODE_MAC)
+            .payload(&[0; 10])
+            .build();
+        let (action, _) = self.env.run(&reply);
+        ensure!(action == XDP_TX, "setup IPv6 reply returned {action}");
+        Ok(reply)
+    }
+
     /// Live flows: (slots in use, index entries).
     fn live(&self) -> (usize, usize) {
         let m = &self.env.maps;
+        (m.slots.live().count(), conntrack::index_len(&m.flows))
+    }
+
+    /// Live IPv6 flows: (slots in use, index entries).
+    fn live6(&self) -> (usize, usize) {
+        let m = &self.env.maps.v6;
         (m.slots.live().count(), conntrack::index_len(&m.flows))
     }
 
@@ -162,11 +188,17 @@ impl Bench {
         };
         let m = &mut self.env.maps;
         let s = conntrack::sweep(&m.slots, &mut m.flows, &zero, false);
+        let s6 = conntrack::sweep(&m.v6.slots, &mut m.v6.flows, &zero, false);
         ensure!(
-            s.live() == 0 && s.held == 0 && self.live() == (0, 0),
-            "flows left after a zero-timeout sweep: {s:?}"
+            s.live() == 0
+                && s.held == 0
+                && s6.live() == 0
+                && s6.held == 0
+                && self.live() == (0, 0)
+                && self.live6() == (0, 0),
+            "flows left after a zero-timeout sweep: {s:?} {s6:?}"
         );
-        Ok(s.expired.iter().sum())
+        Ok(s.expired.iter().sum::<u64>() + s6.expired.iter().sum::<u64>())
     }
 }
 
@@ -190,7 +222,7 @@ fn env_u32(name: &str, default: u32) -> u32 {
 }
 
 /// Rows of the table, in the order of a round's cost array.
-const NAMES: [&str; 8] = [
+const NAMES: [&str; 11] = [
     "floor (parse, swap MACs, XDP_TX)",
     "ref: floor + one LRU lookup (5-tuple)",
     "ref: floor + one common-LRU insert",
@@ -199,11 +231,16 @@ const NAMES: [&str; 8] = [
     "vmlb established TCP flow",
     "vmlb backend reply (reverse NAT)",
     "vmlb new flow (SYN from a new client)",
+    "vmlb IPv6 established TCP flow",
+    "vmlb IPv6 backend reply (reverse NAT)",
+    "vmlb IPv6 new flow (SYN from a new client)",
 ];
 const LOOKUP: usize = 1;
 const LRU_INSERT: usize = 2;
 const EST: usize = 5;
 const NEW: usize = 7;
+const EST6: usize = 8;
+const NEW6: usize = 10;
 
 fn main() -> anyhow::Result<()> {
     let repeat = env_u32("VMLB_BENCH_REPEAT", 1_000_000);
@@ -219,14 +256,27 @@ fn main() -> anyhow::Result<()> {
         "{new_repeat} new flows per run do not fit {capacity}"
     );
 
-    let mut env = Env::with_flows(Some(capacity)).context("bench environment (needs root)")?;
+    let mut env = Env::with_sizes(loader::Sizes {
+        flows: Some(capacity),
+        flows6: Some(capacity),
+        ..Default::default()
+    })
+    .context("bench environment (needs root)")?;
     // 3 VMs x 20 ports = 60 backends, so a run's 100k flows spread over 60 SNAT port spaces of
     // 31,741 ports each (one backend port cannot hold 100k flows with one SNAT address).
     let backends: Vec<_> = [VM1, VM2, VM3]
         .iter()
         .flat_map(|&a| (0..20).map(move |i| be(a, 8000 + i)))
         .collect();
-    env.install(&[svc(80, Proto::Tcp, &backends)])?;
+    // The IPv6 service: the same shape over the fixture's two IPv6 VMs (40 backends).
+    let backends6: Vec<(Ipv6Addr, u16)> = [VM1_6, VM2_6]
+        .iter()
+        .flat_map(|&a| (0..20).map(move |i| (a, 8000 + i)))
+        .collect();
+    env.install(&[
+        svc(80, Proto::Tcp, &backends),
+        svc6(80, Proto::Tcp, &backends6),
+    ])?;
     let spec = env.services[0].clone();
 
     let mut obj = EbpfLoader::new()
@@ -258,6 +308,14 @@ fn main() -> anyhow::Result<()> {
     };
     let syn = tcp((VIP, 80), TCP_SYN);
     let est = tcp((VIP, 80), TCP_ACK | TCP_PSH);
+    let tcp6 = |flags| {
+        Packet6::tcp((CLIENT6, sport), (VIP6, 80), flags)
+            .macs(CLIENT_MAC, NODE_MAC)
+            .payload(&[0; 10])
+            .build()
+    };
+    let syn6 = tcp6(TCP_SYN);
+    let est6 = tcp6(TCP_ACK | TCP_PSH);
     // For the FIB reference: a packet to a VM, whose route and neighbour the namespace has.
     let fwd = tcp((VM1, 8000), TCP_ACK | TCP_PSH);
 
@@ -299,11 +357,13 @@ fn main() -> anyhow::Result<()> {
     // medians reported. Each round starts from empty tables (vmlb's flows ended by a
     // zero-timeout sweep, the insert references drained) plus the one established flow, so
     // every round's new flows meet the same occupancy.
-    let mut rounds: Vec<[f64; 8]> = Vec::new();
-    let mut ratios: Vec<[f64; 8]> = Vec::new();
+    let mut rounds: Vec<[f64; 11]> = Vec::new();
+    let mut ratios: Vec<[f64; 11]> = Vec::new();
     let mut targets: Vec<(f64, f64)> = Vec::new();
+    let mut targets6: Vec<(f64, f64)> = Vec::new();
     let mut wrappers: Vec<(f64, f64)> = Vec::new();
     let mut collisions = 0;
+    let mut collisions6 = 0;
     let (n, n_new) = (repeat as u64, new_repeat as u64);
     let n_new_usize = new_repeat as usize;
     for round in 0..RUNS {
@@ -372,6 +432,38 @@ fn main() -> anyhow::Result<()> {
             "round {round}: the sweep ended {ended} flows"
         );
 
+        // IPv6, the same three paths (vmlb tail-calls vmlb6 for them), from empty tables.
+        let reply6 = b.open_flow6(&syn6)?;
+        b.env.snapshot()?;
+        b.set_target(&vmlb_fd, &est6)?;
+        let t_est6 = b.time(xdp(&b.obj, "bench_restore"), &est6, repeat, XDP_TX)?;
+        b.set_target(&vmlb_fd, &reply6)?;
+        let t_reply6 = b.time(xdp(&b.obj, "bench_restore"), &reply6, repeat, XDP_TX)?;
+        b.set_target(&vmlb_fd, &syn6)?;
+        let t_new6 = b.time(xdp(&b.obj, "bench_restore_new"), &syn6, new_repeat, XDP_TX)?;
+        let mut d = b.env.delta();
+        collisions6 += d.remove(&Counter::SnatPortCollision).unwrap_or(0);
+        expect_path(
+            &format!("round {round}: IPv6 established, reply and new-flow runs"),
+            &d,
+            &[
+                (Counter::FlowHit, n),
+                (Counter::ReplyHit, n),
+                (Counter::FlowNew, n_new),
+                (Counter::TxSameIface, 2 * n + n_new),
+            ],
+        )?;
+        let live6 = b.live6();
+        ensure!(
+            live6 == (n_new_usize + 1, n_new_usize + 1),
+            "round {round}: {live6:?} live IPv6 flows after {new_repeat} new flows + 1"
+        );
+        let ended = b.clear_flows()?;
+        ensure!(
+            ended == n_new + 1,
+            "round {round}: the sweep ended {ended} IPv6 flows"
+        );
+
         let costs = [
             floor,
             lookup,
@@ -381,18 +473,24 @@ fn main() -> anyhow::Result<()> {
             t_est - wrap + floor,
             t_reply - wrap + floor,
             t_new - wrap_new + floor,
+            t_est6 - wrap + floor,
+            t_reply6 - wrap + floor,
+            t_new6 - wrap_new + floor,
         ];
         ratios.push(costs.map(|c| c / floor));
         targets.push((costs[NEW] / costs[LRU_INSERT], costs[EST] / costs[LOOKUP]));
+        targets6.push((costs[NEW6] / costs[LRU_INSERT], costs[EST6] / costs[LOOKUP]));
         rounds.push(costs);
         wrappers.push((wrap - floor, wrap_new - floor));
     }
-    let med = |i: usize, v: &[[f64; 8]]| median(v.iter().map(|r| r[i]).collect());
+    let med = |i: usize, v: &[[f64; 11]]| median(v.iter().map(|r| r[i]).collect());
     let floor = med(0, &rounds);
     let wrap_cost = median(wrappers.iter().map(|w| w.0).collect());
     let wrap_new_cost = median(wrappers.iter().map(|w| w.1).collect());
     let new_vs_lru = median(targets.iter().map(|t| t.0).collect());
     let est_vs_lookup = median(targets.iter().map(|t| t.1).collect());
+    let new6_vs_lru = median(targets6.iter().map(|t| t.0).collect());
+    let est6_vs_lookup = median(targets6.iter().map(|t| t.1).collect());
     let live = new_repeat + 1;
     let slots = capacity as u64 * SLOTS_PER_FLOW as u64;
 
@@ -413,6 +511,8 @@ fn main() -> anyhow::Result<()> {
         let vs = match i {
             NEW => format!("{new_vs_lru:.2} (a)"),
             EST => format!("{est_vs_lookup:.2} (b)"),
+            NEW6 => format!("{new6_vs_lru:.2} (a6)"),
+            EST6 => format!("{est6_vs_lookup:.2} (b6)"),
             _ => String::new(),
         };
         println!("{name:<48} {c:>10.1} {r:>8.2} {vs:>10}");
@@ -426,6 +526,19 @@ fn main() -> anyhow::Result<()> {
     println!(
         "(b) established / (floor + LRU lookup) = {est_vs_lookup:.2}, target <= 1.3: {}",
         verdict(est_vs_lookup, 1.3)
+    );
+    println!(
+        "(a6) IPv6 new flow / (floor + common-LRU insert) = {new6_vs_lru:.2}, target <= 1.1: {}",
+        verdict(new6_vs_lru, 1.1)
+    );
+    println!(
+        "(b6) IPv6 established / (floor + LRU lookup) = {est6_vs_lookup:.2}, target <= 1.3: {}",
+        verdict(est6_vs_lookup, 1.3)
+    );
+    println!(
+        "(the references are IPv4's: one 16-byte-key LRU lookup or insert; the IPv6 paths pay \
+         a tail call into vmlb6 and 40-byte keys. IPv6 SNAT port collisions: {:.3} per new flow)",
+        collisions6 as f64 / (RUNS as f64 * n_new as f64)
     );
     println!(
         "occupancy after each new-flow run: {live} live flows of {capacity} ({:.1}%), \
@@ -479,6 +592,8 @@ fn main() -> anyhow::Result<()> {
             "new_flow_vs_common_lru_insert_max": 1.1,
             "established_vs_lru_lookup": est_vs_lookup,
             "established_vs_lru_lookup_max": 1.3,
+            "ipv6_new_flow_vs_common_lru_insert": new6_vs_lru,
+            "ipv6_established_vs_lru_lookup": est6_vs_lookup,
         },
         "datapath": json_rows,
         "maglev": maglev_rows,
