@@ -2,7 +2,8 @@
 //! the reconciler, packets create flows (BPF_PROG_TEST_RUN), the maps are pinned the way the
 //! daemon pins them and a state file is written; then every `inspect` view must agree with what
 //! was configured and sent, and `simulate` must predict exactly the backend and SNAT port the
-//! program then chooses.
+//! program then chooses. The same for an IPv6 service (its own maps, listed next to the IPv4
+//! ones).
 //!
 //! Needs root (BPF, network namespaces, bpffs); part of the normal test run.
 
@@ -10,7 +11,7 @@ use std::{
     collections::BTreeSet,
     ffi::CString,
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
@@ -26,7 +27,9 @@ use vmlb_common::{
 };
 use vmlb_tests::{
     fixture::*,
+    fixture6::svc6,
     packet::{Packet, TCP_ACK, TCP_SYN},
+    packet6::Packet6,
 };
 use vmlb_user::{
     cli::{
@@ -54,7 +57,7 @@ fn is_bpffs(p: &Path) -> bool {
     }
 }
 
-/// `/sys/fs/bpf/vmlb-test-<pid>-inspect`, removed on drop (also when the test panics).
+/// `/sys/fs/bpf/vmlb-test-<pid>-<tag>`, removed on drop (also when the test panics).
 ///
 /// Where /sys/fs/bpf is not a bpffs (containers, minimal hosts), this thread gets a private
 /// mount namespace with a bpffs mounted there, so nothing shows up on the host; drop unmounts it
@@ -66,7 +69,7 @@ struct PinRoot {
 }
 
 impl PinRoot {
-    fn new() -> Self {
+    fn new(tag: &str) -> Self {
         let base = Path::new("/sys/fs/bpf");
         let mut orig_mnt = None;
         if !is_bpffs(base) {
@@ -106,7 +109,7 @@ impl PinRoot {
                 );
             }
         }
-        let root = base.join(format!("vmlb-test-{}-inspect", std::process::id()));
+        let root = base.join(format!("vmlb-test-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let guard = Self { root, orig_mnt };
         std::fs::create_dir(&guard.root).expect("creating the pin root");
@@ -200,13 +203,13 @@ impl Cli {
     }
 
     #[track_caller]
-    fn simulate(&self, proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Value {
+    fn simulate<A: Into<IpAddr>>(&self, proto: Proto, src: (A, u16), dst: (A, u16)) -> Value {
         let args = SimulateArgs {
             pins: self.pin_args(),
             output: Output::Json,
             proto,
-            src: SocketAddrV4::new(src.0, src.1),
-            dst: SocketAddrV4::new(dst.0, dst.1),
+            src: SocketAddr::new(src.0.into(), src.1),
+            dst: SocketAddr::new(dst.0.into(), dst.1),
         };
         let mut out = Vec::new();
         simulate_to(&args, &mut out).unwrap();
@@ -272,7 +275,7 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     assert_eq!(env.run(&stray).0, XDP_DROP);
 
     // Declared after `env`, so dropped before it (see PinRoot).
-    let pins = PinRoot::new();
+    let pins = PinRoot::new("inspect");
     pin_maps(&env, &pins.root);
     let run = RunDir(std::env::temp_dir().join(format!("vmlb-test-{}-run", std::process::id())));
     let mut svc_state = ServiceState::installed(
@@ -437,7 +440,7 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     }
     let client: SocketAddrV4 = sent[0].0.parse().unwrap();
     let v = cli.json(InspectCommand::Nat(FlowArgs {
-        addr: Some(*client.ip()),
+        addr: Some((*client.ip()).into()),
         ..Default::default()
     }));
     let same_ip = sent
@@ -455,7 +458,7 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         (1, &sent.len().into())
     );
     let v = cli.json(InspectCommand::Nat(FlowArgs {
-        addr: Some(Ipv4Addr::new(192, 0, 2, 99)),
+        addr: Some(Ipv4Addr::new(192, 0, 2, 99).into()),
         ..Default::default()
     }));
     assert_eq!(
@@ -644,4 +647,246 @@ fn inspect_and_simulate_agree_with_the_data_path() {
     let v = cli.json(InspectCommand::Backends);
     assert_eq!(v["backends"][0]["service"], "10.10.1.128:80/tcp");
     assert_eq!(v["backends"][0]["weight"], Value::Null);
+}
+
+/// Source and destination of an Ethernet + IPv6 + TCP frame, as "[ip]:port".
+fn tuple6(frame: &[u8]) -> (String, String) {
+    let a = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[o..o + 16]).unwrap());
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    (
+        SocketAddr::new(a(22).into(), port(54)).to_string(),
+        SocketAddr::new(a(38).into(), port(56)).to_string(),
+    )
+}
+
+fn send_syn6(env: &Env, sport: u16) -> (String, String) {
+    let syn = Packet6::tcp((CLIENT6, sport), (VIP6, 80), TCP_SYN).macs(CLIENT_MAC, NODE_MAC);
+    let (action, out) = env.run(&syn.build());
+    assert_eq!(action, XDP_TX, "IPv6 SYN from port {sport}");
+    tuple6(&out)
+}
+
+#[test]
+fn inspect_and_simulate_agree_with_the_data_path_over_ipv6() {
+    let mut env = Env::new().expect("fixture environment (needs root)");
+    let spec4 = svc(80, Proto::Tcp, &[be(VM1, 8080)]);
+    let spec6 = svc6(80, Proto::Tcp, &[(VM1_6, 8080), (VM2_6, 8080)]);
+    env.install(&[spec4.clone(), spec6.clone()]).unwrap();
+    let key6 = spec6.key();
+    let svc6_id = env.reconciler.service(key6).unwrap().id();
+    let be_id = |addr: Ipv6Addr| env.reconciler.backend_id(key6, addr, 8080).unwrap();
+
+    let mut sent = Vec::new();
+    for sport in [40000u16, 40001, 40002] {
+        let (snat, backend) = send_syn6(&env, sport);
+        sent.push((
+            SocketAddr::new(CLIENT6.into(), sport).to_string(),
+            snat,
+            backend,
+        ));
+    }
+    // One IPv4 flow beside them.
+    let (action, _) = env.run(
+        &Packet::tcp((CLIENT, 40000), (VIP, 80), TCP_SYN)
+            .macs(CLIENT_MAC, NODE_MAC)
+            .build(),
+    );
+    assert_eq!(action, XDP_TX);
+
+    let pins = PinRoot::new("inspect6");
+    pin_maps(&env, &pins.root);
+    let run = RunDir(std::env::temp_dir().join(format!("vmlb-test-{}-run6", std::process::id())));
+    let named = |name: &str, spec| {
+        ServiceState::installed(name, &[], spec, &env.reconciler).expect("service installed")
+    };
+    state::write_atomic(
+        &state::state_path(&run.0, IFACE),
+        &DaemonState {
+            iface: IFACE.into(),
+            pid: std::process::id(),
+            generation: 1,
+            services: vec![named("web/v4", &spec4), named("web/v6", &spec6)],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cli = Cli {
+        pins: pins.root.clone(),
+        run: run.0.clone(),
+    };
+
+    // services: both families, the IPv6 one with its VIP and SNAT address
+    let v = cli.json(InspectCommand::Services);
+    let svcs = v["services"].as_array().unwrap();
+    assert_eq!(svcs.len(), 2, "{v}");
+    let sv = svcs.iter().find(|s| s["name"] == "web/v6").expect("{v}");
+    assert_eq!(sv["id"], svc6_id);
+    assert_eq!(sv["vip"], VIP6.to_string());
+    assert_eq!(sv["snat"], SNAT6.to_string());
+    assert_eq!(
+        (sv["backends"].as_u64(), sv["backends_up"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(sv["stats"]["new_flows"], 3);
+    assert!(svcs.iter().any(|s| s["vip"] == VIP.to_string()));
+
+    // backends: the IPv6 ones by id, with their slots of the IPv6 service's table
+    let v = cli.json(InspectCommand::Backends);
+    let bes6: Vec<&Value> = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["service"] == "web/v6")
+        .collect();
+    assert_eq!(bes6.len(), 2, "{v}");
+    let mut slots = 0;
+    for b in &bes6 {
+        let addr: Ipv6Addr = s(&b["addr"]).parse().unwrap();
+        assert!([VM1_6, VM2_6].contains(&addr), "{b}");
+        assert_eq!(b["id"], be_id(addr));
+        assert_eq!(b["weight"], 1);
+        slots += b["slots"].as_u64().unwrap();
+        let to_it = sent
+            .iter()
+            .filter(|f| f.2.starts_with(&format!("[{addr}]:")))
+            .count();
+        assert_eq!(b["stats"]["new_flows"], to_it as u64, "{b}");
+    }
+    assert_eq!(slots, u64::from(spec6.ring_size));
+
+    // maglev by the IPv6 address spelling
+    let v = cli.json(InspectCommand::Maglev {
+        service: format!("[{VIP6}]:80/tcp"),
+    });
+    let table: Vec<u32> = serde_json::from_value(v["table"].clone()).unwrap();
+    assert_eq!(table, env.reconciler.table(key6).unwrap());
+    assert_eq!(v["digest"], state::table_digest(&spec6, &env.reconciler));
+
+    // flows: the three IPv6 clients as the program rewrote them, next to the IPv4 one
+    let v = cli.json(InspectCommand::Flows(FlowArgs::default()));
+    let flows = v["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), 4, "{v}");
+    let got: BTreeSet<(String, String, String)> = flows
+        .iter()
+        .filter(|f| f["service"] == "web/v6")
+        .map(|f| {
+            assert_eq!(f["vip"], format!("[{VIP6}]:80"));
+            (
+                s(&f["client"]).to_string(),
+                s(&f["snat"]).to_string(),
+                s(&f["backend"]).to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, sent.iter().cloned().collect());
+    let v = cli.json(InspectCommand::Nat(FlowArgs {
+        addr: Some(CLIENT6.into()),
+        ..Default::default()
+    }));
+    assert_eq!(v["matched"], 3, "{v}");
+    let v = cli.json(InspectCommand::Flows(FlowArgs {
+        service: Some("web/v6".into()),
+        backend: Some(sent[0].2.clone()),
+        ..Default::default()
+    }));
+    let to_first = sent.iter().filter(|f| f.2 == sent[0].2).count();
+    assert_eq!(v["matched"], to_first, "{v}");
+    let t = cli
+        .inspect(InspectCommand::Flows(FlowArgs::default()), Output::Table)
+        .unwrap();
+    assert!(
+        t.contains(&format!(
+            "{}  ->  [{VIP6}]:80  =>  {}",
+            sent[0].0, sent[0].1
+        )),
+        "{t}"
+    );
+    for what in [InspectCommand::Services, InspectCommand::Backends] {
+        let t = cli.inspect(what.clone(), Output::Table).unwrap();
+        assert!(
+            t.contains(&VIP6.to_string()) || t.contains(&VM1_6.to_string()),
+            "{what:?}:\n{t}"
+        );
+        println!("$ vmlb inspect {what:?}\n{t}");
+    }
+
+    // simulate: the new flow predicted exactly, then established; its reply; refusals.
+    let sport = 41000;
+    let p = cli.simulate(Proto::Tcp, (CLIENT6, sport), (VIP6, 80));
+    assert_eq!(p["verdict"], "new", "{p}");
+    assert_eq!(p["snat_attempt"], 0);
+    let (snat, backend) = send_syn6(&env, sport);
+    assert_eq!(
+        (s(&p["snat"]), s(&p["backend"])),
+        (snat.as_str(), backend.as_str())
+    );
+    let p2 = cli.simulate(Proto::Tcp, (CLIENT6, sport), (VIP6, 80));
+    assert_eq!(p2["verdict"], "established", "{p2}");
+    assert_eq!(
+        (s(&p2["snat"]), s(&p2["backend"]), &p2["backend_id"]),
+        (snat.as_str(), backend.as_str(), &p["backend_id"])
+    );
+
+    // A taken first SNAT candidate (another flow's tuple in FLOW_SLOTS6): simulate and the
+    // program both move to the second one.
+    let sport = 41001;
+    let p = cli.simulate(Proto::Tcp, (CLIENT6, sport), (VIP6, 80));
+    let b: SocketAddr = s(&p["backend"]).parse().unwrap();
+    let port0: u16 = s(&p["snat"]).parse::<SocketAddr>().unwrap().port();
+    let b6 = match b.ip() {
+        IpAddr::V6(a) => vmlb_common::addr6(a.octets()),
+        IpAddr::V4(a) => panic!("IPv4 backend {a}"),
+    };
+    let snat6 = vmlb_common::addr6(SNAT6.octets());
+    let idx = hash::tuple_slot6(
+        &b6,
+        &snat6,
+        b.port().to_be(),
+        port0.to_be(),
+        6,
+        env.maps.v6.slots.len() as u32,
+    );
+    let squatter = vmlb_common::Flow6 {
+        ctl: flow_state::ESTABLISHED as u64,
+        service_id: svc6_id,
+        backend_addr: b6,
+        snat_addr: snat6,
+        backend_port: b.port().to_be(),
+        snat_port: port0.to_be(),
+        proto: 6,
+        ..Default::default()
+    };
+    env.maps.v6.slots.set(idx as usize, &squatter);
+    let p = cli.simulate(Proto::Tcp, (CLIENT6, sport), (VIP6, 80));
+    assert_eq!(p["snat_attempt"], 1, "{p}");
+    let (snat, backend) = send_syn6(&env, sport);
+    assert_eq!(
+        (s(&p["snat"]), s(&p["backend"])),
+        (snat.as_str(), backend.as_str())
+    );
+
+    // The reply of the first flow, a port without a service, an address that is not a VIP.
+    let (b0, s0): (SocketAddr, SocketAddr) =
+        (sent[0].2.parse().unwrap(), sent[0].1.parse().unwrap());
+    let p = cli.simulate(Proto::Tcp, (b0.ip(), b0.port()), (s0.ip(), s0.port()));
+    assert_eq!(
+        (s(&p["verdict"]), s(&p["client"]), s(&p["vip"])),
+        ("reply", sent[0].0.as_str(), format!("[{VIP6}]:80").as_str())
+    );
+    let p = cli.simulate(Proto::Udp, (CLIENT6, 5000), (VIP6, 80));
+    assert_eq!(
+        (s(&p["verdict"]), s(&p["counter"])),
+        ("dropped", "drop_unknown_port")
+    );
+    let (action, _) = env.run(
+        &Packet6::udp((CLIENT6, 5000), (VIP6, 80))
+            .macs(CLIENT_MAC, NODE_MAC)
+            .build(),
+    );
+    assert_eq!(action, XDP_DROP, "the program agrees");
+    let p = cli.simulate(Proto::Tcp, (CLIENT6, 5000), (CLIENT6, 80));
+    assert_eq!(
+        (s(&p["verdict"]), s(&p["counter"])),
+        ("passed", "pass_not_vip")
+    );
 }

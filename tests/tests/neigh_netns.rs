@@ -1,11 +1,11 @@
 //! `NeighKeeper` against the real kernel, in two namespaces joined by a veth: the node (where the
 //! keeper runs) and a peer that answers ARP for an on-link backend and for the gateway of a
 //! routed one. No static entry is ever made for them: the kernel resolves the managed entries.
-//! Needs root.
+//! The same for IPv6 backends, resolved through NDP. Needs root.
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -298,4 +298,146 @@ fn a_silent_mac_change_is_found_by_the_kernels_reprobing() {
     await_status(&rt, &keeper, Duration::from_secs(10), "the new MAC", |s| {
         (state_and_mac(s, ON_LINK) == (NeighState::Reachable, Some(PEER_MAC_NEW))).then_some(())
     });
+}
+
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+const ON_LINK6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2);
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 3);
+const ROUTED6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 5);
+
+fn state_and_mac6(
+    s: &BTreeMap<IpAddr, BackendNeigh>,
+    a: Ipv6Addr,
+) -> (NeighState, Option<[u8; 6]>) {
+    let b = &s[&IpAddr::V6(a)];
+    (b.state, b.mac)
+}
+
+/// IPv6 backends next to an IPv4 one: NDP entries for the on-link backend and the routed one's
+/// gateway, managed and marked like the ARP ones, resolved by the kernel's own solicitations,
+/// following the peer's new MAC (its unsolicited advertisement, `ndisc_notify`), and removed.
+#[test]
+fn ipv6_backends_get_managed_ndp_entries_that_follow_a_mac_change() {
+    let t = topo();
+    // nodad: the addresses are usable at once (duplicate address detection would hold them
+    // tentative for a second).
+    for (ns, addr, dev) in [
+        (&t.node, "fd00:99::1/64", "veth0"),
+        (&t.peer, "fd00:99::2/64", "veth1"),
+        (&t.peer, "fd00:99::3/64", "veth1"),
+    ] {
+        ns.ip(&["addr", "add", addr, "dev", dev, "nodad"]).unwrap();
+    }
+    t.node
+        .ip(&["-6", "route", "add", "fd00:77::/64", "via", "fd00:99::3"])
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut keeper = keeper_in(&t.node, &rt);
+    let backends = [
+        IpAddr::V6(ON_LINK6),
+        IpAddr::V6(ROUTED6),
+        IpAddr::V6(NODE6),
+        IpAddr::V4(ON_LINK),
+    ];
+    let report = rt.block_on(keeper.sync(backends)).expect("first sync");
+    assert_eq!(
+        report.added,
+        vec![
+            IpAddr::V4(ON_LINK),
+            IpAddr::V6(ON_LINK6),
+            IpAddr::V6(GATEWAY6)
+        ],
+        "{report:?}"
+    );
+    assert!(report.failed.is_empty(), "{report:?}");
+    let res: BTreeMap<_, _> = rt
+        .block_on(keeper.status())
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.backend, b.resolution))
+        .collect();
+    assert_eq!(
+        res[&IpAddr::V6(ROUTED6)],
+        Resolution::NextHop(IpAddr::V6(GATEWAY6))
+    );
+    assert_eq!(
+        res[&IpAddr::V6(ON_LINK6)],
+        Resolution::NextHop(IpAddr::V6(ON_LINK6))
+    );
+    assert_eq!(res[&IpAddr::V6(NODE6)], Resolution::Local);
+
+    // Resolved by the kernel through NDP: nothing sent traffic, no static entry.
+    await_status(
+        &rt,
+        &keeper,
+        Duration::from_secs(5),
+        "IPv6 REACHABLE",
+        |s| {
+            let want = (NeighState::Reachable, Some(PEER_MAC));
+            (state_and_mac6(s, ON_LINK6) == want
+                && state_and_mac6(s, ROUTED6) == want
+                && state_and_mac(s, ON_LINK) == want)
+                .then_some(())
+        },
+    );
+    let shown = t
+        .node
+        .ip(&["-6", "-d", "neigh", "show", "dev", "veth0"])
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    for a in [ON_LINK6, GATEWAY6] {
+        let line = shown
+            .lines()
+            .find(|l| l.starts_with(&format!("{a} ")))
+            .unwrap_or_else(|| panic!("no entry for {a} in {shown}"));
+        assert!(
+            line.contains("managed") && line.contains("proto 118"),
+            "{line}"
+        );
+    }
+    let status = rt.block_on(keeper.status()).unwrap();
+    assert!(
+        status
+            .iter()
+            .filter(|b| b.backend != IpAddr::V6(NODE6))
+            .all(|b| b.managed),
+        "{status:?}"
+    );
+
+    // The peer comes back with another MAC and says so (ndisc_notify: unsolicited
+    // advertisements on an address change, as arp_notify for IPv4).
+    t.peer
+        .sysctl("net.ipv6.conf.veth1.ndisc_notify", "1")
+        .unwrap();
+    t.peer
+        .ip(&["link", "set", "veth1", "address", &mac_str(PEER_MAC_NEW)])
+        .unwrap();
+    await_status(&rt, &keeper, Duration::from_secs(10), "the new MAC", |s| {
+        [ON_LINK6, ROUTED6]
+            .iter()
+            .all(|a| {
+                let (state, mac) = state_and_mac6(s, *a);
+                state.is_usable() && mac == Some(PEER_MAC_NEW)
+            })
+            .then_some(())
+    });
+
+    // The IPv6 backends go: their entries with them; the IPv4 one stays.
+    let report = rt
+        .block_on(keeper.sync([IpAddr::V4(ON_LINK)]))
+        .expect("shrinking sync");
+    assert_eq!(
+        report.removed,
+        vec![IpAddr::V6(ON_LINK6), IpAddr::V6(GATEWAY6)]
+    );
+    let entries = rt.block_on(keeper.entries()).unwrap();
+    assert!(
+        !entries.contains_key(&IpAddr::V6(ON_LINK6))
+            && !entries.contains_key(&IpAddr::V6(GATEWAY6)),
+        "{entries:#?}"
+    );
+    assert!(entries[&IpAddr::V4(ON_LINK)].is_ours());
 }

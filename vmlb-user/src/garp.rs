@@ -1,5 +1,6 @@
-//! Gratuitous ARP when this node takes a VIP, so that hosts and switches on the VLAN move the
-//! VIP's traffic to us at once instead of after their ARP entries expire.
+//! Gratuitous ARP when this node takes an IPv4 VIP, and its IPv6 counterpart, an unsolicited
+//! neighbour advertisement, when it takes an IPv6 VIP: so that hosts and switches on the VLAN
+//! move the VIP's traffic to us at once instead of after their neighbour entries expire.
 //!
 //! Frame: the RFC 5227 "ARP Announcement" form — an ARP *request* with sender IP = target IP =
 //! VIP, sender MAC = the interface's MAC, target MAC zero, to the broadcast MAC. The request form
@@ -7,7 +8,17 @@
 //! requests and updates an existing cache entry for the sender, while some ignore unsolicited
 //! replies. Linux does update existing entries from it regardless of `arp_accept`.
 //!
-//! Schedule ([`GARP_SCHEDULE`]): at once, then 1 s, 2 s and 4 s after taking the VIP. The first
+//! IPv6 ([`unsolicited_na_frame`], RFC 4861 7.2.6): a neighbour advertisement to the all-nodes
+//! group ff02::1 (MAC 33:33:00:00:00:01) with the override flag set and the solicited flag clear,
+//! target = VIP, a target link-layer address option carrying the interface's MAC, hop limit 255
+//! (receivers drop neighbour discovery with any other). The source address is the VIP itself, as
+//! Linux sends its own unsolicited advertisements (`ndisc_send_unsol_na`): the VIP is the
+//! address being announced and needs no other address on the interface. The router flag is
+//! clear, as in the data path's answers to solicitations (`vmlb-ebpf/src/ndp.rs`). Like ARP
+//! announcements, receivers update an entry they already have (to STALE, with the new MAC) and,
+//! by default, create none (Linux: `accept_untracked_na`).
+//!
+//! Schedule ([`GARP_SCHEDULE`], both families): at once, then 1 s, 2 s and 4 s after taking the VIP. The first
 //! frame does the work; the repeats cover a lost frame and peers that were busy resolving at that
 //! moment (a switch port still learning, a client mid-retransmission), backing off so a failover
 //! of many VIPs stays a handful of frames per VIP. Four frames within ~5 s is about what MetalLB's
@@ -15,7 +26,7 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, OwnedFd},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -50,6 +61,18 @@ const ARPOP_REQUEST: u16 = 1;
 /// The ARP body (28 bytes) padded to the 46-byte Ethernet minimum payload. Padding the payload
 /// rather than the frame keeps a tagged frame valid after a switch strips its tag.
 const MIN_PAYLOAD: usize = 46;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMPV6: u8 = 58;
+const ND_NEIGHBOR_ADVERT: u8 = 136;
+/// Override (0x20) set; router (0x80) and solicited (0x40) clear: the first byte of the flags.
+const NA_FLAGS_UNSOLICITED: u8 = 0x20;
+/// Target link-layer address option (RFC 4861 4.6.1), 8 bytes for Ethernet.
+const ND_OPT_TARGET_LL_ADDR: u8 = 2;
+/// ICMPv6 NA (24 bytes) + the link-layer option (8).
+const NA_LEN: u16 = 32;
+/// ff02::1, all nodes on the link, and its multicast MAC (RFC 2464 7).
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 
 /// An 802.1Q VLAN id, 1..=4094 (0 means "priority tag only" and 4095 is reserved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,6 +114,59 @@ pub fn garp_frame(mac: [u8; 6], vip: Ipv4Addr, vlan: Option<VlanId>) -> Vec<u8> 
     f.extend_from_slice(&vip.octets());
     f.resize(payload + MIN_PAYLOAD, 0);
     f
+}
+
+/// The unsolicited neighbour advertisement for the IPv6 `vip` from `mac`, 802.1Q-tagged when
+/// `vlan` is set: 86 bytes untagged, 90 tagged (no padding needed); the FCS is the NIC's.
+pub fn unsolicited_na_frame(mac: [u8; 6], vip: Ipv6Addr, vlan: Option<VlanId>) -> Vec<u8> {
+    let mut f = Vec::with_capacity(90);
+    f.extend_from_slice(&ALL_NODES_MAC);
+    f.extend_from_slice(&mac);
+    if let Some(v) = vlan {
+        f.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+        f.extend_from_slice(&v.get().to_be_bytes());
+    }
+    f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+    // IPv6 header: version 6, traffic class and flow label 0.
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&NA_LEN.to_be_bytes());
+    f.extend_from_slice(&[IPPROTO_ICMPV6, 255]);
+    f.extend_from_slice(&vip.octets());
+    f.extend_from_slice(&ALL_NODES.octets());
+    let icmp = f.len();
+    f.extend_from_slice(&[ND_NEIGHBOR_ADVERT, 0, 0, 0]);
+    f.extend_from_slice(&[NA_FLAGS_UNSOLICITED, 0, 0, 0]);
+    f.extend_from_slice(&vip.octets());
+    f.extend_from_slice(&[ND_OPT_TARGET_LL_ADDR, 1]);
+    f.extend_from_slice(&mac);
+    let sum = icmp6_checksum(vip, ALL_NODES, &f[icmp..]);
+    f[icmp + 2..icmp + 4].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// The ICMPv6 checksum of `msg` (its checksum field zero) between `src` and `dst` (RFC 8200
+/// 8.1: the pseudo-header with the upper-layer length and next header 58).
+fn icmp6_checksum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
+    let words = |b: &[u8]| -> u32 {
+        b.chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum()
+    };
+    let mut sum = words(&src.octets()) + words(&dst.octets()) + words(msg);
+    sum += (msg.len() as u32 >> 16) + (msg.len() as u32 & 0xffff) + u32::from(IPPROTO_ICMPV6);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The announcement of `vip` from `mac`: a gratuitous ARP for IPv4, an unsolicited neighbour
+/// advertisement for IPv6.
+pub fn announcement_frame(mac: [u8; 6], vip: IpAddr, vlan: Option<VlanId>) -> Vec<u8> {
+    match vip {
+        IpAddr::V4(a) => garp_frame(mac, a, vlan),
+        IpAddr::V6(a) => unsolicited_na_frame(mac, a, vlan),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,9 +245,10 @@ impl GarpSocket {
         }
     }
 
-    /// Sends one gratuitous ARP for `vip` now.
-    pub fn announce(&self, vip: Ipv4Addr, vlan: Option<VlanId>) -> Result<(), GarpError> {
-        let frame = garp_frame(self.mac()?, vip, vlan);
+    /// Sends one announcement for `vip` now: gratuitous ARP for IPv4, an unsolicited neighbour
+    /// advertisement for IPv6.
+    pub fn announce(&self, vip: impl Into<IpAddr>, vlan: Option<VlanId>) -> Result<(), GarpError> {
+        let frame = announcement_frame(self.mac()?, vip.into(), vlan);
         send(self.fd.as_raw_fd(), &frame, MsgFlags::empty()).map_err(|source| {
             GarpError::Socket {
                 op: "send",
@@ -207,12 +284,13 @@ fn link_addr(ifindex: u32) -> LinkAddr {
         .expect("a full sockaddr_ll of AF_PACKET converts to LinkAddr")
 }
 
-/// Sends the gratuitous-ARP schedule for each VIP this node takes, one tokio task per VIP.
+/// Sends the announcement schedule (gratuitous ARP or unsolicited neighbour advertisements) for
+/// each VIP this node takes, one tokio task per VIP.
 pub struct GarpSender {
     socket: Arc<GarpSocket>,
     vlan: Option<VlanId>,
     schedule: Arc<[Duration]>,
-    tasks: HashMap<Ipv4Addr, JoinHandle<()>>,
+    tasks: HashMap<IpAddr, JoinHandle<()>>,
     counts: Arc<Counts>,
 }
 
@@ -241,7 +319,8 @@ impl GarpSender {
 
     /// This node has taken `vip`: send the first frame now and the rest on schedule. Taking a
     /// VIP that is still being announced starts its schedule over. Needs a tokio runtime.
-    pub fn announce(&mut self, vip: Ipv4Addr) {
+    pub fn announce(&mut self, vip: impl Into<IpAddr>) {
+        let vip = vip.into();
         self.withdraw(vip);
         let socket = Arc::clone(&self.socket);
         let schedule = Arc::clone(&self.schedule);
@@ -254,7 +333,7 @@ impl GarpSender {
                 match socket.announce(vip, vlan) {
                     Ok(()) => counts.sent.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
-                        tracing::warn!(%vip, error = %e, "gratuitous ARP not sent");
+                        tracing::warn!(%vip, error = %e, "VIP announcement not sent");
                         counts.failed.fetch_add(1, Ordering::Relaxed)
                     }
                 };
@@ -265,15 +344,15 @@ impl GarpSender {
 
     /// This node gave `vip` up: its pending frames are cancelled. (A frame being written at this
     /// very moment on another runtime thread still leaves; none is started afterwards.)
-    pub fn withdraw(&mut self, vip: Ipv4Addr) {
-        if let Some(task) = self.tasks.remove(&vip) {
+    pub fn withdraw(&mut self, vip: impl Into<IpAddr>) {
+        if let Some(task) = self.tasks.remove(&vip.into()) {
             task.abort();
         }
         self.tasks.retain(|_, t| !t.is_finished());
     }
 
     /// VIPs whose schedule has frames still to send.
-    pub fn pending(&self) -> Vec<Ipv4Addr> {
+    pub fn pending(&self) -> Vec<IpAddr> {
         let mut v: Vec<_> = self
             .tasks
             .iter()
@@ -344,6 +423,90 @@ mod tests {
         assert_eq!(garp_frame(MAC, VIP, Some(vlan)), want);
         let top = garp_frame(MAC, VIP, VlanId::new(4094));
         assert_eq!(&top[14..16], &[0x0f, 0xfe]);
+    }
+
+    const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, 0x128);
+
+    /// The one's-complement sum of an IPv6 pseudo-header and `msg`, written independently of
+    /// `icmp6_checksum`: the pseudo-header laid out as bytes (RFC 8200 8.1), summed in a u64.
+    fn ones_sum(src: Ipv6Addr, dst: Ipv6Addr, next: u8, msg: &[u8]) -> u16 {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&src.octets());
+        buf.extend_from_slice(&dst.octets());
+        buf.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        buf.extend_from_slice(&[0, 0, 0, next]);
+        buf.extend_from_slice(msg);
+        if buf.len() % 2 == 1 {
+            buf.push(0);
+        }
+        let mut sum: u64 = buf
+            .chunks_exact(2)
+            .map(|c| u64::from(c[0]) << 8 | u64::from(c[1]))
+            .sum();
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum as u16
+    }
+
+    /// The NA written out field by field (RFC 4861 4.4), checksum field zero.
+    #[rustfmt::skip]
+    fn na_body() -> Vec<u8> {
+        let mut b = vec![
+            136, 0,                             // type NA, code 0
+            0, 0,                               // checksum (filled below)
+            0x20, 0, 0, 0,                      // R=0 S=0 O=1, reserved
+        ];
+        b.extend_from_slice(&VIP6.octets());    // target = VIP
+        b.extend_from_slice(&[2, 1]);           // target link-layer address, 8 bytes
+        b.extend_from_slice(&MAC);
+        b
+    }
+
+    fn expected_na(vlan: Option<[u8; 2]>) -> Vec<u8> {
+        let mut want = vec![0x33, 0x33, 0, 0, 0, 1];
+        want.extend_from_slice(&MAC);
+        if let Some(tci) = vlan {
+            want.extend_from_slice(&[0x81, 0x00, tci[0], tci[1]]);
+        }
+        want.extend_from_slice(&[0x86, 0xdd]);
+        // version 6, payload 32, next header ICMPv6, hop limit 255
+        want.extend_from_slice(&[0x60, 0, 0, 0, 0, 32, 58, 255]);
+        want.extend_from_slice(&VIP6.octets());
+        want.extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let mut body = na_body();
+        let all_nodes = "ff02::1".parse().unwrap();
+        let sum = !ones_sum(VIP6, all_nodes, 58, &body);
+        body[2..4].copy_from_slice(&sum.to_be_bytes());
+        want.extend_from_slice(&body);
+        want
+    }
+
+    #[test]
+    fn unsolicited_na_is_an_override_advertisement_to_all_nodes() {
+        let got = unsolicited_na_frame(MAC, VIP6, None);
+        assert_eq!(got, expected_na(None));
+        assert_eq!(got.len(), 86);
+        // A receiver's check: the sum over pseudo-header and message, checksum included, is
+        // all ones.
+        let all_nodes = "ff02::1".parse().unwrap();
+        assert_eq!(ones_sum(VIP6, all_nodes, 58, &got[54..]), 0xffff);
+        assert_eq!(announcement_frame(MAC, VIP6.into(), None), got);
+        assert_eq!(
+            announcement_frame(MAC, VIP.into(), None),
+            garp_frame(MAC, VIP, None)
+        );
+    }
+
+    #[test]
+    fn tagged_na_carries_the_vlan_id_and_the_same_checksum() {
+        let got = unsolicited_na_frame(MAC, VIP6, VlanId::new(1512));
+        assert_eq!(got, expected_na(Some([0x05, 0xe8])));
+        assert_eq!(got.len(), 90);
+        assert_eq!(
+            got[18 + 40 + 2..18 + 40 + 4],
+            expected_na(None)[54 + 2..54 + 4]
+        );
     }
 
     #[test]

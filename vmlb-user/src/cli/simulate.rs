@@ -4,6 +4,12 @@
 //! replay is the kernel's FIB lookup (an unresolved next hop makes the program pass the packet,
 //! `pass_no_neigh`).
 //!
+//! IPv6 works alike (`--src '[fd00::50]:40000' --dst '[fd00::128]:80'`): the IPv6 maps
+//! (`FLOWS6`, `FLOW_SLOTS6`, `SERVICES6`, `VIPS6`, `BACKENDS6`, `CONFIG6`), `flow_hash6` and
+//! `tuple_slot6`, mirroring vmlb-ebpf's `v6.rs` (which adds the martian check: a source that is
+//! a VIP, a SNAT address, multicast or unspecified is dropped). Source and destination must be of
+//! one family.
+//!
 //! `-o json` (or `-o yaml`) prints `Prediction`: `{"proto", "src", "dst", "verdict", ...}` where `verdict` is
 //! one of
 //! - `established`: `{"service_id", "backend_id", "backend", "snat"}` (FLOWS has the flow);
@@ -12,13 +18,15 @@
 //! - `reply`: `{"service_id", "backend_id", "vip", "client"}` (src is a backend, dst a SNAT port);
 //! - `dropped` / `passed`: `{"counter", "message"}` (`counter`: the data-path counter it bumps).
 
-use std::{io::Write, net::SocketAddrV4};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use aya::maps::MapError;
 use serde::Serialize;
 use vmlb_common::{
-    flow_state as st, hash, Backend, Config, Flow, FlowKey, Service, ServiceKey, BE_F_UP,
-    MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES, SNAT_RETRIES,
+    addr6, flow_state as st, hash, octets6, Addr6, Backend, Backend6, Config, Config6, Flow, Flow6,
+    FlowKey, FlowKey6, Service, Service6, ServiceKey, ServiceKey6, BE_F_UP, MAX_SNAT_PER_SERVICE,
+    SNAT_RANDOM_RETRIES, SNAT_RETRIES,
 };
 
 use super::{
@@ -33,7 +41,8 @@ use crate::{
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example:\n  vmlb simulate --proto tcp --src 10.10.1.50:40000 --dst 10.10.1.128:80"
+    after_help = "Examples:\n  vmlb simulate --proto tcp --src 10.10.1.50:40000 --dst 10.10.1.128:80\n  \
+                  vmlb simulate --proto tcp --src '[fd00::50]:40000' --dst '[fd00::128]:80'"
 )]
 pub struct SimulateArgs {
     #[command(flatten)]
@@ -44,17 +53,19 @@ pub struct SimulateArgs {
     /// Protocol of the packet: tcp or udp.
     #[arg(long, value_parser = parse_proto)]
     pub proto: Proto,
-    /// Source of the packet, IPv4:PORT (the client, or a backend to simulate a reply).
+    /// Source of the packet, IPv4:PORT or [IPv6]:PORT (the client, or a backend to simulate a
+    /// reply).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_endpoint)]
-    pub src: SocketAddrV4,
-    /// Destination of the packet, IPv4:PORT (a VIP and service port).
+    pub src: SocketAddr,
+    /// Destination of the packet, IPv4:PORT or [IPv6]:PORT (a VIP and service port), of the
+    /// source's family.
     #[arg(long, value_name = "VIP:PORT", value_parser = parse_endpoint)]
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
 }
 
-fn parse_endpoint(s: &str) -> Result<SocketAddrV4, String> {
+fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
     s.parse()
-        .map_err(|_| format!("expected IPv4:PORT, got {s:?}"))
+        .map_err(|_| format!("expected IPv4:PORT or [IPv6]:PORT, got {s:?}"))
 }
 
 fn parse_proto(s: &str) -> Result<Proto, String> {
@@ -78,6 +89,19 @@ pub trait PathMaps {
     fn maglev(&self, index: u32) -> anyhow::Result<Option<u32>>;
     /// `BACKENDS[id]`, None outside the array.
     fn backend(&self, id: u32) -> anyhow::Result<Option<Backend>>;
+}
+
+/// The IPv6 lookups of the data path (`MAGLEV` and the clock are shared with IPv4).
+pub trait PathMaps6: PathMaps {
+    /// The live flow indexed under an IPv6 client 5-tuple.
+    fn flow6(&self, key: &FlowKey6) -> anyhow::Result<Option<Flow6>>;
+    /// `FLOW_SLOTS6[index]`.
+    fn slot6(&self, index: u32) -> anyhow::Result<Option<Flow6>>;
+    fn config6(&self) -> anyhow::Result<Config6>;
+    fn service6(&self, key: &ServiceKey6) -> anyhow::Result<Option<Service6>>;
+    fn is_vip6(&self, addr: &Addr6) -> anyhow::Result<bool>;
+    /// `BACKENDS6[id]`, None outside the array.
+    fn backend6(&self, id: u32) -> anyhow::Result<Option<Backend6>>;
 }
 
 /// A missing key (or index) is `None`, any other failure an error.
@@ -118,11 +142,38 @@ impl PathMaps for BpfMaps {
     }
 }
 
+impl PathMaps6 for BpfMaps {
+    fn flow6(&self, key: &FlowKey6) -> anyhow::Result<Option<Flow6>> {
+        let Some(r) = found(self.v6.flows.get(key, 0))? else {
+            return Ok(None);
+        };
+        Ok(self
+            .slot6(r.slot)?
+            .filter(|f| f.client_key() == *key && f.state() > st::CLAIMING))
+    }
+    fn slot6(&self, index: u32) -> anyhow::Result<Option<Flow6>> {
+        let slots = &self.v6.slots;
+        Ok(((index as usize) < slots.len()).then(|| slots.get(index as usize)))
+    }
+    fn config6(&self) -> anyhow::Result<Config6> {
+        self.v6.config()
+    }
+    fn service6(&self, key: &ServiceKey6) -> anyhow::Result<Option<Service6>> {
+        found(self.v6.services.get(key, 0))
+    }
+    fn is_vip6(&self, addr: &Addr6) -> anyhow::Result<bool> {
+        Ok(found(self.v6.vips.get(addr, 0))?.is_some())
+    }
+    fn backend6(&self, id: u32) -> anyhow::Result<Option<Backend6>> {
+        found(self.v6.backends.get(&id, 0))
+    }
+}
+
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct Prediction {
     pub proto: String,
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     #[serde(flatten)]
     pub outcome: Outcome,
 }
@@ -133,8 +184,8 @@ pub enum Outcome {
     Established {
         service_id: u32,
         backend_id: u32,
-        backend: SocketAddrV4,
-        snat: SocketAddrV4,
+        backend: SocketAddr,
+        snat: SocketAddr,
     },
     New {
         service_id: u32,
@@ -142,15 +193,15 @@ pub enum Outcome {
         flow_hash: u32,
         slot: u32,
         backend_id: u32,
-        backend: SocketAddrV4,
-        snat: SocketAddrV4,
+        backend: SocketAddr,
+        snat: SocketAddr,
         snat_attempt: u32,
     },
     Reply {
         service_id: u32,
         backend_id: u32,
-        vip: SocketAddrV4,
-        client: SocketAddrV4,
+        vip: SocketAddr,
+        client: SocketAddr,
     },
     Dropped {
         counter: &'static str,
@@ -169,9 +220,25 @@ fn dropped(c: vmlb_common::Counter, message: String) -> Outcome {
     }
 }
 
-/// What the data path does with a packet `src -> dst` (mirrors vmlb-ebpf's `try_vmlb` and
-/// `new_flow` step by step; keep them in sync).
+/// What the data path does with a packet `src -> dst`, of either family (both must be of one).
 pub fn predict(
+    maps: &impl PathMaps6,
+    proto: Proto,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> anyhow::Result<Prediction> {
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => predict4(maps, proto, s, d),
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => predict6(maps, proto, s, d),
+        _ => {
+            anyhow::bail!("{src} and {dst} are of different families; a packet is one or the other")
+        }
+    }
+}
+
+/// The IPv4 path (mirrors vmlb-ebpf's `try_vmlb` and `new_flow` step by step; keep them in
+/// sync).
+fn predict4(
     maps: &impl PathMaps,
     proto: Proto,
     src: SocketAddrV4,
@@ -197,8 +264,8 @@ pub fn predict(
     let done = |outcome| {
         Ok(Prediction {
             proto: proto_name(key.proto),
-            src,
-            dst,
+            src: src.into(),
+            dst: dst.into(),
             outcome,
         })
     };
@@ -235,8 +302,8 @@ pub fn predict(
                 Outcome::Reply {
                     service_id: f.service_id,
                     backend_id: f.backend_id,
-                    vip: sock(f.vip_addr, f.vip_port),
-                    client: sock(f.client_addr, f.client_port),
+                    vip: sock(f.vip_addr, f.vip_port).into(),
+                    client: sock(f.client_addr, f.client_port).into(),
                 }
             }
             _ => Outcome::Passed {
@@ -256,8 +323,8 @@ pub fn predict(
             return done(Outcome::Established {
                 service_id: f.service_id,
                 backend_id: f.backend_id,
-                backend: sock(f.backend_addr, f.backend_port),
-                snat: sock(f.snat_addr, f.snat_port),
+                backend: sock(f.backend_addr, f.backend_port).into(),
+                snat: sock(f.snat_addr, f.snat_port).into(),
             });
         }
         rebalanced = true;
@@ -305,8 +372,8 @@ pub fn predict(
             flow_hash: h,
             slot,
             backend_id,
-            backend: sock(be.addr, be.port),
-            snat: sock(key.src_addr, key.src_port),
+            backend: sock(be.addr, be.port).into(),
+            snat: sock(key.src_addr, key.src_port).into(),
             snat_attempt: 0,
         });
     }
@@ -335,8 +402,8 @@ pub fn predict(
                 flow_hash: h,
                 slot,
                 backend_id,
-                backend: sock(be.addr, be.port),
-                snat: sock(snat, port.to_be()),
+                backend: sock(be.addr, be.port).into(),
+                snat: sock(snat, port.to_be()).into(),
                 snat_attempt: attempt,
             });
         }
@@ -348,8 +415,196 @@ pub fn predict(
         flow_hash: h,
         slot,
         backend_id,
-        backend: sock(be.addr, be.port),
-        snat: sock(svc.snat_addrs[0], 0),
+        backend: sock(be.addr, be.port).into(),
+        snat: sock(svc.snat_addrs[0], 0).into(),
+        snat_attempt: SNAT_RETRIES,
+    })
+}
+
+/// The IPv6 path (mirrors vmlb-ebpf's `v6.rs` `run` and `new_flow`, as `predict4` mirrors the
+/// IPv4 one; keep them in sync). IPv6 services are full NAT only.
+fn predict6(
+    maps: &impl PathMaps6,
+    proto: Proto,
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+) -> anyhow::Result<Prediction> {
+    use vmlb_common::Counter::*;
+    let key = FlowKey6 {
+        src_addr: addr6(src.ip().octets()),
+        dst_addr: addr6(dst.ip().octets()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto: proto.number(),
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let skey = ServiceKey6 {
+        vip: key.dst_addr,
+        port: key.dst_port,
+        proto: key.proto,
+        _pad: 0,
+    };
+    let what = format!("{dst}/{}", proto_name(key.proto));
+    let done = |outcome| {
+        Ok(Prediction {
+            proto: proto_name(key.proto),
+            src: src.into(),
+            dst: dst.into(),
+            outcome,
+        })
+    };
+    let sock6 = |a: &Addr6, port_be: u16| -> SocketAddr {
+        SocketAddr::new(IpAddr::from(octets6(a)), u16::from_be(port_be))
+    };
+
+    // 1. A reply: to an IPv6 SNAT address, the tuple's slot holds the flow or nothing.
+    let cfg = maps.config6()?;
+    let n = (cfg.snat_count as usize).min(cfg.snat_addrs.len());
+    if cfg.snat_addrs[..n].contains(&key.dst_addr) {
+        let idx = hash::tuple_slot6(
+            &key.src_addr,
+            &key.dst_addr,
+            key.src_port,
+            key.dst_port,
+            key.proto,
+            cfg.slot_count,
+        );
+        return done(match maps.slot6(idx)? {
+            Some(f)
+                if f.state() > st::CLAIMING
+                    && (
+                        f.backend_addr,
+                        f.snat_addr,
+                        f.backend_port,
+                        f.snat_port,
+                        f.proto,
+                    ) == (
+                        key.src_addr,
+                        key.dst_addr,
+                        key.src_port,
+                        key.dst_port,
+                        key.proto,
+                    ) =>
+            {
+                Outcome::Reply {
+                    service_id: f.service_id,
+                    backend_id: f.backend_id,
+                    vip: sock6(&f.vip_addr, f.vip_port),
+                    client: sock6(&f.client_addr, f.client_port),
+                }
+            }
+            _ => Outcome::Passed {
+                counter: PassReplyNoFlow.name(),
+                message: format!("passed: no live flow holds the SNAT tuple {src} -> {dst}"),
+            },
+        });
+    }
+
+    // 2. The client direction of a live flow (unless its backend went down).
+    let mut rebalanced = false;
+    if let Some(f) = maps.flow6(&key)? {
+        let up = maps
+            .backend6(f.backend_id)?
+            .is_some_and(|b| b.flags & BE_F_UP != 0);
+        if up {
+            return done(Outcome::Established {
+                service_id: f.service_id,
+                backend_id: f.backend_id,
+                backend: sock6(&f.backend_addr, f.backend_port),
+                snat: sock6(&f.snat_addr, f.snat_port),
+            });
+        }
+        rebalanced = true;
+    }
+
+    // 3. The service (a TCP packet here is taken to be a SYN: only a SYN opens a flow).
+    let Some(svc) = maps.service6(&skey)? else {
+        return done(if rebalanced {
+            dropped(
+                DropNoBackend,
+                format!("dropped: the flow's backend is down and {what} has no service now"),
+            )
+        } else if maps.is_vip6(&key.dst_addr)? {
+            dropped(DropUnknownPort, format!("dropped: no service on {what}"))
+        } else {
+            Outcome::Passed {
+                counter: PassNotVip.name(),
+                message: format!("passed: {} is not a VIP", dst.ip()),
+            }
+        });
+    };
+    // 4. Martian sources (`ct6::martian`): multicast, unspecified or loopback, a SNAT address or
+    //    a VIP.
+    let s = src.ip();
+    if s.is_multicast()
+        || s.is_unspecified()
+        || s.is_loopback()
+        || cfg.snat_addrs[..n].contains(&key.src_addr)
+        || maps.is_vip6(&key.src_addr)?
+    {
+        return done(dropped(
+            DropMartian,
+            format!("dropped: {s} cannot be a client's source"),
+        ));
+    }
+
+    // 5. Maglev (the shared MAGLEV array, naming BACKENDS6 ids).
+    let h = hash::flow_hash6(&key);
+    let slot = hash::maglev_slot(h, svc.ring_size);
+    let backend_id = maps.maglev(svc.ring_base + slot)?.unwrap_or(0);
+    if backend_id == 0 {
+        return done(dropped(
+            DropNoBackend,
+            format!("dropped: no backend ({what} slot {slot} is empty)"),
+        ));
+    }
+    let Some(be) = maps.backend6(backend_id)?.filter(|b| b.addr != [0; 4]) else {
+        return done(dropped(
+            DropBadBackend,
+            format!("dropped: slot {slot} of {what} names backend {backend_id}, which is gone"),
+        ));
+    };
+
+    // 6. The SNAT tuple: the first candidate whose slot is free and past its TIME_WAIT hold.
+    let pick = hash::snat_pick(h, svc.snat_count);
+    let now = maps.now();
+    for attempt in 0..SNAT_RETRIES {
+        let a = hash::snat_addr_index(pick, attempt, svc.snat_count) as usize;
+        let snat = svc.snat_addrs[a & (MAX_SNAT_PER_SERVICE - 1)];
+        let port = hash::snat_port(h, attempt, svc.port_min, svc.port_range);
+        let idx = hash::tuple_slot6(
+            &be.addr,
+            &snat,
+            be.port,
+            port.to_be(),
+            key.proto,
+            cfg.slot_count,
+        );
+        let free = maps
+            .slot6(idx)?
+            .is_some_and(|f| f.state() == st::FREE && (now.wrapping_sub(f.stamp) as i32) >= 0);
+        if free {
+            return done(Outcome::New {
+                service_id: svc.id,
+                rebalanced,
+                flow_hash: h,
+                slot,
+                backend_id,
+                backend: sock6(&be.addr, be.port),
+                snat: sock6(&snat, port.to_be()),
+                snat_attempt: attempt,
+            });
+        }
+    }
+    done(Outcome::New {
+        service_id: svc.id,
+        rebalanced,
+        flow_hash: h,
+        slot,
+        backend_id,
+        backend: sock6(&be.addr, be.port),
+        snat: sock6(&svc.snat_addrs[0], 0),
         snat_attempt: SNAT_RETRIES,
     })
 }
@@ -447,6 +702,28 @@ mod tests {
         backends: Vec<Backend>,
     }
 
+    /// No IPv6 service (the IPv6 path has `Fake6`).
+    impl PathMaps6 for Fake {
+        fn flow6(&self, _: &FlowKey6) -> anyhow::Result<Option<Flow6>> {
+            Ok(None)
+        }
+        fn slot6(&self, _: u32) -> anyhow::Result<Option<Flow6>> {
+            Ok(None)
+        }
+        fn config6(&self) -> anyhow::Result<Config6> {
+            Ok(Config6::default())
+        }
+        fn service6(&self, _: &ServiceKey6) -> anyhow::Result<Option<Service6>> {
+            Ok(None)
+        }
+        fn is_vip6(&self, _: &Addr6) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+        fn backend6(&self, _: u32) -> anyhow::Result<Option<Backend6>> {
+            Ok(None)
+        }
+    }
+
     impl PathMaps for Fake {
         fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<Flow>> {
             Ok(self.flows.get(key).copied())
@@ -480,7 +757,7 @@ mod tests {
         }
     }
 
-    fn a(s: &str) -> SocketAddrV4 {
+    fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
     fn n(s: &str) -> u32 {
@@ -528,7 +805,7 @@ mod tests {
         }
     }
 
-    fn new_flow(p: &Prediction) -> (u32, SocketAddrV4, u32) {
+    fn new_flow(p: &Prediction) -> (u32, SocketAddr, u32) {
         match p.outcome {
             Outcome::New {
                 backend_id,
@@ -612,8 +889,8 @@ mod tests {
             Outcome::Established {
                 service_id: 1,
                 backend_id: id,
-                backend: sock(be.addr, be.port),
-                snat: sock(n("10.0.0.9"), port(1).to_be()),
+                backend: sock(be.addr, be.port).into(),
+                snat: sock(n("10.0.0.9"), port(1).to_be()).into(),
             }
         );
         f.backends[id as usize].flags = 0;
@@ -633,7 +910,7 @@ mod tests {
         let p = predict(
             &f,
             Proto::Tcp,
-            sock(be.addr, be.port),
+            sock(be.addr, be.port).into(),
             a(&format!("10.0.0.9:{}", port(1))),
         )
         .unwrap();
@@ -641,7 +918,7 @@ mod tests {
         let p = predict(
             &f,
             Proto::Tcp,
-            sock(be.addr, be.port),
+            sock(be.addr, be.port).into(),
             a(&format!("10.0.0.9:{}", port(0))),
         )
         .unwrap();
@@ -739,7 +1016,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("--src") && e.contains("expected IPv4:PORT, got \"1.2.3.4\""),
+            e.contains("--src") && e.contains("expected IPv4:PORT or [IPv6]:PORT, got \"1.2.3.4\""),
             "{e}"
         );
         let e = parse(&[
@@ -753,5 +1030,244 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("expected tcp or udp"), "{e}");
+    }
+
+    /// IPv6 maps: VIP6 [fd00::128]:80/tcp, SNAT fd00::9, the same ring of backends 1 and 2
+    /// (fd00::1:1, fd00::1:2); IPv4 lookups come from the IPv4 fake (nothing on IPv6 there).
+    struct Fake6 {
+        v4: Fake,
+        flows: BTreeMap<FlowKey6, Flow6>,
+        slots: BTreeMap<u32, Flow6>,
+        service: (ServiceKey6, Service6),
+        backends: Vec<Backend6>,
+    }
+
+    fn n6(s: &str) -> Addr6 {
+        addr6(s.parse::<std::net::Ipv6Addr>().unwrap().octets())
+    }
+
+    impl PathMaps for Fake6 {
+        fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<Flow>> {
+            self.v4.flow(key)
+        }
+        fn slot(&self, index: u32) -> anyhow::Result<Option<Flow>> {
+            self.v4.slot(index)
+        }
+        fn config(&self) -> anyhow::Result<Config> {
+            self.v4.config()
+        }
+        fn now(&self) -> u32 {
+            NOW
+        }
+        fn service(&self, key: &ServiceKey) -> anyhow::Result<Option<Service>> {
+            self.v4.service(key)
+        }
+        fn is_vip(&self, addr: u32) -> anyhow::Result<bool> {
+            self.v4.is_vip(addr)
+        }
+        fn maglev(&self, index: u32) -> anyhow::Result<Option<u32>> {
+            self.v4.maglev(index)
+        }
+        fn backend(&self, id: u32) -> anyhow::Result<Option<Backend>> {
+            self.v4.backend(id)
+        }
+    }
+
+    impl PathMaps6 for Fake6 {
+        fn flow6(&self, key: &FlowKey6) -> anyhow::Result<Option<Flow6>> {
+            Ok(self.flows.get(key).copied())
+        }
+        fn slot6(&self, index: u32) -> anyhow::Result<Option<Flow6>> {
+            Ok((index < SLOTS).then(|| self.slots.get(&index).copied().unwrap_or_default()))
+        }
+        fn config6(&self) -> anyhow::Result<Config6> {
+            let mut c = Config6 {
+                slot_count: SLOTS,
+                snat_count: 1,
+                ..Default::default()
+            };
+            c.snat_addrs[0] = n6("fd00::9");
+            Ok(c)
+        }
+        fn service6(&self, key: &ServiceKey6) -> anyhow::Result<Option<Service6>> {
+            Ok((*key == self.service.0).then_some(self.service.1))
+        }
+        fn is_vip6(&self, addr: &Addr6) -> anyhow::Result<bool> {
+            Ok(*addr == self.service.0.vip)
+        }
+        fn backend6(&self, id: u32) -> anyhow::Result<Option<Backend6>> {
+            Ok(self.backends.get(id as usize).copied())
+        }
+    }
+
+    fn fake6() -> Fake6 {
+        let key = ServiceKey6 {
+            vip: n6("fd00::128"),
+            port: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        let mut snat_addrs = [[0; 4]; MAX_SNAT_PER_SERVICE];
+        snat_addrs[0] = n6("fd00::9");
+        let svc = Service6 {
+            id: 5,
+            flags: 1,
+            snat_addrs,
+            snat_count: 1,
+            ring_base: 3,
+            ring_size: RING,
+            port_min: SNAT_PORT_MIN,
+            port_range: RANGE,
+        };
+        let be = |a: &str| Backend6 {
+            addr: n6(a),
+            port: 8080u16.to_be(),
+            _pad: 0,
+            flags: BE_F_UP,
+            service_id: 5,
+        };
+        let mut v4 = fake();
+        v4.services.clear();
+        v4.vips.clear();
+        Fake6 {
+            v4,
+            flows: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            service: (key, svc),
+            backends: vec![Backend6::default(), be("fd00::1:1"), be("fd00::1:2")],
+        }
+    }
+
+    #[test]
+    fn ipv6_new_flow_established_reply_and_refusals() {
+        let mut f = fake6();
+        let (src, dst) = (a("[fd00::50]:40000"), a("[fd00::128]:80"));
+        let key = FlowKey6 {
+            src_addr: n6("fd00::50"),
+            dst_addr: n6("fd00::128"),
+            src_port: 40000u16.to_be(),
+            dst_port: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let h = hash::flow_hash6(&key);
+        let port = |attempt| hash::snat_port(h, attempt, SNAT_PORT_MIN, RANGE);
+        let id = 1 + hash::maglev_slot(h, RING) % 2;
+        let be = f.backends[id as usize];
+        let backend = a(&format!("[fd00::1:{id}]:8080"));
+        let p = predict(&f, Proto::Tcp, src, dst).unwrap();
+        assert_eq!(
+            p.outcome,
+            Outcome::New {
+                service_id: 5,
+                rebalanced: false,
+                flow_hash: h,
+                slot: hash::maglev_slot(h, RING),
+                backend_id: id,
+                backend,
+                snat: a(&format!("[fd00::9]:{}", port(0))),
+                snat_attempt: 0,
+            }
+        );
+        assert!(describe(&p).contains(&format!("leaves as [fd00::9]:{}", port(0))));
+
+        // The first candidate's tuple held in FLOW_SLOTS6 (tuple_slot6): the second is chosen.
+        let slot0 = hash::tuple_slot6(
+            &be.addr,
+            &n6("fd00::9"),
+            be.port,
+            port(0).to_be(),
+            IPPROTO_TCP,
+            SLOTS,
+        );
+        let held = Flow6 {
+            ctl: st::ESTABLISHED as u64,
+            service_id: 5,
+            backend_id: id,
+            backend_addr: be.addr,
+            snat_addr: n6("fd00::9"),
+            backend_port: be.port,
+            snat_port: port(0).to_be(),
+            client_addr: n6("fd00::77"),
+            vip_addr: n6("fd00::128"),
+            client_port: 1234u16.to_be(),
+            vip_port: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            ..Default::default()
+        };
+        f.slots.insert(slot0, held);
+        let (_, snat, attempt) = new_flow(&predict(&f, Proto::Tcp, src, dst).unwrap());
+        assert_eq!((snat, attempt), (a(&format!("[fd00::9]:{}", port(1))), 1));
+
+        // The held tuple answers a reply from the backend; the client's index entry makes it
+        // established.
+        let p = predict(
+            &f,
+            Proto::Tcp,
+            backend,
+            a(&format!("[fd00::9]:{}", port(0))),
+        )
+        .unwrap();
+        assert_eq!(
+            p.outcome,
+            Outcome::Reply {
+                service_id: 5,
+                backend_id: id,
+                vip: a("[fd00::128]:80"),
+                client: a("[fd00::77]:1234"),
+            }
+        );
+        let p = predict(
+            &f,
+            Proto::Tcp,
+            backend,
+            a(&format!("[fd00::9]:{}", port(2))),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                p.outcome,
+                Outcome::Passed {
+                    counter: "pass_reply_no_flow",
+                    ..
+                }
+            ),
+            "{p:?}"
+        );
+        f.flows.insert(key, held);
+        let p = predict(&f, Proto::Tcp, src, dst).unwrap();
+        assert!(matches!(p.outcome, Outcome::Established { .. }), "{p:?}");
+
+        let verdict =
+            |src: &str, dst: &str, proto| match predict(&f, proto, a(src), a(dst)).unwrap().outcome
+            {
+                Outcome::Dropped { counter, .. } => format!("dropped {counter}"),
+                Outcome::Passed { counter, .. } => format!("passed {counter}"),
+                o => format!("{o:?}"),
+            };
+        assert_eq!(
+            verdict("[fd00::50]:1", "[fd00::128]:80", Proto::Udp),
+            "dropped drop_unknown_port"
+        );
+        assert_eq!(
+            verdict("[fd00::50]:1", "[fd00::129]:80", Proto::Tcp),
+            "passed pass_not_vip"
+        );
+        assert_eq!(
+            verdict("[fd00::128]:1", "[fd00::128]:80", Proto::Tcp),
+            "dropped drop_martian"
+        );
+        assert_eq!(
+            verdict("[ff02::1]:1", "[fd00::128]:80", Proto::Tcp),
+            "dropped drop_martian"
+        );
+        let e = predict(&f, Proto::Tcp, a("10.0.0.5:1"), dst).unwrap_err();
+        assert!(e.to_string().contains("different families"), "{e}");
+        // The IPv4 path is untouched by the IPv6 maps.
+        assert_eq!(
+            verdict("192.0.2.1:1", "10.0.0.1:80", Proto::Tcp),
+            "passed pass_not_vip"
+        );
     }
 }

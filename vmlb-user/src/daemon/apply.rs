@@ -53,15 +53,12 @@ impl Applier {
         if summary != Default::default() {
             info!(?summary, "data path updated");
         }
-        // IPv4 backends: the neighbour keeper resolves IPv4 next hops (IPv6 neighbours are
-        // not kept yet).
+        // Backends of both families: the keeper resolves IPv4 next hops with ARP and IPv6 ones
+        // with NDP.
         let backends = desired
             .iter()
             .flat_map(|s| s.backends.iter())
-            .filter_map(|b| match b.addr {
-                std::net::IpAddr::V4(a) => Some(a),
-                std::net::IpAddr::V6(_) => None,
-            })
+            .map(|b| b.addr)
             .collect();
         self.publish_l2(Some(backends), reconciler);
         self.generation += 1;
@@ -112,10 +109,12 @@ impl Applier {
 
 impl Applier {
     /// Tell the layer-2 task what to keep resolved (`backends`, unchanged when `None`) and
-    /// which VIPs to announce (the ones the reconciler marks owned).
-    pub fn publish_l2(&self, backends: Option<BTreeSet<std::net::Ipv4Addr>>, r: &Reconciler) {
+    /// which VIPs to announce (the ones the reconciler marks owned, of both families).
+    pub fn publish_l2(&self, backends: Option<BTreeSet<std::net::IpAddr>>, r: &Reconciler) {
         if let Some(l2) = &self.l2 {
-            let owned: BTreeSet<_> = r.owned_vips().into_iter().collect();
+            let owned: BTreeSet<std::net::IpAddr> = (r.owned_vips().into_iter().map(Into::into))
+                .chain(r.owned_vips6().into_iter().map(Into::into))
+                .collect();
             l2.send_if_modified(|w| {
                 let before = w.clone();
                 if let Some(b) = backends {

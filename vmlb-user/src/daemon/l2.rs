@@ -1,15 +1,13 @@
 //! The daemon's layer-2 duties, as a task fed by every apply: keep each backend's next hop
 //! resolved (`neigh::NeighKeeper`, managed neighbour entries: XDP cannot resolve neighbours,
 //! and an unresolved one makes new flows pass to the kernel), and announce VIPs this node takes
-//! with gratuitous ARP (`garp::GarpSender`), so the segment's caches point at it at once. It
+//! (`garp::GarpSender`: gratuitous ARP for IPv4 VIPs, unsolicited neighbour advertisements for
+//! IPv6 ones), so the segment's caches point at it at once. Both families alike: IPv4 backends'
+//! next hops get ARP entries, IPv6 ones NDP entries, all managed. It
 //! also reads the neighbours back (`NeighKeeper::status`) and publishes them whenever they
 //! change, for the state file (`vmlb inspect neighbours`) and the metrics.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -32,8 +30,10 @@ const STATUS_POLL: Duration = Duration::from_secs(2);
 /// What the data path serves now, as the applier publishes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wanted {
-    pub backends: BTreeSet<Ipv4Addr>,
-    pub owned_vips: BTreeSet<Ipv4Addr>,
+    /// Backend addresses of both families.
+    pub backends: BTreeSet<IpAddr>,
+    /// Owned VIPs of both families.
+    pub owned_vips: BTreeSet<IpAddr>,
 }
 
 /// The task's two ends: what to serve goes in, the backends' neighbours come out.
@@ -50,7 +50,7 @@ pub fn spawn(iface: &str, vlan: Option<u16>) -> anyhow::Result<Handles> {
     let garp = match GarpSocket::open(iface) {
         Ok(s) => Some(GarpSender::new(s, vlan.and_then(VlanId::new))),
         Err(e) => {
-            warn!("gratuitous ARP disabled: {e}");
+            warn!("VIP announcements (gratuitous ARP, unsolicited NA) disabled: {e}");
             None
         }
     };
@@ -64,7 +64,7 @@ pub fn spawn(iface: &str, vlan: Option<u16>) -> anyhow::Result<Handles> {
             }
         };
         let mut garp = garp;
-        let mut announced: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut announced: BTreeSet<IpAddr> = BTreeSet::new();
         let mut tick = tokio::time::interval(RESYNC);
         let mut poll = tokio::time::interval(STATUS_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -82,9 +82,7 @@ pub fn spawn(iface: &str, vlan: Option<u16>) -> anyhow::Result<Handles> {
             }
             let wanted = rx.borrow_and_update().clone();
             if let Some(k) = keeper.as_mut() {
-                let backends: Vec<IpAddr> =
-                    wanted.backends.iter().copied().map(IpAddr::V4).collect();
-                match k.sync(backends).await {
+                match k.sync(wanted.backends.iter().copied()).await {
                     Ok(r) if !r.failed.is_empty() => {
                         warn!(failed = ?r.failed, "some backend neighbours could not be installed")
                     }
@@ -95,7 +93,12 @@ pub fn spawn(iface: &str, vlan: Option<u16>) -> anyhow::Result<Handles> {
             }
             if let Some(g) = garp.as_mut() {
                 for vip in wanted.owned_vips.difference(&announced) {
-                    info!(%vip, "taking the VIP: announcing it with gratuitous ARP");
+                    let how = if vip.is_ipv4() {
+                        "gratuitous ARP"
+                    } else {
+                        "unsolicited neighbour advertisements"
+                    };
+                    info!(%vip, "taking the VIP: announcing it with {how}");
                     g.announce(*vip);
                 }
                 for vip in announced.difference(&wanted.owned_vips) {

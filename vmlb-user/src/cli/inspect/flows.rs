@@ -1,18 +1,18 @@
-//! `inspect flows` and `inspect nat`: every live flow, seen from the client side (`flows`) or
-//! from its SNAT tuple (`nat`), filtered and limited. Everything that knows the layout of
-//! `Flow` on the CLI side is in this file (`rows`), so a change of the flow map touches only
-//! this file.
+//! `inspect flows` and `inspect nat`: every live flow of both families (`FLOW_SLOTS` and
+//! `FLOW_SLOTS6`), seen from the client side (`flows`) or from its SNAT tuple (`nat`), filtered
+//! and limited. Everything that knows the layout of `Flow` and `Flow6` on the CLI side is in
+//! this file (`Tuple::of`, `Tuple::of6`), so a change of the flow maps touches only this file.
 
 use std::{
     io::Write,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::Context as _;
 use serde::Serialize;
-use vmlb_common::{flow_state, Flow};
+use vmlb_common::{flow_state, Flow, Flow6};
 
-use super::View;
+use super::{ip6, View};
 use crate::{
     addr::{proto_name, sock},
     cli::output::{table, write_doc, Output},
@@ -29,7 +29,7 @@ pub struct FlowArgs {
     pub backend: Option<String>,
     /// Only entries with this address anywhere in them (client, VIP, SNAT or backend).
     #[arg(long, value_name = "IP")]
-    pub addr: Option<Ipv4Addr>,
+    pub addr: Option<IpAddr>,
     /// Show at most this many entries (sorted; 0: all). The total is always reported.
     #[arg(long, default_value_t = 1000)]
     pub limit: usize,
@@ -39,10 +39,10 @@ pub struct FlowArgs {
 #[derive(Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowRow {
     pub proto: String,
-    pub client: SocketAddrV4,
-    pub vip: SocketAddrV4,
-    pub snat: SocketAddrV4,
-    pub backend: SocketAddrV4,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    pub snat: SocketAddr,
+    pub backend: SocketAddr,
     pub backend_id: u32,
     pub service_id: u32,
     pub service: String,
@@ -54,10 +54,10 @@ pub struct FlowRow {
 #[derive(Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NatRow {
     pub proto: String,
-    pub backend: SocketAddrV4,
-    pub snat: SocketAddrV4,
-    pub vip: SocketAddrV4,
-    pub client: SocketAddrV4,
+    pub backend: SocketAddr,
+    pub snat: SocketAddr,
+    pub vip: SocketAddr,
+    pub client: SocketAddr,
     pub backend_id: u32,
     pub service_id: u32,
     pub service: String,
@@ -71,7 +71,7 @@ trait ConntrackRow: Serialize + Ord {
 
 fn conntrack_cells(
     proto: &str,
-    [a, b, c, d]: [SocketAddrV4; 4],
+    [a, b, c, d]: [SocketAddr; 4],
     backend_id: u32,
     service: &str,
     state: &str,
@@ -108,18 +108,18 @@ impl ConntrackRow for NatRow {
 /// What the filters look at, for both row kinds.
 trait Filterable {
     fn service_id(&self) -> u32;
-    fn backend(&self) -> SocketAddrV4;
-    fn addrs(&self) -> [SocketAddrV4; 4];
+    fn backend(&self) -> SocketAddr;
+    fn addrs(&self) -> [SocketAddr; 4];
 }
 
 impl Filterable for FlowRow {
     fn service_id(&self) -> u32 {
         self.service_id
     }
-    fn backend(&self) -> SocketAddrV4 {
+    fn backend(&self) -> SocketAddr {
         self.backend
     }
-    fn addrs(&self) -> [SocketAddrV4; 4] {
+    fn addrs(&self) -> [SocketAddr; 4] {
         [self.client, self.vip, self.snat, self.backend]
     }
 }
@@ -128,41 +128,41 @@ impl Filterable for NatRow {
     fn service_id(&self) -> u32 {
         self.service_id
     }
-    fn backend(&self) -> SocketAddrV4 {
+    fn backend(&self) -> SocketAddr {
         self.backend
     }
-    fn addrs(&self) -> [SocketAddrV4; 4] {
+    fn addrs(&self) -> [SocketAddr; 4] {
         [self.backend, self.snat, self.vip, self.client]
     }
 }
 
 /// A parsed `--backend`: an address, maybe with a port.
-fn parse_backend(s: &str) -> anyhow::Result<(Ipv4Addr, Option<u16>)> {
-    if let Ok(a) = s.parse::<SocketAddrV4>() {
-        return Ok((*a.ip(), Some(a.port())));
+fn parse_backend(s: &str) -> anyhow::Result<(IpAddr, Option<u16>)> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok((a.ip(), Some(a.port())));
     }
     let ip = s
         .parse()
-        .with_context(|| format!("--backend {s:?}: expected IP or IP:PORT"))?;
+        .with_context(|| format!("--backend {s:?}: expected IP or IP:PORT ([IPv6]:PORT)"))?;
     Ok((ip, None))
 }
 
 /// The rows' filter: all given conditions hold.
 struct Filter {
     service_id: Option<u32>,
-    backend: Option<(Ipv4Addr, Option<u16>)>,
-    addr: Option<Ipv4Addr>,
+    backend: Option<(IpAddr, Option<u16>)>,
+    addr: Option<IpAddr>,
 }
 
 impl Filter {
     fn keeps(&self, r: &impl Filterable) -> bool {
         self.service_id.is_none_or(|id| r.service_id() == id)
             && self.backend.is_none_or(|(ip, port)| {
-                *r.backend().ip() == ip && port.is_none_or(|p| r.backend().port() == p)
+                r.backend().ip() == ip && port.is_none_or(|p| r.backend().port() == p)
             })
             && self
                 .addr
-                .is_none_or(|a| r.addrs().iter().any(|s| *s.ip() == a))
+                .is_none_or(|a| r.addrs().iter().any(|s| s.ip() == a))
     }
 }
 
@@ -176,19 +176,53 @@ fn state_name(s: u8) -> &'static str {
     }
 }
 
+/// One live flow of either family, as both views show it.
+struct Tuple {
+    proto: u8,
+    client: SocketAddr,
+    vip: SocketAddr,
+    snat: SocketAddr,
+    backend: SocketAddr,
+    backend_id: u32,
+    service_id: u32,
+    state: u8,
+}
+
+impl Tuple {
+    fn of(e: &Flow) -> Self {
+        Self {
+            proto: e.proto,
+            client: sock(e.client_addr, e.client_port).into(),
+            vip: sock(e.vip_addr, e.vip_port).into(),
+            snat: sock(e.snat_addr, e.snat_port).into(),
+            backend: sock(e.backend_addr, e.backend_port).into(),
+            backend_id: e.backend_id,
+            service_id: e.service_id,
+            state: e.state(),
+        }
+    }
+
+    fn of6(e: &Flow6) -> Self {
+        let s = |a, port: u16| SocketAddr::new(ip6(a), u16::from_be(port));
+        Self {
+            proto: e.proto,
+            client: s(&e.client_addr, e.client_port),
+            vip: s(&e.vip_addr, e.vip_port),
+            snat: s(&e.snat_addr, e.snat_port),
+            backend: s(&e.backend_addr, e.backend_port),
+            backend_id: e.backend_id,
+            service_id: e.service_id,
+            state: e.state(),
+        }
+    }
+}
+
 /// Both views' rows from the live flows, with service labels.
-fn rows(entries: &[Flow], label: &dyn Fn(u32) -> String) -> (Vec<FlowRow>, Vec<NatRow>) {
+fn rows(entries: &[Tuple], label: &dyn Fn(u32) -> String) -> (Vec<FlowRow>, Vec<NatRow>) {
     let (mut flows, mut nat) = (Vec::new(), Vec::new());
     for e in entries {
-        let (client, vip) = (
-            sock(e.client_addr, e.client_port),
-            sock(e.vip_addr, e.vip_port),
-        );
-        let (snat, backend) = (
-            sock(e.snat_addr, e.snat_port),
-            sock(e.backend_addr, e.backend_port),
-        );
-        let state = state_name(e.state()).to_string();
+        let (client, vip, snat, backend) = (e.client, e.vip, e.snat, e.backend);
+        let state = state_name(e.state).to_string();
         flows.push(FlowRow {
             proto: proto_name(e.proto),
             client,
@@ -236,7 +270,7 @@ impl View {
     ) -> anyhow::Result<()> {
         let filter = Filter {
             service_id: match &args.service {
-                Some(s) => Some(self.find_service(s)?.1.id),
+                Some(s) => Some(self.find_service(s)?.id),
                 None => None,
             },
             backend: args.backend.as_deref().map(parse_backend).transpose()?,
@@ -249,7 +283,9 @@ impl View {
                 .cloned()
                 .unwrap_or_else(|| format!("id {id}"))
         };
-        let live: Vec<Flow> = self.maps.live_flows().into_iter().map(|(_, f)| f).collect();
+        let live: Vec<Tuple> = (self.maps.live_flows().iter().map(|(_, f)| Tuple::of(f)))
+            .chain(self.maps.v6.live_flows().iter().map(|(_, f)| Tuple::of6(f)))
+            .collect();
         let (flows, nats) = rows(&live, &label);
         if nat {
             let head = ["BACKEND", "SNAT", "VIP", "CLIENT"];
@@ -341,5 +377,13 @@ mod tests {
         assert!(!f(None, Some("10.0.1.2"), None).keeps(&r));
         assert!(!f(None, None, Some("192.0.2.2")).keeps(&r));
         assert!(parse_backend("10.0.1.1:x").is_err());
+
+        let mut r6 = r.clone();
+        r6.client = "[fd00::50]:4000".parse().unwrap();
+        r6.backend = "[fd00::2]:8080".parse().unwrap();
+        assert!(f(None, Some("fd00::2"), Some("fd00::50")).keeps(&r6));
+        assert!(f(None, Some("[fd00::2]:8080"), None).keeps(&r6));
+        assert!(!f(None, Some("[fd00::2]:8081"), None).keeps(&r6));
+        assert!(!f(None, Some("10.0.1.1"), None).keeps(&r6));
     }
 }

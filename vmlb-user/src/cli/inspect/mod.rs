@@ -21,17 +21,24 @@
 //! - neighbours: `{"iface", "updated_unix", "neighbours": [{"backend", "next_hop", "route",
 //!   "state", "mac", "managed"}]}` (from the state file; empty without a daemon)
 //!
-//! Addresses are strings ("10.10.1.2", or "10.10.1.2:8080" for an address with its port).
+//! Addresses are strings ("10.10.1.2", or "10.10.1.2:8080" for an address with its port; IPv6
+//! ones "fd00::2" and "[fd00::2]:8080"). IPv6 services, backends and flows (their own maps,
+//! `SERVICES6`, `BACKENDS6`, `FLOW_SLOTS6`) are listed with the IPv4 ones, by id.
 
 mod flows;
 mod neighbours;
 mod status;
 
-use std::{collections::BTreeMap, io::Write, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::Context as _;
 use serde::Serialize;
-use vmlb_common::{Backend, Service, ServiceKey, TrafficStats, BE_F_UP};
+use vmlb_common::{octets6, Service, TrafficStats, BE_F_UP};
 
 pub use flows::{FlowArgs, FlowRow, NatRow};
 
@@ -40,19 +47,20 @@ use super::{
     PinArgs,
 };
 use crate::{
-    addr::{ip, parse_service_addr, proto_name, service_addr},
+    addr::{ip, parse_proto, proto_name},
     dataplane::maps::BpfMaps,
     observe::{
         digest,
         metrics::StatsReader,
-        state::{self, DaemonState, DEFAULT_RUN_ROOT},
+        state::{self, DaemonState, ServiceState, DEFAULT_RUN_ROOT},
     },
 };
 
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Examples:\n  vmlb inspect services\n  vmlb inspect -o json backends\n  \
-                        vmlb inspect maglev 10.10.1.128:80/tcp\n  vmlb inspect --iface eth1 flows"
+                        vmlb inspect maglev 10.10.1.128:80/tcp\n  vmlb inspect maglev '[fd00::128]:80/tcp'\n  \
+                        vmlb inspect --iface eth1 flows"
 )]
 pub struct InspectArgs {
     #[command(flatten)]
@@ -70,20 +78,21 @@ pub struct InspectArgs {
 
 #[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum InspectCommand {
-    /// Services (SERVICES): id, VIP:port/proto, name, SNAT address, Maglev ring base and size,
+    /// Services (SERVICES and SERVICES6): id, VIP:port/proto, name, SNAT address, Maglev ring base and size,
     /// backend count and traffic (packets, bytes, new flows).
     Services,
-    /// Backends (BACKENDS): id, service, address, UP/DOWN (the data path's flag), Maglev slots
+    /// Backends (BACKENDS and BACKENDS6): id, service, address, UP/DOWN (the data path's flag), Maglev slots
     /// held, weight, neighbour state and last health error when the daemon knows them, and
     /// traffic.
     Backends,
     /// One service's Maglev table: slots and share per backend, the first slots (JSON: the
     /// whole table).
     Maglev {
-        /// The service: VIP:PORT/PROTO (e.g. 10.10.1.128:80/tcp) or its name from the daemon.
+        /// The service: VIP:PORT/PROTO (e.g. 10.10.1.128:80/tcp, [fd00::128]:80/tcp) or its
+        /// name from the daemon.
         service: String,
     },
-    /// Established flows (FLOWS entries towards a backend): client -> VIP  =>  SNAT -> backend.
+    /// Established flows (FLOW_SLOTS and FLOW_SLOTS6 entries towards a backend): client -> VIP  =>  SNAT -> backend.
     Flows(FlowArgs),
     /// Reverse-NAT entries (FLOWS entries towards a client): backend -> SNAT  =>  VIP -> client.
     Nat(FlowArgs),
@@ -156,7 +165,7 @@ pub struct ServiceRef {
     pub id: u32,
     /// From the daemon's state file; null without one.
     pub name: Option<String>,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub proto: String,
 }
@@ -185,7 +194,7 @@ pub struct BackendRow {
     pub service_id: u32,
     /// The service's name, or VIP:port/proto without a state file.
     pub service: String,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// The data path's BE_F_UP flag.
     pub up: bool,
@@ -202,7 +211,7 @@ pub struct BackendRow {
 #[derive(Serialize, Clone, Debug)]
 pub struct MaglevBackend {
     pub id: u32,
-    pub addr: Option<Ipv4Addr>,
+    pub addr: Option<IpAddr>,
     pub port: Option<u16>,
     pub slots: u32,
     pub share_percent: f64,
@@ -232,13 +241,132 @@ pub struct CounterRow {
 
 /// Read one service's live Maglev table (one lookup per slot).
 pub fn read_table(maps: &BpfMaps, svc: &Service) -> anyhow::Result<Vec<u32>> {
-    (svc.ring_base..svc.ring_base + svc.ring_size)
+    read_ring(maps, svc.ring_base, svc.ring_size)
+}
+
+/// `MAGLEV[base..base + size]`, shared by both families' services.
+fn read_ring(maps: &BpfMaps, base: u32, size: u32) -> anyhow::Result<Vec<u32>> {
+    (base..base + size)
         .map(|i| {
             maps.maglev
                 .get(&i, 0)
                 .with_context(|| format!("reading MAGLEV[{i}]"))
         })
         .collect()
+}
+
+/// An installed service of either family (`SERVICES` or `SERVICES6`), as the views show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Svc {
+    pub id: u32,
+    pub vip: IpAddr,
+    /// Host order.
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u32,
+    pub snat: Vec<IpAddr>,
+    pub ring_base: u32,
+    pub ring_size: u32,
+}
+
+impl Svc {
+    /// "VIP:port/proto" ("[fd00::128]:80/tcp" for IPv6).
+    pub fn addr(&self) -> String {
+        format!(
+            "{}/{}",
+            SocketAddr::new(self.vip, self.port),
+            proto_name(self.proto)
+        )
+    }
+}
+
+/// A `BACKENDS` or `BACKENDS6` entry in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Be {
+    pub id: u32,
+    pub service_id: u32,
+    pub addr: IpAddr,
+    /// Host order.
+    pub port: u16,
+    pub flags: u32,
+}
+
+/// Every service of both families, sorted by id.
+fn read_services(maps: &BpfMaps) -> anyhow::Result<Vec<Svc>> {
+    let mut v: Vec<Svc> = StatsReader::services(maps)?
+        .into_iter()
+        .map(|(k, s)| Svc {
+            id: s.id,
+            vip: ip(k.vip).into(),
+            port: u16::from_be(k.port),
+            proto: k.proto,
+            flags: s.flags,
+            snat: s.snat_addrs[..(s.snat_count as usize).min(s.snat_addrs.len())]
+                .iter()
+                .map(|a| ip(*a).into())
+                .collect(),
+            ring_base: s.ring_base,
+            ring_size: s.ring_size,
+        })
+        .collect();
+    v.extend(maps.v6.read_services()?.into_iter().map(|(k, s)| {
+        Svc {
+            id: s.id,
+            vip: ip6(&k.vip),
+            port: u16::from_be(k.port),
+            proto: k.proto,
+            flags: s.flags,
+            snat: s.snat_addrs[..(s.snat_count as usize).min(s.snat_addrs.len())]
+                .iter()
+                .map(ip6)
+                .collect(),
+            ring_base: s.ring_base,
+            ring_size: s.ring_size,
+        }
+    }));
+    v.sort_by_key(|s| s.id);
+    Ok(v)
+}
+
+/// Every backend of both families, sorted by id (one id space for both).
+fn read_backends(maps: &BpfMaps) -> anyhow::Result<Vec<Be>> {
+    let mut v: Vec<Be> = StatsReader::backends(maps)?
+        .into_iter()
+        .map(|(id, b)| Be {
+            id,
+            service_id: b.service_id,
+            addr: ip(b.addr).into(),
+            port: u16::from_be(b.port),
+            flags: b.flags,
+        })
+        .collect();
+    v.extend(
+        maps.v6
+            .read_backends()?
+            .into_iter()
+            .filter(|(id, _)| *id != 0)
+            .map(|(id, b)| Be {
+                id,
+                service_id: b.service_id,
+                addr: ip6(&b.addr),
+                port: u16::from_be(b.port),
+                flags: b.flags,
+            }),
+    );
+    v.sort_by_key(|b| b.id);
+    Ok(v)
+}
+
+/// An IPv6 map address as an `IpAddr`.
+pub(crate) fn ip6(a: &vmlb_common::Addr6) -> IpAddr {
+    IpAddr::from(octets6(a))
+}
+
+/// "VIP:PORT/PROTO" of either family -> (VIP, port, protocol number).
+fn parse_service_spec(s: &str) -> Option<(IpAddr, u16, u8)> {
+    let (addr, proto) = s.rsplit_once('/')?;
+    let addr: SocketAddr = addr.parse().ok()?;
+    Some((addr.ip(), addr.port(), parse_proto(proto)?.number()))
 }
 
 struct View {
@@ -248,65 +376,68 @@ struct View {
 }
 
 impl View {
-    fn service_ref(&self, key: &ServiceKey, svc: &Service) -> ServiceRef {
+    /// The daemon's record of a service, by VIP, port and protocol.
+    fn known(&self, svc: &Svc) -> Option<&ServiceState> {
+        let proto = proto_name(svc.proto);
+        self.state
+            .services
+            .iter()
+            .find(|s| s.vip == svc.vip && s.port == svc.port && s.proto == proto)
+    }
+
+    fn service_ref(&self, svc: &Svc) -> ServiceRef {
         ServiceRef {
             id: svc.id,
-            name: self.state.service(key).map(|s| s.name.clone()),
-            vip: ip(key.vip),
-            port: u16::from_be(key.port),
-            proto: proto_name(key.proto),
+            name: self.known(svc).map(|s| s.name.clone()),
+            vip: svc.vip,
+            port: svc.port,
+            proto: proto_name(svc.proto),
         }
     }
 
-    /// Services sorted by id.
-    fn service_list(&self) -> anyhow::Result<Vec<(ServiceKey, Service)>> {
-        let mut v = StatsReader::services(&self.maps)?;
-        v.sort_by_key(|(_, s)| s.id);
-        Ok(v)
+    /// Services of both families sorted by id.
+    fn service_list(&self) -> anyhow::Result<Vec<Svc>> {
+        read_services(&self.maps)
     }
 
     /// Service id -> label (name, else VIP:port/proto).
-    fn labels(&self, services: &[(ServiceKey, Service)]) -> BTreeMap<u32, String> {
+    fn labels(&self, services: &[Svc]) -> BTreeMap<u32, String> {
         services
             .iter()
-            .map(|(k, s)| {
+            .map(|s| {
                 let label = self
-                    .state
-                    .service(k)
-                    .map(|s| s.name.clone())
-                    .unwrap_or_else(|| service_addr(k));
+                    .known(s)
+                    .map(|k| k.name.clone())
+                    .unwrap_or_else(|| s.addr());
                 (s.id, label)
             })
             .collect()
     }
 
     fn service_rows(&self) -> anyhow::Result<Vec<ServiceRow>> {
-        let backends = StatsReader::backends(&self.maps)?;
+        let backends = read_backends(&self.maps)?;
         self.service_list()?
             .iter()
-            .map(|(k, s)| {
-                let mine = backends.iter().filter(|(_, b)| b.service_id == s.id);
+            .map(|s| {
+                let mine = backends.iter().filter(|b| b.service_id == s.id);
                 Ok(ServiceRow {
-                    service: self.service_ref(k, s),
+                    service: self.service_ref(s),
                     mode: if s.flags & vmlb_common::SVC_F_DNAT != 0 {
                         "dnat"
                     } else {
                         "snat"
                     },
-                    snat: s.snat_addrs[..(s.snat_count as usize).min(s.snat_addrs.len())]
+                    snat: s
+                        .snat
                         .iter()
-                        .map(|a| ip(*a).to_string())
+                        .map(IpAddr::to_string)
                         .collect::<Vec<_>>()
                         .join(","),
                     ring_base: s.ring_base,
                     ring_size: s.ring_size,
                     backends: mine.clone().count(),
-                    backends_up: mine.filter(|(_, b)| b.flags & BE_F_UP != 0).count(),
-                    hosts: self
-                        .state
-                        .service(k)
-                        .map(|s| s.hosts.clone())
-                        .unwrap_or_default(),
+                    backends_up: mine.filter(|b| b.flags & BE_F_UP != 0).count(),
+                    hosts: self.known(s).map(|k| k.hosts.clone()).unwrap_or_default(),
                     stats: self.maps.service_stats(s.id)?.into(),
                 })
             })
@@ -318,36 +449,35 @@ impl View {
         let labels = self.labels(&services);
         // Slot counts per backend id over every live table.
         let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
-        for (_, s) in &services {
-            for id in read_table(&self.maps, s)? {
+        for s in &services {
+            for id in read_ring(&self.maps, s.ring_base, s.ring_size)? {
                 *slots.entry(id).or_default() += 1;
             }
         }
-        StatsReader::backends(&self.maps)?
+        read_backends(&self.maps)?
             .into_iter()
-            .map(|(id, b)| {
-                let (addr, port) = (ip(b.addr), u16::from_be(b.port));
-                let known = self.state.backend(id, addr, port).map(|(_, b)| b);
+            .map(|b| {
+                let known = self.state.backend(b.id, b.addr, b.port).map(|(_, b)| b);
                 Ok(BackendRow {
-                    id,
+                    id: b.id,
                     service_id: b.service_id,
                     service: labels
                         .get(&b.service_id)
                         .cloned()
                         .unwrap_or_else(|| format!("id {}", b.service_id)),
-                    addr,
-                    port,
+                    addr: b.addr,
+                    port: b.port,
                     up: b.flags & BE_F_UP != 0,
-                    slots: slots.get(&id).copied().unwrap_or(0),
+                    slots: slots.get(&b.id).copied().unwrap_or(0),
                     weight: known.map(|b| b.weight),
                     last_error: known.and_then(|b| b.last_error.clone()),
                     neighbour: self
                         .state
                         .neighbours
                         .iter()
-                        .find(|n| n.backend == std::net::IpAddr::V4(addr))
+                        .find(|n| n.backend == b.addr)
                         .map(|n| n.state.clone()),
-                    stats: self.maps.backend_stats(id)?.into(),
+                    stats: self.maps.backend_stats(b.id)?.into(),
                 })
             })
             .collect()
@@ -367,7 +497,11 @@ impl View {
             .map(|r| {
                 vec![
                     r.service.id.to_string(),
-                    format!("{}:{}/{}", r.service.vip, r.service.port, r.service.proto),
+                    format!(
+                        "{}/{}",
+                        SocketAddr::new(r.service.vip, r.service.port),
+                        r.service.proto
+                    ),
                     r.service.name.clone().unwrap_or_else(|| "-".into()),
                     // dnat has no pool: the column says so instead.
                     if r.mode == "dnat" {
@@ -417,7 +551,7 @@ impl View {
                 vec![
                     r.id.to_string(),
                     r.service.clone(),
-                    format!("{}:{}", r.addr, r.port),
+                    SocketAddr::new(r.addr, r.port).to_string(),
                     if r.up { "UP" } else { "DOWN" }.into(),
                     r.neighbour.clone().unwrap_or_else(|| "-".into()),
                     r.slots.to_string(),
@@ -440,21 +574,25 @@ impl View {
         )
     }
 
-    /// A service by VIP:PORT/PROTO or by name.
-    fn find_service(&self, spec: &str) -> anyhow::Result<(ServiceKey, Service)> {
+    /// A service by VIP:PORT/PROTO (either family) or by name.
+    fn find_service(&self, spec: &str) -> anyhow::Result<Svc> {
         let services = self.service_list()?;
-        let by_addr = parse_service_addr(spec)
-            .and_then(|key| services.iter().find(|(k, _)| *k == key).copied());
+        let by_addr = parse_service_spec(spec).and_then(|(vip, port, proto)| {
+            services
+                .iter()
+                .find(|s| (s.vip, s.port, s.proto) == (vip, port, proto))
+                .cloned()
+        });
         let by_name = || {
             let s = self.state.services.iter().find(|s| s.name == spec)?;
-            services.iter().find(|(_, v)| v.id == s.id).copied()
+            services.iter().find(|v| v.id == s.id).cloned()
         };
         by_addr.or_else(by_name).with_context(|| {
             let known: Vec<String> = services
                 .iter()
-                .map(|(k, _)| match self.state.service(k) {
-                    Some(n) => format!("{} ({})", service_addr(k), n.name),
-                    None => service_addr(k),
+                .map(|s| match self.known(s) {
+                    Some(n) => format!("{} ({})", s.addr(), n.name),
+                    None => s.addr(),
                 })
                 .collect();
             format!(
@@ -469,43 +607,46 @@ impl View {
     }
 
     fn maglev(&self, spec: &str, fmt: Output, out: &mut dyn Write) -> anyhow::Result<()> {
-        let (key, svc) = self.find_service(spec)?;
-        let table_ids = read_table(&self.maps, &svc)?;
+        let svc = self.find_service(spec)?;
+        let table_ids = read_ring(&self.maps, svc.ring_base, svc.ring_size)?;
         let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
         for &id in &table_ids {
             *slots.entry(id).or_default() += 1;
         }
         let empty = slots.remove(&0).unwrap_or(0);
         // Backends of the service with no slot (down, weight 0) are listed too, with 0.
-        for (id, b) in StatsReader::backends(&self.maps)? {
+        let all = read_backends(&self.maps)?;
+        for b in &all {
             if b.service_id == svc.id {
-                slots.entry(id).or_default();
+                slots.entry(b.id).or_default();
             }
         }
         let backends: Vec<MaglevBackend> = slots
             .iter()
             .map(|(&id, &n)| {
-                let b: Option<Backend> =
-                    self.maps.backends.get(&id, 0).ok().filter(|b| b.addr != 0);
+                // The family's own array: a table names backends of its service's family.
+                let b = all
+                    .iter()
+                    .find(|b| b.id == id && b.addr.is_ipv4() == svc.vip.is_ipv4());
                 MaglevBackend {
                     id,
-                    addr: b.map(|b| ip(b.addr)),
-                    port: b.map(|b| u16::from_be(b.port)),
+                    addr: b.map(|b| b.addr),
+                    port: b.map(|b| b.port),
                     slots: n,
                     share_percent: f64::from(n) * 100.0 / f64::from(svc.ring_size.max(1)),
                 }
             })
             .collect();
-        let addr_of: BTreeMap<u32, (Ipv4Addr, u16)> = backends
+        let addr_of: BTreeMap<u32, (IpAddr, u16)> = backends
             .iter()
             .filter_map(|b| Some((b.id, (b.addr?, b.port?))))
             .collect();
         let digest = digest::hex(digest::digest_ids(&table_ids, |id| {
-            addr_of.get(&id).map(|&(a, p)| (a.into(), p))
+            addr_of.get(&id).copied()
         }));
         let view = MaglevView {
             iface: self.iface.clone(),
-            service: self.service_ref(&key, &svc),
+            service: self.service_ref(&svc),
             ring_base: svc.ring_base,
             ring_size: svc.ring_size,
             empty_slots: empty,
@@ -519,7 +660,7 @@ impl View {
         writeln!(
             out,
             "service {} ({}), ring {}+{}, {} empty slots, digest {}",
-            service_addr(&key),
+            svc.addr(),
             view.service.name.as_deref().unwrap_or("unnamed"),
             view.ring_base,
             view.ring_size,
@@ -533,7 +674,7 @@ impl View {
                 vec![
                     b.id.to_string(),
                     match (b.addr, b.port) {
-                        (Some(a), Some(p)) => format!("{a}:{p}"),
+                        (Some(a), Some(p)) => SocketAddr::new(a, p).to_string(),
                         _ => "(not in BACKENDS)".into(),
                     },
                     b.slots.to_string(),
@@ -598,7 +739,7 @@ impl View {
             .iter()
             .map(|r| {
                 let s = &r.service;
-                let who = format!("{}:{}/{}", s.vip, s.port, s.proto);
+                let who = format!("{}/{}", SocketAddr::new(s.vip, s.port), s.proto);
                 traffic(
                     match &s.name {
                         Some(n) => format!("{who} {n}"),
@@ -616,7 +757,10 @@ impl View {
         writeln!(out)?;
         let cells = backends
             .iter()
-            .map(|r| traffic(format!("{}:{} ({})", r.addr, r.port, r.service), &r.stats))
+            .map(|r| {
+                let who = SocketAddr::new(r.addr, r.port);
+                traffic(format!("{who} ({})", r.service), &r.stats)
+            })
             .collect::<Vec<_>>();
         table(
             out,
