@@ -302,3 +302,138 @@ fn an_icmpv6_error_quoting_no_flow_is_dropped() {
     assert_eq!(e.run(&err.build()).0, XDP_DROP);
     e.expect_counters(&[(DropIcmpError, 1)]);
 }
+
+/// Mirrors `truncated_at_every_header_boundary_never_aborts`: cut at Ethernet's end, inside
+/// the IPv6 header, at its end, inside TCP, one byte short. Before the destination is known the
+/// frame passes; after, a VIP's is dropped and another's passes.
+#[test]
+fn truncated_ipv6_at_every_header_boundary_never_aborts() {
+    let mut e = env();
+    let full = Packet6::tcp((CLIENT6, 40040), (VIP6, 80), TCP_SYN)
+        .macs(CLIENT_MAC, NODE_MAC)
+        .build();
+    let other = Packet6::tcp((CLIENT6, 40040), (VM2_6, 80), TCP_SYN)
+        .macs(CLIENT_MAC, NODE_MAC)
+        .build();
+    for len in [14, 30, 53, 54, 60, 73] {
+        let (action, out) = e.run(&full[..len]);
+        let want = if len < 54 {
+            (XDP_PASS, PassTruncated)
+        } else {
+            (XDP_DROP, DropTruncated)
+        };
+        assert_eq!(action, want.0, "VIP packet cut at {len}");
+        if action == XDP_PASS {
+            assert_eq!(out, &full[..len], "passed packets are untouched");
+        }
+        e.expect_counters(&[(want.1, 1)]);
+        let (action, _) = e.run(&other[..len]);
+        assert_eq!(action, XDP_PASS, "non-VIP packet cut at {len}");
+        e.expect_counters(&[(PassTruncated, 1)]);
+    }
+    assert_eq!(e.run(&full).0, XDP_TX);
+}
+
+/// Mirrors `flow_of_a_down_backend_is_rebalanced`: the flow moves to the backend the table
+/// still has, on its next packet, and stays there.
+#[test]
+fn ipv6_flow_of_a_down_backend_is_rebalanced() {
+    let mut e = Env::new().expect("fixture environment (needs root)");
+    let spec = svc6(80, Proto::Tcp, &[(VM1_6, 8080), (VM2_6, 8080)]);
+    e.install(std::slice::from_ref(&spec)).unwrap();
+    let syn =
+        |sport| Packet6::tcp((CLIENT6, sport), (VIP6, 80), TCP_SYN).macs(CLIENT_MAC, NODE_MAC);
+    // A client port whose flow Maglev puts on VM1.
+    let sport = (41100..41300)
+        .find(|&p| tuple(&e.run(&syn(p).build()).1).2 == VM1_6)
+        .expect("a flow on VM1 among 200");
+    let mut down = spec.clone();
+    down.backends[0].up = false;
+    e.install(&[down]).unwrap();
+    e.snapshot().unwrap();
+    let ack = Packet6::tcp((CLIENT6, sport), (VIP6, 80), TCP_ACK).macs(CLIENT_MAC, NODE_MAC);
+    let (action, out) = e.run(&ack.build());
+    assert_eq!(action, XDP_TX);
+    assert_eq!(tuple(&out).2, VM2_6);
+    verify_checksums6(&out).unwrap();
+    e.expect_counters(&[(FlowRebalanced, 1), (FlowNew, 1), (TxSameIface, 1)]);
+    let (_, out2) = e.run(&ack.build());
+    assert_eq!(tuple(&out2).2, VM2_6);
+    e.expect_counters(&[(FlowHit, 1), (TxSameIface, 1)]);
+}
+
+/// Mirrors `xdp_ct_syn_reusing_a_closing_tuple_reopens_it`: a SYN on a closing flow's 5-tuple
+/// reopens it on its SNAT tuple.
+#[test]
+fn ipv6_syn_reusing_a_closing_tuple_reopens_it() {
+    let mut e = env();
+    let port = open(&mut e, 41200);
+    let rst = Packet6::tcp((CLIENT6, 41200), (VIP6, 80), 0x04).macs(CLIENT_MAC, NODE_MAC);
+    assert_eq!(e.run(&rst.build()).0, XDP_TX);
+    e.expect_counters(&[(FlowHit, 1), (FlowClosing, 1), (TxSameIface, 1)]);
+    let syn = Packet6::tcp((CLIENT6, 41200), (VIP6, 80), TCP_SYN).macs(CLIENT_MAC, NODE_MAC);
+    let (action, out) = e.run(&syn.build());
+    assert_eq!(action, XDP_TX);
+    assert_eq!(tuple(&out).1, port, "the same SNAT tuple");
+    e.expect_counters(&[(FlowTupleReuse, 1), (FlowHit, 1), (TxSameIface, 1)]);
+}
+
+const VLAN: u16 = 1512;
+
+/// Mirrors fixtures_vlan.rs: on a trunk, an IPv6 frame of the served VLAN is balanced and leaves
+/// with its tag, a solicitation for the VIP is answered tagged, another VLAN's frame passes.
+#[test]
+fn ipv6_on_the_served_vlan_keeps_its_tag() {
+    use vmlb_tests::packet::tagged;
+    let mut e = env();
+    let dev = e.ifindex;
+    e.maps
+        .update_config(|c| {
+            c.vlan_ids[0] = VLAN;
+            c.vlan_ifindex[0] = dev;
+            c.vlan_count = 1;
+        })
+        .unwrap();
+    let syn = Packet6::tcp((CLIENT6, 41300), (VIP6, 80), TCP_SYN).macs(CLIENT_MAC, NODE_MAC);
+    let (action, out) = e.run(&tagged(&syn.build(), 0x8100, VLAN));
+    assert_eq!(action, XDP_TX);
+    let untagged: Vec<u8> = out[..12].iter().chain(&out[16..]).copied().collect();
+    assert_eq!(&out[12..16], &[0x81, 0x00, (VLAN >> 8) as u8, VLAN as u8]);
+    let (_, port, dst, _) = tuple(&untagged);
+    assert_eq!(dst, VM1_6);
+    let want = forwarded(
+        Packet6::tcp((SNAT6, port), (VM1_6, 8080), TCP_SYN),
+        NODE_MAC,
+        VM1_MAC,
+    );
+    assert_bytes(&out, &tagged(&want, 0x8100, VLAN));
+    e.expect_counters(&[(FlowNew, 1), (TxSameIface, 1)]);
+
+    let ns = Packet6::neighbour_solicit(CLIENT6, CLIENT_MAC, VIP6);
+    let (action, out) = e.run(&tagged(&ns.build(), 0x8100, VLAN));
+    assert_eq!(action, XDP_TX);
+    let na = Packet6::neighbour_advert(VIP6, CLIENT6, VIP6, NODE_MAC).macs(NODE_MAC, CLIENT_MAC);
+    assert_bytes(&out, &tagged(&na.build(), 0x8100, VLAN));
+    e.expect_counters(&[(TxNdpAdvert, 1)]);
+
+    let frame = tagged(&syn.build(), 0x8100, VLAN + 1);
+    let (action, out) = e.run(&frame);
+    assert_eq!((action, out), (XDP_PASS, frame));
+    e.expect_counters(&[(PassOtherVlan, 1)]);
+}
+
+/// Mirrors `l2_arp_ownership_lapses_at_its_deadline`: past the ownership deadline the
+/// solicitation is the kernel's.
+#[test]
+fn ndp_ownership_lapses_at_its_deadline() {
+    let mut e = env();
+    let ns = Packet6::neighbour_solicit(CLIENT6, CLIENT_MAC, VIP6).build();
+    let now = vmlb_user::conntrack::now();
+    e.maps.update_config(|c| c.owned_until = now + 954).unwrap();
+    assert_eq!(e.run(&ns).0, XDP_TX);
+    e.expect_counters(&[(TxNdpAdvert, 1)]);
+    e.maps.update_config(|c| c.owned_until = now - 1).unwrap();
+    let (action, out) = e.run(&ns);
+    assert_eq!((action, out), (XDP_PASS, ns.clone()));
+    e.expect_counters(&[(PassNdp, 1)]);
+}

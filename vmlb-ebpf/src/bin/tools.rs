@@ -264,6 +264,121 @@ pub fn bench_floor_fib(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// The IPv6 references: the same floor, lookup and insert with IPv6's key (40 bytes, vmlb's
+/// `FlowKey6`) and value sizes (`Flow6`, 112 bytes), to tell what the IPv6 paths pay for the
+/// key and value from what they pay elsewhere.
+#[map]
+static BENCH_LRU6: LruHashMap<[u32; 10], [u64; 5]> = LruHashMap::with_max_entries(1 << 16, 0);
+#[map]
+static BENCH_LRU_NEW6: LruHashMap<[u32; 10], [u64; 14]> = LruHashMap::with_max_entries(1 << 18, 0);
+
+/// The floor's parse for IPv6: an Ethernet/IPv6/TCP frame (no extension header) with its whole
+/// TCP header present. Returns the frame start.
+#[inline(always)]
+fn tcp6_frame(ctx: &XdpContext) -> Option<*mut u8> {
+    let start = ctx.data();
+    if start + 14 + 40 + 20 > ctx.data_end() {
+        return None;
+    }
+    let p = start as *mut u8;
+    // SAFETY: 74 bytes are bounds-checked above.
+    unsafe {
+        if *(p.add(12) as *const u16) != 0x86ddu16.to_be() || *p.add(14 + 6) != 6 {
+            return None;
+        }
+    }
+    Some(p)
+}
+
+/// The IPv6 5-tuple as the references' key, laid out as vmlb's `FlowKey6`.
+///
+/// # Safety
+/// `tcp6_frame` must have returned `p`.
+#[inline(always)]
+unsafe fn tuple6(p: *mut u8) -> [u32; 10] {
+    let w = |o: usize| {
+        // SAFETY: within the 74 bytes tcp6_frame checked.
+        unsafe { core::ptr::read_unaligned(p.add(o) as *const u32) }
+    };
+    [
+        w(22),
+        w(26),
+        w(30),
+        w(34),
+        w(38),
+        w(42),
+        w(46),
+        w(50),
+        w(54),
+        6,
+    ]
+}
+
+/// The IPv6 floor: parse Ethernet/IPv6/TCP, swap MACs, send back.
+#[xdp]
+pub fn bench_floor6(ctx: XdpContext) -> u32 {
+    let Some(p) = tcp6_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: tcp6_frame checked the frame.
+    unsafe { swap_macs(p) };
+    xdp_action::XDP_TX
+}
+
+/// The IPv6 floor plus one LRU lookup of the 40-byte 5-tuple.
+#[xdp]
+pub fn bench_floor_lookup6(ctx: XdpContext) -> u32 {
+    let Some(p) = tcp6_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: tcp6_frame checked the frame.
+    unsafe {
+        let key = tuple6(p);
+        if BENCH_LRU6.get_ptr(&key).is_none() {
+            return xdp_action::XDP_PASS;
+        }
+        swap_macs(p);
+    }
+    xdp_action::XDP_TX
+}
+
+/// The IPv6 floor plus one insert of a new 40-byte key with a 112-byte value into a common LRU.
+#[xdp]
+pub fn bench_floor_lru_insert6(ctx: XdpContext) -> u32 {
+    let Some(p) = tcp6_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: tcp6_frame checked the frame.
+    let key = unsafe { tuple6(p) };
+    let k = |i: usize| key[i] as u64;
+    // Non-zero words from the packet, so the value is built by plain stores, not a memset.
+    let value = [
+        k(0),
+        k(1),
+        k(2),
+        k(3),
+        k(4),
+        k(5),
+        k(6),
+        k(7),
+        k(8),
+        6,
+        1,
+        2,
+        3,
+        4,
+    ];
+    if BENCH_LRU_NEW6
+        .insert(&key, &value, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: tcp6_frame checked the frame.
+    unsafe { swap_macs(p) };
+    xdp_action::XDP_TX
+}
+
 /// The floor: parse Ethernet/IPv4/TCP, swap MACs, send back.
 #[xdp]
 pub fn bench_floor(ctx: XdpContext) -> u32 {
