@@ -159,60 +159,13 @@ impl Packet {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let mut l4 = Vec::new();
-        let proto = match self.l4 {
-            L4::Tcp {
-                sport,
-                dport,
-                seq,
-                ack,
-                flags,
-            } => {
-                l4.extend_from_slice(&sport.to_be_bytes());
-                l4.extend_from_slice(&dport.to_be_bytes());
-                l4.extend_from_slice(&seq.to_be_bytes());
-                l4.extend_from_slice(&ack.to_be_bytes());
-                l4.push(5 << 4);
-                l4.push(flags);
-                l4.extend_from_slice(&64240u16.to_be_bytes());
-                l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-                6
+        let (proto, l4) = l4_bytes(&self.l4, &self.payload, 1, |proto, l4| {
+            match proto {
+                // ICMP's checksum covers its message only.
+                1 => checksum(l4, 0),
+                _ => l4_checksum(self.src, self.dst, proto, l4),
             }
-            L4::Udp { sport, dport, .. } => {
-                l4.extend_from_slice(&sport.to_be_bytes());
-                l4.extend_from_slice(&dport.to_be_bytes());
-                l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-                l4.extend_from_slice(&[0, 0]);
-                17
-            }
-            L4::Icmp { ty, code, rest } => {
-                l4.extend_from_slice(&[ty, code, 0, 0]);
-                l4.extend_from_slice(&rest);
-                1
-            }
-            L4::Raw(p) => p,
-        };
-        l4.extend_from_slice(&self.payload);
-        match self.l4 {
-            L4::Icmp { .. } => {
-                let c = checksum(&l4, 0);
-                l4[2..4].copy_from_slice(&c.to_be_bytes());
-            }
-            L4::Tcp { .. } => {
-                let c = l4_checksum(self.src, self.dst, 6, &l4);
-                l4[16..18].copy_from_slice(&c.to_be_bytes());
-            }
-            L4::Udp {
-                no_checksum: false, ..
-            } => {
-                let c = match l4_checksum(self.src, self.dst, 17, &l4) {
-                    0 => 0xffff,
-                    c => c,
-                };
-                l4[6..8].copy_from_slice(&c.to_be_bytes());
-            }
-            _ => {}
-        }
+        });
 
         assert!(self.options.len().is_multiple_of(4) && self.options.len() <= 40);
         let ihl = 20 + self.options.len();
@@ -239,6 +192,73 @@ impl Packet {
         out.extend_from_slice(&l4);
         out
     }
+}
+
+/// The L4 header and payload of `l4`, checksummed with `sum(protocol, bytes)` (the IP version's
+/// pseudo-header is the caller's); `icmp` is the ICMP protocol number of that IP version.
+/// Returns the protocol number and the bytes. Shared by the IPv4 and IPv6 builders.
+pub fn l4_bytes(
+    l4: &L4,
+    payload: &[u8],
+    icmp: u8,
+    sum: impl Fn(u8, &[u8]) -> u16,
+) -> (u8, Vec<u8>) {
+    let mut out = Vec::new();
+    let proto = match *l4 {
+        L4::Tcp {
+            sport,
+            dport,
+            seq,
+            ack,
+            flags,
+        } => {
+            out.extend_from_slice(&sport.to_be_bytes());
+            out.extend_from_slice(&dport.to_be_bytes());
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(&ack.to_be_bytes());
+            out.push(5 << 4);
+            out.push(flags);
+            out.extend_from_slice(&64240u16.to_be_bytes());
+            out.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+            6
+        }
+        L4::Udp { sport, dport, .. } => {
+            out.extend_from_slice(&sport.to_be_bytes());
+            out.extend_from_slice(&dport.to_be_bytes());
+            out.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            out.extend_from_slice(&[0, 0]);
+            17
+        }
+        L4::Icmp { ty, code, rest } => {
+            out.extend_from_slice(&[ty, code, 0, 0]);
+            out.extend_from_slice(&rest);
+            icmp
+        }
+        L4::Raw(p) => p,
+    };
+    out.extend_from_slice(payload);
+    match *l4 {
+        L4::Icmp { .. } => {
+            let c = sum(proto, &out);
+            out[2..4].copy_from_slice(&c.to_be_bytes());
+        }
+        L4::Tcp { .. } => {
+            let c = sum(proto, &out);
+            out[16..18].copy_from_slice(&c.to_be_bytes());
+        }
+        L4::Udp {
+            no_checksum: false, ..
+        } => {
+            // A computed zero is sent as 0xffff (RFC 768).
+            let c = match sum(proto, &out) {
+                0 => 0xffff,
+                c => c,
+            };
+            out[6..8].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => {}
+    }
+    (proto, out)
 }
 
 /// RFC 1071 one's complement sum over big-endian 16-bit words, plus `initial`.

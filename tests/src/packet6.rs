@@ -4,7 +4,7 @@
 
 use std::net::Ipv6Addr;
 
-use crate::packet::{checksum, Mac, L4};
+use crate::packet::{checksum, l4_bytes, Mac, L4};
 
 #[derive(Clone, Debug)]
 pub struct Packet6 {
@@ -146,59 +146,10 @@ impl Packet6 {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let mut l4 = Vec::new();
-        let proto = match self.l4 {
-            L4::Tcp {
-                sport,
-                dport,
-                seq,
-                ack,
-                flags,
-            } => {
-                l4.extend_from_slice(&sport.to_be_bytes());
-                l4.extend_from_slice(&dport.to_be_bytes());
-                l4.extend_from_slice(&seq.to_be_bytes());
-                l4.extend_from_slice(&ack.to_be_bytes());
-                l4.push(5 << 4);
-                l4.push(flags);
-                l4.extend_from_slice(&64240u16.to_be_bytes());
-                l4.extend_from_slice(&[0, 0, 0, 0]);
-                6
-            }
-            L4::Udp { sport, dport, .. } => {
-                l4.extend_from_slice(&sport.to_be_bytes());
-                l4.extend_from_slice(&dport.to_be_bytes());
-                l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-                l4.extend_from_slice(&[0, 0]);
-                17
-            }
-            L4::Icmp { ty, code, rest } => {
-                l4.extend_from_slice(&[ty, code, 0, 0]);
-                l4.extend_from_slice(&rest);
-                IPPROTO_ICMPV6
-            }
-            L4::Raw(p) => p,
-        };
-        l4.extend_from_slice(&self.payload);
-        let sum = |l4: &[u8]| checksum(l4, pseudo_sum6(self.src, self.dst, proto, l4.len()));
-        match self.l4 {
-            L4::Icmp { .. } => {
-                let c = sum(&l4);
-                l4[2..4].copy_from_slice(&c.to_be_bytes());
-            }
-            L4::Tcp { .. } => {
-                let c = sum(&l4);
-                l4[16..18].copy_from_slice(&c.to_be_bytes());
-            }
-            L4::Udp { .. } => {
-                let c = match sum(&l4) {
-                    0 => 0xffff,
-                    c => c,
-                };
-                l4[6..8].copy_from_slice(&c.to_be_bytes());
-            }
-            L4::Raw(_) => {}
-        }
+        // ICMPv6's checksum covers the pseudo-header, as TCP's and UDP's do.
+        let (proto, l4) = l4_bytes(&self.l4, &self.payload, IPPROTO_ICMPV6, |proto, l4| {
+            checksum(l4, pseudo_sum6(self.src, self.dst, proto, l4.len()))
+        });
         let mut exts = Vec::new();
         let first = match self.ext.first() {
             Some((n, _)) => *n,

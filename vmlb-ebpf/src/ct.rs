@@ -32,41 +32,30 @@ pub trait Slot {
     fn touched(f: *mut Self) -> *mut u8;
 }
 
-impl Slot for Flow {
-    #[inline(always)]
-    fn ctl(f: *mut Self) -> *mut u64 {
-        // SAFETY: a field address of a valid pointer, not dereferenced here.
-        unsafe { core::ptr::addr_of_mut!((*f).ctl) }
-    }
-    #[inline(always)]
-    fn stamp(f: *mut Self) -> *mut u32 {
-        // SAFETY: as above.
-        unsafe { core::ptr::addr_of_mut!((*f).stamp) }
-    }
-    #[inline(always)]
-    fn touched(f: *mut Self) -> *mut u8 {
-        // SAFETY: as above.
-        unsafe { core::ptr::addr_of_mut!((*f).touched) }
-    }
+/// `Slot` for a flow type with `ctl`, `stamp` and `touched` fields.
+macro_rules! slot {
+    ($flow:ty) => {
+        impl Slot for $flow {
+            #[inline(always)]
+            fn ctl(f: *mut Self) -> *mut u64 {
+                // SAFETY: a field address of a valid pointer, not dereferenced here.
+                unsafe { core::ptr::addr_of_mut!((*f).ctl) }
+            }
+            #[inline(always)]
+            fn stamp(f: *mut Self) -> *mut u32 {
+                // SAFETY: as above.
+                unsafe { core::ptr::addr_of_mut!((*f).stamp) }
+            }
+            #[inline(always)]
+            fn touched(f: *mut Self) -> *mut u8 {
+                // SAFETY: as above.
+                unsafe { core::ptr::addr_of_mut!((*f).touched) }
+            }
+        }
+    };
 }
-
-impl Slot for Flow6 {
-    #[inline(always)]
-    fn ctl(f: *mut Self) -> *mut u64 {
-        // SAFETY: a field address of a valid pointer, not dereferenced here.
-        unsafe { core::ptr::addr_of_mut!((*f).ctl) }
-    }
-    #[inline(always)]
-    fn stamp(f: *mut Self) -> *mut u32 {
-        // SAFETY: as above.
-        unsafe { core::ptr::addr_of_mut!((*f).stamp) }
-    }
-    #[inline(always)]
-    fn touched(f: *mut Self) -> *mut u8 {
-        // SAFETY: as above.
-        unsafe { core::ptr::addr_of_mut!((*f).touched) }
-    }
-}
+slot!(Flow);
+slot!(Flow6);
 
 /// Compare-and-swap of a flow's `ctl`. `AtomicU64::compare_exchange` does not exist on the
 /// bpfel target (its spec leaves atomic CAS off), but LLVM lowers the intrinsic to the BPF
