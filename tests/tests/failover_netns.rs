@@ -189,7 +189,11 @@ impl Member {
     }
 
     fn owned(&self) -> Option<Vec<Ipv4Addr>> {
-        Some(self.state()?.owned_vips)
+        let v4 = |a: &std::net::IpAddr| match a {
+            std::net::IpAddr::V4(a) => Some(*a),
+            std::net::IpAddr::V6(_) => None,
+        };
+        Some(self.state()?.owned_vips.iter().filter_map(v4).collect())
     }
 
     /// The backends of the one service, as its state file says, sorted.

@@ -218,7 +218,7 @@ fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
     // The only node owns the VIP (state file; ready for the data path's ARP answering).
     let state = fs::read_to_string(state_path(&dir.0.join("run"), NODE_DEV)).unwrap();
     let state: DaemonState = serde_json::from_str(&state).unwrap();
-    assert_eq!(state.owned_vips, [VIP], "{state:?}");
+    assert_eq!(state.owned_vips, [std::net::IpAddr::from(VIP)], "{state:?}");
 
     eprintln!("{:?}: both VMs answer", t0.elapsed());
     // A VMI goes away: its endpoint leaves the slice, the model and the data path.

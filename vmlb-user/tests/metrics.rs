@@ -117,7 +117,7 @@ fn state() -> DaemonState {
             }],
             maglev_digest: "0123456789abcdef".into(),
         }],
-        owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128)],
+        owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128).into()],
         neighbours: vec![
             NeighbourState {
                 backend: IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2)),

@@ -32,7 +32,7 @@ pub struct Applier {
     /// The last configuration load, published with the next state.
     pub last_reload: Option<ReloadState>,
     /// The VIPs this node owns (Kubernetes source), kept across applies for the state file.
-    pub owned_vips: Vec<std::net::Ipv4Addr>,
+    pub owned_vips: Vec<std::net::IpAddr>,
     /// The backends' neighbours as the layer-2 task last read them, kept across applies.
     pub neighbours: Vec<NeighbourState>,
 }
@@ -68,7 +68,7 @@ impl Applier {
     }
 
     /// A new set of owned VIPs: into the state file and the metrics, nothing else changes.
-    pub fn set_owned(&mut self, owned: Vec<std::net::Ipv4Addr>) {
+    pub fn set_owned(&mut self, owned: Vec<std::net::IpAddr>) {
         self.owned_vips = owned;
         let st = self.shared_state.read().expect("state lock").clone();
         self.generation += 1;

@@ -513,7 +513,10 @@ impl Stages<'_> {
             }
             Err(e) => error!("applying VIP ownership: {e:#}"),
         }
-        self.applier.set_owned(self.reconciler.owned_vips());
+        let owned = (self.reconciler.owned_vips().into_iter().map(Into::into))
+            .chain(self.reconciler.owned_vips6().into_iter().map(Into::into))
+            .collect();
+        self.applier.set_owned(owned);
         self.applier.publish_l2(None, self.reconciler);
     }
 

@@ -8,7 +8,7 @@
 
 use std::{
     io::Write as _,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -56,9 +56,10 @@ pub struct DaemonState {
     #[serde(default)]
     pub last_reload: Option<ReloadState>,
     pub services: Vec<ServiceState>,
-    /// The VIPs this node owns (answers ARP for), with the Kubernetes source; empty otherwise.
+    /// The VIPs this node owns (answers ARP or neighbour solicitations for), with the
+    /// Kubernetes source; empty otherwise.
     #[serde(default)]
-    pub owned_vips: Vec<Ipv4Addr>,
+    pub owned_vips: Vec<IpAddr>,
     /// Every backend address's neighbour as the kernel last showed it (`neigh::NeighKeeper`),
     /// in address order; refreshed every few seconds while it changes.
     #[serde(default)]
@@ -272,6 +273,7 @@ pub fn read(path: &Path) -> anyhow::Result<Option<DaemonState>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn sample() -> DaemonState {
         DaemonState {
@@ -305,7 +307,7 @@ mod tests {
                 }],
                 maglev_digest: "00112233445566ff".into(),
             }],
-            owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128)],
+            owned_vips: vec![Ipv4Addr::new(10, 10, 1, 128).into()],
             neighbours: vec![NeighbourState {
                 backend: IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2)),
                 next_hop: Some(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 2))),
