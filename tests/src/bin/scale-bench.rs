@@ -20,17 +20,20 @@ use vmlb_tests::{
 };
 use vmlb_user::{dataplane::loader, model::Proto};
 
-/// Every map of the loaded program: (name, type, max_entries, bytes_memlock).
-fn maps_of(prog_id: u32) -> anyhow::Result<Vec<(String, String, u64, u64)>> {
-    let out = run(
-        "bpftool",
-        &["prog", "show", "id", &prog_id.to_string(), "-j"],
-    )?;
-    let prog: Value = serde_json::from_slice(&out.stdout)?;
-    let ids = prog["map_ids"].as_array().context("no map_ids")?;
+/// Every map of the loaded programs (each once): (name, type, max_entries, bytes_memlock).
+fn maps_of(prog_ids: &[u32]) -> anyhow::Result<Vec<(String, String, u64, u64)>> {
+    let mut ids = std::collections::BTreeSet::new();
+    for prog_id in prog_ids {
+        let out = run(
+            "bpftool",
+            &["prog", "show", "id", &prog_id.to_string(), "-j"],
+        )?;
+        let prog: Value = serde_json::from_slice(&out.stdout)?;
+        let of_prog = prog["map_ids"].as_array().context("no map_ids")?;
+        ids.extend(of_prog.iter().filter_map(Value::as_u64));
+    }
     let mut maps = Vec::new();
     for id in ids {
-        let id = id.as_u64().context("map id")?;
         let out = run("bpftool", &["map", "show", "id", &id.to_string(), "-j"])?;
         let m: Value = serde_json::from_slice(&out.stdout)?;
         maps.push((
@@ -106,13 +109,17 @@ fn main() -> anyhow::Result<()> {
     let d = e.delta();
     let count = |c: Counter| d.get(&c).copied().unwrap_or(0);
     let live = e.maps.live_flows().len();
-    let prog_id = e
-        .ebpf
-        .program(vmlb_common::PROGRAM_NAME)
-        .context("program")?
-        .info()?
-        .id();
-    let maps = maps_of(prog_id)?;
+    // The entry point's maps and the IPv6 programs' (tail-called; their tables have the
+    // default IPv6 size, `--flow6-entries` 65,536 flows).
+    let mut prog_ids = Vec::new();
+    for name in [
+        vmlb_common::PROGRAM_NAME,
+        vmlb_common::PROGRAM6_NAME,
+        vmlb_common::PROGRAM6_ICMP_NAME,
+    ] {
+        prog_ids.push(e.ebpf.program(name).context(name)?.info()?.id());
+    }
+    let maps = maps_of(&prog_ids)?;
     let total: u64 = maps.iter().map(|m| m.3).sum();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
 
