@@ -237,7 +237,9 @@ fn reply(ctx: &XdpContext, p: &Packet, cfg: &Config) -> Result<u32, Counter> {
 
 /// A reply to a dnat service's client. Without a flow here (the VIP moved to this node, or the
 /// flow expired) its source alone names the service: it is translated to the VIP and left to
-/// the node's kernel, which routes it to the client (the node is the backend's gateway).
+/// the node's kernel, which routes it to the client (the node is the backend's gateway). Its
+/// TTL then drops twice on this node (the rewrite's and the kernel's forward): one hop
+/// counted as two, on a path that only serves connections a takeover interrupted.
 #[inline(always)]
 fn dnat_reply(
     ctx: &XdpContext,
