@@ -2,8 +2,9 @@
 //! parse6 -> icmp6 (NDP, echo, errors) | ct6 (flow index and slots) / lookup (service, Maglev,
 //! backend) -> guard -> nat (`rewrite6`) -> forward. Full NAT only (dnat is IPv4's for now).
 //!
-//! Taken as a stage of its own from the entry point, with plain offsets, and inlined (a
-//! BPF-to-BPF call would add its frame to the entry point's within the verifier's 512 bytes).
+//! A program of its own (`vmlb6` in main.rs), entered by tail call from `vmlb` and re-deriving
+//! its pointers from plain offsets: inlined into `vmlb` it did not fit the verifier's 512-byte
+//! stack, and a BPF-to-BPF call would add its frame to the entry point's (see maps.rs `JUMP`).
 
 use aya_ebpf::programs::XdpContext;
 use vmlb_common::{
