@@ -126,7 +126,8 @@ pub fn parse_pools_yaml(text: &str) -> Result<Vec<Pool>, String> {
     Ok(pools)
 }
 
-/// `a.b.c.d/len` or `a.b.c.d-e.f.g.h`. IPv6 is refused: the data path is IPv4 only.
+/// `a.b.c.d/len` or `a.b.c.d-e.f.g.h`. IPv6 is refused: the Kubernetes source allocates and
+/// serves IPv4 VIPs only so far (the data path and the file source serve IPv6).
 pub fn parse_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
     let s = s.trim();
     if let Some((ip, len)) = s.split_once('/') {
