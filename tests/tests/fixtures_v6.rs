@@ -156,6 +156,12 @@ fn ipv6_entry_policies_match_ipv4() {
         XDP_DROP
     );
     e.expect_counters(&[(DropMartian, 1)]);
+    // A VIP as source (found through CONFIG6's VIP filter, then VIPS6).
+    assert_eq!(
+        run(&mut e, Packet6::tcp((VIP6, 41002), (VIP6, 80), TCP_SYN)),
+        XDP_DROP
+    );
+    e.expect_counters(&[(DropMartian, 1)]);
     let mut last_hop = Packet6::tcp((CLIENT6, 41003), (VIP6, 80), TCP_SYN);
     last_hop.hop_limit = 1;
     assert_eq!(run(&mut e, last_hop), XDP_PASS);

@@ -178,9 +178,18 @@ pub struct Config6 {
     pub snat_count: u32,
     /// Entries of `FLOW_SLOTS6`.
     pub slot_count: u32,
-    pub _reserved: [u32; 6],
+    /// `Config::vip_filter` for the IPv6 VIPs (`vip6_filter_word`): a new flow's source is
+    /// looked up in `VIPS6` (a VIP as source is martian) only when its bit is set.
+    pub vip_filter: [u32; 4],
+    pub _reserved: [u32; 2],
 }
 const _: () = assert!(size_of::<Config6>() == 160);
+
+/// The word of an IPv6 address that picks its `Config6::vip_filter` bit (through
+/// `vip_filter_bit`): the four words folded, so every part of the address counts.
+pub const fn vip6_filter_word(a: &Addr6) -> u32 {
+    a[0] ^ a[1] ^ a[2] ^ a[3]
+}
 
 #[cfg(feature = "user")]
 mod pod {

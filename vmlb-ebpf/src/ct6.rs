@@ -120,5 +120,7 @@ pub fn martian(src: &Addr6, cfg: &Config6) -> bool {
     if first == 0xff || (zero_prefix && last <= 1) {
         return true;
     }
-    is_snat_addr(src, cfg) || VIPS6.get_ptr(src).is_some()
+    is_snat_addr(src, cfg)
+        || (vmlb_common::vip_filter_has(&cfg.vip_filter, vmlb_common::vip6_filter_word(src))
+            && VIPS6.get_ptr(src).is_some())
 }

@@ -61,9 +61,11 @@ pub fn hop6(
     addr: &vmlb_common::Addr6,
     now: Option<u32>,
 ) -> Result<Hop, Counter> {
-    // SAFETY: bounds-checked by parse6().
-    let plen = unsafe { u16::from_be_bytes((*p.ip).payload_len) } as u64;
-    let h = cached_hop(id, now, || lookup6(ctx, p.key.proto, plen, src, addr))?;
+    let h = cached_hop(id, now, || {
+        // SAFETY: bounds-checked by parse6(); read only when the FIB is asked.
+        let plen = unsafe { u16::from_be_bytes((*p.ip).payload_len) } as u64;
+        lookup6(ctx, p.key.proto, plen, src, addr)
+    })?;
     on_vlan(ctx, p.vlan_dev, h)
 }
 

@@ -54,7 +54,18 @@ impl Maps6 {
     /// `CONFIG6.slot_count` from `FLOW_SLOTS6`' size.
     pub fn init_config(&mut self) -> anyhow::Result<()> {
         let slots = self.slots.len() as u32;
-        self.update_config(|c| c.slot_count = slots)
+        self.update_config(|c| c.slot_count = slots)?;
+        self.refresh_vip_filter()
+    }
+
+    /// Rebuild `Config6::vip_filter` from the VIPs in the map (after a removal, and when maps
+    /// are taken over, whatever wrote them), as `BpfMaps::refresh_vip_filter` does for IPv4.
+    pub fn refresh_vip_filter(&mut self) -> anyhow::Result<()> {
+        let mut filter = [0u32; 4];
+        for vip in self.vips.keys() {
+            set_bit(&mut filter, &vip.context("reading VIPS6")?);
+        }
+        self.update_config(|c| c.vip_filter = filter)
     }
 
     /// Flow capacity: concurrent IPv6 flows (`FLOWS6`' max_entries).
@@ -110,6 +121,13 @@ impl Maps6 {
     }
 
     pub fn set_vip(&mut self, vip: Addr6, flags: u32) -> anyhow::Result<()> {
+        // The filter bit first: a VIP must never be missing from it (its source check).
+        let old = self.config()?.vip_filter;
+        let mut filter = old;
+        set_bit(&mut filter, &vip);
+        if filter != old {
+            self.update_config(|c| c.vip_filter = filter)?;
+        }
         self.vips
             .insert(vip, flags, 0)
             .with_context(|| format!("writing VIP {}", ip6(&vip)))
@@ -118,7 +136,8 @@ impl Maps6 {
     pub fn remove_vip(&mut self, vip: Addr6) -> anyhow::Result<()> {
         self.vips
             .remove(&vip)
-            .with_context(|| format!("removing VIP {}", ip6(&vip)))
+            .with_context(|| format!("removing VIP {}", ip6(&vip)))?;
+        self.refresh_vip_filter()
     }
 
     pub fn set_snat_addrs(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()> {
@@ -139,4 +158,10 @@ impl Maps6 {
 
 fn ip6(a: &Addr6) -> std::net::Ipv6Addr {
     std::net::Ipv6Addr::from(octets6(a))
+}
+
+/// Set `vip`'s bit of a `Config6::vip_filter`.
+fn set_bit(filter: &mut [u32; 4], vip: &Addr6) {
+    let bit = vmlb_common::vip_filter_bit(vmlb_common::vip6_filter_word(vip));
+    filter[(bit >> 5) as usize] |= 1 << (bit & 31);
 }
