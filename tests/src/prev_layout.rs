@@ -12,12 +12,12 @@ use std::{
     sync::OnceLock,
 };
 
-/// The last commit with the previous layout (version 1: flat pins, before the version
-/// directories). When `LAYOUT_VERSION` is bumped, this becomes the last commit of the version
-/// before the bump, and `VERSION` follows.
-pub const COMMIT: &str = "f85e675dc6cd124eff305259afcc107d2011fc90";
+/// The last commit with the previous layout (version 2: the `FLOWS` hash maps as the flow
+/// index). When `LAYOUT_VERSION` is bumped, this becomes the last commit of the version before
+/// the bump, and `VERSION` follows. (Version 1's was f85e675.)
+pub const COMMIT: &str = "19d398dadeb53f852713ca7ee4bed19639f47f9f";
 /// The layout version `COMMIT` pins.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -150,7 +150,7 @@ fn pin_maps(env: &Env, root: &Path) {
         (map_names::VIPS, m.vips.map()),
         (map_names::BACKENDS, m.backends.map()),
         (map_names::MAGLEV, m.maglev.map()),
-        (map_names::FLOWS, m.flows.map()),
+        (map_names::FLOW_INDEX, m.index.map_data()),
         (map_names::FLOW_SLOTS, m.slots.map_data()),
         (map_names::CONFIG, m.config.map()),
         (map_names::HOPS, m.hops.map()),
@@ -161,7 +161,7 @@ fn pin_maps(env: &Env, root: &Path) {
         (map_names6::SERVICES6, m.v6.services.map()),
         (map_names6::VIPS6, m.v6.vips.map()),
         (map_names6::BACKENDS6, m.v6.backends.map()),
-        (map_names6::FLOWS6, m.v6.flows.map()),
+        (map_names6::FLOW_INDEX6, m.v6.index.map_data()),
         (map_names6::FLOW_SLOTS6, m.v6.slots.map_data()),
         (map_names6::CONFIG6, m.v6.config.map()),
     ] {
@@ -530,8 +530,8 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         r#"vmlb_datapath_flow_lookups_total{result="flow_new"} 4"#.into(),
         r#"vmlb_datapath_packets_total{verdict="drop",reason="unknown_port"} 1"#.into(),
         // Live flows: four, each one entry for both directions.
-        r#"vmlb_map_entries{map="FLOWS"} 4"#.into(),
-        format!(r#"vmlb_map_capacity{{map="FLOWS"}} {DEFAULT_FLOW_ENTRIES}"#),
+        r#"vmlb_map_entries{map="FLOW_INDEX"} 4"#.into(),
+        format!(r#"vmlb_map_capacity{{map="FLOW_INDEX"}} {DEFAULT_FLOW_ENTRIES}"#),
         r#"vmlb_map_entries{map="SERVICES"} 1"#.into(),
         r#"vmlb_map_entries{map="VIPS"} 1"#.into(),
         r#"vmlb_map_entries{map="BACKENDS"} 2"#.into(),

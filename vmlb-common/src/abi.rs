@@ -11,7 +11,7 @@ pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";
-    pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_INDEX: &str = "FLOW_INDEX";
     pub const FLOW_SLOTS: &str = "FLOW_SLOTS";
     pub const CONFIG: &str = "CONFIG";
     pub const HOPS: &str = "HOPS";
@@ -34,7 +34,11 @@ pub mod map_names {
 /// - 2: pins under `v2/`; `DNAT_ENDPOINTS` (dnat mode); the IPv6 maps (`abi6`) and `JUMP` (the
 ///   IPv6 programs); `STATS` has 44 counters (was 39, append-only); `Config::dnat_endpoints`
 ///   in what was reserved (the value size is unchanged).
-pub const LAYOUT_VERSION: u32 = 2;
+/// - 3: the flow index is `FLOW_INDEX`/`FLOW_INDEX6` (`index`: buckets of tagged slot numbers,
+///   mappable) instead of the `FLOWS`/`FLOWS6` hash maps; `FLOW_SLOTS`/`FLOW_SLOTS6` have 2
+///   slots per flow (were 4); `Config::index_buckets` and `Config6::index_buckets` in what was
+///   reserved; `STATS` has 45 counters (append-only).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "vmlb";
@@ -53,13 +57,16 @@ pub const MAX_BACKENDS: u32 = 8192;
 /// Default total entries of the `MAGLEV` array: 64 services at the default ring size, twice
 /// over, so every table can be rebuilt into fresh space before the old one is released.
 pub const DEFAULT_MAGLEV_ENTRIES: u32 = 2 * 64 * 16381;
-/// Default `FLOWS` size: concurrent flows (connections), whichever CPUs create them.
+/// Default flow capacity: concurrent flows (connections), whichever CPUs create them. Sizes
+/// `FLOW_INDEX` (`index::index_buckets`) and `FLOW_SLOTS` (`SLOTS_PER_FLOW` per flow).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
-/// `FLOW_SLOTS` holds this many slots per flow of `FLOWS`. A flow's slot is a pure function of
+/// `FLOW_SLOTS` holds this many slots per flow of capacity. A flow's slot is a pure function of
 /// its SNAT tuple (direct-mapped, see `hash::tuple_slot`), so a SNAT port candidate is usable
-/// only if its slot is free: at 4 slots per flow a full flow table leaves 3 in 4 slots free, and
-/// 8 candidates all miss with probability (1/4)^8 (plus slots held back for TIME_WAIT safety).
-pub const SLOTS_PER_FLOW: u32 = 4;
+/// only if its slot is free: a full flow table leaves half the slots free, and the
+/// `SNAT_RETRIES + SNAT_RANDOM_RETRIES` candidates all miss with probability (1/2)^24 (less
+/// the slots held back for TIME_WAIT safety). 4 slots per flow cost 128 MiB more per million
+/// flows and bought nothing measurable at 1M flows (scale bench: no exhausted SNAT).
+pub const SLOTS_PER_FLOW: u32 = 2;
 /// SNAT addresses per service (a pool used by hash) and per node (all services together).
 pub const MAX_SNAT_PER_SERVICE: usize = 4;
 pub const MAX_SNAT_ADDRS: usize = 8;
@@ -178,7 +185,8 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 16);
 
-/// A 5-tuple as seen on the wire: the `FLOWS` key (client -> VIP, or backend -> SNAT address).
+/// A 5-tuple as seen on the wire: a client's (client -> VIP, hashed into `FLOW_INDEX`), or a
+/// reply's (backend -> SNAT address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
@@ -193,19 +201,6 @@ pub struct FlowKey {
     pub _pad1: u16,
 }
 const _: () = assert!(size_of::<FlowKey>() == 16);
-
-/// `FLOWS` value: where the flow of a client 5-tuple lives in `FLOW_SLOTS`. The entry is
-/// current only while that slot is live and holds this very 5-tuple (`Flow::client_key`); else
-/// the slot was freed or reused since, and the entry is stale: counted, deleted, never
-/// followed. (Checking the key rather than a generation lets a new flow insert its index entry
-/// before it has claimed the slot, so the two cache misses overlap.)
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowRef {
-    pub slot: u32,
-    pub _pad: u32,
-}
-const _: () = assert!(size_of::<FlowRef>() == 8);
 
 /// Flow states, the low 8 bits of `Flow::ctl`. Every change of `ctl` is a compare-and-swap, by
 /// the data path (claim, SYN -> established -> closing) or by user space's expiry (-> free).
@@ -230,7 +225,7 @@ pub const FLOW_GEN_SHIFT: u32 = 8;
 /// `FLOW_SLOTS` value: one NATed flow, both directions. Its index is a pure function of the SNAT
 /// tuple (`hash::tuple_slot`), so a backend's reply finds it with one array access, and a SNAT
 /// tuple can be held by at most one flow at a time (the one in its slot), including while it
-/// waits out the backend's TIME_WAIT after close. The client direction finds it through `FLOWS`.
+/// waits out the backend's TIME_WAIT after close. The client direction finds it through `FLOW_INDEX`.
 /// One slot per flow means the two directions are created, found, expired and freed as one.
 ///
 /// A dnat flow (`SVC_F_DNAT`) has no SNAT tuple: `snat_addr`/`snat_port` hold the client's own
@@ -278,7 +273,7 @@ impl Flow {
     pub const fn gen(&self) -> u32 {
         (self.ctl >> FLOW_GEN_SHIFT) as u32
     }
-    /// The client 5-tuple, the flow's `FLOWS` key.
+    /// The client 5-tuple (hashed into `FLOW_INDEX`).
     pub const fn client_key(&self) -> FlowKey {
         FlowKey {
             src_addr: self.client_addr,
@@ -354,8 +349,8 @@ pub struct Config {
     /// Entries in `DNAT_ENDPOINTS`: 0 spares every packet that is neither to a VIP nor to a
     /// SNAT address the lookup of its source there.
     pub dnat_endpoints: u32,
-    /// Room to grow without changing the pinned map's value size.
-    pub _reserved: [u32; 1],
+    /// Buckets of `FLOW_INDEX` (its max_entries).
+    pub index_buckets: u32,
 }
 const _: () = assert!(size_of::<Config>() == 128);
 
@@ -429,7 +424,7 @@ mod pod {
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowRef {}
+    unsafe impl aya::Pod for crate::index::FlowBucket {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Hop {}

@@ -17,13 +17,13 @@ pub mod map_names6 {
     pub const SERVICES6: &str = "SERVICES6";
     pub const VIPS6: &str = "VIPS6";
     pub const BACKENDS6: &str = "BACKENDS6";
-    pub const FLOWS6: &str = "FLOWS6";
+    pub const FLOW_INDEX6: &str = "FLOW_INDEX6";
     pub const FLOW_SLOTS6: &str = "FLOW_SLOTS6";
     pub const CONFIG6: &str = "CONFIG6";
     pub const SCRATCH6: &str = "SCRATCH6";
 }
 
-/// Default `FLOWS6` size. Smaller than IPv4's: an IPv6 slot is 112 bytes (`Flow6`), and most
+/// Default IPv6 flow capacity (`FLOW_INDEX6`, `FLOW_SLOTS6`). Smaller than IPv4's: an IPv6 slot is 112 bytes (`Flow6`), and most
 /// VLANs that move to vmlb carry IPv4 first; `--flow6-entries` raises it.
 pub const DEFAULT_FLOW6_ENTRIES: u32 = 65_536;
 
@@ -104,7 +104,7 @@ pub struct Backend6 {
 }
 const _: () = assert!(size_of::<Backend6>() == 28);
 
-/// An IPv6 5-tuple as on the wire: the `FLOWS6` key (client -> VIP).
+/// An IPv6 5-tuple as on the wire: hashed into `FLOW_INDEX6` (client -> VIP).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey6 {
@@ -155,7 +155,7 @@ impl Flow6 {
     pub const fn gen(&self) -> u32 {
         (self.ctl >> crate::FLOW_GEN_SHIFT) as u32
     }
-    /// The `FLOWS6` key of this flow's client direction.
+    /// This flow's client 5-tuple (hashed into `FLOW_INDEX6`).
     pub const fn client_key(&self) -> FlowKey6 {
         FlowKey6 {
             src_addr: self.client_addr,
@@ -181,7 +181,9 @@ pub struct Config6 {
     /// `Config::vip_filter` for the IPv6 VIPs (`vip6_filter_word`): a new flow's source is
     /// looked up in `VIPS6` (a VIP as source is martian) only when its bit is set.
     pub vip_filter: [u32; 4],
-    pub _reserved: [u32; 2],
+    /// Buckets of `FLOW_INDEX6`.
+    pub index_buckets: u32,
+    pub _reserved: [u32; 1],
 }
 const _: () = assert!(size_of::<Config6>() == 160);
 

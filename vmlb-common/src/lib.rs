@@ -11,10 +11,12 @@ pub mod abi;
 pub mod abi6;
 pub mod csum;
 pub mod hash;
+pub mod index;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod stats;
 
 pub use abi::*;
 pub use abi6::*;
+pub use index::FlowBucket;
 pub use stats::Counter;

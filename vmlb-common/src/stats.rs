@@ -25,8 +25,8 @@ pub enum Counter {
     DropNoBackend = 7,
     /// Every candidate SNAT tuple was held (by a live flow, or waiting out TIME_WAIT safety).
     DropSnatExhausted = 8,
-    /// The flow table is full (`FLOWS` refused the new flow's index): the new flow is refused,
-    /// established flows are never evicted for it.
+    /// The flow table is full (both of the new flow's `FLOW_INDEX` buckets are full): the new
+    /// flow is refused, established flows are never evicted for it.
     DropFlowTableFull = 9,
     /// The next hop's MAC is not resolved: the packet goes to the kernel untouched, no flow is
     /// created (user space keeps backend neighbours resolved).
@@ -52,8 +52,8 @@ pub enum Counter {
     PassUnsupportedProto = 19,
     /// An entry named a backend id that does not exist (map changed under the flow).
     DropBadBackend = 20,
-    /// A `FLOWS` index entry whose flow slot was freed or reused: half of a flow. Deleted,
-    /// never followed; the packet is treated as having no flow.
+    /// A `FLOW_INDEX` entry whose tag matched the packet's hash but whose slot holds another
+    /// flow (two 5-tuples with the same 32-bit hash): skipped, the lookup goes on.
     FlowStale = 21,
     /// To a SNAT address, but no live flow holds the tuple: left to the kernel (a late packet
     /// of an expired flow, or the node's own traffic when the SNAT address is also its own).
@@ -114,11 +114,15 @@ pub enum Counter {
     TxNdpAdvert = 42,
     /// Neighbour discovery that is not a solicitation for an owned VIP: left to the kernel.
     PassNdp = 43,
+    /// A new flow found another CPU creating the same 5-tuple at the same moment (a SYN and
+    /// its retransmission on two CPUs): the later one gives way and its packet is dropped; the
+    /// client's next packet finds the flow.
+    DropFlowRace = 44,
 }
 
 impl Counter {
     /// Number of counters; the size of `STATS`.
-    pub const COUNT: u32 = 44;
+    pub const COUNT: u32 = 45;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PassNotIpv4,
@@ -165,6 +169,7 @@ impl Counter {
         Counter::DropIpv6ExtHeader,
         Counter::TxNdpAdvert,
         Counter::PassNdp,
+        Counter::DropFlowRace,
     ];
 
     /// snake_case name, used as a metric label and in the CLI.
@@ -214,6 +219,7 @@ impl Counter {
             Counter::DropIpv6ExtHeader => "drop_ipv6_ext_header",
             Counter::TxNdpAdvert => "tx_ndp_advert",
             Counter::PassNdp => "pass_ndp",
+            Counter::DropFlowRace => "drop_flow_race",
         }
     }
 
@@ -251,7 +257,8 @@ impl Counter {
             | Counter::DropFlood
             | Counter::DropIcmpEcho
             | Counter::DropIcmpError
-            | Counter::DropIpv6ExtHeader => CounterKind::Drop,
+            | Counter::DropIpv6ExtHeader
+            | Counter::DropFlowRace => CounterKind::Drop,
             Counter::TxSameIface
             | Counter::TxRedirect
             | Counter::TxArpReply

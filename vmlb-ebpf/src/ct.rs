@@ -1,21 +1,15 @@
-//! Conntrack: the flow index (`FLOWS`), the flow slots (`FLOW_SLOTS`) and their state machine.
+//! Conntrack: the flow slots (`FLOW_SLOTS`) and their state machine.
 //!
-//! One flow = one slot, found by the client through `FLOWS` and by the backend's reply through
-//! the SNAT tuple's hash, so both directions are created, found, closed and freed as one. A slot
-//! changes hands only by compare-and-swap on `ctl` (generation << 8 | state): a CPU claims a
-//! FREE slot whose TIME_WAIT hold (`stamp`) has passed, writes it, then publishes it; user space
-//! frees expired slots the same way (vmlb-user's conntrack sweep). A `FLOWS` entry whose slot
-//! no longer holds its 5-tuple is stale: it is counted and deleted, never followed.
+//! One flow = one slot, found by the client through the flow index (index.rs) and by the
+//! backend's reply through the SNAT tuple's hash, so both directions are created, found, closed
+//! and freed as one. A slot changes hands only by compare-and-swap on `ctl` (generation << 8 |
+//! state): a CPU claims a FREE slot whose TIME_WAIT hold (`stamp`) has passed, writes it,
+//! indexes it, then publishes it; user space frees expired slots the same way (vmlb-user's
+//! conntrack sweep), after taking their index entry away.
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
-use vmlb_common::{
-    flow_state as st, Config, Counter, Flow, Flow6, FlowKey, FlowRef, FLOW_GEN_SHIFT,
-};
+use vmlb_common::{flow_state as st, Config, Counter, Flow, Flow6, FlowKey, FLOW_GEN_SHIFT};
 
-/// `-EEXIST` from a map insert with BPF_NOEXIST.
-const EEXIST: i32 = -17;
-
-use crate::maps::{FLOWS, FLOW_SLOTS};
+use crate::maps::{FLOW_INDEX, FLOW_SLOTS};
 
 /// The data path's clock (see `vmlb_common::CLOCK_SHIFT`).
 #[inline(always)]
@@ -57,14 +51,20 @@ macro_rules! slot {
 slot!(Flow);
 slot!(Flow6);
 
-/// Compare-and-swap of a flow's `ctl`. `AtomicU64::compare_exchange` does not exist on the
-/// bpfel target (its spec leaves atomic CAS off), but LLVM lowers the intrinsic to the BPF
-/// `cmpxchg` instruction (kernel >= 5.12), so the intrinsic is used directly.
+/// Compare-and-swap of an aligned u64 in a map value. `AtomicU64::compare_exchange` does not
+/// exist on the bpfel target (its spec leaves atomic CAS off), but LLVM lowers the intrinsic to
+/// the BPF `cmpxchg` instruction (kernel >= 5.12), so the intrinsic is used directly.
+#[inline(always)]
+pub fn cas_u64(p: *mut u64, old: u64, new: u64) -> bool {
+    use core::intrinsics::{atomic_cxchg, AtomicOrdering::SeqCst};
+    // SAFETY: callers pass an aligned u64 inside a live map value.
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(p, old, new).1 }
+}
+
+/// Compare-and-swap of a flow's `ctl`.
 #[inline(always)]
 fn cas<F: Slot>(f: *mut F, old: u64, new: u64) -> bool {
-    use core::intrinsics::{atomic_cxchg, AtomicOrdering::SeqCst};
-    // SAFETY: `ctl` is an aligned u64 inside a live map value.
-    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(F::ctl(f), old, new).1 }
+    cas_u64(F::ctl(f), old, new)
 }
 
 /// Read a flow's `ctl`. An aligned 8-byte load is atomic on every BPF JIT; LLVM's acquire
@@ -81,33 +81,24 @@ pub fn slot(idx: u32) -> Option<*mut Flow> {
     FLOW_SLOTS.get_ptr_mut(idx)
 }
 
-/// The client direction: the flow of this 5-tuple, if its index entry is current. A stale entry
-/// (slot freed or reused since) is counted, deleted, and reported as no flow. A slot still
-/// being claimed (another CPU creating this very flow) is no flow yet, but not stale.
+/// The client direction: the live flow of this 5-tuple (of hash `hash`), with its `ctl` and
+/// its index entry's value.
 #[inline(always)]
-pub fn find(key: &FlowKey) -> Option<(*mut Flow, u64)> {
-    // SAFETY: copied out at once.
-    let r = unsafe { *FLOWS.get_ptr(key)? };
-    let f = slot(r.slot)?;
-    let c = load(f);
-    let state = c as u8;
-    if state == st::CLAIMING {
-        return None;
-    }
+pub fn find(key: &FlowKey, hash: u32, cfg: &Config) -> Option<(*mut Flow, u64, u64)> {
+    crate::index::find(&FLOW_INDEX, cfg.index_buckets, hash, slot, |f| mine(f, key))
+}
+
+/// Whether slot `f` holds the client 5-tuple `key`.
+#[inline(always)]
+pub fn mine(f: *mut Flow, key: &FlowKey) -> bool {
     // SAFETY: a valid map value pointer.
-    let mine = unsafe {
+    unsafe {
         (*f).client_addr == key.src_addr
             && (*f).vip_addr == key.dst_addr
             && (*f).client_port == key.src_port
             && (*f).vip_port == key.dst_port
             && (*f).proto == key.proto
-    };
-    if mine && state > st::CLAIMING {
-        return Some((f, c));
     }
-    crate::stats::count(Counter::FlowStale);
-    let _ = FLOWS.remove(key);
-    None
 }
 
 /// The reply direction: the flow holding the SNAT tuple in slot `idx`, checked field by field
@@ -237,41 +228,11 @@ pub fn publish<F: Slot>(f: *mut F, claimed: u64, state: u8) -> u64 {
     c
 }
 
-/// What indexing a new flow found.
-pub enum Indexed {
-    Done,
-    /// An entry for this 5-tuple exists (a retransmitted SYN, or a client reusing the 5-tuple
-    /// of a closing flow): the caller looks it up instead.
-    Exists,
-}
-
-/// Index a new flow under its client 5-tuple, before its slot is claimed. `replace`: an entry
-/// exists (a closing flow whose 5-tuple the client reuses, or one moved off a down backend)
-/// and is overwritten.
+/// Give back a claimed slot whose flow could not be indexed (it was never published, so no
+/// packet went out on its tuple and it needs no TIME_WAIT hold).
 #[inline(always)]
-pub fn index(key: &FlowKey, idx: u32, replace: bool) -> Result<Indexed, Counter> {
-    let r = FlowRef { slot: idx, _pad: 0 };
-    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
-    match FLOWS.insert(key, &r, flags as u64) {
-        Ok(()) => Ok(Indexed::Done),
-        Err(EEXIST) => Ok(Indexed::Exists),
-        Err(_) => Err(Counter::DropFlowTableFull),
-    }
-}
-
-/// Point an index entry at another slot (the first SNAT candidate was held).
-#[inline(always)]
-pub fn reindex(key: &FlowKey, idx: u32) {
-    if let Some(r) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: a valid map value pointer; only this CPU is creating this flow.
-        unsafe { (*r).slot = idx };
-    }
-}
-
-/// Drop the index entry of a flow that could not be created.
-#[inline(always)]
-pub fn unindex(key: &FlowKey) {
-    let _ = FLOWS.remove(key);
+pub fn release<F: Slot>(f: *mut F, claimed: u64) {
+    publish(f, claimed, st::FREE);
 }
 
 /// A source that must never be NATed: 0/8, 127/8, multicast and reserved (224/3), limited

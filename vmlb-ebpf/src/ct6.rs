@@ -1,16 +1,13 @@
-//! Conntrack for IPv6: `FLOWS6` and `FLOW_SLOTS6`, with the same design and the same state
-//! machine as ct.rs (whose `Slot` functions serve both families): one slot per flow, found by
-//! the client through the index and by the reply through its SNAT tuple's hash.
+//! Conntrack for IPv6: `FLOW_INDEX6` and `FLOW_SLOTS6`, with the same design and the same
+//! state machine as ct.rs (whose `Slot` functions serve both families): one slot per flow,
+//! found by the client through the index and by the reply through its SNAT tuple's hash.
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
-use vmlb_common::{flow_state as st, Addr6, Config6, Counter, Flow6, FlowKey6, FlowRef};
+use vmlb_common::{flow_state as st, Addr6, Config6, Flow6, FlowKey6};
 
 use crate::{
     ct::load,
-    maps::{FLOWS6, FLOW_SLOTS6, VIPS6},
+    maps::{FLOW_INDEX6, FLOW_SLOTS6, VIPS6},
 };
-
-const EEXIST: i32 = -17;
 
 #[inline(always)]
 pub fn slot(idx: u32) -> Option<*mut Flow6> {
@@ -24,29 +21,21 @@ fn eq(a: &Addr6, b: &Addr6) -> bool {
 
 /// The client direction (see `ct::find`).
 #[inline(always)]
-pub fn find(key: &FlowKey6) -> Option<(*mut Flow6, u64)> {
-    // SAFETY: copied out at once.
-    let r = unsafe { *FLOWS6.get_ptr(key)? };
-    let f = slot(r.slot)?;
-    let c = load(f);
-    let state = c as u8;
-    if state == st::CLAIMING {
-        return None;
-    }
+pub fn find(key: &FlowKey6, hash: u32, cfg6: &Config6) -> Option<(*mut Flow6, u64, u64)> {
+    crate::index::find(&FLOW_INDEX6, cfg6.index_buckets, hash, slot, |f| mine(f, key))
+}
+
+/// Whether slot `f` holds the client 5-tuple `key`.
+#[inline(always)]
+pub fn mine(f: *mut Flow6, key: &FlowKey6) -> bool {
     // SAFETY: a valid map value pointer.
-    let mine = unsafe {
+    unsafe {
         eq(&(*f).client_addr, &key.src_addr)
             && eq(&(*f).vip_addr, &key.dst_addr)
             && (*f).client_port == key.src_port
             && (*f).vip_port == key.dst_port
             && (*f).proto == key.proto
-    };
-    if mine && state > st::CLAIMING {
-        return Some((f, c));
     }
-    crate::stats::count(Counter::FlowStale);
-    let _ = FLOWS6.remove(key);
-    None
 }
 
 /// The reply direction: the flow holding this SNAT tuple in slot `idx`.
@@ -66,31 +55,6 @@ pub fn find_reply(idx: u32, key: &FlowKey6) -> Option<(*mut Flow6, u64)> {
             && (*f).proto == key.proto
     };
     ok.then_some((f, c))
-}
-
-/// Index a new flow under its client 5-tuple (see `ct::index`).
-#[inline(always)]
-pub fn index(key: &FlowKey6, idx: u32, replace: bool) -> Result<crate::ct::Indexed, Counter> {
-    let r = FlowRef { slot: idx, _pad: 0 };
-    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
-    match FLOWS6.insert(key, &r, flags as u64) {
-        Ok(()) => Ok(crate::ct::Indexed::Done),
-        Err(EEXIST) => Ok(crate::ct::Indexed::Exists),
-        Err(_) => Err(Counter::DropFlowTableFull),
-    }
-}
-
-#[inline(always)]
-pub fn reindex(key: &FlowKey6, idx: u32) {
-    if let Some(r) = FLOWS6.get_ptr_mut(key) {
-        // SAFETY: a valid map value pointer; only this CPU is creating this flow.
-        unsafe { (*r).slot = idx };
-    }
-}
-
-#[inline(always)]
-pub fn unindex(key: &FlowKey6) {
-    let _ = FLOWS6.remove(key);
 }
 
 /// Is `addr` one of the node's IPv6 SNAT addresses?

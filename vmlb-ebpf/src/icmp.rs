@@ -238,7 +238,7 @@ fn error(
         _pad1: 0,
     };
     let (f, _) = if to_vip {
-        ct::find(&key)
+        ct::find(&key, vmlb_common::hash::flow_hash(&key), cfg).map(|(f, c, _)| (f, c))
     } else if !to_snat {
         ct::find_dnat_reply(&key, cfg.slot_count)
     } else {

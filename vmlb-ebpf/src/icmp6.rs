@@ -215,7 +215,7 @@ fn error(
         &*k
     };
     let (f, _) = if to_vip {
-        ct6::find(key)
+        ct6::find(key, vmlb_common::hash::flow_hash6(key), cfg6).map(|(f, c, _)| (f, c))
     } else {
         let idx = tuple_slot6(
             &key.src_addr,

@@ -2,7 +2,7 @@
 //! for VIP traffic, with connection tracking. Anything else passes untouched.
 //!
 //! The entry point dispatches and counts; each stage lives in its own module:
-//! parse -> ct (flow index and slots) / lookup (service, Maglev, backend) -> guard (new-flow
+//! parse -> index / ct (flow index, flow slots) / lookup (service, Maglev, backend) -> guard (new-flow
 //! rate) -> nat -> forward, with stats alongside. ARP (arp.rs), ICMP (icmp.rs) and IPv6 (v6.rs,
 //! with parse6, ct6, icmp6, ndp) are stages of their own.
 #![no_std]
@@ -22,6 +22,7 @@ mod forward;
 mod guard;
 mod icmp;
 mod icmp6;
+mod index;
 mod lookup;
 mod maps;
 mod nat;
@@ -35,6 +36,7 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 use vmlb_common::{
     flow_state as st,
     hash::{flow_hash, snat_addr_index, snat_pick, snat_port, tuple_slot},
+    index::index_entry,
     vip_filter_has, Backend, Config, Counter, DnatEndpoint, Flow, FlowKey, Service, DNAT_PROBES,
     IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES, SNAT_RETRIES, SVC_F_DNAT,
 };
@@ -150,18 +152,11 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
         }
     }
 
-    // A SYN opens a flow without looking for one first (its index insert finds an existing
-    // entry: a retransmission, or the client reusing a closing flow's 5-tuple).
-    if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
-        if let Some(action) = new_flow(ctx, &p, cfg, false, false)? {
-            return Ok(action);
-        }
-    }
-
-    // The client direction of a known flow: one index lookup, one slot access.
-    let mut replace = false;
+    // The client direction of a known flow: one index bucket, one slot.
+    let hash = flow_hash(&p.key);
+    let mut replace = None;
     let mut rebalance = false;
-    if let Some((f, c)) = ct::find(&p.key) {
+    if let Some((f, c, entry)) = ct::find(&p.key, hash, cfg) {
         let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         // SAFETY: a valid map value pointer.
         let backend_id = unsafe { (*f).backend_id };
@@ -174,27 +169,25 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
             // Otherwise: a new flow on a new tuple.
             count(Counter::FlowTupleReuse);
             let same = lookup::service(&p.key)
-                .and_then(|svc| lookup::pick_backend(&svc, flow_hash(&p.key)).ok())
+                .and_then(|svc| lookup::pick_backend(&svc, hash).ok())
                 == Some(backend_id);
             if same && lookup::backend_up(backend_id) && ct::transition(f, c, st::SYN_SENT) {
                 let reopened = (c & !0xff) | st::SYN_SENT as u64;
                 return established(ctx, &p, f, reopened);
             }
-            replace = true;
+            replace = Some(entry);
         } else if !lookup::backend_up(backend_id) {
             // Its backend is down: close it (the old SNAT tuple waits out its hold) and move
             // the flow to a backend the Maglev table still has.
             ct::transition(f, c, st::CLOSING);
             count(Counter::FlowRebalanced);
-            replace = true;
+            replace = Some(entry);
             rebalance = true;
         } else {
             return established(ctx, &p, f, c);
         }
     }
-    // `Exists` cannot come back when replacing; without an entry it means another CPU created
-    // this flow meanwhile: drop this packet, the client's next one finds it.
-    new_flow(ctx, &p, cfg, replace, rebalance)?.ok_or(Counter::DropFlowTableFull)
+    new_flow(ctx, &p, cfg, hash, replace, rebalance)
 }
 
 #[inline(always)]
@@ -289,18 +282,19 @@ fn to_client(
 }
 
 /// A flow without a (usable) entry: Maglev picks the backend, the hop cache (or the FIB) the
-/// next hop; the flow is indexed under its client 5-tuple and a free SNAT tuple's slot is
-/// claimed, written and published; then the packet is rewritten. Nothing is written before the
-/// next hop is known, so a packet passed for an unresolved neighbour leaves no state behind.
-/// `Ok(None)`: an index entry exists and `replace` was not asked for.
+/// next hop; a free SNAT tuple's slot is claimed and written, indexed under the client 5-tuple
+/// (`replace`: in the entry of the flow it replaces) and published; then the packet is
+/// rewritten. Nothing is written before the next hop is known, so a packet passed for an
+/// unresolved neighbour leaves no state behind.
 #[inline(always)]
 fn new_flow(
     ctx: &XdpContext,
     p: &Packet,
     cfg: &Config,
-    replace: bool,
+    hash: u32,
+    replace: Option<u64>,
     rebalance: bool,
-) -> Result<Option<u32>, Counter> {
+) -> Result<u32, Counter> {
     let k = &p.key;
     let Some(svc) = lookup::service(k) else {
         return Err(if lookup::is_vip(k.dst_addr) {
@@ -323,13 +317,12 @@ fn new_flow(
             // A dnat connection needs no state to go on: the client's own tuple reaches the
             // backend Maglev still picks, so connections made through another node survive
             // a takeover (their replies: `dnat_reply`).
-            return dnat_stateless(ctx, p, &svc).map(Some);
+            return dnat_stateless(ctx, p, &svc);
         }
         return Err(Counter::DropTcpNoFlow);
     }
     let now = ct::now();
     guard::admit(cfg, now)?;
-    let hash = flow_hash(k);
     let backend_id = lookup::pick_backend(&svc, hash)?;
     let be = lookup::backend(backend_id)?;
     let pick = snat_pick(hash, svc.snat_count);
@@ -344,16 +337,9 @@ fn new_flow(
         Some(now),
     )?;
 
-    // The first candidate's slot is read before the index insert: both are cache misses into
-    // large tables, and issued this way they overlap instead of following each other.
     let (snat0, port0, idx0) = candidate(&svc, &be, k, hash, pick, 0, cfg.slot_count)?;
     let f0 = ct::slot(idx0).ok_or(Counter::DropBadBackend)?;
-    let c0 = ct::load(f0);
-    if let ct::Indexed::Exists = ct::index(k, idx0, replace)? {
-        return Ok(None);
-    }
-
-    let mut claimed = ct::claim(f0, c0, now).map(|c| (f0, c, idx0, snat0, port0));
+    let mut claimed = ct::claim(f0, ct::load(f0), now).map(|c| (f0, c, idx0, snat0, port0));
     if claimed.is_none() {
         count(Counter::SnatPortCollision);
         let attempts = if dnat {
@@ -366,15 +352,13 @@ fn new_flow(
             if let Some(f) = ct::slot(idx) {
                 if let Some(c) = ct::claim(f, ct::load(f), now) {
                     claimed = Some((f, c, idx, snat, port));
-                    ct::reindex(k, idx);
                     break;
                 }
             }
             count(Counter::SnatPortCollision);
         }
     }
-    let Some((f, c, _, snat, port)) = claimed else {
-        ct::unindex(k);
+    let Some((f, c, idx, snat, port)) = claimed else {
         return Err(if dnat {
             Counter::DropFlowTableFull
         } else {
@@ -400,6 +384,29 @@ fn new_flow(
         (*f).proto = k.proto;
         (*f).touched = 0;
     }
+    let value = index_entry(hash, idx);
+    let taken = match replace {
+        Some(old) => index::replace(&maps::FLOW_INDEX, cfg.index_buckets, hash, old, value),
+        None => {
+            if !index::insert(&maps::FLOW_INDEX, cfg.index_buckets, hash, value) {
+                ct::release(f, c);
+                return Err(Counter::DropFlowTableFull);
+            }
+            if index::contested(&maps::FLOW_INDEX, cfg.index_buckets, hash, value, ct::slot, |f| {
+                ct::mine(f, k)
+            }) {
+                index::replace(&maps::FLOW_INDEX, cfg.index_buckets, hash, value, 0);
+                ct::release(f, c);
+                return Err(Counter::DropFlowRace);
+            }
+            true
+        }
+    };
+    if !taken {
+        // Another CPU replaced the closing flow's entry first.
+        ct::release(f, c);
+        return Err(Counter::DropFlowRace);
+    }
     let state = if k.proto == IPPROTO_TCP {
         st::SYN_SENT
     } else {
@@ -410,14 +417,14 @@ fn new_flow(
     count(Counter::FlowNew);
     nat::rewrite(p, snat, port, be.addr, be.port);
     count_traffic(svc.id, backend_id, p.len, true, false);
-    Ok(Some(forward::send(
+    Ok(forward::send(
         ctx,
         p.eth,
         p.vlan_dev,
         hop.ifindex,
         &hop.dst_mac,
         &hop.src_mac,
-    )))
+    ))
 }
 
 /// A dnat service's client packet without a flow and not a SYN: to its Maglev backend, no state.

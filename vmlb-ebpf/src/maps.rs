@@ -6,14 +6,15 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, ProgramArray},
 };
 use vmlb_common::{
-    Addr6, Backend, Backend6, Config, Config6, Counter, DnatEndpoint, EndpointKey, Flow, Flow6,
-    FlowKey, FlowKey6, FlowRef, Hop, RateBucket, Service, Service6, ServiceKey, ServiceKey6,
-    TrafficStats, DEFAULT_FLOW6_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
+    index::index_buckets, Addr6, Backend, Backend6, Config, Config6, Counter, DnatEndpoint,
+    EndpointKey, Flow, Flow6, FlowBucket, FlowKey6, Hop, RateBucket, Service, Service6, ServiceKey,
+    ServiceKey6, TrafficStats, DEFAULT_FLOW6_ENTRIES, DEFAULT_FLOW_ENTRIES,
+    DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
 };
 
-/// BPF_F_MMAPABLE: user space maps `FLOW_SLOTS` to sweep it and to free slots with the same
-/// compare-and-swap the data path uses (a map update syscall could not be atomic with it).
+/// BPF_F_MMAPABLE: user space maps `FLOW_SLOTS` and `FLOW_INDEX` to sweep them, freeing slots
+/// and entries with the same compare-and-swap the data path uses (a map update syscall could
+/// not be atomic with it).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map]
@@ -38,12 +39,13 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_ENTRIES, BPF_F_MMAPABLE);
 
-/// The flow index: client 5-tuple -> its slot in `FLOW_SLOTS`. A plain preallocated hash, not
-/// an LRU: nothing is ever evicted behind our back (an LRU split a live flow's two directions
-/// under pressure), and its capacity is global, whichever CPU creates a flow (a per-CPU LRU
-/// gives each CPU max_entries / ncpus). Flows leave it through expiry only.
+/// The flow index: client 5-tuple -> its slot in `FLOW_SLOTS` (`vmlb_common::index`, index.rs).
+/// Not an LRU: nothing is ever evicted behind our back (an LRU split a live flow's two
+/// directions under pressure), and its capacity is global, whichever CPU creates a flow (a
+/// per-CPU LRU gives each CPU max_entries / ncpus). Entries leave it through expiry only.
 #[map]
-pub static FLOWS: HashMap<FlowKey, FlowRef> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+pub static FLOW_INDEX: Array<FlowBucket> =
+    Array::with_max_entries(index_buckets(DEFAULT_FLOW_ENTRIES), BPF_F_MMAPABLE);
 
 /// The flows themselves, direct-mapped by SNAT tuple (see `vmlb_common::Flow`).
 #[map]
@@ -91,9 +93,10 @@ pub static VIPS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_SERVICES, 
 #[map]
 pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// As `FLOWS`, for IPv6 client 5-tuples.
+/// As `FLOW_INDEX`, for IPv6 client 5-tuples.
 #[map]
-pub static FLOWS6: HashMap<FlowKey6, FlowRef> = HashMap::with_max_entries(DEFAULT_FLOW6_ENTRIES, 0);
+pub static FLOW_INDEX6: Array<FlowBucket> =
+    Array::with_max_entries(index_buckets(DEFAULT_FLOW6_ENTRIES), BPF_F_MMAPABLE);
 
 /// As `FLOW_SLOTS`, direct-mapped by IPv6 SNAT tuple (`hash::tuple_slot6`).
 #[map]

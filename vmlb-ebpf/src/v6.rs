@@ -1,5 +1,5 @@
 //! The IPv6 packet path, with IPv4's stages and policies (main.rs) on the IPv6 maps:
-//! parse6 -> icmp6 (NDP, echo, errors) | ct6 (flow index and slots) / lookup (service, Maglev,
+//! parse6 -> icmp6 (NDP, echo, errors) | index / ct6 (flow index, flow slots) / lookup (service, Maglev,
 //! backend) -> guard -> nat (`rewrite6`) -> forward. Full NAT only (dnat is IPv4's for now).
 //!
 //! A program of its own (`vmlb6` in main.rs), entered by tail call from `vmlb` and re-deriving
@@ -10,12 +10,15 @@ use aya_ebpf::programs::XdpContext;
 use vmlb_common::{
     flow_state as st,
     hash::{flow_hash6, snat_addr_index, snat_pick, snat_port, tuple_slot6},
+    index::index_entry,
     Backend6, Config, Config6, Counter, Flow6, Service6, IPPROTO_TCP, MAX_SNAT_PER_SERVICE,
     SNAT_RANDOM_RETRIES, SNAT_RETRIES,
 };
 
 use crate::{
-    ct, ct6, forward, guard, lookup, nat,
+    ct, ct6, forward, guard,
+    index,
+    lookup, nat,
     parse::{ptr_at, Eth, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     parse6::{parse6, Classify6, Packet6},
     stats::{count, count_traffic},
@@ -107,14 +110,10 @@ fn run(
     if ct6::is_snat_addr(&p.key.dst_addr, cfg6) {
         return reply(ctx, &p, cfg, cfg6);
     }
-    if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
-        if let Some(action) = new_flow(ctx, &p, cfg, cfg6, false, false)? {
-            return Ok(action);
-        }
-    }
-    let mut replace = false;
+    let hash = flow_hash6(&p.key);
+    let mut replace = None;
     let mut rebalance = false;
-    if let Some((f, c)) = ct6::find(&p.key) {
+    if let Some((f, c, entry)) = ct6::find(&p.key, hash, cfg6) {
         let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         // SAFETY: a valid map value pointer.
         let backend_id = unsafe { (*f).backend_id };
@@ -123,23 +122,23 @@ fn run(
             // names its backend (see main.rs).
             count(Counter::FlowTupleReuse);
             let same = lookup::service6(&p.key)
-                .and_then(|svc| lookup::pick_backend6(svc, flow_hash6(&p.key)).ok())
+                .and_then(|svc| lookup::pick_backend6(svc, hash).ok())
                 == Some(backend_id);
             if same && lookup::backend6_up(backend_id) && ct::transition(f, c, st::SYN_SENT) {
                 let reopened = (c & !0xff) | st::SYN_SENT as u64;
                 return established(ctx, &p, f, reopened);
             }
-            replace = true;
+            replace = Some(entry);
         } else if !lookup::backend6_up(backend_id) {
             ct::transition(f, c, st::CLOSING);
             count(Counter::FlowRebalanced);
-            replace = true;
+            replace = Some(entry);
             rebalance = true;
         } else {
             return established(ctx, &p, f, c);
         }
     }
-    new_flow(ctx, &p, cfg, cfg6, replace, rebalance)?.ok_or(Counter::DropFlowTableFull)
+    new_flow(ctx, &p, cfg, cfg6, hash, replace, rebalance)
 }
 
 #[inline(always)]
@@ -216,9 +215,10 @@ fn new_flow(
     p: &Packet6,
     cfg: &Config,
     cfg6: &Config6,
-    replace: bool,
+    hash: u32,
+    replace: Option<u64>,
     rebalance: bool,
-) -> Result<Option<u32>, Counter> {
+) -> Result<u32, Counter> {
     let k = &p.key;
     let Some(svc) = lookup::service6(k) else {
         return Err(if lookup::vip6_flags(&k.dst_addr).is_some() {
@@ -238,7 +238,6 @@ fn new_flow(
     }
     let now = ct::now();
     guard::admit(cfg, now)?;
-    let hash = flow_hash6(k);
     let backend_id = lookup::pick_backend6(svc, hash)?;
     let be = lookup::backend6(backend_id)?;
     let pick = snat_pick(hash, svc.snat_count);
@@ -246,11 +245,7 @@ fn new_flow(
 
     let (snat0, port0, idx0) = candidate(svc, be, k.proto, hash, pick, 0, cfg6.slot_count)?;
     let f0 = ct6::slot(idx0).ok_or(Counter::DropBadBackend)?;
-    let c0 = ct::load(f0);
-    if let ct::Indexed::Exists = ct6::index(k, idx0, replace)? {
-        return Ok(None);
-    }
-    let mut claimed = ct::claim(f0, c0, now).map(|c| (f0, c, snat0, port0));
+    let mut claimed = ct::claim(f0, ct::load(f0), now).map(|c| (f0, c, idx0, snat0, port0));
     if claimed.is_none() {
         count(Counter::SnatPortCollision);
         for attempt in 1..SNAT_RETRIES + SNAT_RANDOM_RETRIES {
@@ -258,16 +253,14 @@ fn new_flow(
                 candidate(svc, be, k.proto, hash, pick, attempt, cfg6.slot_count)?;
             if let Some(f) = ct6::slot(idx) {
                 if let Some(c) = ct::claim(f, ct::load(f), now) {
-                    claimed = Some((f, c, snat, port));
-                    ct6::reindex(k, idx);
+                    claimed = Some((f, c, idx, snat, port));
                     break;
                 }
             }
             count(Counter::SnatPortCollision);
         }
     }
-    let Some((f, c, snat, port)) = claimed else {
-        ct6::unindex(k);
+    let Some((f, c, idx, snat, port)) = claimed else {
         return Err(Counter::DropSnatExhausted);
     };
     // SAFETY: the slot is ours (CLAIMING) until published; `eth` was bounds-checked.
@@ -289,6 +282,31 @@ fn new_flow(
         (*f).proto = k.proto;
         (*f).touched = 0;
     }
+    // Indexed as main.rs `new_flow` does.
+    let value = index_entry(hash, idx);
+    let map = &crate::maps::FLOW_INDEX6;
+    let taken = match replace {
+        Some(old) => index::replace(map, cfg6.index_buckets, hash, old, value),
+        None => {
+            if !index::insert(map, cfg6.index_buckets, hash, value) {
+                ct::release(f, c);
+                return Err(Counter::DropFlowTableFull);
+            }
+            if index::contested(map, cfg6.index_buckets, hash, value, ct6::slot, |f| {
+                ct6::mine(f, k)
+            }) {
+                index::replace(map, cfg6.index_buckets, hash, value, 0);
+                ct::release(f, c);
+                return Err(Counter::DropFlowRace);
+            }
+            true
+        }
+    };
+    if !taken {
+        // Another CPU replaced the closing flow's entry first.
+        ct::release(f, c);
+        return Err(Counter::DropFlowRace);
+    }
     let state = if k.proto == IPPROTO_TCP {
         st::SYN_SENT
     } else {
@@ -298,14 +316,14 @@ fn new_flow(
     count(Counter::FlowNew);
     nat::rewrite6(p, snat, port, &be.addr, be.port);
     count_traffic(svc.id, backend_id, p.len, true, false);
-    Ok(Some(forward::send(
+    Ok(forward::send(
         ctx,
         p.eth,
         p.vlan_dev,
         hop.ifindex,
         &hop.dst_mac,
         &hop.src_mac,
-    )))
+    ))
 }
 
 /// The `attempt`-th SNAT candidate (see main.rs `candidate`).

@@ -5,10 +5,10 @@
 //! BPF_F_MMAPABLE), decides expiry with the pure [`expiry`], frees a slot with the same
 //! compare-and-swap on `ctl` the data path uses (so a flow the data path just touched, or a slot
 //! a CPU is claiming, is never freed under it), stamps the slot with the earliest time its SNAT
-//! tuple may be reused (TIME_WAIT safety), and then deletes the flow's `FLOWS` index entry if it
-//! still names this slot and generation.
+//! tuple may be reused (TIME_WAIT safety). The flow's `FLOW_INDEX` entry goes first, by the same
+//! compare-and-swap on the index's shared mapping ([`FlowIndex`]).
 //!
-//! IPv6 flows (`FLOW_SLOTS6`, `FLOWS6`) go through the same code: `Flow6` keeps `Flow`'s
+//! IPv6 flows (`FLOW_SLOTS6`, `FLOW_INDEX6`) go through the same code: `Flow6` keeps `Flow`'s
 //! lifecycle fields at the same offsets, and both implement [`Slot`].
 
 use std::{
@@ -17,19 +17,23 @@ use std::{
 };
 
 use crate::dataplane::mmap::MappedArray;
-use aya::maps::{HashMap, MapData};
+use aya::maps::MapData;
 use vmlb_common::{
-    clock_units_from_ms, flow_state as st, Flow, Flow6, FlowKey, FlowKey6, FlowRef, CLOCK_SHIFT,
+    clock_units_from_ms, flow_state as st,
+    index::{bucket_of, entry_matches, entry_slot, index_capacity, index_entry, INDEX_PROBES},
+    Flow, Flow6, FlowBucket, FlowKey, FlowKey6, CLOCK_SHIFT,
 };
 
 /// A value of a flow slot array: `Flow` in `FLOW_SLOTS`, `Flow6` in `FLOW_SLOTS6`. What the
 /// sweep reads and writes of a slot: the lifecycle fields (`ctl`, `last_seen`, `stamp`,
 /// `touched`), the backend, and the key of the flow's index entry.
 pub trait Slot: Copy + Default + 'static {
-    /// The key of the flow's entry in the index (`FLOWS`, `FLOWS6`).
-    type Key: aya::Pod;
+    /// The client 5-tuple, hashed into the index (`FLOW_INDEX`, `FLOW_INDEX6`).
+    type Key: aya::Pod + PartialEq;
     /// The array's name, for errors.
     const MAP: &'static str;
+    /// The index hash of a client 5-tuple (as the data path computes it).
+    fn key_hash(key: &Self::Key) -> u32;
     fn ctl(&self) -> u64;
     fn state(&self) -> u8;
     fn last_seen(&self) -> u32;
@@ -46,10 +50,13 @@ pub trait Slot: Copy + Default + 'static {
 }
 
 macro_rules! slot {
-    ($flow:ty, $key:ty, $map:literal) => {
+    ($flow:ty, $key:ty, $map:literal, $hash:path) => {
         impl Slot for $flow {
             type Key = $key;
             const MAP: &'static str = $map;
+            fn key_hash(key: &$key) -> u32 {
+                $hash(key)
+            }
             fn ctl(&self) -> u64 {
                 self.ctl
             }
@@ -88,8 +95,107 @@ macro_rules! slot {
         }
     };
 }
-slot!(Flow, FlowKey, "FLOW_SLOTS");
-slot!(Flow6, FlowKey6, "FLOW_SLOTS6");
+slot!(Flow, FlowKey, "FLOW_SLOTS", vmlb_common::index::key_hash);
+slot!(Flow6, FlowKey6, "FLOW_SLOTS6", vmlb_common::index::key_hash6);
+
+/// `FLOW_INDEX` (or `FLOW_INDEX6`), mapped into this process. Entries change only by
+/// compare-and-swap, as in the data path (vmlb-ebpf index.rs; layout in `vmlb_common::index`).
+pub struct FlowIndex {
+    mem: MappedArray,
+    map: MapData,
+}
+
+impl FlowIndex {
+    /// Map the index array behind `map` (`what` names it in errors).
+    pub fn map(map: MapData, what: &str) -> anyhow::Result<Self> {
+        let mem = MappedArray::map(&map, size_of::<FlowBucket>(), what)?;
+        anyhow::ensure!(mem.len() >= 2, "{what} has fewer than 2 buckets");
+        Ok(Self { mem, map })
+    }
+
+    /// The map itself (to pin it, or read its info).
+    pub fn map_data(&self) -> &MapData {
+        &self.map
+    }
+
+    pub fn buckets(&self) -> u32 {
+        self.mem.len() as u32
+    }
+
+    /// Flows of capacity (`index::index_capacity`).
+    pub fn capacity(&self) -> u32 {
+        index_capacity(self.buckets())
+    }
+
+    fn at(&self, bucket: u32, way: usize) -> &AtomicU64 {
+        // SAFETY: a bucket of the mapping (bounds-checked by `at`), `way` within it; entries are
+        // aligned u64 (the mapping is page-aligned, buckets are 64 bytes).
+        unsafe {
+            AtomicU64::from_ptr(
+                self.mem
+                    .at(bucket as usize)
+                    .cast::<u64>()
+                    .add(way % vmlb_common::index::INDEX_WAYS),
+            )
+        }
+    }
+
+    /// Every entry a flow of hash `hash` may use, in probe order.
+    fn entries(&self, hash: u32) -> impl Iterator<Item = &AtomicU64> + '_ {
+        let buckets = self.buckets();
+        (0..INDEX_PROBES).flat_map(move |p| {
+            let b = bucket_of(hash, buckets, p);
+            (0..vmlb_common::index::INDEX_WAYS).map(move |w| self.at(b, w))
+        })
+    }
+
+    /// The slots indexed under `hash`'s tag, in probe order.
+    pub fn slots_of(&self, hash: u32) -> impl Iterator<Item = u32> + '_ {
+        self.entries(hash).filter_map(move |e| {
+            let v = e.load(Ordering::SeqCst);
+            entry_matches(v, hash).then(|| entry_slot(v))
+        })
+    }
+
+    /// The live flow of client 5-tuple `key`, with its slot (as the data path finds it).
+    pub fn find<F: Slot>(&self, slots: &SlotTable<F>, key: &F::Key) -> Option<(u32, F)> {
+        self.slots_of(F::key_hash(key)).find_map(|i| {
+            let f = ((i as usize) < slots.len()).then(|| slots.get(i as usize))?;
+            (f.state() > st::CLAIMING && f.client_key() == *key).then_some((i, f))
+        })
+    }
+
+    /// Index slot `slot` under `hash` in the first empty entry. False: both buckets are full.
+    pub fn insert(&self, hash: u32, slot: u32) -> bool {
+        let value = index_entry(hash, slot);
+        self.entries(hash).any(|e| {
+            e.load(Ordering::SeqCst) == 0
+                && e.compare_exchange(0, value, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+        })
+    }
+
+    /// Take away the entry naming `slot` under `hash`, if there is one.
+    pub fn remove(&self, hash: u32, slot: u32) -> bool {
+        let value = index_entry(hash, slot);
+        self.entries(hash).any(|e| {
+            e.compare_exchange(value, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+    }
+
+    /// Entries in use.
+    pub fn len(&self) -> usize {
+        (0..self.buckets())
+            .flat_map(|b| (0..vmlb_common::index::INDEX_WAYS).map(move |w| (b, w)))
+            .filter(|&(b, w)| self.at(b, w).load(Ordering::Relaxed) != 0)
+            .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Flow timeouts (README: "Flow state"). Defaults and why:
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -392,17 +498,12 @@ impl Sweep {
 /// SYN-only flows expire early.
 ///
 /// Per live slot: a `touched` mark (a packet passed since the last sweep) becomes `last_seen =
-/// now`; an expired flow first loses its index entry (if it still points here: the client may
-/// have opened a new flow on the same 5-tuple, which has its own slot), then its slot is freed
-/// by compare-and-swap. In that order no index entry can ever point at a slot freed under it,
-/// and a flow the data path changed meanwhile (a FIN on a reply) just fails the swap and is
-/// looked at again next time.
-pub fn sweep<F: Slot>(
-    slots: &SlotTable<F>,
-    index: &mut HashMap<MapData, F::Key, FlowRef>,
-    t: &Timeouts,
-    pressure: bool,
-) -> Sweep {
+/// now`; an expired flow first loses its index entry (if it still names this slot: the client
+/// may have opened a new flow on the same 5-tuple, whose entry names its own slot), then its
+/// slot is freed by compare-and-swap. In that order no index entry can ever name a slot freed
+/// under it. A flow the data path changed meanwhile (a FIN on a reply) fails the swap, gets its
+/// entry back and is looked at again next time.
+pub fn sweep<F: Slot>(slots: &SlotTable<F>, index: &FlowIndex, t: &Timeouts, pressure: bool) -> Sweep {
     let mut out = Sweep::default();
     let now = now();
     for i in 0..slots.len() {
@@ -422,18 +523,17 @@ pub fn sweep<F: Slot>(
             f.set_last_seen(now);
         }
         if let Some((why, reuse_at)) = expiry(&f, now, t, pressure) {
-            let key = f.client_key();
-            if let Ok(r) = index.get(&key, 0) {
-                if r.slot == i as u32 {
-                    let _ = index.remove(&key);
-                }
-            }
+            let hash = F::key_hash(&f.client_key());
+            let unindexed = index.remove(hash, i as u32);
             if slots.free(i, f.ctl(), reuse_at) {
                 out.expired[why as usize] += 1;
                 if reuse_at != now {
                     out.held += 1;
                 }
                 continue;
+            }
+            if unindexed {
+                index.insert(hash, i as u32);
             }
         }
         match slots.get(i).state() {
@@ -450,11 +550,6 @@ pub fn sweep<F: Slot>(
 /// Backend ids of the live flows (whose next hops the sweeper keeps fresh).
 pub fn live_backends<F: Slot>(slots: &SlotTable<F>) -> std::collections::BTreeSet<u32> {
     slots.live().map(|(_, f)| f.backend_id()).collect()
-}
-
-/// Entries of the `FLOWS` index (for `inspect` and tests; the sweep does not need it).
-pub fn index_len<K: aya::Pod>(index: &HashMap<MapData, K, FlowRef>) -> usize {
-    index.keys().count()
 }
 
 #[cfg(test)]

@@ -169,13 +169,13 @@ impl Bench {
     /// Live flows: (slots in use, index entries).
     fn live(&self) -> (usize, usize) {
         let m = &self.env.maps;
-        (m.slots.live().count(), conntrack::index_len(&m.flows))
+        (m.slots.live().count(), m.index.len())
     }
 
     /// Live IPv6 flows: (slots in use, index entries).
     fn live6(&self) -> (usize, usize) {
         let m = &self.env.maps.v6;
-        (m.slots.live().count(), conntrack::index_len(&m.flows))
+        (m.slots.live().count(), m.index.len())
     }
 
     /// End every flow, with the daemon's own expiry (`conntrack::sweep`) at zero timeouts: each
@@ -191,8 +191,8 @@ impl Bench {
             time_wait: Duration::ZERO,
         };
         let m = &mut self.env.maps;
-        let s = conntrack::sweep(&m.slots, &mut m.flows, &zero, false);
-        let s6 = conntrack::sweep(&m.v6.slots, &mut m.v6.flows, &zero, false);
+        let s = conntrack::sweep(&m.slots, &m.index, &zero, false);
+        let s6 = conntrack::sweep(&m.v6.slots, &m.v6.index, &zero, false);
         ensure!(
             s.live() == 0
                 && s.held == 0

@@ -5,14 +5,14 @@
 //! `pass_no_neigh`).
 //!
 //! IPv6 works alike (`--src '[fd00::50]:40000' --dst '[fd00::128]:80'`): the IPv6 maps
-//! (`FLOWS6`, `FLOW_SLOTS6`, `SERVICES6`, `VIPS6`, `BACKENDS6`, `CONFIG6`), `flow_hash6` and
+//! (`FLOW_INDEX6`, `FLOW_SLOTS6`, `SERVICES6`, `VIPS6`, `BACKENDS6`, `CONFIG6`), `flow_hash6` and
 //! `tuple_slot6`, mirroring vmlb-ebpf's `v6.rs` (which adds the martian check: a source that is
 //! a VIP, a SNAT address, multicast or unspecified is dropped). Source and destination must be of
 //! one family.
 //!
 //! `-o json` (or `-o yaml`) prints `Prediction`: `{"proto", "src", "dst", "verdict", ...}` where `verdict` is
 //! one of
-//! - `established`: `{"service_id", "backend_id", "backend", "snat"}` (FLOWS has the flow);
+//! - `established`: `{"service_id", "backend_id", "backend", "snat"}` (the flow index has the flow);
 //! - `new`: `{"service_id", "rebalanced", "flow_hash", "slot", "backend_id", "backend", "snat",
 //!   "snat_attempt"}` (`rebalanced`: the flow existed but its backend is down);
 //! - `reply`: `{"service_id", "backend_id", "vip", "client"}` (src is a backend, dst a SNAT port);
@@ -115,12 +115,7 @@ fn found<T>(r: Result<T, MapError>) -> anyhow::Result<Option<T>> {
 
 impl PathMaps for BpfMaps {
     fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<Flow>> {
-        let Some(r) = found(self.flows.get(key, 0))? else {
-            return Ok(None);
-        };
-        Ok(self
-            .slot(r.slot)?
-            .filter(|f| f.client_key() == *key && f.state() > st::CLAIMING))
+        Ok(self.index.find(&self.slots, key).map(|(_, f)| f))
     }
     fn slot(&self, index: u32) -> anyhow::Result<Option<Flow>> {
         Ok(((index as usize) < self.slots.len()).then(|| self.slots.get(index as usize)))
@@ -144,12 +139,7 @@ impl PathMaps for BpfMaps {
 
 impl PathMaps6 for BpfMaps {
     fn flow6(&self, key: &FlowKey6) -> anyhow::Result<Option<Flow6>> {
-        let Some(r) = found(self.v6.flows.get(key, 0))? else {
-            return Ok(None);
-        };
-        Ok(self
-            .slot6(r.slot)?
-            .filter(|f| f.client_key() == *key && f.state() > st::CLAIMING))
+        Ok(self.v6.index.find(&self.v6.slots, key).map(|(_, f)| f))
     }
     fn slot6(&self, index: u32) -> anyhow::Result<Option<Flow6>> {
         let slots = &self.v6.slots;

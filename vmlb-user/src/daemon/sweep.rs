@@ -54,10 +54,10 @@ impl Sweeper {
                         }
                     }
                     let s =
-                        crate::conntrack::sweep(&own.slots, &mut own.flows, &timeouts, pressure);
+                        crate::conntrack::sweep(&own.slots, &own.index, &timeouts, pressure);
                     let s6 = crate::conntrack::sweep(
                         &own.v6.slots,
-                        &mut own.v6.flows,
+                        &own.v6.index,
                         &timeouts,
                         pressure,
                     );

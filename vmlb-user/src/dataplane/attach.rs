@@ -248,10 +248,19 @@ fn prepare_migration(
     }
     use vmlb_common::map_names as n;
     let sized = |name, default| Some(migration.old_max_entries(name).unwrap_or(default));
+    // The old flow capacity: its index's, or (layouts 1 and 2) its FLOWS/FLOWS6 hash's size.
+    let capacity = |index, hash, default| {
+        let old = migration.old_max_entries(index).map(vmlb_common::index::index_capacity);
+        Some(old.or(migration.old_max_entries(hash)).unwrap_or(default))
+    };
     let mut ebpf = loader::load(Sizes {
-        flows: sized(n::FLOWS, spec.flow_entries),
-        // New in layout 2: sized by this daemon's flag, whatever the old layout was.
-        flows6: sized(vmlb_common::map_names6::FLOWS6, spec.flow6_entries),
+        flows: capacity(n::FLOW_INDEX, "FLOWS", spec.flow_entries),
+        // IPv6 is new in layout 2: from layout 1, sized by this daemon's flag.
+        flows6: capacity(
+            vmlb_common::map_names6::FLOW_INDEX6,
+            "FLOWS6",
+            spec.flow6_entries,
+        ),
         maglev: sized(n::MAGLEV, spec.maglev_entries),
         services: sized(n::SVC_STATS, spec.max_services),
         backends: sized(n::BACKENDS, spec.max_backends),

@@ -110,13 +110,15 @@ pub enum Role {
     /// -> id; BACKENDS: id -> service id, address, port). Rebuilt; the old map is read only to
     /// translate old ids into the new ones.
     Ids { since: u32 },
-    /// The flows (FLOW_SLOTS, direct-mapped by SNAT tuple): copied slot by slot, ids
-    /// translated.
+    /// The flows (FLOW_SLOTS, FLOW_SLOTS6: direct-mapped by SNAT tuple): copied slot by slot,
+    /// ids translated. From a layout older than `since` that has no such map, there is nothing
+    /// to carry over.
     Flows {
         since: u32,
         convert: Option<FlowConverter>,
     },
-    /// The flow index (FLOWS: client 5-tuple -> slot): rebuilt from the migrated flows.
+    /// The flow index (FLOW_INDEX, FLOW_INDEX6: client 5-tuple -> slot; the FLOWS hash maps
+    /// before version 3): rebuilt from the migrated flows.
     FlowIndex,
     /// Per-CPU arrays of u64 counters: added onto the new map's entries (index translated).
     Counters { since: u32, by: Index },
@@ -150,7 +152,7 @@ pub const MAPS: &[MapSpec] = &[
         role: Role::Rebuilt,
     },
     MapSpec {
-        name: n::FLOWS,
+        name: n::FLOW_INDEX,
         role: Role::FlowIndex,
     },
     MapSpec {
@@ -202,9 +204,7 @@ pub const MAPS: &[MapSpec] = &[
         name: n::JUMP,
         role: Role::Rebuilt,
     },
-    // IPv6, new in version 2: nothing older to carry over. A migration from version 2 on must
-    // give FLOW_SLOTS6/FLOWS6 the `Flows`/`FlowIndex` treatment (migrate.rs copies IPv4 slots
-    // only); until a version 3 exists there is none.
+    // IPv6, new in version 2 (from version 1 there is nothing to carry over).
     MapSpec {
         name: n6::SERVICES6,
         role: Role::Rebuilt,
@@ -218,12 +218,15 @@ pub const MAPS: &[MapSpec] = &[
         role: Role::Rebuilt,
     },
     MapSpec {
-        name: n6::FLOWS6,
-        role: Role::Rebuilt,
+        name: n6::FLOW_INDEX6,
+        role: Role::FlowIndex,
     },
     MapSpec {
         name: n6::FLOW_SLOTS6,
-        role: Role::Rebuilt,
+        role: Role::Flows {
+            since: 2,
+            convert: None,
+        },
     },
     MapSpec {
         name: n6::CONFIG6,
@@ -339,6 +342,9 @@ fn carry(
         Role::Flows { since, convert } => (since, convert.is_some()),
     };
     let (Some(o), Some(nw)) = (old.get(spec.name), new.get(spec.name)) else {
+        if matches!(spec.role, Role::Flows { since, .. } if from < since) {
+            return Carry::Rebuild;
+        }
         return Carry::Lost(format!("no such map in layout v{from}"));
     };
     if matches!(spec.role, Role::Flows { .. }) && o.flags & BPF_F_MMAPABLE == 0 {
@@ -443,7 +449,6 @@ mod tests {
         );
     }
 
-    const HASH: u32 = 1;
     const ARRAY: u32 = 2;
     const PERCPU_ARRAY: u32 = 6;
 
@@ -463,7 +468,7 @@ mod tests {
             let s = match spec.role {
                 Role::Flows { .. } => shape(ARRAY, 4, 64, BPF_F_MMAPABLE),
                 Role::Counters { .. } => shape(PERCPU_ARRAY, 4, 32, 0),
-                Role::FlowIndex => shape(HASH, 16, 8, 0),
+                Role::FlowIndex => shape(ARRAY, 4, 64, BPF_F_MMAPABLE),
                 _ => shape(ARRAY, 4, 16, 0),
             };
             m.insert(spec.name.to_string(), s);
@@ -473,7 +478,7 @@ mod tests {
 
     #[test]
     fn same_entries_are_copied_and_configuration_rebuilt() {
-        let p = plan(1, &shapes(), &shapes());
+        let p = plan(2, &shapes(), &shapes());
         assert_eq!(p.flows_lost(), None);
         assert!(p.counters_lost().is_empty());
         for (spec, carry) in &p.maps {
@@ -489,7 +494,7 @@ mod tests {
             s.max_entries *= 2;
         }
         old.get_mut(n::STATS).unwrap().flags = 1;
-        let p = plan(1, &old, &shapes());
+        let p = plan(2, &old, &shapes());
         assert_eq!(p.carry(n::FLOW_SLOTS), Some(&Carry::Copy));
         assert_eq!(p.carry(n::STATS), Some(&Carry::Copy));
     }
@@ -498,34 +503,49 @@ mod tests {
     fn changed_flows_are_lost_without_a_converter() {
         let mut old = shapes();
         old.get_mut(n::FLOW_SLOTS).unwrap().value_size = 48;
-        let p = plan(1, &old, &shapes());
+        let p = plan(2, &old, &shapes());
         assert!(matches!(p.carry(n::FLOW_SLOTS), Some(Carry::Lost(_))));
         let why = p.flows_lost().expect("flows lost");
         assert!(why.contains("48-byte values"), "{why}");
         // Rebuilt maps do not care.
         old.get_mut(n::MAGLEV).unwrap().value_size = 8;
         assert_eq!(
-            plan(1, &old, &shapes()).carry(n::MAGLEV),
+            plan(2, &old, &shapes()).carry(n::MAGLEV),
             Some(&Carry::Rebuild)
         );
         // Ids that cannot be read lose the flows too (their backend ids would be wrong).
         let mut old = shapes();
         old.get_mut(n::BACKENDS).unwrap().value_size = 24;
-        let why = plan(1, &old, &shapes()).flows_lost().expect("flows lost");
+        let why = plan(2, &old, &shapes()).flows_lost().expect("flows lost");
         assert!(why.starts_with("BACKENDS"), "{why}");
         // A missing map, or unmappable slots.
         let mut old = shapes();
         old.remove(n::FLOW_SLOTS);
-        assert!(plan(1, &old, &shapes()).flows_lost().is_some());
+        assert!(plan(2, &old, &shapes()).flows_lost().is_some());
         let mut old = shapes();
         old.get_mut(n::FLOW_SLOTS).unwrap().flags = 0;
-        assert!(plan(1, &old, &shapes()).flows_lost().is_some());
+        assert!(plan(2, &old, &shapes()).flows_lost().is_some());
         // Counters of another shape start from zero, without losing the flows.
         let mut old = shapes();
         old.get_mut(n::BE_STATS).unwrap().value_size = 16;
-        let p = plan(1, &old, &shapes());
+        let p = plan(2, &old, &shapes());
         assert_eq!(p.flows_lost(), None);
         assert_eq!(p.counters_lost().len(), 1);
+    }
+
+    #[test]
+    fn flow_maps_newer_than_the_old_layout_have_nothing_to_carry() {
+        // Layout 1 had no IPv6 maps: its IPv4 flows carry over, IPv6 starts empty.
+        let mut old = shapes();
+        for name in [n6::FLOW_SLOTS6, n6::FLOW_INDEX6] {
+            old.remove(name);
+        }
+        let p = plan(1, &old, &shapes());
+        assert_eq!(p.flows_lost(), None);
+        assert_eq!(p.carry(n6::FLOW_SLOTS6), Some(&Carry::Rebuild));
+        assert_eq!(p.carry(n::FLOW_SLOTS), Some(&Carry::Copy));
+        // Layout 2 had them: missing there, they are lost.
+        assert!(plan(2, &old, &shapes()).flows_lost().is_some());
     }
 
     #[test]

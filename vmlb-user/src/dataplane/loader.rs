@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use vmlb_common::{
-    map_names, map_names6, JUMP_V6, JUMP_V6_ICMP, PROGRAM6_ICMP_NAME, PROGRAM6_NAME, PROGRAM_NAME,
+    index::index_buckets, map_names, map_names6, JUMP_V6, JUMP_V6_ICMP, PROGRAM6_ICMP_NAME, PROGRAM6_NAME, PROGRAM_NAME,
 };
 
 use super::pins::PinLayout;
@@ -23,10 +23,11 @@ pub static TOOLS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 /// How to load: map sizes that may differ from the compiled-in defaults, and where to pin.
 #[derive(Clone, Debug, Default)]
 pub struct Sizes {
-    /// Concurrent flows (`FLOWS`; `FLOW_SLOTS` gets `SLOTS_PER_FLOW` times as many).
+    /// Concurrent flows (`FLOW_INDEX` gets `index::index_buckets` of it, `FLOW_SLOTS`
+    /// `SLOTS_PER_FLOW` slots per flow).
     pub flows: Option<u32>,
-    /// Concurrent IPv6 flows (`FLOWS6`; `FLOW_SLOTS6` gets `SLOTS_PER_FLOW` times as many),
-    /// default `DEFAULT_FLOW6_ENTRIES`. 112 bytes per slot.
+    /// Concurrent IPv6 flows (`FLOW_INDEX6`, `FLOW_SLOTS6` as for IPv4), default
+    /// `DEFAULT_FLOW6_ENTRIES`. 112 bytes per slot.
     pub flows6: Option<u32>,
     /// Entries of the Maglev array shared by all services' tables.
     pub maglev: Option<u32>,
@@ -81,14 +82,14 @@ fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
         loader.map_pin_path(name, path.as_path());
     }
     if let Some(n) = sizes.flows {
-        loader.map_max_entries(map_names::FLOWS, n);
+        loader.map_max_entries(map_names::FLOW_INDEX, index_buckets(n));
         loader.map_max_entries(
             map_names::FLOW_SLOTS,
             n.saturating_mul(vmlb_common::SLOTS_PER_FLOW),
         );
     }
     if let Some(n) = sizes.flows6 {
-        loader.map_max_entries(map_names6::FLOWS6, n);
+        loader.map_max_entries(map_names6::FLOW_INDEX6, index_buckets(n));
         loader.map_max_entries(
             map_names6::FLOW_SLOTS6,
             n.saturating_mul(vmlb_common::SLOTS_PER_FLOW),

@@ -7,7 +7,7 @@ use aya::{
 };
 use tracing::warn;
 use vmlb_common::{
-    map_names, Backend, Config, Counter, DnatEndpoint, EndpointKey, Flow, FlowKey, FlowRef, Hop,
+    map_names, Backend, Config, Counter, DnatEndpoint, EndpointKey, Flow, Hop,
     Service, ServiceKey, TrafficStats, MAX_SNAT_ADDRS,
 };
 
@@ -20,7 +20,7 @@ use std::{
 };
 
 use super::{maps6::Maps6, mmap, mmap::MappedArray, pins::PinLayout, Dataplane};
-use crate::conntrack::SlotTable;
+use crate::conntrack::{FlowIndex, SlotTable};
 
 pub struct BpfMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,
@@ -30,8 +30,8 @@ pub struct BpfMaps {
     /// `MAGLEV` mapped into this process, mapped on first use (a scrape or a CLI command never
     /// needs it); `None` inside when the map is not BPF_F_MMAPABLE (see `ring_mem`).
     maglev_mem: OnceLock<Option<MappedArray>>,
-    /// The flow index (client 5-tuple -> slot).
-    pub flows: HashMap<MapData, FlowKey, FlowRef>,
+    /// The flow index (client 5-tuple -> slot), mapped into this process.
+    pub index: FlowIndex,
     /// The flows (`FLOW_SLOTS`), mapped into this process.
     pub slots: SlotTable,
     pub config: Array<MapData, Config>,
@@ -229,7 +229,7 @@ impl BpfMaps {
             backends: open(map_names::BACKENDS)?.try_into()?,
             maglev: open(map_names::MAGLEV)?.try_into()?,
             maglev_mem: OnceLock::new(),
-            flows: open(map_names::FLOWS)?.try_into()?,
+            index: flow_index(open(map_names::FLOW_INDEX)?)?,
             slots: slot_table(open(map_names::FLOW_SLOTS)?)?,
             config: open(map_names::CONFIG)?.try_into()?,
             hops: open(map_names::HOPS)?.try_into()?,
@@ -249,7 +249,7 @@ impl BpfMaps {
             backends: take(ebpf, map_names::BACKENDS)?.try_into()?,
             maglev: take(ebpf, map_names::MAGLEV)?.try_into()?,
             maglev_mem: OnceLock::new(),
-            flows: take(ebpf, map_names::FLOWS)?.try_into()?,
+            index: flow_index(take(ebpf, map_names::FLOW_INDEX)?)?,
             slots: slot_table(take(ebpf, map_names::FLOW_SLOTS)?)?,
             config: take(ebpf, map_names::CONFIG)?.try_into()?,
             hops: take(ebpf, map_names::HOPS)?.try_into()?,
@@ -299,9 +299,9 @@ impl BpfMaps {
         self.slots.live().collect()
     }
 
-    /// Flow capacity: concurrent flows (`FLOWS`' max_entries), whichever CPUs create them.
+    /// Flow capacity: concurrent flows (`FLOW_INDEX`'s), whichever CPUs create them.
     pub fn flow_capacity(&self) -> anyhow::Result<u32> {
-        Ok(self.flows.map().info()?.max_entries())
+        Ok(self.index.capacity())
     }
 
     pub fn config(&self) -> anyhow::Result<Config> {
@@ -460,12 +460,14 @@ impl BpfMaps {
         Ok(out)
     }
 
-    /// Settings that follow from the maps and the interface: the slot count (FLOW_SLOTS' size),
-    /// the interface and its MAC (the source of frames sent to clients).
+    /// Settings that follow from the maps and the interface: the sizes of FLOW_SLOTS and
+    /// FLOW_INDEX, the interface and its MAC (the source of frames sent to clients).
     pub fn init_config(&mut self, ifindex: u32, mac: [u8; 6]) -> anyhow::Result<()> {
         let slots = self.slots.len() as u32;
+        let buckets = self.index.buckets();
         self.update_config(|c| {
             c.slot_count = slots;
+            c.index_buckets = buckets;
             c.mac = mac;
             c.ifindex = ifindex;
         })?;
@@ -538,6 +540,13 @@ fn as_bytes_mut<T: aya::Pod>(values: &mut [T]) -> &mut [u8] {
             std::mem::size_of_val(values),
         )
     }
+}
+
+fn flow_index(m: Map) -> anyhow::Result<FlowIndex> {
+    let Map::Array(data) = m else {
+        anyhow::bail!("FLOW_INDEX is not an array map");
+    };
+    FlowIndex::map(data, map_names::FLOW_INDEX)
 }
 
 fn slot_table(m: Map) -> anyhow::Result<SlotTable> {

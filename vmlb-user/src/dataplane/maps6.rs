@@ -3,20 +3,19 @@
 //! with IPv4 and stay in `BpfMaps`.
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use vmlb_common::{
-    map_names6, octets6, Addr6, Backend6, Config6, Flow6, FlowKey6, FlowRef, Service6, ServiceKey6,
-    MAX_SNAT_ADDRS,
+    map_names6, octets6, Addr6, Backend6, Config6, Flow6, Service6, ServiceKey6, MAX_SNAT_ADDRS,
 };
 
-use crate::conntrack::SlotTable;
+use crate::conntrack::{FlowIndex, SlotTable};
 
 pub struct Maps6 {
     pub services: HashMap<MapData, ServiceKey6, Service6>,
     pub vips: HashMap<MapData, Addr6, u32>,
     pub backends: Array<MapData, Backend6>,
-    /// The IPv6 flow index (client 5-tuple -> slot).
-    pub flows: HashMap<MapData, FlowKey6, FlowRef>,
+    /// The IPv6 flow index (client 5-tuple -> slot), mapped into this process.
+    pub index: FlowIndex,
     /// `FLOW_SLOTS6`, mapped into this process.
     pub slots: SlotTable<Flow6>,
     pub config: Array<MapData, Config6>,
@@ -29,11 +28,15 @@ impl Maps6 {
             Map::Array(data) => SlotTable::map(data)?,
             _ => anyhow::bail!("FLOW_SLOTS6 is not an array map"),
         };
+        let index = match open(map_names6::FLOW_INDEX6)? {
+            Map::Array(data) => FlowIndex::map(data, map_names6::FLOW_INDEX6)?,
+            _ => anyhow::bail!("FLOW_INDEX6 is not an array map"),
+        };
         Ok(Self {
             services: open(map_names6::SERVICES6)?.try_into()?,
             vips: open(map_names6::VIPS6)?.try_into()?,
             backends: open(map_names6::BACKENDS6)?.try_into()?,
-            flows: open(map_names6::FLOWS6)?.try_into()?,
+            index,
             slots,
             config: open(map_names6::CONFIG6)?.try_into()?,
         })
@@ -51,10 +54,14 @@ impl Maps6 {
         self.config.set(0, c, 0).context("writing CONFIG6")
     }
 
-    /// `CONFIG6.slot_count` from `FLOW_SLOTS6`' size.
+    /// `CONFIG6`'s sizes from `FLOW_SLOTS6`' and `FLOW_INDEX6`'s.
     pub fn init_config(&mut self) -> anyhow::Result<()> {
         let slots = self.slots.len() as u32;
-        self.update_config(|c| c.slot_count = slots)?;
+        let buckets = self.index.buckets();
+        self.update_config(|c| {
+            c.slot_count = slots;
+            c.index_buckets = buckets;
+        })?;
         self.refresh_vip_filter()
     }
 
@@ -68,9 +75,9 @@ impl Maps6 {
         self.update_config(|c| c.vip_filter = filter)
     }
 
-    /// Flow capacity: concurrent IPv6 flows (`FLOWS6`' max_entries).
+    /// Flow capacity: concurrent IPv6 flows (`FLOW_INDEX6`'s).
     pub fn flow_capacity(&self) -> anyhow::Result<u32> {
-        Ok(self.flows.map().info()?.max_entries())
+        Ok(self.index.capacity())
     }
 
     /// Every live IPv6 flow, with its slot.

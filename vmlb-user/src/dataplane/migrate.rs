@@ -23,7 +23,7 @@ use aya::{
 };
 use tracing::{info, warn};
 use vmlb_common::{
-    flow_state as st, hash::tuple_slot, map_names, Backend, Flow, FlowKey, FlowRef, Service,
+    flow_state as st, hash::tuple_slot, index::key_hash, map_names, Backend, Flow, FlowKey, Service,
     ServiceKey, LAYOUT_VERSION,
 };
 
@@ -520,9 +520,10 @@ impl FlowCopy {
             }
         }
         for (key, (slot, _)) in index {
-            maps.flows
-                .insert(key, FlowRef { slot, _pad: 0 }, 0)
-                .context("indexing a migrated flow")?;
+            anyhow::ensure!(
+                maps.index.insert(key_hash(&key), slot),
+                "indexing a migrated flow: its buckets of FLOW_INDEX are full"
+            );
             c.indexed.insert(key);
         }
         Ok(c)
@@ -565,16 +566,9 @@ impl FlowCopy {
             self.late += 1;
             self.copied += 1;
             let key = f.client_key();
-            if !self.indexed.contains(&key) {
-                // BPF_NOEXIST: the new program's own entry for this 5-tuple wins.
-                let _ = maps.flows.insert(
-                    key,
-                    FlowRef {
-                        slot: j as u32,
-                        _pad: 0,
-                    },
-                    1,
-                );
+            // The new program's own flow for this 5-tuple wins.
+            if !self.indexed.contains(&key) && maps.index.find(&maps.slots, &key).is_none() {
+                maps.index.insert(key_hash(&key), j as u32);
             }
         }
     }

@@ -138,7 +138,7 @@ impl StatsReader for BpfMaps {
             // Live flows (one slot each) against the flow capacity: concurrent flows,
             // whichever CPUs create them.
             MapUsage {
-                map: map_names::FLOWS,
+                map: map_names::FLOW_INDEX,
                 entries: self.slots.live().count() as u64,
                 capacity: self.flow_capacity()?.into(),
             },
