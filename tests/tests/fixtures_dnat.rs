@@ -133,7 +133,10 @@ fn a_dnat_client_packet_without_a_flow_goes_on_without_state() {
     assert_bytes(&out, &want);
     e.expect_counters(&[(DnatStateless, 1), (TxSameIface, 1)]);
     let key = flow_key((FAR, 41002), (VIP, 80), Proto::Tcp);
-    assert!(e.maps.index.find(&e.maps.slots, &key).is_none(), "no flow was created");
+    assert!(
+        e.maps.index.find(&e.maps.slots, &key).is_none(),
+        "no flow was created"
+    );
 
     // The full-NAT service on port 81, same situation.
     let ack81 = Packet::tcp((FAR, 41002), (VIP, 81), TCP_ACK);

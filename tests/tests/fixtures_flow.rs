@@ -347,7 +347,14 @@ fn xdp_ct_capacity_when_every_flow_is_created_on_one_cpu() {
     pin_to_cpu0();
     let mut e = env_with(Some(4096), &[(VM1, 8080), (VM2, 8080)]);
     assert_eq!(e.maps.flow_capacity().unwrap(), 4096);
-    let client = |i: u32| Ipv4Addr::new(10, 40 + (i / 62_500) as u8, (i / 250 % 250) as u8, (i % 250 + 1) as u8);
+    let client = |i: u32| {
+        Ipv4Addr::new(
+            10,
+            40 + (i / 62_500) as u8,
+            (i / 250 % 250) as u8,
+            (i % 250 + 1) as u8,
+        )
+    };
     let mut opened = Vec::new();
     for i in 0..4096u32 {
         let (action, out) = e.run(&from_client(client(i), 33000, TCP_SYN));
@@ -459,7 +466,12 @@ fn xdp_ct_martian_sources_are_dropped() {
 fn xdp_ct_hash_collisions_never_mix_flows() {
     let mut e = env_with(None, &[(VM1, 8080), (VM2, 8080)]);
     // Two fields vary: with one 32-bit word alone the hash is a permutation, never colliding.
-    let client = |i: u32| (Ipv4Addr::from(0x0a50_0000 + (i & 0xffff)), 10_000 + (i >> 16) as u16);
+    let client = |i: u32| {
+        (
+            Ipv4Addr::from(0x0a50_0000 + (i & 0xffff)),
+            10_000 + (i >> 16) as u16,
+        )
+    };
     // A birthday search: ~2^16 keys give a 32-bit collision.
     let mut seen = std::collections::HashMap::new();
     let (a, b) = (0..2_000_000u32)
@@ -479,7 +491,11 @@ fn xdp_ct_hash_collisions_never_mix_flows() {
     for (client, backend, port) in [(a, ba, pa), (b, bb, pb)] {
         let (action, out) = e.run(&from_client(client.0, client.1, TCP_ACK));
         assert_eq!(action, XDP_TX);
-        assert_eq!(tuple(&out), (SNAT, port, backend.0, backend.1), "{client:?}");
+        assert_eq!(
+            tuple(&out),
+            (SNAT, port, backend.0, backend.1),
+            "{client:?}"
+        );
     }
     assert_eq!(index_len(&e), 2);
 }
@@ -499,7 +515,10 @@ fn xdp_ct_a_flow_being_created_elsewhere_is_not_created_twice() {
     assert_eq!(action, XDP_DROP);
     e.expect_counters(&[(DropFlowRace, 1), (SnatPortCollision, 1)]);
     assert_eq!(index_len(&e), 1, "the loser's entry is gone");
-    assert!(e.maps.live_flows().is_empty(), "the loser's slot is free again");
+    assert!(
+        e.maps.live_flows().is_empty(),
+        "the loser's slot is free again"
+    );
     // Once the other CPU publishes, the flow is found.
     e.maps.slots.set(idx as usize, &f);
     let (action, out) = e.run(&from_client(CLIENT, 40000, TCP_ACK));

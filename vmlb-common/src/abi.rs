@@ -62,10 +62,10 @@ pub const DEFAULT_MAGLEV_ENTRIES: u32 = 2 * 64 * 16381;
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 /// `FLOW_SLOTS` holds this many slots per flow of capacity. A flow's slot is a pure function of
 /// its SNAT tuple (direct-mapped, see `hash::tuple_slot`), so a SNAT port candidate is usable
-/// only if its slot is free: a full flow table leaves half the slots free, and the
-/// `SNAT_RETRIES + SNAT_RANDOM_RETRIES` candidates all miss with probability (1/2)^24 (less
-/// the slots held back for TIME_WAIT safety). 4 slots per flow cost 128 MiB more per million
-/// flows and bought nothing measurable at 1M flows (scale bench: no exhausted SNAT).
+/// only if its slot is free: a full flow table leaves half the slots free, and the 16
+/// `SNAT_RETRIES + SNAT_RANDOM_RETRIES` candidates all miss with probability (1/2)^16 (more
+/// while slots are held back for TIME_WAIT safety). Layout 2 had 4 slots per flow: 128 MiB more
+/// per million flows, for (1/4)^16.
 pub const SLOTS_PER_FLOW: u32 = 2;
 /// SNAT addresses per service (a pool used by hash) and per node (all services together).
 pub const MAX_SNAT_PER_SERVICE: usize = 4;

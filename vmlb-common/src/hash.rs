@@ -42,27 +42,52 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
     fmix(h ^ 13)
 }
 
-/// Hash of an IPv6 client flow: the same mixing over every word of both addresses.
+/// Hash of two IPv6 addresses, two ports and a protocol: each 64-bit half of an address is
+/// multiplied on its own lane, the lanes are folded and finished with murmur3's 64-bit mixer.
+/// Not `flow_hash`'s ten dependent 32-bit rounds: on the IPv6 established path those cost
+/// ~20 ns of ~96 (datapath bench, measured against a one-round hash); the lanes' multiplies
+/// overlap, and BPF has no rotate instruction to spend on every round.
+#[inline(always)]
+const fn hash6(a: &Addr6, b: &Addr6, ports: u32, proto: u8, seed: u64) -> u32 {
+    const K: [u64; 5] = [
+        0x9e37_79b9_7f4a_7c15,
+        0xc2b2_ae3d_27d4_eb4f,
+        0x1656_67b1_9e37_79f9,
+        0x85eb_ca77_c2b2_ae63,
+        0x27d4_eb2f_1656_67c5,
+    ];
+    const fn word(lo: u32, hi: u32) -> u64 {
+        lo as u64 | (hi as u64) << 32
+    }
+    let l0 = (word(a[0], a[1]) ^ seed).wrapping_mul(K[0]);
+    let l1 = (word(a[2], a[3]) ^ seed).wrapping_mul(K[1]);
+    let l2 = (word(b[0], b[1]) ^ seed).wrapping_mul(K[2]);
+    let l3 = (word(b[2], b[3]) ^ seed).wrapping_mul(K[3]);
+    let l4 = (word(ports, proto as u32) ^ seed).wrapping_mul(K[4]);
+    // Rotations keep a difference that two lanes share from cancelling out in the fold.
+    let mut h = l0 ^ l1.rotate_left(17) ^ l2.rotate_left(31) ^ l3.rotate_left(47) ^ l4;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h as u32
+}
+
+/// Hash of an IPv6 client flow (`hash6` over source, destination, ports and protocol).
 #[inline(always)]
 pub const fn flow_hash6(k: &FlowKey6) -> u32 {
     let ports = (k.src_port as u32) | ((k.dst_port as u32) << 16);
-    let mut h = SEED ^ 0x0606_0606;
-    let mut i = 0;
-    while i < 4 {
-        h = mix(h, k.src_addr[i]);
-        i += 1;
-    }
-    i = 0;
-    while i < 4 {
-        h = mix(h, k.dst_addr[i]);
-        i += 1;
-    }
-    h = mix(h, ports);
-    h = mix(h, k.proto as u32);
-    fmix(h ^ 37)
+    hash6(
+        &k.src_addr,
+        &k.dst_addr,
+        ports,
+        k.proto,
+        SEED as u64 | 0x0606_0606 << 32,
+    )
 }
 
-/// The `FLOW_SLOTS6` index of an IPv6 SNAT tuple (as `tuple_slot`).
+/// The `FLOW_SLOTS6` index of an IPv6 SNAT tuple (as `tuple_slot`, with `hash6`).
 #[inline(always)]
 pub const fn tuple_slot6(
     backend_addr: &Addr6,
@@ -72,16 +97,14 @@ pub const fn tuple_slot6(
     proto: u8,
     slot_count: u32,
 ) -> u32 {
-    let mut h = SEED ^ 0xa5a5_a5a5;
-    let mut i = 0;
-    while i < 4 {
-        h = mix(h, backend_addr[i]);
-        h = mix(h, snat_addr[i]);
-        i += 1;
-    }
-    h = mix(h, (backend_port as u32) | ((snat_port as u32) << 16));
-    h = mix(h, proto as u32);
-    let h = fmix(h ^ 37);
+    let ports = (backend_port as u32) | ((snat_port as u32) << 16);
+    let h = hash6(
+        backend_addr,
+        snat_addr,
+        ports,
+        proto,
+        SEED as u64 | 0xa5a5_a5a5 << 32,
+    );
     if slot_count == 0 {
         0
     } else {
@@ -255,6 +278,64 @@ mod tests {
         assert!((2..n)
             .take_while(|d| d * d <= n)
             .all(|d| !n.is_multiple_of(d)));
+    }
+
+    fn key6(src_last: u32, sport: u16) -> crate::FlowKey6 {
+        crate::FlowKey6 {
+            src_addr: [0x20010db8u32.to_be(), 0, 0, src_last.to_be()],
+            dst_addr: [0xfd000000u32.to_be(), 0, 0, 0x80u32.to_be()],
+            src_port: sport.to_be(),
+            dst_port: 443u16.to_be(),
+            proto: 6,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// Sequential clients (one /64, ports in a row, as a load generator makes them) spread
+    /// evenly over Maglev slots and index buckets, and every field changes the hash.
+    #[test]
+    fn ipv6_hash_spreads_and_depends_on_every_field() {
+        for (n, make) in [
+            (
+                7000u32,
+                (|i: u32| key6(i + 1, 40000)) as fn(u32) -> crate::FlowKey6,
+            ),
+            (7000, |i| key6(1, 20000 + i as u16)),
+        ] {
+            let mut counts = [0u32; 7];
+            let mut buckets = [0u32; 16];
+            for i in 0..n {
+                let h = flow_hash6(&make(i));
+                counts[maglev_slot(h, 7) as usize] += 1;
+                buckets[crate::index::bucket_of(h, 16, 0) as usize] += 1;
+            }
+            assert!(counts.iter().all(|c| (850..1150).contains(c)), "{counts:?}");
+            assert!(
+                buckets.iter().all(|c| (330..550).contains(c)),
+                "{buckets:?}"
+            );
+        }
+        let base = key6(1, 40000);
+        let h = flow_hash6(&base);
+        for i in 0..4 {
+            let (mut a, mut b) = (base, base);
+            a.src_addr[i] ^= 1 << 31;
+            b.dst_addr[i] ^= 1;
+            assert_ne!(h, flow_hash6(&a), "src word {i}");
+            assert_ne!(h, flow_hash6(&b), "dst word {i}");
+        }
+        let (mut p, mut q) = (base, base);
+        p.dst_port ^= 1;
+        q.proto = 17;
+        assert_ne!(h, flow_hash6(&p));
+        assert_ne!(h, flow_hash6(&q));
+        let mut slots = [0u32; 16];
+        for port in 0..16000u16 {
+            slots[tuple_slot6(&base.src_addr, &base.dst_addr, 80, port.to_be(), 6, 16) as usize] +=
+                1;
+        }
+        assert!(slots.iter().all(|c| (800..1200).contains(c)), "{slots:?}");
     }
 
     #[test]

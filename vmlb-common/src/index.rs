@@ -100,7 +100,10 @@ mod tests {
             assert!(!entry_matches(e, h.wrapping_add(1)));
             assert_eq!(entry_slot(e), s);
         }
-        assert!(!entry_matches(0, 0), "an empty entry matches no hash, not even 0");
+        assert!(
+            !entry_matches(0, 0),
+            "an empty entry matches no hash, not even 0"
+        );
     }
 
     #[test]
@@ -140,9 +143,9 @@ mod tests {
                 _pad0: 0,
                 _pad1: 0,
             });
-            let placed = (0..INDEX_PROBES).map(|p| bucket_of(h, buckets, p) as usize).find(|&b| {
-                used[b] < INDEX_WAYS as u8
-            });
+            let placed = (0..INDEX_PROBES)
+                .map(|p| bucket_of(h, buckets, p) as usize)
+                .find(|&b| used[b] < INDEX_WAYS as u8);
             match placed {
                 Some(b) => used[b] += 1,
                 None => overflow += 1,

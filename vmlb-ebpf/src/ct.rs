@@ -228,6 +228,31 @@ pub fn publish<F: Slot>(f: *mut F, claimed: u64, state: u8) -> u64 {
     c
 }
 
+/// How a new flow comes to be, and what it does with the index.
+#[derive(Clone, Copy)]
+pub enum New {
+    /// A SYN not looked up yet: `None` if its 5-tuple has a live flow.
+    IfAbsent,
+    /// No flow was found.
+    Fresh,
+    /// The flow replaces a closing one (its index entry's value).
+    Replace(u64),
+    /// The flow moves off a down backend (its old entry's value); not only a SYN may do that.
+    Rebalance(u64),
+}
+
+impl New {
+    /// The index entry value the new flow replaces, and whether it moves off a down backend.
+    #[inline(always)]
+    pub fn replacing(self) -> (Option<u64>, bool) {
+        match self {
+            New::Replace(old) => (Some(old), false),
+            New::Rebalance(old) => (Some(old), true),
+            New::IfAbsent | New::Fresh => (None, false),
+        }
+    }
+}
+
 /// Give back a claimed slot whose flow could not be indexed (it was never published, so no
 /// packet went out on its tuple and it needs no TIME_WAIT hold).
 #[inline(always)]

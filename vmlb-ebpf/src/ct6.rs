@@ -22,7 +22,9 @@ fn eq(a: &Addr6, b: &Addr6) -> bool {
 /// The client direction (see `ct::find`).
 #[inline(always)]
 pub fn find(key: &FlowKey6, hash: u32, cfg6: &Config6) -> Option<(*mut Flow6, u64, u64)> {
-    crate::index::find(&FLOW_INDEX6, cfg6.index_buckets, hash, slot, |f| mine(f, key))
+    crate::index::find(&FLOW_INDEX6, cfg6.index_buckets, hash, slot, |f| {
+        mine(f, key)
+    })
 }
 
 /// Whether slot `f` holds the client 5-tuple `key`.

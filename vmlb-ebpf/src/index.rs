@@ -24,7 +24,10 @@ use crate::ct::{cas_u64, load, Slot};
 /// The `probe`-th bucket of `hash`, as a pointer to its first entry.
 #[inline(always)]
 fn bucket(map: &Array<FlowBucket>, buckets: u32, hash: u32, probe: u32) -> Option<*mut u64> {
-    Some(map.get_ptr_mut(bucket_of(hash, buckets, probe))?.cast::<u64>())
+    Some(
+        map.get_ptr_mut(bucket_of(hash, buckets, probe))?
+            .cast::<u64>(),
+    )
 }
 
 /// Run `visit` on each entry of `hash`'s buckets in probe order (entry pointer, value) until it

@@ -152,8 +152,17 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
         }
     }
 
-    // The client direction of a known flow: one index bucket, one slot.
     let hash = flow_hash(&p.key);
+    // A SYN goes to the new-flow path at once, which looks for an existing flow (a
+    // retransmission, or the client reusing a closing flow's 5-tuple) only once it has asked
+    // for its first SNAT candidate's slot, so the two cache misses overlap.
+    if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
+        if let Some(action) = new_flow(ctx, &p, cfg, hash, ct::New::IfAbsent)? {
+            return Ok(action);
+        }
+    }
+
+    // The client direction of a known flow: one index bucket, one slot.
     let mut replace = None;
     let mut rebalance = false;
     if let Some((f, c, entry)) = ct::find(&p.key, hash, cfg) {
@@ -187,7 +196,13 @@ fn try_vmlb(ctx: &XdpContext) -> Result<u32, Counter> {
             return established(ctx, &p, f, c);
         }
     }
-    new_flow(ctx, &p, cfg, hash, replace, rebalance)
+    let how = match replace {
+        Some(old) if rebalance => ct::New::Rebalance(old),
+        Some(old) => ct::New::Replace(old),
+        None => ct::New::Fresh,
+    };
+    // `None` comes back only for `IfAbsent`.
+    new_flow(ctx, &p, cfg, hash, how)?.ok_or(Counter::DropFlowRace)
 }
 
 #[inline(always)]
@@ -292,10 +307,10 @@ fn new_flow(
     p: &Packet,
     cfg: &Config,
     hash: u32,
-    replace: Option<u64>,
-    rebalance: bool,
-) -> Result<u32, Counter> {
+    how: ct::New,
+) -> Result<Option<u32>, Counter> {
     let k = &p.key;
+    let (replace, rebalance) = how.replacing();
     let Some(svc) = lookup::service(k) else {
         return Err(if lookup::is_vip(k.dst_addr) {
             Counter::DropUnknownPort
@@ -317,7 +332,7 @@ fn new_flow(
             // A dnat connection needs no state to go on: the client's own tuple reaches the
             // backend Maglev still picks, so connections made through another node survive
             // a takeover (their replies: `dnat_reply`).
-            return dnat_stateless(ctx, p, &svc);
+            return dnat_stateless(ctx, p, &svc).map(Some);
         }
         return Err(Counter::DropTcpNoFlow);
     }
@@ -339,7 +354,11 @@ fn new_flow(
 
     let (snat0, port0, idx0) = candidate(&svc, &be, k, hash, pick, 0, cfg.slot_count)?;
     let f0 = ct::slot(idx0).ok_or(Counter::DropBadBackend)?;
-    let mut claimed = ct::claim(f0, ct::load(f0), now).map(|c| (f0, c, idx0, snat0, port0));
+    let c0 = ct::load(f0);
+    if matches!(how, ct::New::IfAbsent) && ct::find(k, hash, cfg).is_some() {
+        return Ok(None);
+    }
+    let mut claimed = ct::claim(f0, c0, now).map(|c| (f0, c, idx0, snat0, port0));
     if claimed.is_none() {
         count(Counter::SnatPortCollision);
         let attempts = if dnat {
@@ -392,9 +411,14 @@ fn new_flow(
                 ct::release(f, c);
                 return Err(Counter::DropFlowTableFull);
             }
-            if index::contested(&maps::FLOW_INDEX, cfg.index_buckets, hash, value, ct::slot, |f| {
-                ct::mine(f, k)
-            }) {
+            if index::contested(
+                &maps::FLOW_INDEX,
+                cfg.index_buckets,
+                hash,
+                value,
+                ct::slot,
+                |f| ct::mine(f, k),
+            ) {
                 index::replace(&maps::FLOW_INDEX, cfg.index_buckets, hash, value, 0);
                 ct::release(f, c);
                 return Err(Counter::DropFlowRace);
@@ -417,14 +441,14 @@ fn new_flow(
     count(Counter::FlowNew);
     nat::rewrite(p, snat, port, be.addr, be.port);
     count_traffic(svc.id, backend_id, p.len, true, false);
-    Ok(forward::send(
+    Ok(Some(forward::send(
         ctx,
         p.eth,
         p.vlan_dev,
         hop.ifindex,
         &hop.dst_mac,
         &hop.src_mac,
-    ))
+    )))
 }
 
 /// A dnat service's client packet without a flow and not a SYN: to its Maglev backend, no state.

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use vmlb_common::{
     index::index_buckets, Addr6, Backend, Backend6, Config, Config6, Counter, DnatEndpoint,
     EndpointKey, Flow, Flow6, FlowBucket, FlowKey6, Hop, RateBucket, Service, Service6, ServiceKey,
-    ServiceKey6, TrafficStats, DEFAULT_FLOW6_ENTRIES, DEFAULT_FLOW_ENTRIES,
-    DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
+    ServiceKey6, TrafficStats, DEFAULT_FLOW6_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES,
+    MAX_BACKENDS, MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
 };
 
 /// BPF_F_MMAPABLE: user space maps `FLOW_SLOTS` and `FLOW_INDEX` to sweep them, freeing slots

@@ -16,9 +16,7 @@ use vmlb_common::{
 };
 
 use crate::{
-    ct, ct6, forward, guard,
-    index,
-    lookup, nat,
+    ct, ct6, forward, guard, index, lookup, nat,
     parse::{ptr_at, Eth, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     parse6::{parse6, Classify6, Packet6},
     stats::{count, count_traffic},
@@ -111,6 +109,12 @@ fn run(
         return reply(ctx, &p, cfg, cfg6);
     }
     let hash = flow_hash6(&p.key);
+    // A SYN first: see main.rs.
+    if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
+        if let Some(action) = new_flow(ctx, &p, cfg, cfg6, hash, ct::New::IfAbsent)? {
+            return Ok(action);
+        }
+    }
     let mut replace = None;
     let mut rebalance = false;
     if let Some((f, c, entry)) = ct6::find(&p.key, hash, cfg6) {
@@ -138,7 +142,12 @@ fn run(
             return established(ctx, &p, f, c);
         }
     }
-    new_flow(ctx, &p, cfg, cfg6, hash, replace, rebalance)
+    let how = match replace {
+        Some(old) if rebalance => ct::New::Rebalance(old),
+        Some(old) => ct::New::Replace(old),
+        None => ct::New::Fresh,
+    };
+    new_flow(ctx, &p, cfg, cfg6, hash, how)?.ok_or(Counter::DropFlowRace)
 }
 
 #[inline(always)]
@@ -216,10 +225,10 @@ fn new_flow(
     cfg: &Config,
     cfg6: &Config6,
     hash: u32,
-    replace: Option<u64>,
-    rebalance: bool,
-) -> Result<u32, Counter> {
+    how: ct::New,
+) -> Result<Option<u32>, Counter> {
     let k = &p.key;
+    let (replace, rebalance) = how.replacing();
     let Some(svc) = lookup::service6(k) else {
         return Err(if lookup::vip6_flags(&k.dst_addr).is_some() {
             Counter::DropUnknownPort
@@ -245,7 +254,11 @@ fn new_flow(
 
     let (snat0, port0, idx0) = candidate(svc, be, k.proto, hash, pick, 0, cfg6.slot_count)?;
     let f0 = ct6::slot(idx0).ok_or(Counter::DropBadBackend)?;
-    let mut claimed = ct::claim(f0, ct::load(f0), now).map(|c| (f0, c, idx0, snat0, port0));
+    let c0 = ct::load(f0);
+    if matches!(how, ct::New::IfAbsent) && ct6::find(k, hash, cfg6).is_some() {
+        return Ok(None);
+    }
+    let mut claimed = ct::claim(f0, c0, now).map(|c| (f0, c, idx0, snat0, port0));
     if claimed.is_none() {
         count(Counter::SnatPortCollision);
         for attempt in 1..SNAT_RETRIES + SNAT_RANDOM_RETRIES {
@@ -316,14 +329,14 @@ fn new_flow(
     count(Counter::FlowNew);
     nat::rewrite6(p, snat, port, &be.addr, be.port);
     count_traffic(svc.id, backend_id, p.len, true, false);
-    Ok(forward::send(
+    Ok(Some(forward::send(
         ctx,
         p.eth,
         p.vlan_dev,
         hop.ifindex,
         &hop.dst_mac,
         &hop.src_mac,
-    ))
+    )))
 }
 
 /// The `attempt`-th SNAT candidate (see main.rs `candidate`).

@@ -96,7 +96,12 @@ macro_rules! slot {
     };
 }
 slot!(Flow, FlowKey, "FLOW_SLOTS", vmlb_common::index::key_hash);
-slot!(Flow6, FlowKey6, "FLOW_SLOTS6", vmlb_common::index::key_hash6);
+slot!(
+    Flow6,
+    FlowKey6,
+    "FLOW_SLOTS6",
+    vmlb_common::index::key_hash6
+);
 
 /// `FLOW_INDEX` (or `FLOW_INDEX6`), mapped into this process. Entries change only by
 /// compare-and-swap, as in the data path (vmlb-ebpf index.rs; layout in `vmlb_common::index`).
@@ -503,7 +508,12 @@ impl Sweep {
 /// slot is freed by compare-and-swap. In that order no index entry can ever name a slot freed
 /// under it. A flow the data path changed meanwhile (a FIN on a reply) fails the swap, gets its
 /// entry back and is looked at again next time.
-pub fn sweep<F: Slot>(slots: &SlotTable<F>, index: &FlowIndex, t: &Timeouts, pressure: bool) -> Sweep {
+pub fn sweep<F: Slot>(
+    slots: &SlotTable<F>,
+    index: &FlowIndex,
+    t: &Timeouts,
+    pressure: bool,
+) -> Sweep {
     let mut out = Sweep::default();
     let now = now();
     for i in 0..slots.len() {

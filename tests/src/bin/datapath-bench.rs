@@ -402,6 +402,9 @@ fn main() -> anyhow::Result<()> {
     let mut wrappers: Vec<(f64, f64)> = Vec::new();
     let mut collisions = 0;
     let mut collisions6 = 0;
+    // Index tags shared by two 5-tuples (equal 32-bit hashes): expected about n^2 / 2^33 per
+    // run of n new flows, each a `FlowStale` event, not another path.
+    let mut tags = 0;
     let (n, n_new) = (repeat as u64, new_repeat as u64);
     let n_new_usize = new_repeat as usize;
     for round in 0..RUNS {
@@ -448,6 +451,7 @@ fn main() -> anyhow::Result<()> {
         // depends on which CPUs the thread ran on. SNAT port collisions are reported.
         let mut d = b.env.delta();
         collisions += d.remove(&Counter::SnatPortCollision).unwrap_or(0);
+        tags += d.remove(&Counter::FlowStale).unwrap_or(0);
         expect_path(
             &format!("round {round}: established, reply and new-flow runs"),
             &d,
@@ -493,6 +497,7 @@ fn main() -> anyhow::Result<()> {
         let t_new6 = b.time(xdp(&b.obj, "bench_restore_new"), &syn6, new_repeat, XDP_TX)?;
         let mut d = b.env.delta();
         collisions6 += d.remove(&Counter::SnatPortCollision).unwrap_or(0);
+        tags += d.remove(&Counter::FlowStale).unwrap_or(0);
         expect_path(
             &format!("round {round}: IPv6 established, reply and new-flow runs"),
             &d,
@@ -603,7 +608,8 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "occupancy after each new-flow run: {live} live flows of {capacity} ({:.1}%), \
-         {live} of {slots} slots ({:.1}%); SNAT port collisions: {:.3} per new flow",
+         {live} of {slots} slots ({:.1}%); SNAT port collisions: {:.3} per new flow; index tag \
+         collisions (both families, all rounds): {tags}",
         100.0 * live as f64 / capacity as f64,
         100.0 * live as f64 / slots as f64,
         collisions as f64 / (RUNS as f64 * n_new as f64),
@@ -644,6 +650,7 @@ fn main() -> anyhow::Result<()> {
         "wrapper_new_ns": wrap_new_cost,
         "floor_ns": floor,
         "snat_collisions_new_flow": collisions,
+        "index_tag_collisions": tags,
         "flow_capacity": capacity,
         "flow_slots": slots,
         "live_flows_after_new_flow_run": live,

@@ -53,14 +53,9 @@ impl Sweeper {
                             }
                         }
                     }
-                    let s =
-                        crate::conntrack::sweep(&own.slots, &own.index, &timeouts, pressure);
-                    let s6 = crate::conntrack::sweep(
-                        &own.v6.slots,
-                        &own.v6.index,
-                        &timeouts,
-                        pressure,
-                    );
+                    let s = crate::conntrack::sweep(&own.slots, &own.index, &timeouts, pressure);
+                    let s6 =
+                        crate::conntrack::sweep(&own.v6.slots, &own.v6.index, &timeouts, pressure);
                     let now_pressure = s.live() >= threshold || s6.live() >= threshold6;
                     if now_pressure != pressure {
                         pressure = now_pressure;

@@ -250,7 +250,9 @@ fn prepare_migration(
     let sized = |name, default| Some(migration.old_max_entries(name).unwrap_or(default));
     // The old flow capacity: its index's, or (layouts 1 and 2) its FLOWS/FLOWS6 hash's size.
     let capacity = |index, hash, default| {
-        let old = migration.old_max_entries(index).map(vmlb_common::index::index_capacity);
+        let old = migration
+            .old_max_entries(index)
+            .map(vmlb_common::index::index_capacity);
         Some(old.or(migration.old_max_entries(hash)).unwrap_or(default))
     };
     let mut ebpf = loader::load(Sizes {

@@ -9,7 +9,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use vmlb_common::{
-    index::index_buckets, map_names, map_names6, JUMP_V6, JUMP_V6_ICMP, PROGRAM6_ICMP_NAME, PROGRAM6_NAME, PROGRAM_NAME,
+    index::index_buckets, map_names, map_names6, JUMP_V6, JUMP_V6_ICMP, PROGRAM6_ICMP_NAME,
+    PROGRAM6_NAME, PROGRAM_NAME,
 };
 
 use super::pins::PinLayout;

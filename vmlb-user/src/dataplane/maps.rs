@@ -7,8 +7,8 @@ use aya::{
 };
 use tracing::warn;
 use vmlb_common::{
-    map_names, Backend, Config, Counter, DnatEndpoint, EndpointKey, Flow, Hop,
-    Service, ServiceKey, TrafficStats, MAX_SNAT_ADDRS,
+    map_names, Backend, Config, Counter, DnatEndpoint, EndpointKey, Flow, Hop, Service, ServiceKey,
+    TrafficStats, MAX_SNAT_ADDRS,
 };
 
 use std::{

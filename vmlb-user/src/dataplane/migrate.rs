@@ -23,8 +23,8 @@ use aya::{
 };
 use tracing::{info, warn};
 use vmlb_common::{
-    flow_state as st, hash::tuple_slot, index::key_hash, map_names, Backend, Flow, FlowKey, Service,
-    ServiceKey, LAYOUT_VERSION,
+    flow_state as st, hash::tuple_slot, index::key_hash, map_names, Backend, Flow, FlowKey,
+    Service, ServiceKey, LAYOUT_VERSION,
 };
 
 use super::{
