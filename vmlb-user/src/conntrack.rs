@@ -21,7 +21,7 @@ use aya::maps::MapData;
 use vmlb_common::{
     clock_units_from_ms, flow_state as st,
     index::{bucket_of, entry_matches, entry_slot, index_capacity, index_entry, INDEX_PROBES},
-    Flow, Flow6, FlowBucket, FlowKey, FlowKey6, CLOCK_SHIFT,
+    Addr6, Flow, Flow6, FlowBucket, FlowKey, FlowKey6, CLOCK_SHIFT,
 };
 
 /// A value of a flow slot array: `Flow` in `FLOW_SLOTS`, `Flow6` in `FLOW_SLOTS6`. What the
@@ -29,7 +29,7 @@ use vmlb_common::{
 /// `touched`), the backend, and the key of the flow's index entry.
 pub trait Slot: Copy + Default + 'static {
     /// The client 5-tuple, hashed into the index (`FLOW_INDEX`, `FLOW_INDEX6`).
-    type Key: aya::Pod + PartialEq;
+    type Key: aya::Pod + Eq + Ord + std::hash::Hash + std::fmt::Debug;
     /// The array's name, for errors.
     const MAP: &'static str;
     /// The index hash of a client 5-tuple (as the data path computes it).
@@ -41,7 +41,12 @@ pub trait Slot: Copy + Default + 'static {
     fn stamp(&self) -> u32;
     fn touched(&self) -> u8;
     fn backend_id(&self) -> u32;
+    /// Service and backend ids (a layout migration translates them).
+    fn ids(&self) -> (u32, u32);
+    fn set_ids(&mut self, service: u32, backend: u32);
     fn client_key(&self) -> Self::Key;
+    /// The slot of this flow's SNAT tuple in a table of `slot_count` slots.
+    fn reply_slot(&self, slot_count: u32) -> u32;
     /// `ctl`, `last_seen`, `stamp` and `touched` of the slot at `p`.
     ///
     /// # Safety
@@ -50,7 +55,7 @@ pub trait Slot: Copy + Default + 'static {
 }
 
 macro_rules! slot {
-    ($flow:ty, $key:ty, $map:literal, $hash:path) => {
+    ($flow:ty, $key:ty, $map:literal, $hash:path, $tuple_slot:path) => {
         impl Slot for $flow {
             type Key = $key;
             const MAP: &'static str = $map;
@@ -78,8 +83,25 @@ macro_rules! slot {
             fn backend_id(&self) -> u32 {
                 self.backend_id
             }
+            fn ids(&self) -> (u32, u32) {
+                (self.service_id, self.backend_id)
+            }
+            fn set_ids(&mut self, service: u32, backend: u32) {
+                self.service_id = service;
+                self.backend_id = backend;
+            }
             fn client_key(&self) -> $key {
                 <$flow>::client_key(self)
+            }
+            fn reply_slot(&self, slot_count: u32) -> u32 {
+                $tuple_slot(
+                    self.backend_addr,
+                    self.snat_addr,
+                    self.backend_port,
+                    self.snat_port,
+                    self.proto,
+                    slot_count,
+                )
             }
             unsafe fn fields(p: *mut Self) -> (*mut u64, *mut u32, *mut u32, *mut u8) {
                 // SAFETY: the caller's `p` is a slot; only field addresses are taken.
@@ -95,13 +117,25 @@ macro_rules! slot {
         }
     };
 }
-slot!(Flow, FlowKey, "FLOW_SLOTS", vmlb_common::index::key_hash);
+slot!(
+    Flow,
+    FlowKey,
+    "FLOW_SLOTS",
+    vmlb_common::index::key_hash,
+    vmlb_common::hash::tuple_slot
+);
 slot!(
     Flow6,
     FlowKey6,
     "FLOW_SLOTS6",
-    vmlb_common::index::key_hash6
+    vmlb_common::index::key_hash6,
+    tuple_slot6_of
 );
+
+/// `hash::tuple_slot6` with its addresses by value, as the `slot!` macro passes them.
+fn tuple_slot6_of(b: Addr6, s: Addr6, bport: u16, sport: u16, proto: u8, n: u32) -> u32 {
+    vmlb_common::hash::tuple_slot6(&b, &s, bport, sport, proto, n)
+}
 
 /// `FLOW_INDEX` (or `FLOW_INDEX6`), mapped into this process. Entries change only by
 /// compare-and-swap, as in the data path (vmlb-ebpf index.rs; layout in `vmlb_common::index`).

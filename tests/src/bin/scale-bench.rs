@@ -63,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         services: Some(n_services + 1),
         backends: Some(n_backends + 1),
         pins: None,
+        ..Default::default()
     };
     let t = Instant::now();
     let mut e = Env::with_sizes(sizes).context("loading at size (needs root)")?;

@@ -182,6 +182,7 @@ pub fn attach_or_adopt(
         services: Some(spec.max_services),
         backends: Some(spec.max_backends),
         pins: Some(layout.clone()),
+        ..Default::default()
     })?;
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
@@ -263,6 +264,8 @@ fn prepare_migration(
             "FLOWS6",
             spec.flow6_entries,
         ),
+        flow_slots: migration.old_max_entries(n::FLOW_SLOTS),
+        flow6_slots: migration.old_max_entries(vmlb_common::map_names6::FLOW_SLOTS6),
         maglev: sized(n::MAGLEV, spec.maglev_entries),
         services: sized(n::SVC_STATS, spec.max_services),
         backends: sized(n::BACKENDS, spec.max_backends),

@@ -30,6 +30,11 @@ pub struct Sizes {
     /// Concurrent IPv6 flows (`FLOW_INDEX6`, `FLOW_SLOTS6` as for IPv4), default
     /// `DEFAULT_FLOW6_ENTRIES`. 112 bytes per slot.
     pub flows6: Option<u32>,
+    /// `FLOW_SLOTS` / `FLOW_SLOTS6` entries other than `SLOTS_PER_FLOW` per flow: a layout
+    /// migration keeps the old tables' sizes, so every flow keeps its slot (an older layout
+    /// had more slots per flow).
+    pub flow_slots: Option<u32>,
+    pub flow6_slots: Option<u32>,
     /// Entries of the Maglev array shared by all services' tables.
     pub maglev: Option<u32>,
     /// Service ids (`SERVICES`, `VIPS`, `SERVICES6`, `VIPS6`, `SVC_STATS`; id 0 is never
@@ -95,6 +100,12 @@ fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
             map_names6::FLOW_SLOTS6,
             n.saturating_mul(vmlb_common::SLOTS_PER_FLOW),
         );
+    }
+    if let Some(n) = sizes.flow_slots {
+        loader.map_max_entries(map_names::FLOW_SLOTS, n);
+    }
+    if let Some(n) = sizes.flow6_slots {
+        loader.map_max_entries(map_names6::FLOW_SLOTS6, n);
     }
     if let Some(n) = sizes.maglev {
         loader.map_max_entries(map_names::MAGLEV, n);

@@ -23,8 +23,8 @@ use aya::{
 };
 use tracing::{info, warn};
 use vmlb_common::{
-    flow_state as st, hash::tuple_slot, index::key_hash, map_names, Backend, Flow, FlowKey,
-    Service, ServiceKey, LAYOUT_VERSION,
+    flow_state as st, map_names, map_names6, Addr6, Backend, Backend6, Flow, Flow6, Service,
+    Service6, ServiceKey, ServiceKey6, LAYOUT_VERSION,
 };
 
 use super::{
@@ -33,7 +33,7 @@ use super::{
     maps::BpfMaps,
     pins::PinLayout,
 };
-use crate::conntrack::SlotTable;
+use crate::conntrack::{FlowIndex, Slot, SlotTable};
 
 /// The maps of this version's object, as the object defines them (sizes before overrides).
 pub fn object_shapes() -> anyhow::Result<BTreeMap<String, Shape>> {
@@ -174,26 +174,26 @@ impl Migration {
         } else {
             None
         };
-        let mut flows = match (&ids, self.drop_flows) {
-            (Some(ids), false) => {
-                let (name, convert) = self.flow_map();
-                let carry = self.plan.carry(name).cloned();
-                let convert = (carry == Some(Carry::Convert)).then_some(convert).flatten();
-                let old = RawSlots::open(&self.old.map(name))?;
-                Some(FlowCopy::first(old, maps, ids, convert, self.plan.from)?)
-            }
+        // Each family's flows: copied before the swap, then what changed meanwhile after it.
+        let mut copies = match (&ids, self.drop_flows) {
+            (Some(ids), false) => Some(self.copy_flows(maps, ids)?),
             _ => None,
         };
         super::attach::swap_into_link(ebpf, &self.new)
             .context("swapping this version's program into the pinned link")?;
         self.swapped = true;
         let mut summary = String::new();
-        if let (Some(f), Some(ids)) = (flows.as_mut(), &ids) {
-            f.after_swap(maps, ids);
-            summary = format!(
-                "{} flows carried over ({} after the swap), {} not (slot taken)",
-                f.copied, f.late, f.skipped
-            );
+        if let (Some((v4, v6)), Some(ids)) = (copies.as_mut(), &ids) {
+            let mut parts = Vec::new();
+            if let Some(f) = v4 {
+                f.after_swap(&maps.slots, &maps.index, ids);
+                parts.push(f.summary("IPv4"));
+            }
+            if let Some(f) = v6 {
+                f.after_swap(&maps.v6.slots, &maps.v6.index, ids);
+                parts.push(f.summary("IPv6"));
+            }
+            summary = parts.join("; ");
         }
         if let Err(e) = self.add_counters(ids.as_ref()) {
             warn!("carrying the counters over: {e:#}");
@@ -215,15 +215,43 @@ impl Migration {
         Ok(())
     }
 
-    fn flow_map(&self) -> (&'static str, Option<layout::FlowConverter>) {
-        self.plan
-            .maps
-            .iter()
-            .find_map(|(m, _)| match m.role {
-                Role::Flows { convert, .. } => Some((m.name, convert)),
-                _ => None,
-            })
-            .expect("the layout has a flow map")
+    /// The first pass of each flow map the plan carries over (IPv4, IPv6).
+    #[allow(clippy::type_complexity)]
+    fn copy_flows(
+        &self,
+        maps: &mut BpfMaps,
+        ids: &IdMap,
+    ) -> anyhow::Result<(Option<FlowCopy<Flow>>, Option<FlowCopy<Flow6>>)> {
+        let from = self.plan.from;
+        let carried = |name: &str| {
+            matches!(
+                self.plan.carry(name),
+                Some(Carry::Copy) | Some(Carry::Convert)
+            )
+        };
+        let v4 = if carried(map_names::FLOW_SLOTS) {
+            let convert = (self.plan.carry(map_names::FLOW_SLOTS) == Some(&Carry::Convert))
+                .then(|| self.converter(map_names::FLOW_SLOTS))
+                .flatten();
+            let old = RawSlots::open(&self.old.map(map_names::FLOW_SLOTS))?;
+            Some(FlowCopy::first(old, &maps.slots, &maps.index, ids, convert, from)?)
+        } else {
+            None
+        };
+        let v6 = if carried(map_names6::FLOW_SLOTS6) {
+            let old = RawSlots::open(&self.old.map(map_names6::FLOW_SLOTS6))?;
+            Some(FlowCopy::first(old, &maps.v6.slots, &maps.v6.index, ids, None, from)?)
+        } else {
+            None
+        };
+        Ok((v4, v6))
+    }
+
+    fn converter(&self, name: &str) -> Option<layout::FlowConverter> {
+        self.plan.maps.iter().find_map(|(m, _)| match m.role {
+            Role::Flows { convert, .. } if m.name == name => convert,
+            _ => None,
+        })
     }
 
     /// Add the old counters onto the new ones (entries translated by id).
@@ -289,8 +317,9 @@ impl Drop for Migration {
 }
 
 /// Old ids -> new ids, by what they stand for: a service by its key, a backend by its service
-/// and address:port. An old id missing here no longer exists (0 then: a flow on it moves to
-/// another backend on its next packet, as when a backend is removed).
+/// and address:port, in either family (ids come from one space per kind for both). An old id
+/// missing here no longer exists (0 then: a flow on it moves to another backend on its next
+/// packet, as when a backend is removed).
 #[derive(Debug, Default)]
 struct IdMap {
     services: HashMap<u32, u32>,
@@ -337,12 +366,62 @@ impl IdMap {
                 backends.insert(id, new_id);
             }
         }
-        Ok(Self { services, backends })
+        let mut ids = Self { services, backends };
+        // IPv6 (layout 2 on; an older layout has no such maps).
+        if old.map(map_names6::SERVICES6).exists() {
+            ids.read6(&open, new)?;
+        }
+        Ok(ids)
     }
 
-    fn translate(&self, mut f: Flow) -> Flow {
-        f.service_id = self.services.get(&f.service_id).copied().unwrap_or(0);
-        f.backend_id = self.backends.get(&f.backend_id).copied().unwrap_or(0);
+    fn read6(
+        &mut self,
+        open: &dyn Fn(&str) -> anyhow::Result<Map>,
+        new: &BpfMaps,
+    ) -> anyhow::Result<()> {
+        let old_services: aya::maps::HashMap<MapData, ServiceKey6, Service6> =
+            open(map_names6::SERVICES6)?.try_into()?;
+        let old_backends: Array<MapData, Backend6> = open(map_names6::BACKENDS6)?.try_into()?;
+        let new_service: HashMap<ServiceKey6, u32> = new
+            .v6
+            .services
+            .iter()
+            .map(|r| r.map(|(k, s)| (k, s.id)))
+            .collect::<Result<_, _>>()?;
+        for r in old_services.iter() {
+            let (k, s) = r?;
+            if let Some(&id) = new_service.get(&k) {
+                self.services.insert(s.id, id);
+            }
+        }
+        let mut new_backend: HashMap<(u32, Addr6, u16), u32> = HashMap::new();
+        for id in 0..new.v6.backends.len() {
+            let b = new.v6.backends.get(&id, 0)?;
+            if b.addr != [0; 4] {
+                new_backend.insert((b.service_id, b.addr, b.port), id);
+            }
+        }
+        for id in 0..old_backends.len() {
+            let b = old_backends.get(&id, 0)?;
+            if b.addr == [0; 4] {
+                continue;
+            }
+            let Some(&svc) = self.services.get(&b.service_id) else {
+                continue;
+            };
+            if let Some(&new_id) = new_backend.get(&(svc, b.addr, b.port)) {
+                self.backends.insert(id, new_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn translate<F: Slot>(&self, mut f: F) -> F {
+        let (svc, be) = f.ids();
+        f.set_ids(
+            self.services.get(&svc).copied().unwrap_or(0),
+            self.backends.get(&be).copied().unwrap_or(0),
+        );
         f
     }
 }
@@ -394,11 +473,11 @@ impl RawSlots {
         })
     }
 
-    /// Slot `i` as this version's `Flow` (old ids), read as a plain copy of shared memory;
-    /// `None` when the slot changed while it was read, or cannot be converted. A slot never
-    /// used (`ctl` 0) is an empty `Flow` without further reads: most are, and the pass after
-    /// the swap must be quick.
-    fn get(&self, i: usize, convert: Option<layout::FlowConverter>, from: u32) -> Option<Flow> {
+    /// Slot `i` as this version's `F` (old ids), read as a plain copy of shared memory; `None`
+    /// when the slot changed while it was read, or cannot be converted. A slot never used
+    /// (`ctl` 0) is an empty `F` without further reads: most are, and the pass after the swap
+    /// must be quick.
+    fn get<F: Slot>(&self, i: usize, convert: Option<Converter<F>>, from: u32) -> Option<F> {
         assert!(i < self.len);
         let mut words = [0u64; MAX_SLOT_WORDS];
         let n = self.stride / 8;
@@ -409,7 +488,7 @@ impl RawSlots {
             let p = self.base.as_ptr().add(i * self.stride).cast::<u64>();
             let before = std::ptr::read_volatile(p);
             if before == 0 {
-                return Some(Flow::default());
+                return Some(F::default());
             }
             for (k, w) in words[..n].iter_mut().enumerate() {
                 *w = std::ptr::read_volatile(p.add(k));
@@ -424,9 +503,9 @@ impl RawSlots {
             unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), self.value_size) };
         match convert {
             Some(c) => c(from, bytes),
-            None if self.value_size == size_of::<Flow>() => {
-                // SAFETY: `Flow` is plain old data of exactly this size.
-                Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Flow>()) })
+            None if self.value_size == size_of::<F>() => {
+                // SAFETY: both slot types are plain old data, of exactly this size.
+                Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<F>()) })
             }
             None => None,
         }
@@ -443,18 +522,22 @@ impl Drop for RawSlots {
     }
 }
 
-/// The flows' two passes: before the swap (everything), after it (what the old program changed
-/// meanwhile).
-struct FlowCopy {
+/// Turns an older layout's slot bytes into this version's `F` (`layout::FlowConverter` for
+/// IPv4).
+type Converter<F> = fn(from: u32, old: &[u8]) -> Option<F>;
+
+/// One family's flows in two passes: before the swap (everything), after it (what the old
+/// program changed meanwhile).
+struct FlowCopy<F: Slot> {
     old: RawSlots,
-    convert: Option<layout::FlowConverter>,
+    convert: Option<Converter<F>>,
     from: u32,
     /// Each old slot's `ctl` (converted) as the first pass read it.
     seen: Vec<u64>,
     /// Each new slot's `ctl` as the first pass left it.
     left: Vec<u64>,
     /// Client 5-tuples indexed by the first pass.
-    indexed: BTreeSet<FlowKey>,
+    indexed: BTreeSet<F::Key>,
     copied: u64,
     late: u64,
     skipped: u64,
@@ -462,23 +545,23 @@ struct FlowCopy {
 
 /// Whether a slot holds something to carry over: a flow, or (same slot count) a closed flow's
 /// tuple held for TIME_WAIT.
-fn worth(f: &Flow, now: u32, same_slots: bool) -> bool {
+fn worth<F: Slot>(f: &F, now: u32, same_slots: bool) -> bool {
     match f.state() {
         st::CLAIMING => false,
-        st::FREE => same_slots && (f.stamp.wrapping_sub(now) as i32) > 0,
+        st::FREE => same_slots && (f.stamp().wrapping_sub(now) as i32) > 0,
         _ => true,
     }
 }
 
-impl FlowCopy {
+impl<F: Slot> FlowCopy<F> {
     fn first(
         old: RawSlots,
-        maps: &mut BpfMaps,
+        new: &SlotTable<F>,
+        index: &FlowIndex,
         ids: &IdMap,
-        convert: Option<layout::FlowConverter>,
+        convert: Option<Converter<F>>,
         from: u32,
     ) -> anyhow::Result<Self> {
-        let new = &maps.slots;
         let mut c = Self {
             seen: vec![0; old.len],
             left: (0..new.len()).map(|j| new.ctl_now(j)).collect(),
@@ -493,12 +576,12 @@ impl FlowCopy {
         let now = crate::conntrack::now();
         // Client 5-tuple -> (slot, rank): a client that reused a closing flow's 5-tuple has two
         // slots with it; the index names the open one (then the more recent).
-        let mut index: HashMap<FlowKey, (u32, (bool, u32))> = HashMap::new();
+        let mut best: HashMap<F::Key, (u32, (bool, u32))> = HashMap::new();
         for i in 0..c.old.len {
-            let Some(f) = c.old.get(i, c.convert, c.from) else {
+            let Some(f) = c.old.get::<F>(i, c.convert, c.from) else {
                 continue;
             };
-            c.seen[i] = f.ctl;
+            c.seen[i] = f.ctl();
             if !worth(&f, now, c.old.len == new.len()) {
                 continue;
             }
@@ -509,8 +592,8 @@ impl FlowCopy {
                     c.left[j] = ctl;
                     c.copied += 1;
                     if f.state() > st::CLAIMING {
-                        let rank = (f.state() != st::CLOSING, f.last_seen);
-                        let e = index.entry(f.client_key()).or_insert((j as u32, rank));
+                        let rank = (f.state() != st::CLOSING, f.last_seen());
+                        let e = best.entry(f.client_key()).or_insert((j as u32, rank));
                         if rank > e.1 {
                             *e = (j as u32, rank);
                         }
@@ -519,42 +602,35 @@ impl FlowCopy {
                 None => c.skipped += 1,
             }
         }
-        for (key, (slot, _)) in index {
+        for (key, (slot, _)) in best {
             anyhow::ensure!(
-                maps.index.insert(key_hash(&key), slot),
-                "indexing a migrated flow: its buckets of FLOW_INDEX are full"
+                index.insert(F::key_hash(&key), slot),
+                "indexing a migrated flow: its buckets of {} are full",
+                F::MAP
             );
             c.indexed.insert(key);
         }
         Ok(c)
     }
 
-    /// Where old slot `i`'s flow goes: the same slot when the tables are the same size, else
-    /// the slot of its SNAT tuple in the new table.
-    fn slot(&self, i: usize, f: &Flow, new: &SlotTable) -> usize {
+    /// Where old slot `i`'s flow goes: the same slot when the tables are the same size (a
+    /// migration keeps the old sizes), else the slot of its SNAT tuple in the new table.
+    fn slot(&self, i: usize, f: &F, new: &SlotTable<F>) -> usize {
         if self.old.len == new.len() {
             return i;
         }
-        tuple_slot(
-            f.backend_addr,
-            f.snat_addr,
-            f.backend_port,
-            f.snat_port,
-            f.proto,
-            new.len() as u32,
-        ) as usize
+        f.reply_slot(new.len() as u32) as usize
     }
 
     /// After the swap: the flows the old program created or changed since the first pass, into
     /// slots the new program has not taken since; their index entries unless the new program
     /// made its own.
-    fn after_swap(&mut self, maps: &mut BpfMaps, ids: &IdMap) {
-        let new = &maps.slots;
+    fn after_swap(&mut self, new: &SlotTable<F>, index: &FlowIndex, ids: &IdMap) {
         for i in 0..self.old.len {
-            let Some(f) = self.old.get(i, self.convert, self.from) else {
+            let Some(f) = self.old.get::<F>(i, self.convert, self.from) else {
                 continue;
             };
-            if f.ctl == self.seen[i] || f.state() <= st::CLAIMING {
+            if f.ctl() == self.seen[i] || f.state() <= st::CLAIMING {
                 continue;
             }
             let f = ids.translate(f);
@@ -567,13 +643,19 @@ impl FlowCopy {
             self.copied += 1;
             let key = f.client_key();
             // The new program's own flow for this 5-tuple wins.
-            if !self.indexed.contains(&key) && maps.index.find(&maps.slots, &key).is_none() {
-                maps.index.insert(key_hash(&key), j as u32);
+            if !self.indexed.contains(&key) && index.find(new, &key).is_none() {
+                index.insert(F::key_hash(&key), j as u32);
             }
         }
     }
-}
 
+    fn summary(&self, family: &str) -> String {
+        format!(
+            "{family}: {} flows carried over ({} after the swap), {} not (slot taken)",
+            self.copied, self.late, self.skipped
+        )
+    }
+}
 /// `union bpf_attr` for BPF_MAP_LOOKUP_ELEM / BPF_MAP_UPDATE_ELEM.
 #[repr(C)]
 struct ElemAttr {
