@@ -68,6 +68,20 @@ pub fn service_entry(endpoints: &[Ipv4Addr]) -> String {
     y
 }
 
+/// A ServiceEntry for the IPv6 VIP (`lab::VIP6`) on port 80 with these endpoints.
+pub fn service_entry6(endpoints: &[std::net::Ipv6Addr]) -> String {
+    let mut y = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: vms6\nspec:\n  \
+         hosts:\n  - vms.vlan-1512.org\n  addresses:\n  - \"{}\"\n  ports:\n  - number: 80\n    \
+         name: http\n    protocol: TCP\n  resolution: STATIC\n  endpoints:\n",
+        crate::lab::VIP6
+    );
+    for e in endpoints {
+        y += &format!("  - address: \"{e}\"\n");
+    }
+    y
+}
+
 /// Remove directories (and unmount the bpffs) of test processes that were killed.
 fn sweep_stale_dirs() {
     let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use vmlb_tests::{
-    daemon::LabDaemon,
+    daemon::{service_entry6, LabDaemon},
     lab::{curl, Httpd, Lab, LabOptions, Ns, FAR_CLIENT_ADDR6, NARROW_MTU, NODE_ADDR6, VIP6},
 };
 
@@ -24,15 +24,12 @@ fn v6_lab(pmtu: bool) -> Lab {
 
 /// The seed's ServiceEntry on the IPv6 VIP, over the VMs' IPv6 addresses.
 fn entry6(lab: &Lab) -> String {
-    let mut y = format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: vms6\nspec:\n  \
-         hosts:\n  - vms.vlan-1512.org\n  addresses:\n  - \"{VIP6}\"\n  ports:\n  - number: 80\n    \
-         name: http\n    protocol: TCP\n  resolution: STATIC\n  endpoints:\n"
-    );
-    for vm in &lab.vms {
-        y += &format!("  - address: \"{}\"\n", vm.addr6.expect("an IPv6 lab VM"));
-    }
-    y
+    let vms: Vec<_> = lab
+        .vms
+        .iter()
+        .map(|vm| vm.addr6.expect("an IPv6 lab VM"))
+        .collect();
+    service_entry6(&vms)
 }
 
 fn start(lab: &Lab) -> LabDaemon {

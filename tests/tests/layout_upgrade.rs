@@ -1,8 +1,8 @@
 //! Upgrading across a map layout change (issue 8): the real previous daemon (the last commit of
 //! the previous layout, `vmlb_tests::prev_layout`, built from git) serves the seed's service in
-//! the lab with a keep-alive connection talking through the VIP; this version's daemon starts on
-//! the same pins. Checked: the connection keeps working across the upgrade (every request
-//! answered, by the same VM), this version's program runs in the pinned link on maps of its own
+//! the lab, on an IPv4 and an IPv6 VIP, with a keep-alive connection talking through each; this
+//! version's daemon starts on the same pins. Checked: both connections keep working across the
+//! upgrade (every request answered, by the same VM), this version's program runs in the pinned link on maps of its own
 //! layout, the old layout's pins are gone, `inspect` reads the new pins and a new connection
 //! works. Then a layout newer than this daemon's is refused with the message, and the running
 //! program keeps serving. Needs root and the lab's tools (scripts/bootstrap.sh).
@@ -21,8 +21,8 @@ use std::{
 use anyhow::{bail, ensure, Context as _};
 use vmlb_common::LAYOUT_VERSION;
 use vmlb_tests::{
-    daemon::{service_entry, vmlb_bin, LabDaemon},
-    lab::{curl, HttpConn, Httpd, Lab, NODE_DEV, VIP, VM1_ADDR, VM2_ADDR},
+    daemon::{service_entry, service_entry6, vmlb_bin, LabDaemon},
+    lab::{curl, HttpConn, Httpd, Lab, LabOptions, NODE_DEV, VIP, VIP6, VM1_ADDR, VM2_ADDR},
     prev_layout,
 };
 use vmlb_user::dataplane::{attach::pinned_program, migrate::live_version, pins::PinLayout};
@@ -32,6 +32,9 @@ const _: () = assert!(
     prev_layout::VERSION + 1 == LAYOUT_VERSION,
     "vmlb_tests::prev_layout must name the layout version before this one"
 );
+
+/// The IPv6 SNAT address given to both daemons: the node's (`lab::NODE_ADDR6`).
+const SNAT6: [&str; 2] = ["--snat-addr", "fd00:10:10:1::125"];
 
 /// Requests on the kept-alive connection, one every this long.
 const PACE: Duration = Duration::from_millis(50);
@@ -45,8 +48,8 @@ struct Talker {
 }
 
 impl Talker {
-    fn start(lab: &Lab) -> anyhow::Result<Self> {
-        let mut conn = HttpConn::open(&lab.client, SocketAddr::from((VIP, 80)))?;
+    fn start(lab: &Lab, to: SocketAddr) -> anyhow::Result<Self> {
+        let mut conn = HttpConn::open(&lab.client, to)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let answers = Arc::new(Mutex::new(BTreeMap::new()));
@@ -131,14 +134,23 @@ fn upgrade_from_the_previous_layout_keeps_connections() {
     // Built before the lab: the first build of the old source takes minutes.
     let prev = prev_layout::vmlb_bin();
     let current = vmlb_bin();
-    let lab = Lab::new().expect("building the lab");
+    let lab = Lab::with(LabOptions {
+        ipv6: true,
+        ..Default::default()
+    })
+    .expect("building the lab");
     let _servers: Vec<Httpd> = lab
         .vms
         .iter()
-        .map(|vm| Httpd::start(&vm.ns, vm.name, vm.addr).expect("httpd"))
+        .map(|vm| Httpd::start_vm(vm).expect("httpd"))
         .collect();
-    let config = service_entry(&[VM1_ADDR, VM2_ADDR]);
-    let mut d = LabDaemon::start_bin(&lab, prev, &config, &[]).expect("the previous vmlb");
+    let vms6: Vec<_> = lab.vms.iter().filter_map(|vm| vm.addr6).collect();
+    let config = format!(
+        "{}---\n{}",
+        service_entry(&[VM1_ADDR, VM2_ADDR]),
+        service_entry6(&vms6)
+    );
+    let mut d = LabDaemon::start_bin(&lab, prev, &config, &SNAT6).expect("the previous vmlb");
     let result = upgrade(&lab, &mut d, current);
     if let Err(e) = result {
         panic!("{e:#}\n{}\n{}", d.report(&lab), lab.describe());
@@ -146,6 +158,7 @@ fn upgrade_from_the_previous_layout_keeps_connections() {
 }
 
 fn upgrade(lab: &Lab, d: &mut LabDaemon, current: &std::path::Path) -> anyhow::Result<()> {
+    ensure!(SNAT6[1] == vmlb_tests::lab::NODE_ADDR6.to_string());
     let root = d.pins();
     let pins = PinLayout::new(&root, NODE_DEV);
     let old = pins.with_version(prev_layout::VERSION);
@@ -166,22 +179,29 @@ fn upgrade(lab: &Lab, d: &mut LabDaemon, current: &std::path::Path) -> anyhow::R
         thread::sleep(Duration::from_millis(100));
     }
 
-    let mut talker = Talker::start(lab)?;
-    talker.await_more(5, "before the upgrade")?;
+    let mut talkers = [
+        Talker::start(lab, SocketAddr::from((VIP, 80)))?,
+        Talker::start(lab, SocketAddr::from((VIP6, 80)))?,
+    ];
+    for t in &mut talkers {
+        t.await_more(5, "before the upgrade")?;
+    }
     let started = Instant::now();
-    d.restart_with(lab, current, &[])?;
+    d.restart_with(lab, current, &SNAT6)?;
     let took = started.elapsed();
-    talker.await_more(10, "after the upgrade")?;
-    let answers = talker.finish()?;
-    ensure!(
-        answers.len() == 1,
-        "one connection, one VM; answers: {answers:?}"
-    );
-    println!(
-        "upgrade v{} -> v{LAYOUT_VERSION}: ready {took:?} after the old daemon was told to stop; \
-         the kept-alive connection had {answers:?}",
-        prev_layout::VERSION
-    );
+    for (t, family) in talkers.iter_mut().zip(["IPv4", "IPv6"]) {
+        t.await_more(10, &format!("after the upgrade ({family})"))?;
+        let answers = t.finish()?;
+        ensure!(
+            answers.len() == 1,
+            "one {family} connection, one VM; answers: {answers:?}"
+        );
+        println!(
+            "upgrade v{} -> v{LAYOUT_VERSION}: ready {took:?} after the old daemon was told to \
+             stop; the kept-alive {family} connection had {answers:?}",
+            prev_layout::VERSION
+        );
+    }
 
     // This version's program runs in the link, on this version's maps.
     // (Its tag is the old one's when the data path did not change.)
@@ -214,17 +234,32 @@ fn upgrade(lab: &Lab, d: &mut LabDaemon, current: &std::path::Path) -> anyhow::R
     let status: serde_json::Value = serde_json::from_str(&status)?;
     ensure!(status["attach"] == "migrated", "inspect status: {status}");
 
-    // A new connection.
-    let body = curl(&lab.client, &format!("http://{VIP}/"), 5)?;
-    ensure!(
-        body.starts_with("vm"),
-        "a new connection after the upgrade: {body:?}"
-    );
+    // Both families' flows were carried over.
+    for family in ["IPv4: ", "IPv6: "] {
+        let carried = migrated
+            .split(family)
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        ensure!(
+            carried.is_some_and(|n| n >= 1),
+            "no {family}flow carried over: {migrated}"
+        );
+    }
+
+    // A new connection, each family.
+    for url in [format!("http://{VIP}/"), format!("http://[{VIP6}]/")] {
+        let body = curl(&lab.client, &url, 5)?;
+        ensure!(
+            body.starts_with("vm"),
+            "a new connection to {url} after the upgrade: {body:?}"
+        );
+    }
 
     // A newer layout than this daemon's is refused, and the program keeps serving.
     let newer = pins.with_version(LAYOUT_VERSION + 1);
     std::fs::create_dir(newer.dir())?;
-    let refused = d.restart_with(lab, current, &[]);
+    let refused = d.restart_with(lab, current, &SNAT6);
     let _ = std::fs::remove_dir(newer.dir());
     let Err(e) = refused else {
         bail!("a daemon started on a newer layout's pins");

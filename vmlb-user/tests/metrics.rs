@@ -82,7 +82,7 @@ impl StatsReader for Fake {
     }
     fn map_usage(&self) -> anyhow::Result<Vec<MapUsage>> {
         Ok(vec![MapUsage {
-            map: "FLOWS",
+            map: "FLOW_INDEX",
             entries: 6,
             capacity: 524_288,
         }])
@@ -189,8 +189,8 @@ fn encodes_maps_with_daemon_names() {
             r#"vmlb_datapath_packets_total{verdict="drop",reason="snat_exhausted"} 80"#,
             r#"vmlb_datapath_events_total{event="snat_port_collision"} 160"#,
             r#"vmlb_build_info{version="0.1.0"} 1"#,
-            r#"vmlb_map_entries{map="FLOWS"} 6"#,
-            r#"vmlb_map_capacity{map="FLOWS"} 524288"#,
+            r#"vmlb_map_entries{map="FLOW_INDEX"} 6"#,
+            r#"vmlb_map_capacity{map="FLOW_INDEX"} 524288"#,
             "vmlb_ready 1",
             "vmlb_maps_readable 1",
             "vmlb_state_generation 7",

@@ -67,8 +67,8 @@ static BENCH_LRU: LruHashMap<[u32; 4], [u64; 5]> = LruHashMap::with_max_entries(
 /// a design that keeps each flow in one LRU entry pays per new flow, Katran's SYN path included.
 #[map]
 static BENCH_LRU_NEW: LruHashMap<[u32; 4], [u64; 8]> = LruHashMap::with_max_entries(1 << 18, 0);
-/// A preallocated plain hash shaped like vmlb's `FLOWS` index (16-byte key, 8-byte slot and
-/// generation): the one map insert vmlb's new-flow path keeps.
+/// A preallocated plain hash shaped like layout 2's `FLOWS` index (16-byte key, 8-byte slot):
+/// what vmlb's new-flow path paid for its index before `FLOW_INDEX` (kept as a reference).
 #[map]
 static BENCH_HASH_NEW: HashMap<[u32; 4], [u32; 2]> = HashMap::with_max_entries(1 << 18, 0);
 

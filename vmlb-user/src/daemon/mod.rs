@@ -162,7 +162,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     // Scrapes read through their own handles on the pinned maps: reads need no lock, and a
-    // scrape walking FLOWS must not hold up a reconcile.
+    // scrape walking the flow slots must not hold up a reconcile.
     let scrape_maps = Arc::new(Mutex::new(BpfMaps::from_pins(&layout)?));
     let metrics_source = MetricsSource::new(scrape_maps, shared_state.clone());
     let daemon_metrics = metrics_source.daemon().clone();

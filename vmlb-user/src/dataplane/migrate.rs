@@ -234,13 +234,20 @@ impl Migration {
                 .then(|| self.converter(map_names::FLOW_SLOTS))
                 .flatten();
             let old = RawSlots::open(&self.old.map(map_names::FLOW_SLOTS))?;
-            Some(FlowCopy::first(old, &maps.slots, &maps.index, ids, convert, from)?)
+            let (slots, index) = (&maps.slots, &maps.index);
+            Some(FlowCopy::first(
+                old, slots, index, ids, convert, from, false,
+            )?)
         } else {
             None
         };
         let v6 = if carried(map_names6::FLOW_SLOTS6) {
             let old = RawSlots::open(&self.old.map(map_names6::FLOW_SLOTS6))?;
-            Some(FlowCopy::first(old, &maps.v6.slots, &maps.v6.index, ids, None, from)?)
+            // Layout 3 changed the IPv6 tuple hash (`hash::hash6`): every IPv6 flow moves to
+            // the slot its SNAT tuple names now.
+            let rehash = from < 3;
+            let (slots, index) = (&maps.v6.slots, &maps.v6.index);
+            Some(FlowCopy::first(old, slots, index, ids, None, from, rehash)?)
         } else {
             None
         };
@@ -532,6 +539,8 @@ struct FlowCopy<F: Slot> {
     old: RawSlots,
     convert: Option<Converter<F>>,
     from: u32,
+    /// The tuple hash changed: no flow keeps its slot number.
+    rehash: bool,
     /// Each old slot's `ctl` (converted) as the first pass read it.
     seen: Vec<u64>,
     /// Each new slot's `ctl` as the first pass left it.
@@ -561,6 +570,7 @@ impl<F: Slot> FlowCopy<F> {
         ids: &IdMap,
         convert: Option<Converter<F>>,
         from: u32,
+        rehash: bool,
     ) -> anyhow::Result<Self> {
         let mut c = Self {
             seen: vec![0; old.len],
@@ -568,6 +578,7 @@ impl<F: Slot> FlowCopy<F> {
             old,
             convert,
             from,
+            rehash,
             indexed: BTreeSet::new(),
             copied: 0,
             late: 0,
@@ -582,7 +593,7 @@ impl<F: Slot> FlowCopy<F> {
                 continue;
             };
             c.seen[i] = f.ctl();
-            if !worth(&f, now, c.old.len == new.len()) {
+            if !worth(&f, now, c.same_slots(new)) {
                 continue;
             }
             let f = ids.translate(f);
@@ -613,10 +624,16 @@ impl<F: Slot> FlowCopy<F> {
         Ok(c)
     }
 
-    /// Where old slot `i`'s flow goes: the same slot when the tables are the same size (a
-    /// migration keeps the old sizes), else the slot of its SNAT tuple in the new table.
+    /// Whether every flow keeps its slot number: same table size (a migration keeps the old
+    /// sizes) and the same tuple hash.
+    fn same_slots(&self, new: &SlotTable<F>) -> bool {
+        !self.rehash && self.old.len == new.len()
+    }
+
+    /// Where old slot `i`'s flow goes: the same slot (`same_slots`), else the slot of its SNAT
+    /// tuple in the new table.
     fn slot(&self, i: usize, f: &F, new: &SlotTable<F>) -> usize {
-        if self.old.len == new.len() {
+        if self.same_slots(new) {
             return i;
         }
         f.reply_slot(new.len() as u32) as usize

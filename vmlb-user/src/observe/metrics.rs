@@ -640,7 +640,7 @@ impl MetricsSource {
 }
 
 async fn metrics(State(source): State<MetricsSource>) -> Response {
-    // Map reads are syscalls (FLOWS may take many): keep them off the async workers.
+    // Map reads are syscalls (the service and backend maps may take many): keep them off the async workers.
     match tokio::task::spawn_blocking(move || source.encode()).await {
         Ok(Ok(body)) => (
             [(

@@ -94,7 +94,7 @@ pub enum InspectCommand {
     },
     /// Established flows (FLOW_SLOTS and FLOW_SLOTS6 entries towards a backend): client -> VIP  =>  SNAT -> backend.
     Flows(FlowArgs),
-    /// Reverse-NAT entries (FLOWS entries towards a client): backend -> SNAT  =>  VIP -> client.
+    /// Reverse-NAT entries (flows, seen from the backend's side): backend -> SNAT  =>  VIP -> client.
     Nat(FlowArgs),
     /// Every data-path counter (drops marked) and the traffic per service and backend.
     Stats,
