@@ -93,7 +93,7 @@ pub const SNAT_RETRIES: u32 = 8;
 /// because a client reusing its 5-tuple gets the same hashed candidates every time: one that
 /// reconnects eight times within the TIME_WAIT hold would otherwise find all eight held, and
 /// its SYN retries would fail the same way (seen in the sustained lab test).
-pub const SNAT_RANDOM_RETRIES: u32 = 8;
+pub const SNAT_RANDOM_RETRIES: u32 = 16;
 
 /// `SERVICES` key: a VIP, port and protocol.
 #[repr(C)]
