@@ -281,7 +281,8 @@ fn every_manifest_is_valid_and_the_daemonset_keeps_its_promises() {
                     if let Some(b) = vmi::binding(&svc) {
                         b.unwrap_or_else(|e| panic!("{at}: {e}"));
                     }
-                    index::requested_ip(&svc).unwrap_or_else(|e| panic!("{at}: {e}"));
+                    index::ip_families(&svc).unwrap_or_else(|e| panic!("{at}: {e}"));
+                    index::requested_ips(&svc).unwrap_or_else(|e| panic!("{at}: {e}"));
                 }
                 "ServiceEntry" => {
                     let node = NodeConfig::default();
@@ -366,7 +367,8 @@ fn the_seed_example_allocates_the_seed_vip() {
     ix.set_pools(pools);
     ix.upsert_service(svc);
     let got = ix.allocations();
-    assert_eq!(got["default/vms"], Ok("10.10.1.128".parse().unwrap()));
+    let ips = got["default/vms"].as_ref().map(|a| a.ips.clone());
+    assert_eq!(ips, Ok(vec!["10.10.1.128".parse().unwrap()]));
 }
 
 /// What `kubectl kustomize` (offline: it only reads the files) renders from every entry point

@@ -5,7 +5,7 @@ mod support;
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -318,10 +318,148 @@ async fn the_leader_allocates_writes_slices_and_reports_bad_objects() {
     src.shutdown().await;
 }
 
+fn vmi_dual(name: &str, v4: &str, v6: &str) -> Value {
+    let mut v = vmi(name, v4);
+    // As KubeVirt reports a dual-stack NIC: every address, the link-local one too.
+    v["status"]["interfaces"][0]["ipAddresses"] = json!([v4, v6, "fe80::a5:cfff:fe00:7"]);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_service_gets_a_vip_and_endpoints_per_family() {
+    let api = ApiServer::start().await;
+    let vm_ann =
+        json!({"vmlb.io/network": "default/vlan-1512", "vmlb.io/vmi-selector": "app=httpd"});
+    let mut dual = service("dual", None, vm_ann);
+    dual["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    dual["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    api.put("services", dual);
+    // RequireDualStack from a pool without IPv6: no address at all, and a Warning Event.
+    let mut half = service("half", None, json!({"vmlb.io/address-pool": "v4-only"}));
+    half["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    half["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    api.put("services", half);
+    api.put(
+        "virtualmachineinstances",
+        vmi_dual("vm1", "10.10.1.2", "fd00:10:10:1::2"),
+    );
+    api.put(
+        "virtualmachineinstances",
+        vmi_dual("vm2", "10.10.1.3", "fd00:10:10:1::3"),
+    );
+
+    let mut o = opts("worker-0");
+    o.node.snat6 = Some("fd00:10:10:1::125".parse().unwrap());
+    o.pools = vec![
+        Pool {
+            name: "vlan-1512-pool".into(),
+            ranges: vec![
+                parse_range("10.10.1.128/25").unwrap(),
+                parse_range("fd00:10:10:1::1000/120").unwrap(),
+            ],
+            auto_assign: true,
+            avoid_buggy_ips: false,
+        },
+        Pool {
+            name: "v4-only".into(),
+            ranges: vec![parse_range("10.10.2.0/24").unwrap()],
+            auto_assign: false,
+            avoid_buggy_ips: false,
+        },
+    ];
+    let src = KubeSource::start(client(&api), o);
+    // Both VIPs to status, both slices written, both back through the watch into the model.
+    let got = services_until(&src, "both families with their VMs", |s| {
+        s.iter().filter(|s| s.spec.backends.len() == 2).count() == 2
+    })
+    .await;
+    let view: Vec<(&str, String, Vec<String>)> = got
+        .iter()
+        .map(|s| (s.name.as_str(), s.spec.vip.to_string(), backends(s)))
+        .collect();
+    assert_eq!(
+        view,
+        [
+            (
+                "default/dual/http@10.10.1.128",
+                "10.10.1.128".to_string(),
+                vec!["10.10.1.2".to_string(), "10.10.1.3".to_string()]
+            ),
+            (
+                "default/dual/http@fd00:10:10:1::1000",
+                "fd00:10:10:1::1000".to_string(),
+                vec!["fd00:10:10:1::2".to_string(), "fd00:10:10:1::3".to_string()]
+            ),
+        ],
+        "the half-servable Service is not served"
+    );
+    let snat: Vec<String> = got[1].spec.snat.iter().map(ToString::to_string).collect();
+    assert_eq!(snat, ["fd00:10:10:1::125"]);
+
+    let svc = api.get("services", "v1", "default", "dual").unwrap();
+    let ingress: Vec<&str> = svc["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(ingress, ["10.10.1.128", "fd00:10:10:1::1000"]);
+    for (name, family, addr) in [
+        ("dual-vmlb", "IPv4", "10.10.1.2"),
+        ("dual-vmlb-ipv6", "IPv6", "fd00:10:10:1::2"),
+    ] {
+        let slice = api
+            .get("endpointslices", "discovery.k8s.io/v1", "default", name)
+            .unwrap_or_else(|| panic!("slice {name}"));
+        assert_eq!(slice["addressType"], family);
+        assert_eq!(slice["endpoints"][0]["addresses"], json!([addr]));
+    }
+
+    let cond = |s: &Value, t: &str| {
+        s["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == t).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let half = api
+        .wait_for(10, "the RequireDualStack failure", |a| {
+            let s = a.get("services", "v1", "default", "half")?;
+            (cond(&s, "vmlb.io/AddressAllocated")["status"] == "False").then_some(s)
+        })
+        .await;
+    let msg = cond(&half, "vmlb.io/AddressAllocated")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("RequireDualStack: no IPv6 address") && msg.contains("neither family"),
+        "{msg}"
+    );
+    assert_eq!(half["status"]["loadBalancer"]["ingress"], json!([]));
+    api.wait_for(10, "the AllocationFailed Event", |a| {
+        a.list("events")
+            .into_iter()
+            .find(|e| e["regarding"]["name"] == "half" && e["reason"] == "AllocationFailed")
+    })
+    .await;
+
+    // The only node owns both VIPs: the IPv6 one is answered (neighbour advertisements) too.
+    let mut owned = src.owned.clone();
+    let want: BTreeSet<IpAddr> = ["10.10.1.128", "fd00:10:10:1::1000"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    tokio::time::timeout(Duration::from_secs(10), owned.wait_for(|o| *o == want))
+        .await
+        .expect("the node to own both VIPs")
+        .unwrap();
+    src.shutdown().await;
+}
+
 /// Both nodes' owned sets, with the instant each changed.
 /// (when the tracker saw it, node, owned set); a watch so that tests can await entries. The
 /// margin between "a stops" and "b starts" (600 ms with `fast()`) dwarfs the trackers' lag.
-type Owned = Arc<tokio::sync::watch::Sender<Vec<(Instant, &'static str, BTreeSet<Ipv4Addr>)>>>;
+type Owned = Arc<tokio::sync::watch::Sender<Vec<(Instant, &'static str, BTreeSet<IpAddr>)>>>;
 
 fn track(src: &KubeSource, who: &'static str, log: &Owned) {
     let (mut rx, log) = (src.owned.clone(), log.clone());
@@ -359,9 +497,9 @@ async fn logged(
     log: &Owned,
     cut: Instant,
     who: &str,
-    cond: impl Fn(&BTreeSet<Ipv4Addr>) -> bool,
+    cond: impl Fn(&BTreeSet<IpAddr>) -> bool,
 ) -> Instant {
-    let find = |l: &Vec<(Instant, &'static str, BTreeSet<Ipv4Addr>)>| {
+    let find = |l: &Vec<(Instant, &'static str, BTreeSet<IpAddr>)>| {
         l.iter()
             .find(|(t, w, s)| *t >= cut && *w == who && cond(s))
             .map(|e| e.0)
@@ -397,7 +535,9 @@ fn never_both(log: &Owned) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vip_ownership_moves_when_a_node_cannot_renew_and_when_it_leaves() {
     let api = ApiServer::start().await;
-    let vips: BTreeSet<Ipv4Addr> = (128..136).map(|i| Ipv4Addr::new(10, 10, 1, i)).collect();
+    let vips: BTreeSet<IpAddr> = (128..136)
+        .map(|i| Ipv4Addr::new(10, 10, 1, i).into())
+        .collect();
     for (i, v) in vips.iter().enumerate() {
         api.put(
             "services",

@@ -500,7 +500,7 @@ impl Stages<'_> {
     }
 
     /// The data path answers ARP for exactly the owned VIPs, and the VIPs taken are announced.
-    fn ownership_changed(&mut self, owned: std::collections::BTreeSet<std::net::Ipv4Addr>) {
+    fn ownership_changed(&mut self, owned: std::collections::BTreeSet<std::net::IpAddr>) {
         let changed = {
             let mut maps = self.applier.maps.lock().expect("maps lock");
             self.reconciler.set_ownership(Some(owned), &mut *maps)

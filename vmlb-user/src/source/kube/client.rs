@@ -8,10 +8,7 @@
 //! is published before every kind has been listed once: a restarted daemon does not withdraw
 //! services it simply has not read yet.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
 use k8s_openapi::{
@@ -36,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     index::{EndpointWork, Index, ObjRef, Problem},
-    pools::{NoAddress, Pool},
+    pools::{Allocated, NoAddress, Pool},
     SERVICE_ENTRY_LABEL,
 };
 use crate::model::{ConfiguredService, NodeConfig};
@@ -51,8 +48,8 @@ pub const COND_VALID: &str = "vmlb.io/Valid";
 /// What the leader should make true in the cluster, recomputed by the index task.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LeaderWork {
-    /// Every vmlb Service (current object) with the address it should have.
-    pub allocations: Vec<(Service, Result<Ipv4Addr, NoAddress>)>,
+    /// Every vmlb Service (current object) with the addresses it should have.
+    pub allocations: Vec<(Service, Result<Allocated, NoAddress>)>,
     pub endpoints: EndpointWork,
     pub problems: Vec<Problem>,
 }
@@ -355,12 +352,18 @@ async fn write_all(
                 .await
             {
                 Ok(_) => {
-                    info!(service = %format!("{ns}/{name}"), address = ?res.as_ref().ok(), "status written")
+                    info!(service = %format!("{ns}/{name}"), addresses = ?res.as_ref().ok().map(|a| &a.ips), "status written")
                 }
                 Err(e) => {
                     warn!(service = %format!("{ns}/{name}"), "writing status: {e}");
                     ok = false;
                 }
+            }
+        }
+        if let Ok(a) = res {
+            for (family, why) in &a.left_out {
+                // PreferDualStack: served in the other family, which the condition says.
+                debug!(service = %format!("{ns}/{name}"), %family, "family left out: {why}");
             }
         }
         if let Err(e) = res {
@@ -487,18 +490,23 @@ async fn report(
     }
 }
 
-/// The status merge patch that makes `svc` say `res`, or `None` when it already does.
+/// The status merge patch that makes `svc` say `res`, or `None` when it already does. One
+/// ingress entry per family, primary family first.
 pub fn status_patch(
     svc: &Service,
-    res: &Result<Ipv4Addr, NoAddress>,
+    res: &Result<Allocated, NoAddress>,
     invalid: Option<&String>,
 ) -> Option<Value> {
     let ingress: Vec<LoadBalancerIngress> = match res {
-        Ok(ip) => vec![LoadBalancerIngress {
-            ip: Some(ip.to_string()),
-            ip_mode: Some("VIP".into()),
-            ..Default::default()
-        }],
+        Ok(a) => a
+            .ips
+            .iter()
+            .map(|ip| LoadBalancerIngress {
+                ip: Some(ip.to_string()),
+                ip_mode: Some("VIP".into()),
+                ..Default::default()
+            })
+            .collect(),
         Err(_) => Vec::new(),
     };
     let cur = svc.status.clone().unwrap_or_default();
@@ -538,7 +546,14 @@ pub fn status_patch(
         }
     };
     let mut changed = match res {
-        Ok(ip) => set(COND_ADDRESS, true, "Allocated", format!("{ip}")),
+        Ok(a) => {
+            let ips: Vec<String> = a.ips.iter().map(ToString::to_string).collect();
+            let mut msg = ips.join(", ");
+            for (family, why) in &a.left_out {
+                msg += &format!("; no {family} address ({why}), served without it");
+            }
+            set(COND_ADDRESS, true, "Allocated", msg)
+        }
         Err(e) => set(COND_ADDRESS, false, "NoAddress", e.to_string()),
     };
     changed |= match invalid {

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
 };
 
@@ -18,7 +18,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{json, Map, Value};
 
 use super::{
-    pools::{self, NoAddress, Pool, Request},
+    pools::{self, Allocated, Family, NoAddress, Policy, Pool, Request},
     vmi::{self, Vmi},
     ADDRESS_POOL, LB_CLASS, LB_IPS, SERVICE_ENTRY_LABEL,
 };
@@ -200,8 +200,17 @@ impl Index {
                 Ok(docs) => {
                     let mut services = Vec::new();
                     let mut failed = false;
-                    for doc in docs {
+                    // Several VIPs (dual-stack): each service is named after its VIP too, as
+                    // the file source names the services of a ServiceEntry with several VIPs.
+                    let vips: BTreeSet<IpAddr> = docs.iter().map(|(vip, _)| *vip).collect();
+                    for (vip, doc) in docs {
                         match parse(&doc, &obj, node) {
+                            Ok(s) if vips.len() > 1 => {
+                                services.extend(s.into_iter().map(|mut s| {
+                                    s.name = format!("{}@{vip}", s.name);
+                                    s
+                                }))
+                            }
                             Ok(s) => services.extend(s),
                             Err(ps) => {
                                 failed = true;
@@ -275,15 +284,30 @@ impl Index {
         out
     }
 
-    /// One ServiceEntry document per Service port, so that each port gets exactly the
-    /// endpoints whose slices carry it. No documents while the Service has no address yet.
-    fn service_documents(&self, svc: &Service) -> Result<Vec<Value>, String> {
+    /// One ServiceEntry document per VIP and Service port, so that each port gets exactly the
+    /// endpoints whose slices carry it, and each VIP the endpoints of its own family (slices of
+    /// its `addressType`): a family without endpoints yet drops, as a Service without
+    /// endpoints does, instead of failing the other family. No documents while the Service has
+    /// no address yet.
+    fn service_documents(&self, svc: &Service) -> Result<Vec<(IpAddr, Value)>, String> {
+        let (families, _) = ip_families(svc)?;
+        let mut docs = Vec::new();
+        // Status may hold a family the Service no longer asks for (until the leader rewrites
+        // it): only the asked-for families are served.
+        for vip in status_ips(svc)
+            .into_iter()
+            .filter(|ip| families.contains(&Family::of(*ip)))
+        {
+            docs.extend(self.vip_documents(svc, vip).into_iter().map(|d| (vip, d)));
+        }
+        Ok(docs)
+    }
+
+    fn vip_documents(&self, svc: &Service, vip: IpAddr) -> Vec<Value> {
         let key = key_of(&svc.metadata);
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
         let name = svc.metadata.name.as_deref().unwrap_or_default();
-        let Some(vip) = status_ip(svc)? else {
-            return Ok(Vec::new());
-        };
+        let family = Family::of(vip).to_string();
         let annotations: Map<String, Value> = svc
             .metadata
             .annotations
@@ -303,7 +327,7 @@ impl Index {
                         .and_then(|l| l.get(vmi::SERVICE_NAME))
                         .map(String::as_str)
                         == Some(name)
-                    && s.address_type == "IPv4"
+                    && s.address_type == family
             })
             .collect();
         let mut docs = Vec::new();
@@ -343,7 +367,12 @@ impl Index {
                     } else {
                         continue;
                     };
-                    for a in &e.addresses {
+                    // A slice's addresses are of its addressType; a stray one would fail the
+                    // whole Service in the family rule.
+                    for a in e.addresses.iter().filter(|a| {
+                        a.parse::<IpAddr>()
+                            .is_ok_and(|ip| Family::of(ip) == Family::of(vip))
+                    }) {
                         let w = eps.entry((a.clone(), port)).or_insert(weight);
                         *w = (*w).max(weight);
                     }
@@ -373,27 +402,30 @@ impl Index {
                 }
             }));
         }
-        Ok(docs)
+        docs
     }
 
-    /// The address every Service should have (run by the leader; the answer is the same on
-    /// every node).
-    pub fn allocations(&self) -> BTreeMap<String, Result<Ipv4Addr, NoAddress>> {
+    /// The addresses every Service should have, one per served family (run by the leader;
+    /// the answer is the same on every node).
+    pub fn allocations(&self) -> BTreeMap<String, Result<Allocated, NoAddress>> {
         let mut reqs = Vec::new();
         let mut bad = BTreeMap::new();
         for (key, svc) in &self.services {
             let ann = svc.metadata.annotations.clone().unwrap_or_default();
-            let wanted = match requested_ip(svc) {
-                Ok(w) => w,
-                Err(m) => {
-                    bad.insert(key.clone(), Err(NoAddress::Invalid(m)));
-                    continue;
-                }
-            };
+            let (families, policy, wanted) =
+                match ip_families(svc).and_then(|(f, p)| Ok((f, p, requested_ips(svc)?))) {
+                    Ok(x) => x,
+                    Err(m) => {
+                        bad.insert(key.clone(), Err(NoAddress::Invalid(m)));
+                        continue;
+                    }
+                };
             reqs.push(Request {
                 key: key.clone(),
                 created: created(&svc.metadata),
-                current: status_ip(svc).ok().flatten(),
+                families,
+                policy,
+                current: status_ips(svc),
                 wanted,
                 pool: ann.get(ADDRESS_POOL).cloned(),
             });
@@ -416,19 +448,37 @@ impl Index {
                     message: m,
                 }),
                 Some(Ok(b)) => {
-                    let (slice, problems) = vmi::desired_slice(svc, &b, self.vmis.values());
-                    work.problems.extend(problems.into_iter().map(|m| Problem {
-                        object: obj_ref("Service", key),
-                        message: m,
-                    }));
-                    wanted.insert(key_of(&slice.metadata));
-                    // Unchanged slices are not written again.
-                    if !self
-                        .slices
-                        .get(&key_of(&slice.metadata))
-                        .is_some_and(|have| same_slice(have, &slice))
-                    {
-                        work.apply.push(slice);
+                    let families = match ip_families(svc) {
+                        Ok((f, _)) => f,
+                        Err(m) => {
+                            // Reported with the Service; its slices stay as they are.
+                            work.problems.push(Problem {
+                                object: obj_ref("Service", key),
+                                message: m,
+                            });
+                            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+                            for f in [Family::V4, Family::V6] {
+                                wanted.insert(format!("{ns}/{}", vmi::slice_name(svc, f)));
+                            }
+                            continue;
+                        }
+                    };
+                    // One slice per served family; a family no longer served loses its slice.
+                    for f in families {
+                        let (slice, problems) = vmi::desired_slice(svc, &b, f, self.vmis.values());
+                        work.problems.extend(problems.into_iter().map(|m| Problem {
+                            object: obj_ref("Service", key),
+                            message: m,
+                        }));
+                        wanted.insert(key_of(&slice.metadata));
+                        // Unchanged slices are not written again.
+                        if !self
+                            .slices
+                            .get(&key_of(&slice.metadata))
+                            .is_some_and(|have| same_slice(have, &slice))
+                        {
+                            work.apply.push(slice);
+                        }
                     }
                 }
             }
@@ -445,6 +495,9 @@ impl Index {
                 work.delete.push(key.clone());
             }
         }
+        work.problems.sort();
+        // A port problem is found once per family's slice.
+        work.problems.dedup();
         work
     }
 }
@@ -495,55 +548,126 @@ fn parse(
     })
 }
 
-/// The VIP in status (written by the leader's allocator). IPv6 and hostnames are ignored.
-pub fn status_ip(svc: &Service) -> Result<Option<Ipv4Addr>, String> {
+/// The VIPs in status (written by the leader's allocator): the first address of each family,
+/// in the order written. Hostnames are ignored.
+pub fn status_ips(svc: &Service) -> Vec<IpAddr> {
     let ingress = svc
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|l| l.ingress.as_ref());
-    Ok(ingress
+    let mut out: Vec<IpAddr> = Vec::new();
+    for ip in ingress
         .into_iter()
         .flatten()
-        .find_map(|i| i.ip.as_deref()?.parse().ok()))
+        .filter_map(|i| i.ip.as_deref()?.parse::<IpAddr>().ok())
+    {
+        if !out.iter().any(|o| Family::of(*o) == Family::of(ip)) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
-/// `vmlb.io/loadBalancerIPs` (comma-separated, as in MetalLB; one IPv4 address per Service for
-/// now), else `spec.loadBalancerIP`.
-pub fn requested_ip(svc: &Service) -> Result<Option<Ipv4Addr>, String> {
+/// The families a Service is served in, primary first, and its `spec.ipFamilyPolicy`.
+/// `spec.ipFamilies` is what the API server settled for the Service (on a single-stack
+/// cluster a PreferDualStack Service lists one family), so it is followed as written. An
+/// object that never went through an API server may lack it: then the requested addresses'
+/// families, else IPv4, and under a dual-stack policy both.
+pub fn ip_families(svc: &Service) -> Result<(Vec<Family>, Policy), String> {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let policy = match spec.ip_family_policy.as_deref() {
+        None | Some("SingleStack") => Policy::SingleStack,
+        Some("PreferDualStack") => Policy::PreferDualStack,
+        Some("RequireDualStack") => Policy::RequireDualStack,
+        Some(p) => return Err(format!("spec.ipFamilyPolicy: {p:?} is not a policy")),
+    };
+    let mut families: Vec<Family> = Vec::new();
+    for f in spec.ip_families.iter().flatten() {
+        let f = Family::parse(f)
+            .ok_or_else(|| format!("spec.ipFamilies: {f:?} is not IPv4 or IPv6"))?;
+        if !families.contains(&f) {
+            families.push(f);
+        }
+    }
+    if families.is_empty() {
+        for ip in parse_requested(svc).unwrap_or_default() {
+            if !families.contains(&Family::of(ip)) {
+                families.push(Family::of(ip));
+            }
+        }
+    }
+    if families.is_empty() {
+        families.push(Family::V4);
+    }
+    match policy {
+        Policy::SingleStack => families.truncate(1),
+        Policy::RequireDualStack if families.len() == 1 => families.push(families[0].other()),
+        Policy::PreferDualStack if spec.ip_families.as_ref().is_none_or(Vec::is_empty) => {
+            if families.len() == 1 {
+                families.push(families[0].other());
+            }
+        }
+        _ => {}
+    }
+    Ok((families, policy))
+}
+
+/// `vmlb.io/loadBalancerIPs` (comma-separated, as in MetalLB: at most one address per family),
+/// else `spec.loadBalancerIP`. Every address must be of a family the Service is served in.
+pub fn requested_ips(svc: &Service) -> Result<Vec<IpAddr>, String> {
+    let ips = parse_requested(svc)?;
+    let (families, _) = ip_families(svc)?;
+    if let Some(ip) = ips.iter().find(|ip| !families.contains(&Family::of(**ip))) {
+        let field = requested_text(svc).map_or(LB_IPS, |(f, _)| f);
+        let list: Vec<String> = families.iter().map(Family::to_string).collect();
+        return Err(format!(
+            "{field}: {ip} is {}, but the Service is served in {} only (spec.ipFamilies, \
+             spec.ipFamilyPolicy)",
+            Family::of(*ip),
+            list.join(" and ")
+        ));
+    }
+    Ok(ips)
+}
+
+/// The requested addresses as written, one per family at most.
+fn parse_requested(svc: &Service) -> Result<Vec<IpAddr>, String> {
+    let Some((field, text)) = requested_text(svc) else {
+        return Ok(Vec::new());
+    };
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for a in text.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let ip: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{field}: {a:?} is not an IP address"))?;
+        if ips.iter().any(|o| Family::of(*o) == Family::of(ip)) {
+            return Err(format!(
+                "{field}: one address per family (IPv4, IPv6), got {text:?}"
+            ));
+        }
+        ips.push(ip);
+    }
+    if ips.is_empty() {
+        return Err(format!("{field}: no address in {text:?}"));
+    }
+    Ok(ips)
+}
+
+fn requested_text(svc: &Service) -> Option<(&'static str, &String)> {
     let ann = svc
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(LB_IPS));
+        .and_then(|a| a.get(LB_IPS))
+        .map(|t| (LB_IPS, t));
     let spec = svc
         .spec
         .as_ref()
         .and_then(|s| s.load_balancer_ip.as_ref())
-        .filter(|s| !s.is_empty());
-    let Some(text) = ann.or(spec) else {
-        return Ok(None);
-    };
-    let field = if ann.is_some() {
-        LB_IPS
-    } else {
-        "spec.loadBalancerIP"
-    };
-    let mut v4 = Vec::new();
-    for a in text.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        match a.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => v4.push(ip),
-            Ok(std::net::IpAddr::V6(_)) => {} // dual-stack requests: IPv6 is not served yet
-            Err(_) => return Err(format!("{field}: {a:?} is not an IP address")),
-        }
-    }
-    match v4.as_slice() {
-        [] => Err(format!("{field}: no IPv4 address in {text:?}")),
-        [ip] => Ok(Some(*ip)),
-        _ => Err(format!(
-            "{field}: one IPv4 address per Service is supported, got {text:?}"
-        )),
-    }
+        .filter(|s| !s.is_empty())
+        .map(|t| ("spec.loadBalancerIP", t));
+    ann.or(spec)
 }
 
 fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {

@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -140,7 +140,7 @@ pub async fn run_renewal(
 /// Where `run_ownership` publishes: the VIPs this node owns, and until when it may answer for
 /// them without another accepted renewal.
 pub struct OwnershipOut {
-    pub owned_tx: watch::Sender<BTreeSet<Ipv4Addr>>,
+    pub owned_tx: watch::Sender<BTreeSet<IpAddr>>,
     pub until_tx: watch::Sender<Option<Instant>>,
 }
 
@@ -161,7 +161,7 @@ pub async fn run_ownership(
     let cfg = watcher::Config::default().labels(&format!("{NODE_LEASE_LABEL}=true"));
     let mut leases = watcher::watcher(api, cfg).default_backoff().boxed();
     let mut listing: BTreeSet<String> = BTreeSet::new();
-    let mut vips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut vips: BTreeSet<IpAddr> = BTreeSet::new();
     loop {
         let now = Instant::now();
         let owned = membership.owned(&vips, now);
@@ -187,14 +187,13 @@ pub async fn run_ownership(
             },
             r = services.changed() => {
                 if r.is_err() { break }
+                // Both families: an IPv6 VIP is owned (answered with neighbour
+                // advertisements) by the node ranked first for it, as an IPv4 VIP is.
                 vips = services
                     .borrow_and_update()
                     .iter()
                     .flatten()
-                    .filter_map(|s| match s.spec.vip {
-                        std::net::IpAddr::V4(v) => Some(v),
-                        std::net::IpAddr::V6(_) => None,
-                    })
+                    .map(|s| s.spec.vip)
                     .collect();
             }
             ev = leases.next() => match ev {

@@ -23,7 +23,7 @@ pub const ADDRESS_POOL: &str = "vmlb.io/address-pool";
 /// ServiceEntries with this label set to "true" are served.
 pub const SERVICE_ENTRY_LABEL: &str = "vmlb.io/serve";
 
-use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -70,8 +70,9 @@ impl Options {
 pub struct KubeSource {
     /// The cluster's services; `None` until every kind has been listed once.
     pub services: watch::Receiver<Option<Vec<ConfiguredService>>>,
-    /// The VIPs this node answers for (ARP, gratuitous ARP on gain): for the data path.
-    pub owned: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    /// The VIPs this node answers for (ARP or neighbour solicitations; gratuitous ARP or
+    /// unsolicited neighbour advertisements on gain): for the data path.
+    pub owned: watch::Receiver<BTreeSet<IpAddr>>,
     /// Until when this node may answer for them without another accepted Lease renewal: the
     /// data path stops answering ARP after it by itself (a dead daemon renews nothing).
     pub live_until: watch::Receiver<Option<std::time::Instant>>,

@@ -15,7 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -64,10 +64,15 @@ impl Timing {
 /// A node's score for a VIP: FNV-1a over the node name and the address, then the splitmix64
 /// finaliser so that similar names spread. Written out rather than taken from `std::hash`,
 /// whose output may change between Rust releases: every node, whatever version it runs, must
-/// rank the same way.
-pub fn score(node: &str, vip: Ipv4Addr) -> u64 {
+/// rank the same way. An IPv4 VIP hashes its 4 octets (as before IPv6 VIPs were owned, so the
+/// ranking of IPv4 VIPs did not change), an IPv6 VIP its 16.
+pub fn score(node: &str, vip: IpAddr) -> u64 {
+    let octets: Vec<u8> = match vip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node.bytes().chain([0]).chain(vip.octets()) {
+    for b in node.bytes().chain([0]).chain(octets) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -79,7 +84,7 @@ pub fn score(node: &str, vip: Ipv4Addr) -> u64 {
 }
 
 /// The live node that owns `vip`: highest score, ties (practically never) by name.
-pub fn owner<'a>(vip: Ipv4Addr, live: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn owner<'a>(vip: IpAddr, live: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     live.into_iter()
         .max_by(|a, b| score(a, vip).cmp(&score(b, vip)).then(b.cmp(a)))
 }
@@ -197,7 +202,7 @@ impl Membership {
     }
 
     /// The VIPs this node should answer for now.
-    pub fn owned(&self, vips: &BTreeSet<Ipv4Addr>, now: Instant) -> BTreeSet<Ipv4Addr> {
+    pub fn owned(&self, vips: &BTreeSet<IpAddr>, now: Instant) -> BTreeSet<IpAddr> {
         let live = self.live(now);
         if !live.contains(self.me.as_str()) {
             return BTreeSet::new();
@@ -222,8 +227,8 @@ impl Membership {
 mod tests {
     use super::*;
 
-    fn ip(i: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 10, 1, i)
+    fn ip(i: u8) -> IpAddr {
+        std::net::Ipv4Addr::new(10, 10, 1, i).into()
     }
 
     #[test]
@@ -233,12 +238,22 @@ mod tests {
         assert_eq!(score("node-a", ip(128)), score("node-a", ip(128)));
         assert_ne!(score("node-a", ip(128)), score("node-b", ip(128)));
         assert_eq!(score("node-a", ip(128)), 0x106e_4931_ab7a_c734);
+        // IPv6 VIPs hash their 16 octets: distinct from any IPv4 VIP, and spread as well.
+        let v6 = |i: u16| IpAddr::from(std::net::Ipv6Addr::new(0xfd00, 0x10, 0x10, 1, 0, 0, 0, i));
+        assert_ne!(score("node-a", v6(0x1000)), score("node-b", v6(0x1000)));
+        let nodes = ["worker-0", "worker-1", "worker-2"];
+        for n in nodes {
+            let c = (0x1000..0x1080)
+                .filter(|&i| owner(v6(i), nodes) == Some(n))
+                .count();
+            assert!((20..=70).contains(&c), "{n} owns {c} of 128 IPv6 VIPs");
+        }
     }
 
     #[test]
     fn ownership_spreads_and_moves_only_from_the_dead_node() {
         let nodes = ["worker-0", "worker-1", "worker-2"];
-        let vips: Vec<Ipv4Addr> = (128..=255).map(ip).collect();
+        let vips: Vec<IpAddr> = (128..=255).map(ip).collect();
         let before: Vec<&str> = vips.iter().map(|&v| owner(v, nodes).unwrap()).collect();
         for n in nodes {
             let c = before.iter().filter(|o| **o == n).count();
@@ -265,7 +280,7 @@ mod tests {
         let mut b = Membership::new("b", t);
         a.retain_peers(&BTreeSet::new());
         b.retain_peers(&BTreeSet::new());
-        let vips: BTreeSet<Ipv4Addr> = (128..160).map(ip).collect();
+        let vips: BTreeSet<IpAddr> = (128..160).map(ip).collect();
         // Both renew at t0 and see each other 10 ms later.
         a.renewed(t0);
         b.renewed(t0);
@@ -315,7 +330,7 @@ mod tests {
         b.renewed(t0);
         b.observe("a", "r1", t.lease_duration, t0);
         b.retain_peers(&["a".to_string()].into());
-        let vip: BTreeSet<Ipv4Addr> = (128..136).map(ip).collect();
+        let vip: BTreeSet<IpAddr> = (128..136).map(ip).collect();
         let now = t0 + t.renew_every;
         assert!(b.owned(&vip, now).len() < vip.len());
         b.forget("a");

@@ -5,7 +5,8 @@
 //! `name` in the Service's namespace) and `vmlb.io/vmi-selector` (a label selector such as
 //! `app=httpd,tier in (web)`). It stays selector-less, so Kubernetes' own controller (which
 //! would list virt-launcher pod addresses on the pod network) leaves it alone; vmlb writes one
-//! slice, `<service>-vmlb`, owned by the Service.
+//! slice per family the Service is served in, owned by the Service: `<service>-vmlb` (IPv4)
+//! and `<service>-vmlb-ipv6`, as Kubernetes writes one slice per `addressType`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,6 +19,8 @@ use k8s_openapi::{
 };
 use kube::core::{Expression, Selector, SelectorExt as _};
 use serde::{Deserialize, Serialize};
+
+use super::pools::Family;
 
 pub const NETWORK: &str = "vmlb.io/network";
 pub const VMI_SELECTOR: &str = "vmlb.io/vmi-selector";
@@ -215,11 +218,12 @@ pub fn parse_selector(s: &str) -> Result<Selector, String> {
     Ok(Selector::from_iter(exprs))
 }
 
-/// A VMI's endpoint on `network`: `Ok(None)` when it is not on that network or has no IPv4
-/// address there yet (a NAD without IPAM shows the address only once the guest agent reports
-/// it). Not ready unless Running and `Ready` (and `AgentConnected` when the address came from
-/// the guest agent, which may otherwise be stale).
-pub fn endpoint(vmi: &Vmi, network: &str) -> Option<Endpoint> {
+/// A VMI's endpoint of `family` on `network`: `None` when it is not on that network or has no
+/// address of that family there yet (a NAD without IPAM shows the address only once the
+/// guest agent reports it). IPv6 link-local addresses are not endpoints: they need the
+/// interface's scope. Not ready unless Running and `Ready` (and `AgentConnected` when the
+/// address came from the guest agent, which may otherwise be stale).
+pub fn endpoint(vmi: &Vmi, network: &str, family: Family) -> Option<Endpoint> {
     let ns = vmi.metadata.namespace.as_deref().unwrap_or("default");
     let net = vmi.spec.networks.iter().find(|n| {
         n.multus
@@ -235,7 +239,12 @@ pub fn endpoint(vmi: &Vmi, network: &str) -> Option<Endpoint> {
         .ip_address
         .iter()
         .chain(&iface.ip_addresses)
-        .find_map(|a| a.split('/').next()?.parse::<std::net::Ipv4Addr>().ok())?;
+        .filter_map(|a| a.split('/').next()?.parse::<std::net::IpAddr>().ok())
+        .find(|ip| {
+            Family::of(*ip) == family
+                && !ip.is_unspecified()
+                && !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local())
+        })?;
     let from_agent = iface
         .info_source
         .as_deref()
@@ -265,15 +274,22 @@ pub fn endpoint(vmi: &Vmi, network: &str) -> Option<Endpoint> {
     })
 }
 
-pub fn slice_name(svc: &Service) -> String {
-    format!("{}-vmlb", svc.metadata.name.as_deref().unwrap_or_default())
+/// `<service>-vmlb` for IPv4 (the name single-stack Services always had), `-vmlb-ipv6` for
+/// IPv6.
+pub fn slice_name(svc: &Service, family: Family) -> String {
+    let name = svc.metadata.name.as_deref().unwrap_or_default();
+    match family {
+        Family::V4 => format!("{name}-vmlb"),
+        Family::V6 => format!("{name}-vmlb-ipv6"),
+    }
 }
 
-/// The slice the Service should have, and what to report about it. `vmis` are all VMIs known
-/// (any namespace); only the Service's namespace is considered.
+/// The slice of `family` the Service should have, and what to report about it. `vmis` are all
+/// VMIs known (any namespace); only the Service's namespace is considered.
 pub fn desired_slice<'a>(
     svc: &Service,
     binding: &Binding,
+    family: Family,
     vmis: impl IntoIterator<Item = &'a Vmi>,
 ) -> (EndpointSlice, Vec<String>) {
     let ns = svc
@@ -292,7 +308,7 @@ pub fn desired_slice<'a>(
         if !binding.selector.matches(&labels) {
             continue;
         }
-        if let Some(ep) = endpoint(vmi, &binding.network) {
+        if let Some(ep) = endpoint(vmi, &binding.network, family) {
             let addr = ep.addresses[0].clone();
             if let Some(other) = by_addr.get(&addr) {
                 problems.push(format!(
@@ -343,7 +359,7 @@ pub fn desired_slice<'a>(
         .collect();
     let slice = EndpointSlice {
         metadata: ObjectMeta {
-            name: Some(slice_name(svc)),
+            name: Some(slice_name(svc, family)),
             namespace: Some(ns),
             labels: Some(BTreeMap::from([
                 (SERVICE_NAME.to_string(), name.clone()),
@@ -359,7 +375,7 @@ pub fn desired_slice<'a>(
             }]),
             ..Default::default()
         },
-        address_type: "IPv4".into(),
+        address_type: family.to_string(),
         endpoints,
         ports: Some(ports),
     };
@@ -465,7 +481,7 @@ pub(crate) mod tests {
             mk_vmi("db", "postgres", "10.10.1.20", "w0"),
             other_ns,
         ];
-        let (slice, problems) = desired_slice(&svc, &b, &vmis);
+        let (slice, problems) = desired_slice(&svc, &b, Family::V4, &vmis);
         assert!(problems.is_empty(), "{problems:?}");
         let addrs: Vec<&str> = slice
             .endpoints
@@ -496,42 +512,51 @@ pub(crate) mod tests {
     fn readiness_follows_phase_conditions_agent_and_deletion() {
         let net = "default/vlan-1512";
         let base = mk_vmi("vm1", "httpd", "10.10.1.2", "w0");
-        assert_eq!(cond(&endpoint(&base, net).unwrap()), (true, true, false));
+        assert_eq!(
+            cond(&endpoint(&base, net, Family::V4).unwrap()),
+            (true, true, false)
+        );
 
         let mut not_ready = base.clone();
         not_ready.status.conditions[0].status = "False".into();
         assert_eq!(
-            cond(&endpoint(&not_ready, net).unwrap()),
+            cond(&endpoint(&not_ready, net, Family::V4).unwrap()),
             (false, false, false)
         );
 
         let mut scheduling = base.clone();
         scheduling.status.phase = Some("Scheduled".into());
         assert_eq!(
-            cond(&endpoint(&scheduling, net).unwrap()),
+            cond(&endpoint(&scheduling, net, Family::V4).unwrap()),
             (false, false, false)
         );
 
         let mut agent = base.clone();
         agent.status.interfaces[0].info_source = Some("domain, guest-agent".into());
-        assert_eq!(cond(&endpoint(&agent, net).unwrap()), (false, false, false));
+        assert_eq!(
+            cond(&endpoint(&agent, net, Family::V4).unwrap()),
+            (false, false, false)
+        );
         agent.status.conditions.push(Condition {
             type_: "AgentConnected".into(),
             status: "True".into(),
         });
-        assert_eq!(cond(&endpoint(&agent, net).unwrap()), (true, true, false));
+        assert_eq!(
+            cond(&endpoint(&agent, net, Family::V4).unwrap()),
+            (true, true, false)
+        );
 
         let mut deleting = base.clone();
         deleting.metadata.deletion_timestamp = Some(Time(Default::default()));
         assert_eq!(
-            cond(&endpoint(&deleting, net).unwrap()),
+            cond(&endpoint(&deleting, net, Family::V4).unwrap()),
             (false, true, true)
         );
 
         // Live migration: same address, new node, still an endpoint.
         let mut migrated = base.clone();
         migrated.status.node_name = Some("w1".into());
-        let ep = endpoint(&migrated, net).unwrap();
+        let ep = endpoint(&migrated, net, Family::V4).unwrap();
         assert_eq!(
             (ep.node_name.as_deref(), cond(&ep)),
             (Some("w1"), (true, true, false))
@@ -540,18 +565,61 @@ pub(crate) mod tests {
         let mut no_ip = base.clone();
         no_ip.status.interfaces[0].ip_address = None;
         no_ip.status.interfaces[0].ip_addresses = vec!["fe80::1/64".into()];
-        assert!(endpoint(&no_ip, net).is_none(), "no IPv4 address yet");
-        assert!(endpoint(&base, "default/vlan-9").is_none(), "other network");
+        assert!(
+            endpoint(&no_ip, net, Family::V4).is_none(),
+            "no IPv4 address yet"
+        );
+        assert!(
+            endpoint(&no_ip, net, Family::V6).is_none(),
+            "link-local only"
+        );
+        no_ip.status.interfaces[0].ip_addresses = vec!["fd00::2/64".into()];
+        assert_eq!(
+            endpoint(&no_ip, net, Family::V6).unwrap().addresses,
+            ["fd00::2"],
+            "an IPv6 address with its prefix"
+        );
+        assert!(
+            endpoint(&base, "default/vlan-9", Family::V4).is_none(),
+            "other network"
+        );
     }
 
     #[test]
     fn kubectl_shaped_vmi_with_a_cidr_and_ipv6() {
         let text = include_str!("testdata/vmi-vm1.json");
         let vmi: Vmi = serde_json::from_str(text).unwrap();
-        let ep = endpoint(&vmi, "default/vlan-1512").expect("endpoint");
+        let ep = endpoint(&vmi, "default/vlan-1512", Family::V4).expect("endpoint");
         assert_eq!(ep.addresses, ["10.10.1.2"]);
         assert_eq!(ep.node_name.as_deref(), Some("worker-0"));
         assert_eq!(cond(&ep), (true, true, false));
+        assert!(
+            endpoint(&vmi, "default/vlan-1512", Family::V6).is_none(),
+            "a link-local address is no endpoint"
+        );
+    }
+
+    #[test]
+    fn kubectl_shaped_dual_stack_vmi_has_an_endpoint_per_family() {
+        let text = include_str!("testdata/vmi-vm2-dualstack.json");
+        let vmi: Vmi = serde_json::from_str(text).unwrap();
+        let net = "default/vlan-1512";
+        let v4 = endpoint(&vmi, net, Family::V4).expect("IPv4 endpoint");
+        let v6 = endpoint(&vmi, net, Family::V6).expect("IPv6 endpoint");
+        assert_eq!(v4.addresses, ["10.10.1.3"]);
+        assert_eq!(
+            v6.addresses,
+            ["fd00:10:10:1::3"],
+            "the global address, not fe80::"
+        );
+        assert_eq!(cond(&v6), (true, true, false));
+        let svc = mk_vm_service("vms", "vlan-1512", "app=httpd");
+        let b = binding(&svc).unwrap().unwrap();
+        let (slice, problems) = desired_slice(&svc, &b, Family::V6, [&vmi]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(slice.address_type, "IPv6");
+        assert_eq!(slice.metadata.name.as_deref(), Some("vms-vmlb-ipv6"));
+        assert_eq!(slice.endpoints[0].addresses, ["fd00:10:10:1::3"]);
     }
 
     #[test]
@@ -585,7 +653,7 @@ pub(crate) mod tests {
             })
             .chain([mk_vmi("dup", "httpd", "10.20.0.1", "w0")])
             .collect();
-        let (slice, problems) = desired_slice(&svc, &b, &vmis);
+        let (slice, problems) = desired_slice(&svc, &b, Family::V4, &vmis);
         assert_eq!(slice.endpoints.len(), MAX_ENDPOINTS);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("both have 10.20.0.1")));
