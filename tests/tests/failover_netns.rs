@@ -539,7 +539,7 @@ fn two_nodes(lab: &Lab, rt: &tokio::runtime::Runtime) -> (ApiServer, [Member; 2]
 
 /// The ranking every node applies decides who owns the VIP while both live.
 fn owner_and_survivor(members: &[Member; 2]) -> (&Member, &Member) {
-    let owner_name = ownership::owner(VIP, members.iter().map(|m| m.name)).unwrap();
+    let owner_name = ownership::owner(VIP.into(), members.iter().map(|m| m.name)).unwrap();
     if members[0].name == owner_name {
         (&members[0], &members[1])
     } else {

@@ -600,13 +600,15 @@ pub fn ip_families(svc: &Service) -> Result<(Vec<Family>, Policy), String> {
     if families.is_empty() {
         families.push(Family::V4);
     }
+    let listed = spec.ip_families.as_ref().is_some_and(|f| !f.is_empty());
     match policy {
         Policy::SingleStack => families.truncate(1),
-        Policy::RequireDualStack if families.len() == 1 => families.push(families[0].other()),
-        Policy::PreferDualStack if spec.ip_families.as_ref().is_none_or(Vec::is_empty) => {
-            if families.len() == 1 {
-                families.push(families[0].other());
-            }
+        // RequireDualStack is both families whatever is listed; PreferDualStack follows what
+        // the API server listed, and only an unlisted one asks for both.
+        Policy::RequireDualStack | Policy::PreferDualStack
+            if families.len() == 1 && (policy == Policy::RequireDualStack || !listed) =>
+        {
+            families.push(families[0].other());
         }
         _ => {}
     }
