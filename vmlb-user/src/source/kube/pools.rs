@@ -1,10 +1,13 @@
 //! VIP pools with MetalLB `IPAddressPool` semantics, and the pure allocator.
 //!
 //! Pools are `IPAddressPool` documents (`vmlb.io/v1alpha1` or, to ease the move off MetalLB,
-//! `metallb.io/v1beta1`): `spec.addresses` holds CIDRs (`10.10.1.128/25`) and ranges
-//! (`10.10.1.130-10.10.1.140`), `spec.autoAssign` (default true) says whether Services that ask
-//! for nothing in particular may get addresses from it, `spec.avoidBuggyIPs` skips `.0` and
-//! `.255`.
+//! `metallb.io/v1beta1`): `spec.addresses` holds CIDRs (`10.10.1.128/25`,
+//! `fd00:10:10:1::1000/120`) and ranges (`10.10.1.130-10.10.1.140`), IPv4 or IPv6 (one pool may
+//! hold both), `spec.autoAssign` (default true) says whether Services that ask for nothing in
+//! particular may get addresses from it, `spec.avoidBuggyIPs` skips IPv4 `.0` and `.255`.
+//!
+//! A Service gets one address per family it is served in (`spec.ipFamilies`); its
+//! `spec.ipFamilyPolicy` says what a family that cannot be given means (`Policy`).
 //!
 //! The allocator keeps no state of its own: the addresses already given are in the Services'
 //! `status.loadBalancer.ingress`, so a restarted daemon or a new leader reads them back and
@@ -332,10 +335,34 @@ pub fn allocate(
     pools: &[Pool],
     requests: &[Request],
 ) -> BTreeMap<String, Result<Allocated, NoAddress>> {
+    // A RequireDualStack Service that fails one family must not hold its other family's
+    // address: the round is run again without it, until no such failure is left (each run
+    // removes at least one Service, and a removal only frees addresses for the others).
+    let mut failed: BTreeMap<String, Result<Allocated, NoAddress>> = BTreeMap::new();
+    loop {
+        let rest: Vec<&Request> = requests
+            .iter()
+            .filter(|r| !failed.contains_key(&r.key))
+            .collect();
+        let got = allocate_round(pools, &rest);
+        let before = failed.len();
+        for r in &rest {
+            if r.policy == Policy::RequireDualStack && got[&r.key].is_err() {
+                failed.insert(r.key.clone(), got[&r.key].clone());
+            }
+        }
+        if failed.len() == before {
+            return got.into_iter().chain(failed).collect();
+        }
+    }
+}
+
+fn allocate_round(
+    pools: &[Pool],
+    requests: &[&Request],
+) -> BTreeMap<String, Result<Allocated, NoAddress>> {
     // One sub-request per (Service, family), each decided as a single-family Service would
-    // be; `used` is shared, so no address is given twice. A RequireDualStack Service that
-    // fails one family still holds its other address for this round: the result stays the
-    // same on every leader, and the Service is told why.
+    // be; `used` is shared, so no address is given twice.
     struct Sub<'a> {
         r: &'a Request,
         family: Family,
@@ -345,7 +372,7 @@ pub fn allocate(
     let of = |l: &[IpAddr], f: Family| l.iter().copied().find(|ip| Family::of(*ip) == f);
     let mut order: Vec<Sub> = requests
         .iter()
-        .flat_map(|r| {
+        .flat_map(|&r| {
             r.families.iter().map(move |&family| Sub {
                 r,
                 family,
@@ -771,6 +798,16 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("neither family is served"), "{e}");
+        // Nor does it hold its IPv4 address: a younger Service gets it.
+        let got = allocate(
+            &[pool("p", &["10.10.1.128/32"], true)],
+            &[
+                dual("ns/require", "1", Policy::RequireDualStack),
+                req("ns/younger", "2"),
+            ],
+        );
+        assert!(got["ns/require"].is_err());
+        assert_eq!(one(&got["ns/younger"]), Ok(ip("10.10.1.128")));
         // Kept addresses stay per family, and requests are per family.
         let pools = [pool("p", &["10.10.1.128/30", "fd00::10-fd00::20"], false)];
         let mut a = dual("ns/a", "1", Policy::RequireDualStack);
