@@ -367,11 +367,13 @@ impl Index {
                     } else {
                         continue;
                     };
-                    // A slice's addresses are of its addressType; a stray one would fail the
-                    // whole Service in the family rule.
+                    // A slice's addresses are of its addressType; one of the other family would
+                    // fail the whole Service in the family rule, so it is left out here. One
+                    // that is no address at all goes on, for the parser to report.
                     for a in e.addresses.iter().filter(|a| {
                         a.parse::<IpAddr>()
-                            .is_ok_and(|ip| Family::of(ip) == Family::of(vip))
+                            .ok()
+                            .is_none_or(|ip| Family::of(ip) == Family::of(vip))
                     }) {
                         let w = eps.entry((a.clone(), port)).or_insert(weight);
                         *w = (*w).max(weight);

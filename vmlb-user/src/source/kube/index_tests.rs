@@ -418,6 +418,22 @@ fn a_dual_stack_service_is_one_service_per_family_with_that_familys_endpoints() 
         d.problems
     );
 
+    // `vmlb.io/snat-address` gives each family its own, as in a ServiceEntry file.
+    let mut annotated = dual_fixture();
+    annotated.metadata.annotations.as_mut().unwrap().insert(
+        "vmlb.io/snat-address".into(),
+        "10.10.1.126, fd00:10:10:1::126".into(),
+    );
+    ix.upsert_service(annotated);
+    let d = ix.derive(&node());
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    let snat: Vec<String> = d
+        .services
+        .iter()
+        .flat_map(|s| s.spec.snat.iter().map(ToString::to_string))
+        .collect();
+    assert_eq!(snat, ["10.10.1.126", "fd00:10:10:1::126"]);
+
     // The Service becomes IPv4 only: the IPv6 address left in status is not served.
     let mut single = dual_fixture();
     let spec = single.spec.as_mut().unwrap();
