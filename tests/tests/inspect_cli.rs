@@ -164,6 +164,7 @@ fn pin_maps(env: &Env, root: &Path) {
         (map_names6::FLOW_INDEX6, m.v6.index.map_data()),
         (map_names6::FLOW_SLOTS6, m.v6.slots.map_data()),
         (map_names6::CONFIG6, m.v6.config.map()),
+        (map_names6::DNAT_ENDPOINTS6, m.v6.dnat_endpoints.map()),
     ] {
         data.pin(dir.join(name))
             .unwrap_or_else(|e| panic!("pinning {name}: {e}"));

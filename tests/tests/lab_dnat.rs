@@ -3,13 +3,18 @@
 //! client's own address. The VMs route the clients' network through the node, as dnat needs
 //! (README, "dnat or snat"); in the full-NAT control they would see the node's SNAT address.
 //!
+//! The same on the IPv6 lab (`LabOptions::ipv6`): the far client's own IPv6 address in the logs.
+//!
 //! Needs root, apache2 and curl.
 
 use std::collections::BTreeMap;
 
 use vmlb_tests::{
-    daemon::LabDaemon,
-    lab::{curl, Httpd, Lab, LabOptions, FAR_CLIENT_ADDR, FAR_NET, NODE_ADDR, VIP},
+    daemon::{service_entry6, LabDaemon},
+    lab::{
+        curl, Httpd, Lab, LabOptions, FAR_CLIENT_ADDR, FAR_CLIENT_ADDR6, FAR_NET, FAR_NET6,
+        NODE_ADDR, NODE_ADDR6, VIP, VIP6,
+    },
 };
 
 fn dnat_entry(lab: &Lab) -> String {
@@ -75,6 +80,87 @@ fn dnat_service_shows_the_client_address_to_the_vms() {
         for l in &lines {
             assert!(
                 l.starts_with(&format!("{FAR_CLIENT_ADDR} ")),
+                "{} saw another source than the client: {l}",
+                s.name
+            );
+        }
+    }
+}
+
+/// The seed's ServiceEntry on the IPv6 VIP in dnat mode, over the VMs' IPv6 addresses.
+fn dnat_entry6(lab: &Lab) -> String {
+    let vms: Vec<_> = lab
+        .vms
+        .iter()
+        .map(|vm| vm.addr6.expect("an IPv6 lab VM"))
+        .collect();
+    let y = service_entry6(&vms);
+    let named = "  name: vms6\n";
+    assert!(y.contains(named), "{y}");
+    y.replacen(
+        named,
+        "  name: vms6\n  annotations:\n    vmlb.io/mode: dnat\n",
+        1,
+    )
+}
+
+#[test]
+fn dnat_ipv6_service_shows_the_client_address_to_the_vms() {
+    let lab = Lab::with(LabOptions {
+        ipv6: true,
+        pmtu: true,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("building the IPv6 lab: {e:#}"));
+    let servers: Vec<Httpd> = lab
+        .vms
+        .iter()
+        .map(|vm| Httpd::start_vm(vm).expect("httpd"))
+        .collect();
+    // dnat: the VMs' route to the clients is the node (their default is the VLAN's router).
+    for vm in &lab.vms {
+        vm.ns
+            .ip(&[
+                "-6",
+                "route",
+                "replace",
+                FAR_NET6,
+                "via",
+                &NODE_ADDR6.to_string(),
+            ])
+            .expect("routing the clients through the node");
+    }
+    let far = lab.far.as_ref().expect("the far client");
+    // No SNAT address: a dnat service needs none.
+    let daemon = LabDaemon::start(&lab, &dnat_entry6(&lab), &[])
+        .unwrap_or_else(|e| panic!("starting vmlb: {e:#}\n{}", lab.describe()));
+
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..20 {
+        match curl(&far.client, &format!("http://[{VIP6}]/?t=dnat6-{i}"), 3) {
+            Ok(body) => *answers.entry(body.trim().to_string()).or_default() += 1,
+            Err(e) => panic!(
+                "request {i} through the IPv6 dnat VIP: {e:#}\n{}{}",
+                daemon.report(&lab),
+                lab.describe()
+            ),
+        }
+        if answers.len() == 2 {
+            break;
+        }
+    }
+    // Every reply came back from the VIP (curl takes no SYN-ACK from a VM's address).
+    assert_eq!(answers.len(), 2, "both VMs answer: {answers:?}");
+    for s in &servers {
+        let lines: Vec<String> = s
+            .access_lines()
+            .into_iter()
+            .filter(|l| l.contains("t=dnat6-"))
+            .collect();
+        assert!(!lines.is_empty(), "{} logged no request", s.name);
+        for l in &lines {
+            assert!(
+                l.starts_with(&format!("{FAR_CLIENT_ADDR6} ")),
                 "{} saw another source than the client: {l}",
                 s.name
             );

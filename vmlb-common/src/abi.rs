@@ -37,7 +37,8 @@ pub mod map_names {
 /// - 3: the flow index is `FLOW_INDEX`/`FLOW_INDEX6` (`index`: buckets of tagged slot numbers,
 ///   mappable) instead of the `FLOWS`/`FLOWS6` hash maps; `FLOW_SLOTS`/`FLOW_SLOTS6` have 2
 ///   slots per flow (were 4); `Config::index_buckets` and `Config6::index_buckets` in what was
-///   reserved; `STATS` has 45 counters (append-only).
+///   reserved; `STATS` has 45 counters (append-only); `DNAT_ENDPOINTS6` (dnat mode for IPv6
+///   services) and `Config6::dnat_endpoints` in what was reserved.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Name of the XDP entry point in the object.

@@ -21,6 +21,7 @@ pub mod map_names6 {
     pub const FLOW_SLOTS6: &str = "FLOW_SLOTS6";
     pub const CONFIG6: &str = "CONFIG6";
     pub const SCRATCH6: &str = "SCRATCH6";
+    pub const DNAT_ENDPOINTS6: &str = "DNAT_ENDPOINTS6";
 }
 
 /// Default IPv6 flow capacity (`FLOW_INDEX6`, `FLOW_SLOTS6`). Smaller than IPv4's: an IPv6 slot is 112 bytes (`Flow6`), and most
@@ -104,6 +105,31 @@ pub struct Backend6 {
 }
 const _: () = assert!(size_of::<Backend6>() == 28);
 
+/// `DNAT_ENDPOINTS6` key: as `EndpointKey`, an IPv6 backend's address, port and protocol (wire
+/// order), the source of its replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey6 {
+    pub addr: Addr6,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<EndpointKey6>() == 20);
+
+/// `DNAT_ENDPOINTS6` value: as `DnatEndpoint`, the dnat service this IPv6 backend endpoint
+/// serves (its VIP and port, to translate replies without a flow).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnatEndpoint6 {
+    pub vip: Addr6,
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<DnatEndpoint6>() == 28);
+
 /// An IPv6 5-tuple as on the wire: hashed into `FLOW_INDEX6` (client -> VIP).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -120,7 +146,9 @@ const _: () = assert!(size_of::<FlowKey6>() == 40);
 
 /// `FLOW_SLOTS6` value: one IPv6 flow, both directions, with the lifecycle of `Flow` (the same
 /// `ctl`, `last_seen`, `stamp` at the same offsets, so the state machine and the sweep serve
-/// both). Its slot is `hash::tuple_slot6` of its SNAT tuple.
+/// both). Its slot is `hash::tuple_slot6` of its SNAT tuple; a dnat flow keeps the client's own
+/// address and port in the SNAT fields and sits in the first free of `DNAT_PROBES` slots from
+/// that tuple's, as `Flow` does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow6 {
@@ -183,7 +211,9 @@ pub struct Config6 {
     pub vip_filter: [u32; 4],
     /// Buckets of `FLOW_INDEX6`.
     pub index_buckets: u32,
-    pub _reserved: [u32; 1],
+    /// Entries in `DNAT_ENDPOINTS6` (as `Config::dnat_endpoints`): 0 spares every packet that
+    /// is neither to a VIP nor to a SNAT address the lookup of its source there.
+    pub dnat_endpoints: u32,
 }
 const _: () = assert!(size_of::<Config6>() == 160);
 
@@ -202,6 +232,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::Flow6 {}
     unsafe impl aya::Pod for super::Config6 {}
+    unsafe impl aya::Pod for super::EndpointKey6 {}
+    unsafe impl aya::Pod for super::DnatEndpoint6 {}
 }
 
 #[cfg(test)]

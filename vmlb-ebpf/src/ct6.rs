@@ -1,6 +1,7 @@
 //! Conntrack for IPv6: `FLOW_INDEX6` and `FLOW_SLOTS6`, with the same design and the same
 //! state machine as ct.rs (whose `Slot` functions serve both families): one slot per flow,
-//! found by the client through the index and by the reply through its SNAT tuple's hash.
+//! found by the client through the index and by the reply through its SNAT tuple's hash (a dnat
+//! flow's: through its source, `DNAT_ENDPOINTS6`, and the `DNAT_PROBES` slots of its tuple).
 
 use vmlb_common::{flow_state as st, Addr6, Config6, Flow6, FlowKey6};
 
@@ -57,6 +58,28 @@ pub fn find_reply(idx: u32, key: &FlowKey6) -> Option<(*mut Flow6, u64)> {
             && (*f).proto == key.proto
     };
     ok.then_some((f, c))
+}
+
+/// The reply direction of a dnat flow: the tuple's slot and the `DNAT_PROBES - 1` after it
+/// (see `ct::find_dnat_reply`).
+#[inline(always)]
+pub fn find_dnat_reply(key: &FlowKey6, slot_count: u32) -> Option<(*mut Flow6, u64)> {
+    let base = vmlb_common::hash::tuple_slot6(
+        &key.src_addr,
+        &key.dst_addr,
+        key.src_port,
+        key.dst_port,
+        key.proto,
+        slot_count,
+    );
+    let mut probe = 0;
+    while probe < vmlb_common::DNAT_PROBES {
+        if let Some(found) = find_reply(crate::ct::dnat_slot(base, probe, slot_count), key) {
+            return Some(found);
+        }
+        probe += 1;
+    }
+    None
 }
 
 /// Is `addr` one of the node's IPv6 SNAT addresses?

@@ -72,7 +72,9 @@ pub fn handle(
     }
     let to_vip = crate::lookup::vip6_flags(&dst).is_some();
     let to_snat = !to_vip && ct6::is_snat_addr(&dst, cfg6);
-    if !to_vip && !to_snat {
+    // With dnat services, an error to any address may be about a packet a client sent to a
+    // backend (the quote names the backend); without, only SNAT addresses need a look.
+    if !to_vip && !to_snat && cfg6.dnat_endpoints == 0 {
         return Err(Counter::PassNotVip);
     }
     if !forward::for_us(ctx, &dst_mac, cfg) {
@@ -89,7 +91,7 @@ pub fn handle(
                 end,
                 vlan_dev,
             };
-            error(ctx, &q, to_vip, cfg, cfg6)
+            error(ctx, &q, to_vip, to_snat, cfg, cfg6)
         }
         _ if to_vip => Err(Counter::PassUnsupportedProto),
         _ => Err(Counter::PassNotVip),
@@ -156,7 +158,8 @@ unsafe fn replace_addr(field: *mut [u8; 16], new: &Addr6) -> u32 {
     }
 }
 
-/// Translate an ICMPv6 error quoting a NATed packet (see icmp.rs `error`, the same rules).
+/// Translate an ICMPv6 error quoting a NATed packet (see icmp.rs `error`, the same rules: a
+/// dnat flow's error from the backend's side is sent to the client's own address).
 /// Written in steps that each rewrite their field at once and keep only the running checksum
 /// difference: holding the seven addresses involved at the same time spilled this program past
 /// the verifier's 512-byte stack.
@@ -165,13 +168,16 @@ fn error(
     ctx: &XdpContext,
     q: &Quote,
     to_vip: bool,
+    to_snat: bool,
     cfg: &Config,
     cfg6: &Config6,
 ) -> Result<u32, Counter> {
     let no_flow = if to_vip {
         Counter::DropIcmpError
-    } else {
+    } else if to_snat {
         Counter::PassReplyNoFlow
+    } else {
+        Counter::PassNotVip
     };
     // SAFETY: bounds-checked by parse6().
     let hops = unsafe { (*q.ip).hop_limit };
@@ -216,6 +222,8 @@ fn error(
     };
     let (f, _) = if to_vip {
         ct6::find(key, vmlb_common::hash::flow_hash6(key), cfg6).map(|(f, c, _)| (f, c))
+    } else if !to_snat {
+        ct6::find_dnat_reply(key, cfg6.slot_count)
     } else {
         let idx = tuple_slot6(
             &key.src_addr,

@@ -1,11 +1,13 @@
 //! Lookup: services, the Maglev ring, backends.
 
 use vmlb_common::{
-    hash::maglev_slot, Addr6, Backend, Backend6, Counter, DnatEndpoint, EndpointKey, FlowKey,
-    FlowKey6, Service, Service6, ServiceKey, ServiceKey6, BE_F_UP,
+    hash::maglev_slot, Addr6, Backend, Backend6, Counter, DnatEndpoint, DnatEndpoint6, EndpointKey,
+    EndpointKey6, FlowKey, FlowKey6, Service, Service6, ServiceKey, ServiceKey6, BE_F_UP,
 };
 
-use crate::maps::{BACKENDS, BACKENDS6, DNAT_ENDPOINTS, MAGLEV, SERVICES, SERVICES6, VIPS, VIPS6};
+use crate::maps::{
+    BACKENDS, BACKENDS6, DNAT_ENDPOINTS, DNAT_ENDPOINTS6, MAGLEV, SERVICES, SERVICES6, VIPS, VIPS6,
+};
 
 #[inline(always)]
 pub fn service(key: &FlowKey) -> Option<Service> {
@@ -77,6 +79,20 @@ pub fn service6(key: &FlowKey6) -> Option<&'static Service6> {
     };
     // SAFETY: a map value stays valid for the program's run.
     SERVICES6.get_ptr(&skey).map(|s| unsafe { &*s })
+}
+
+/// The IPv6 dnat service whose backend sent this packet (its source), if any; by reference
+/// into the map, as `service6`.
+#[inline(always)]
+pub fn dnat_endpoint6(key: &FlowKey6) -> Option<&'static DnatEndpoint6> {
+    let ekey = EndpointKey6 {
+        addr: key.src_addr,
+        port: key.src_port,
+        proto: key.proto,
+        _pad: 0,
+    };
+    // SAFETY: a map value stays valid for the program's run.
+    DNAT_ENDPOINTS6.get_ptr(&ekey).map(|e| unsafe { &*e })
 }
 
 #[inline(always)]

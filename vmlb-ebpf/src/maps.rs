@@ -7,9 +7,10 @@ use aya_ebpf::{
 };
 use vmlb_common::{
     index::index_buckets, Addr6, Backend, Backend6, Config, Config6, Counter, DnatEndpoint,
-    EndpointKey, Flow, Flow6, FlowBucket, FlowKey6, Hop, RateBucket, Service, Service6, ServiceKey,
-    ServiceKey6, TrafficStats, DEFAULT_FLOW6_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_SERVICES, RATE_COUNT, SLOTS_PER_FLOW,
+    DnatEndpoint6, EndpointKey, EndpointKey6, Flow, Flow6, FlowBucket, FlowKey6, Hop, RateBucket,
+    Service, Service6, ServiceKey, ServiceKey6, TrafficStats, DEFAULT_FLOW6_ENTRIES,
+    DEFAULT_FLOW_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, RATE_COUNT,
+    SLOTS_PER_FLOW,
 };
 
 /// BPF_F_MMAPABLE: user space maps `FLOW_SLOTS` and `FLOW_INDEX` to sweep them, freeing slots
@@ -89,6 +90,11 @@ pub static SERVICES6: HashMap<ServiceKey6, Service6> = HashMap::with_max_entries
 /// Every IPv6 VIP (value: `VIP_F_*` flags), as `VIPS`.
 #[map]
 pub static VIPS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// The backends of IPv6 dnat services, by the source of their replies, as `DNAT_ENDPOINTS`.
+#[map]
+pub static DNAT_ENDPOINTS6: HashMap<EndpointKey6, DnatEndpoint6> =
+    HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -1,6 +1,6 @@
 //! The IPv6 packet path, with IPv4's stages and policies (main.rs) on the IPv6 maps:
 //! parse6 -> icmp6 (NDP, echo, errors) | index / ct6 (flow index, flow slots) / lookup (service, Maglev,
-//! backend) -> guard -> nat (`rewrite6`) -> forward. Full NAT only (dnat is IPv4's for now).
+//! backend) -> guard -> nat (`rewrite6`) -> forward. Full NAT and dnat, as IPv4.
 //!
 //! A program of its own (`vmlb6` in main.rs), entered by tail call from `vmlb` and re-deriving
 //! its pointers from plain offsets: inlined into `vmlb` it did not fit the verifier's 512-byte
@@ -11,8 +11,9 @@ use vmlb_common::{
     flow_state as st,
     hash::{flow_hash6, snat_addr_index, snat_pick, snat_port, tuple_slot6},
     index::index_entry,
-    Backend6, Config, Config6, Counter, Flow6, Service6, IPPROTO_TCP, MAX_SNAT_PER_SERVICE,
-    SNAT_RANDOM_RETRIES, SNAT_RETRIES,
+    vip6_filter_word, vip_filter_has, Backend6, Config, Config6, Counter, DnatEndpoint6, Flow6,
+    FlowKey6, Service6, DNAT_PROBES, IPPROTO_TCP, MAX_SNAT_PER_SERVICE, SNAT_RANDOM_RETRIES,
+    SNAT_RETRIES, SVC_F_DNAT,
 };
 
 use crate::{
@@ -108,6 +109,17 @@ fn run(
     if ct6::is_snat_addr(&p.key.dst_addr, cfg6) {
         return reply(ctx, &p, cfg, cfg6);
     }
+    // A dnat backend's reply, named by its source (see main.rs).
+    if cfg6.dnat_endpoints != 0 {
+        if let Some(ep) = lookup::dnat_endpoint6(&p.key) {
+            let dst = &p.key.dst_addr;
+            if !(vip_filter_has(&cfg6.vip_filter, vip6_filter_word(dst))
+                && lookup::vip6_flags(dst).is_some())
+            {
+                return dnat_reply(ctx, &p, cfg, cfg6, ep);
+            }
+        }
+    }
     let hash = flow_hash6(&p.key);
     // A SYN first: see main.rs.
     if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
@@ -190,6 +202,37 @@ fn reply(ctx: &XdpContext, p: &Packet6, cfg: &Config, cfg6: &Config6) -> Result<
         cfg6.slot_count,
     );
     let (f, c) = ct6::find_reply(idx, k).ok_or(Counter::PassReplyNoFlow)?;
+    to_client(ctx, p, cfg, f, c)
+}
+
+/// A reply to an IPv6 dnat service's client; without a flow here, translated by its source
+/// alone and left to the node's kernel to route (see main.rs `dnat_reply`).
+#[inline(always)]
+fn dnat_reply(
+    ctx: &XdpContext,
+    p: &Packet6,
+    cfg: &Config,
+    cfg6: &Config6,
+    ep: &DnatEndpoint6,
+) -> Result<u32, Counter> {
+    let k = &p.key;
+    if let Some((f, c)) = ct6::find_dnat_reply(k, cfg6.slot_count) {
+        return to_client(ctx, p, cfg, f, c);
+    }
+    nat::rewrite6(p, &ep.vip, ep.port, &k.dst_addr, k.dst_port);
+    count_traffic(ep.service_id, ep.backend_id, p.len, false, true);
+    Err(Counter::PassDnatStateless)
+}
+
+/// The reply of flow `f` (state `c`), translated back and sent to its client.
+#[inline(always)]
+fn to_client(
+    ctx: &XdpContext,
+    p: &Packet6,
+    cfg: &Config,
+    f: *mut Flow6,
+    c: u64,
+) -> Result<u32, Counter> {
     ct::track(f, c, p.tcp_flags, true);
     ct::touch(f);
     // SAFETY: a valid map value pointer for the program's run (read in place, as above).
@@ -239,10 +282,15 @@ fn new_flow(
     if ct6::martian(&k.src_addr, cfg6) {
         return Err(Counter::DropMartian);
     }
+    let dnat = svc.flags & SVC_F_DNAT != 0;
     if k.proto == IPPROTO_TCP
         && !rebalance
         && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN
     {
+        if dnat {
+            // No state needed to go on (see main.rs).
+            return dnat_stateless(ctx, p, svc, hash).map(Some);
+        }
         return Err(Counter::DropTcpNoFlow);
     }
     let now = ct::now();
@@ -250,9 +298,15 @@ fn new_flow(
     let backend_id = lookup::pick_backend6(svc, hash)?;
     let be = lookup::backend6(backend_id)?;
     let pick = snat_pick(hash, svc.snat_count);
-    let hop = forward::hop6(ctx, p, backend_id, &svc.snat_addrs[0], &be.addr, Some(now))?;
+    // The FIB source only matters for policy routing; any address of the pool will do.
+    let fib_src = if dnat {
+        &k.src_addr
+    } else {
+        &svc.snat_addrs[0]
+    };
+    let hop = forward::hop6(ctx, p, backend_id, fib_src, &be.addr, Some(now))?;
 
-    let (snat0, port0, idx0) = candidate(svc, be, k.proto, hash, pick, 0, cfg6.slot_count)?;
+    let (snat0, port0, idx0) = candidate(svc, be, k, hash, pick, 0, cfg6.slot_count);
     let f0 = ct6::slot(idx0).ok_or(Counter::DropBadBackend)?;
     let c0 = ct::load(f0);
     if matches!(how, ct::New::IfAbsent) && ct6::find(k, hash, cfg6).is_some() {
@@ -261,9 +315,13 @@ fn new_flow(
     let mut claimed = ct::claim(f0, c0, now).map(|c| (f0, c, idx0, snat0, port0));
     if claimed.is_none() {
         count(Counter::SnatPortCollision);
-        for attempt in 1..SNAT_RETRIES + SNAT_RANDOM_RETRIES {
-            let (snat, port, idx) =
-                candidate(svc, be, k.proto, hash, pick, attempt, cfg6.slot_count)?;
+        let attempts = if dnat {
+            DNAT_PROBES
+        } else {
+            SNAT_RETRIES + SNAT_RANDOM_RETRIES
+        };
+        for attempt in 1..attempts {
+            let (snat, port, idx) = candidate(svc, be, k, hash, pick, attempt, cfg6.slot_count);
             if let Some(f) = ct6::slot(idx) {
                 if let Some(c) = ct::claim(f, ct::load(f), now) {
                     claimed = Some((f, c, idx, snat, port));
@@ -274,7 +332,11 @@ fn new_flow(
         }
     }
     let Some((f, c, idx, snat, port)) = claimed else {
-        return Err(Counter::DropSnatExhausted);
+        return Err(if dnat {
+            Counter::DropFlowTableFull
+        } else {
+            Counter::DropSnatExhausted
+        });
     };
     // SAFETY: the slot is ours (CLAIMING) until published; `eth` was bounds-checked.
     unsafe {
@@ -283,7 +345,16 @@ fn new_flow(
         (*f).service_id = svc.id;
         (*f).backend_id = backend_id;
         copy_addr(&mut (*f).backend_addr, &be.addr);
-        copy_addr(&mut (*f).snat_addr, snat);
+        // The pool's address by its index (a pointer carried out of the candidate loop would
+        // be a verifier state per offset); a dnat flow's "SNAT" side is the client's own.
+        if dnat {
+            copy_addr(&mut (*f).snat_addr, &k.src_addr);
+        } else {
+            copy_addr(
+                &mut (*f).snat_addr,
+                &svc.snat_addrs[snat as usize & (MAX_SNAT_PER_SERVICE - 1)],
+            );
+        }
         (*f).backend_port = be.port;
         (*f).snat_port = port;
         (*f).client_addr = k.src_addr;
@@ -327,7 +398,8 @@ fn new_flow(
     };
     ct::publish(f, c, state);
     count(Counter::FlowNew);
-    nat::rewrite6(p, snat, port, &be.addr, be.port);
+    // SAFETY: the slot written above; read in place (the address would cost stack).
+    nat::rewrite6(p, unsafe { &(*f).snat_addr }, port, &be.addr, be.port);
     count_traffic(svc.id, backend_id, p.len, true, false);
     Ok(Some(forward::send(
         ctx,
@@ -339,22 +411,59 @@ fn new_flow(
     )))
 }
 
-/// The `attempt`-th SNAT candidate (see main.rs `candidate`).
+/// A dnat service's client packet without a flow and not a SYN: to its Maglev backend, no
+/// state (see main.rs).
+#[inline(always)]
+fn dnat_stateless(
+    ctx: &XdpContext,
+    p: &Packet6,
+    svc: &Service6,
+    hash: u32,
+) -> Result<u32, Counter> {
+    let k = &p.key;
+    let backend_id = lookup::pick_backend6(svc, hash)?;
+    let be = lookup::backend6(backend_id)?;
+    let hop = forward::hop6(ctx, p, backend_id, &k.src_addr, &be.addr, None)?;
+    count(Counter::DnatStateless);
+    nat::rewrite6(p, &k.src_addr, k.src_port, &be.addr, be.port);
+    count_traffic(svc.id, backend_id, p.len, false, false);
+    Ok(forward::send(
+        ctx,
+        p.eth,
+        p.vlan_dev,
+        hop.ifindex,
+        &hop.dst_mac,
+        &hop.src_mac,
+    ))
+}
+
+/// The `attempt`-th SNAT candidate (see main.rs `candidate`): the index of its address in the
+/// service's pool, its port (wire order) and its slot. A dnat flow keeps the client's tuple
+/// (index 0, unused): its candidates are the slots after that tuple's own.
 #[inline(always)]
 fn candidate(
-    svc: &'static Service6,
+    svc: &Service6,
     be: &Backend6,
-    proto: u8,
+    k: &FlowKey6,
     hash: u32,
     pick: u32,
     attempt: u32,
     slot_count: u32,
-) -> Result<(&'static vmlb_common::Addr6, u16, u32), Counter> {
-    let a = snat_addr_index(pick, attempt, svc.snat_count) as usize;
-    let snat = svc
-        .snat_addrs
-        .get(a & (MAX_SNAT_PER_SERVICE - 1))
-        .ok_or(Counter::DropBadBackend)?;
+) -> (u32, u16, u32) {
+    let proto = k.proto;
+    if svc.flags & SVC_F_DNAT != 0 {
+        let base = tuple_slot6(
+            &be.addr,
+            &k.src_addr,
+            be.port,
+            k.src_port,
+            proto,
+            slot_count,
+        );
+        return (0, k.src_port, ct::dnat_slot(base, attempt, slot_count));
+    }
+    let a = snat_addr_index(pick, attempt, svc.snat_count) & (MAX_SNAT_PER_SERVICE as u32 - 1);
+    let snat = &svc.snat_addrs[a as usize];
     let port = if attempt < SNAT_RETRIES {
         snat_port(hash, attempt, svc.port_min, svc.port_range)
     } else {
@@ -364,7 +473,7 @@ fn candidate(
     }
     .to_be();
     let idx = tuple_slot6(&be.addr, snat, be.port, port, proto, slot_count);
-    Ok((snat, port, idx))
+    (a, port, idx)
 }
 
 /// Copy an address between map values word by word: a plain assignment becomes a call to a

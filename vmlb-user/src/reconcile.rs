@@ -19,9 +19,9 @@ use anyhow::{bail, Context as _};
 use vmlb_common::{
     addr6, hash,
     maglev::{self, MaglevBackend},
-    octets6, Addr6, Backend, Backend6, DnatEndpoint, EndpointKey, Service, Service6, ServiceKey,
-    ServiceKey6, BE_F_UP, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS, MAX_SNAT_PER_SERVICE,
-    SVC_F_DNAT, SVC_F_SNAT, VIP_F_OWNED,
+    octets6, Addr6, Backend, Backend6, DnatEndpoint, DnatEndpoint6, EndpointKey, EndpointKey6,
+    Service, Service6, ServiceKey, ServiceKey6, BE_F_UP, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SNAT_ADDRS, MAX_SNAT_PER_SERVICE, SVC_F_DNAT, SVC_F_SNAT, VIP_F_OWNED,
 };
 
 use crate::{
@@ -164,6 +164,8 @@ pub struct Reconciler {
     backend_ids: IdPool,
     /// Installed `DNAT_ENDPOINTS` entries.
     dnat: BTreeMap<EndpointKey, DnatEndpoint>,
+    /// Installed `DNAT_ENDPOINTS6` entries.
+    dnat6: BTreeMap<EndpointKey6, DnatEndpoint6>,
 }
 
 impl Reconciler {
@@ -184,6 +186,7 @@ impl Reconciler {
             service_ids: IdPool::new(max_services),
             backend_ids: IdPool::new(max_backends),
             dnat: BTreeMap::new(),
+            dnat6: BTreeMap::new(),
         }
     }
 
@@ -228,8 +231,10 @@ impl Reconciler {
         mut self,
         services: &[(ServiceKey6, Service6)],
         backends: &[(u32, Backend6)],
+        dnat: &[(EndpointKey6, DnatEndpoint6)],
         ring: impl Fn(u32, u32) -> anyhow::Result<Vec<u32>>,
     ) -> anyhow::Result<Self> {
+        self.dnat6 = dnat.iter().copied().collect();
         let backends: Vec<Adopted> = backends
             .iter()
             .filter(|(_, b)| b.addr != [0; 4])
@@ -434,15 +439,11 @@ impl Reconciler {
         let mut dnat_owner = BTreeMap::new();
         for spec in desired.iter().filter(|s| s.mode == Mode::Dnat) {
             for b in &spec.backends {
-                let Some(ek) = endpoint_key(spec, b) else {
-                    continue;
-                };
-                if let Some(other) = dnat_owner.insert(ek, spec.key()) {
+                if let Some(other) = dnat_owner.insert((b.addr, b.port, spec.proto), spec.key()) {
                     if other != spec.key() {
                         bail!(
-                            "endpoint {}:{} serves two dnat services ({} and another)",
-                            b.addr,
-                            b.port,
+                            "endpoint {} serves two dnat services ({} and another)",
+                            sock(b.addr, b.port),
                             sock(spec.vip, spec.port)
                         );
                     }
@@ -514,7 +515,7 @@ impl Reconciler {
                 SvcKey::V4(k) => dp.remove_service(&k)?,
                 SvcKey::V6(k) => dp.remove_service6(&k)?,
             }
-            self.unset_endpoints(inst.value.id(), &BTreeMap::new(), dp)?;
+            self.unset_endpoints(inst.value.id(), &Endpoints::default(), dp)?;
             for (&(addr, _), &id) in &inst.backend_ids {
                 backend_down(dp, addr, id)?;
                 self.backend_ids.release(id);
@@ -737,27 +738,17 @@ impl Reconciler {
             }
         };
         // A dnat service's replies are recognised by their source before the service exists.
-        let endpoints: BTreeMap<EndpointKey, DnatEndpoint> = match (spec.mode, spec.vip) {
-            (Mode::Dnat, IpAddr::V4(vip)) => spec
-                .backends
-                .iter()
-                .filter_map(|b| {
-                    let value = DnatEndpoint {
-                        vip: u32::from_ne_bytes(vip.octets()),
-                        port: spec.port.to_be(),
-                        _pad: 0,
-                        service_id: id,
-                        backend_id: backend_ids[&(b.addr, b.port)],
-                    };
-                    Some((endpoint_key(spec, b)?, value))
-                })
-                .collect(),
-            _ => BTreeMap::new(),
-        };
-        for (k, v) in &endpoints {
+        let endpoints = Endpoints::of(spec, id, &backend_ids);
+        for (k, v) in &endpoints.v4 {
             if self.dnat.get(k) != Some(v) {
                 self.dnat.insert(*k, *v);
                 dp.set_dnat_endpoint(k, Some(v), self.dnat.len())?;
+            }
+        }
+        for (k, v) in &endpoints.v6 {
+            if self.dnat6.get(k) != Some(v) {
+                self.dnat6.insert(*k, *v);
+                dp.set_dnat_endpoint6(k, Some(v), self.dnat6.len())?;
             }
         }
         let unchanged = prev
@@ -811,20 +802,88 @@ impl Reconciler {
     fn unset_endpoints(
         &mut self,
         id: u32,
-        keep: &BTreeMap<EndpointKey, DnatEndpoint>,
+        keep: &Endpoints,
         dp: &mut impl Dataplane,
     ) -> anyhow::Result<()> {
         let stale: Vec<EndpointKey> = self
             .dnat
             .iter()
-            .filter(|(k, v)| v.service_id == id && !keep.contains_key(k))
+            .filter(|(k, v)| v.service_id == id && !keep.v4.contains_key(k))
             .map(|(k, _)| *k)
             .collect();
         for k in stale {
             self.dnat.remove(&k);
             dp.set_dnat_endpoint(&k, None, self.dnat.len())?;
         }
+        let stale6: Vec<EndpointKey6> = self
+            .dnat6
+            .iter()
+            .filter(|(k, v)| v.service_id == id && !keep.v6.contains_key(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale6 {
+            self.dnat6.remove(&k);
+            dp.set_dnat_endpoint6(&k, None, self.dnat6.len())?;
+        }
         Ok(())
+    }
+}
+
+/// A service's `DNAT_ENDPOINTS` / `DNAT_ENDPOINTS6` entries (none unless in dnat mode).
+#[derive(Default)]
+struct Endpoints {
+    v4: BTreeMap<EndpointKey, DnatEndpoint>,
+    v6: BTreeMap<EndpointKey6, DnatEndpoint6>,
+}
+
+impl Endpoints {
+    /// The entries of service `id`'s backends (`backend_ids`: their ids).
+    fn of(spec: &ServiceSpec, id: u32, backend_ids: &BTreeMap<(IpAddr, u16), u32>) -> Self {
+        let mut e = Self::default();
+        if spec.mode != Mode::Dnat {
+            return e;
+        }
+        let (port, proto) = (spec.port.to_be(), spec.proto.number());
+        for b in &spec.backends {
+            let backend_id = backend_ids[&(b.addr, b.port)];
+            match (spec.vip, b.addr) {
+                (IpAddr::V4(vip), IpAddr::V4(addr)) => {
+                    let key = EndpointKey {
+                        addr: u32::from_ne_bytes(addr.octets()),
+                        port: b.port.to_be(),
+                        proto,
+                        _pad: 0,
+                    };
+                    let value = DnatEndpoint {
+                        vip: u32::from_ne_bytes(vip.octets()),
+                        port,
+                        _pad: 0,
+                        service_id: id,
+                        backend_id,
+                    };
+                    e.v4.insert(key, value);
+                }
+                (IpAddr::V6(vip), IpAddr::V6(addr)) => {
+                    let key = EndpointKey6 {
+                        addr: addr6(addr.octets()),
+                        port: b.port.to_be(),
+                        proto,
+                        _pad: 0,
+                    };
+                    let value = DnatEndpoint6 {
+                        vip: addr6(vip.octets()),
+                        port,
+                        _pad: 0,
+                        service_id: id,
+                        backend_id,
+                    };
+                    e.v6.insert(key, value);
+                }
+                // `check_family` refuses mixed services before any write.
+                _ => {}
+            }
+        }
+        e
     }
 }
 
@@ -847,8 +906,7 @@ fn v6(a: &IpAddr) -> Option<Ipv6Addr> {
     }
 }
 
-/// A service is of one family: its backends and SNAT addresses are of its VIP's. dnat is
-/// IPv4 only (the data path has no IPv6 dnat).
+/// A service is of one family: its backends and SNAT addresses are of its VIP's.
 fn check_family(spec: &ServiceSpec) -> anyhow::Result<()> {
     let service = || format!("service {}/{:?}", sock(spec.vip, spec.port), spec.proto);
     let family = |a: &IpAddr| a.is_ipv4();
@@ -866,12 +924,6 @@ fn check_family(spec: &ServiceSpec) -> anyhow::Result<()> {
     if let Some(a) = spec.snat.iter().find(|a| family(a) != family(&spec.vip)) {
         bail!(
             "{}: SNAT address {a} is not of the VIP's address family",
-            service()
-        );
-    }
-    if spec.mode == Mode::Dnat && spec.vip.is_ipv6() {
-        bail!(
-            "{}: dnat mode is not supported for IPv6 services",
             service()
         );
     }
@@ -898,19 +950,6 @@ fn backend_down(dp: &mut impl Dataplane, addr: IpAddr, id: u32) -> anyhow::Resul
         IpAddr::V4(_) => dp.set_backend(id, &Backend::default()),
         IpAddr::V6(_) => dp.set_backend6(id, &Backend6::default()),
     }
-}
-
-/// The `DNAT_ENDPOINTS` key of a service's backend: the source of its replies (IPv4 only).
-fn endpoint_key(spec: &ServiceSpec, b: &BackendSpec) -> Option<EndpointKey> {
-    let IpAddr::V4(addr) = b.addr else {
-        return None;
-    };
-    Some(EndpointKey {
-        addr: u32::from_ne_bytes(addr.octets()),
-        port: b.port.to_be(),
-        proto: spec.proto.number(),
-        _pad: 0,
-    })
 }
 
 /// A node-wide SNAT set of one family (`CONFIG` or `CONFIG6`) across one pass: the union of
@@ -1593,7 +1632,7 @@ mod tests {
     }
 
     #[test]
-    fn mixed_families_and_ipv6_dnat_are_refused_before_any_write() {
+    fn mixed_families_are_refused_before_any_write() {
         let mut r = Reconciler::new(1000);
         let mut dp = FakeDataplane::default();
         let cases = [
@@ -1608,20 +1647,67 @@ mod tests {
                 },
                 "SNAT address 10.0.0.1 is not of the VIP's",
             ),
-            (
-                ServiceSpec {
-                    mode: Mode::Dnat,
-                    snat: Vec::new(),
-                    ..svc6(80, vec![be6(2, 1, true)])
-                },
-                "dnat mode is not supported for IPv6",
-            ),
         ];
         for (spec, want) in cases {
             let e = r.apply(&[spec], &mut dp).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
         assert!(dp.log.is_empty(), "{:?}", dp.log);
+    }
+
+    /// IPv6 dnat: its endpoints in `DNAT_ENDPOINTS6`, before the service, following its
+    /// backends; an endpoint in two IPv6 dnat services is refused as an IPv4 one is.
+    #[test]
+    fn ipv6_dnat_endpoints_come_before_the_service_and_follow_it() {
+        let mut r = Reconciler::new(100_000);
+        let mut dp = FakeDataplane::default();
+        let dnat6 = |port: u16, backends: Vec<BackendSpec>| ServiceSpec {
+            mode: Mode::Dnat,
+            snat: Vec::new(),
+            ..svc6(port, backends)
+        };
+        r.apply(
+            &[dnat6(80, vec![be6(2, 1, true), be6(3, 1, true)])],
+            &mut dp,
+        )
+        .unwrap();
+        let first_endpoint = dp.log.iter().position(|l| l.starts_with("dnat6 endpoint"));
+        let service = dp.log.iter().position(|l| l.starts_with("service6"));
+        assert!(first_endpoint < service, "{:?}", dp.log);
+        assert_eq!(dp.dnat_endpoints6.len(), 2);
+        assert!(dp.dnat_endpoints.is_empty());
+        let value = dp.services6.values().next().unwrap();
+        assert_eq!((value.flags, value.snat_count), (SVC_F_DNAT, 0));
+        let (key, ep) = dp.dnat_endpoints6.iter().next().unwrap();
+        assert_eq!(u16::from_be(key.port), 80);
+        assert_eq!((ep.vip, u16::from_be(ep.port)), (addr6(VIP6.octets()), 80));
+
+        r.apply(&[dnat6(80, vec![be6(3, 1, true)])], &mut dp)
+            .unwrap();
+        assert_eq!(dp.dnat_endpoints6.len(), 1);
+        r.apply(&[svc6(80, vec![be6(3, 1, true)])], &mut dp)
+            .unwrap();
+        assert!(dp.dnat_endpoints6.is_empty());
+        r.apply(&[dnat6(80, vec![be6(3, 1, true)])], &mut dp)
+            .unwrap();
+        r.apply(&[], &mut dp).unwrap();
+        assert!(dp.dnat_endpoints6.is_empty());
+
+        dp.log.clear();
+        let err = r
+            .apply(
+                &[
+                    dnat6(80, vec![be6(2, 1, true)]),
+                    dnat6(81, vec![be6(2, 1, true)]),
+                ],
+                &mut dp,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("serves two dnat services"),
+            "{err}"
+        );
+        assert!(dp.log.is_empty(), "nothing written: {:?}", dp.log);
     }
 
     #[test]
@@ -1648,7 +1734,7 @@ mod tests {
             read,
         )
         .unwrap()
-        .adopt6(&services6, &backends6, read)
+        .adopt6(&services6, &backends6, &[], read)
         .unwrap();
         dp.log.clear();
         assert_eq!(

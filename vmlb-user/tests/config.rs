@@ -639,15 +639,37 @@ fn an_ipv6_vip_needs_an_ipv6_snat_address() {
 }
 
 #[test]
-fn dnat_on_an_ipv6_vip_is_refused_at_the_mode_annotation() {
+fn dnat_on_an_ipv6_vip_follows_the_ipv4_rules() {
     let text = dual_stack().replacen("    example.com/owner: team-a", "    vmlb.io/mode: dnat", 1);
+    let services = parse6(&text).expect("valid");
+    assert_eq!(services.len(), 4, "2 VIPs x 2 ports");
+    for s in &services {
+        assert_eq!(s.spec.mode, Mode::Dnat, "{}", s.name);
+        assert!(s.spec.snat.is_empty(), "{}", s.name);
+    }
+    // A SNAT setting on a dnat service is a mistake, named at its line.
+    let text = dual_stack().replacen(
+        "    example.com/owner: team-a",
+        "    vmlb.io/mode: dnat\n    vmlb.io/snat-address: fd00::126",
+        1,
+    );
     assert_eq!(
         parse6(&text).unwrap_err(),
         [
-            r#"t.yaml:6: metadata.annotations."vmlb.io/mode": dnat is not supported for IPv6 VIPs yet (fd00::1); use snat (the default)"#
+            r#"t.yaml:7: metadata.annotations."vmlb.io/snat-address": not used with vmlb.io/mode: dnat (the VMs see the client's address)"#
         ]
     );
-    // IPv4 only: still fine.
-    let text = with("    example.com/owner: team-a", "    vmlb.io/mode: dnat");
-    assert!(parse6(&text).is_ok());
+    // One IPv6 endpoint, one dnat service: refused at the second, as IPv4's.
+    let first = dual_stack().replacen("    example.com/owner: team-a", "    vmlb.io/mode: dnat", 1);
+    let second = first
+        .replace("name: web", "name: web2")
+        .replace("10.0.0.1", "10.0.0.2")
+        .replace("'fd00::1'", "'fd00::2'")
+        .replace("10.0.1.1", "10.0.1.9");
+    let errs = parse6(&format!("{first}---\n{second}")).unwrap_err();
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("t.yaml:38: spec.ports[0]: endpoint [fd00:1::2]:80/tcp already serves the dnat service web/http@fd00::1 (t.yaml:11)"),
+        "{errs:#?}"
+    );
 }

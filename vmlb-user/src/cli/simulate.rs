@@ -412,7 +412,7 @@ fn predict4(
 }
 
 /// The IPv6 path (mirrors vmlb-ebpf's `v6.rs` `run` and `new_flow`, as `predict4` mirrors the
-/// IPv4 one; keep them in sync). IPv6 services are full NAT only.
+/// IPv4 one; keep them in sync).
 fn predict6(
     maps: &impl PathMaps6,
     proto: Proto,
@@ -556,7 +556,20 @@ fn predict6(
         ));
     };
 
-    // 6. The SNAT tuple: the first candidate whose slot is free and past its TIME_WAIT hold.
+    // 6. dnat keeps the client's tuple (the data path takes the first free of a few slots).
+    if svc.flags & vmlb_common::SVC_F_DNAT != 0 {
+        return done(Outcome::New {
+            service_id: svc.id,
+            rebalanced,
+            flow_hash: h,
+            slot,
+            backend_id,
+            backend: sock6(&be.addr, be.port),
+            snat: sock6(&key.src_addr, key.src_port),
+            snat_attempt: 0,
+        });
+    }
+    // 7. The SNAT tuple: the first candidate whose slot is free and past its TIME_WAIT hold.
     let pick = hash::snat_pick(h, svc.snat_count);
     let now = maps.now();
     for attempt in 0..SNAT_RETRIES {

@@ -420,9 +420,12 @@ pub fn adopt_reconciler(maps: &BpfMaps, ring_entries: u32) -> anyhow::Result<Rec
         |base, len| maps.read_ring(base, len),
     )?;
     let services6 = maps.v6.read_services()?;
-    let r = r.adopt6(&services6, &maps.v6.read_backends()?, |base, len| {
-        maps.read_ring(base, len)
-    })?;
+    let r = r.adopt6(
+        &services6,
+        &maps.v6.read_backends()?,
+        &maps.v6.read_dnat_endpoints()?,
+        |base, len| maps.read_ring(base, len),
+    )?;
     if !services.is_empty() || !services6.is_empty() {
         info!(
             services = services.len(),

@@ -237,6 +237,11 @@ pub const MAPS: &[MapSpec] = &[
         name: n6::SCRATCH6,
         role: Role::Rebuilt,
     },
+    // New in version 3, as `DNAT_ENDPOINTS`: filled from the services.
+    MapSpec {
+        name: n6::DNAT_ENDPOINTS6,
+        role: Role::Rebuilt,
+    },
 ];
 
 /// Every map name of this layout.

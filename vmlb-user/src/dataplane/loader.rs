@@ -128,6 +128,7 @@ fn load_once(sizes: &Sizes) -> anyhow::Result<Ebpf> {
             map_names::HOPS,
             map_names::BE_STATS,
             map_names::DNAT_ENDPOINTS,
+            map_names6::DNAT_ENDPOINTS6,
         ] {
             loader.map_max_entries(map, n);
         }

@@ -717,6 +717,15 @@ impl Dataplane for BpfMaps {
     fn set_snat_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()> {
         self.v6.set_snat_addrs(addrs)
     }
+
+    fn set_dnat_endpoint6(
+        &mut self,
+        key: &vmlb_common::EndpointKey6,
+        value: Option<&vmlb_common::DnatEndpoint6>,
+        total: usize,
+    ) -> anyhow::Result<()> {
+        self.v6.set_dnat_endpoint(key, value, total)
+    }
 }
 
 fn nr_cpus() -> anyhow::Result<usize> {

@@ -5,7 +5,8 @@
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData};
 use vmlb_common::{
-    map_names6, octets6, Addr6, Backend6, Config6, Flow6, Service6, ServiceKey6, MAX_SNAT_ADDRS,
+    map_names6, octets6, Addr6, Backend6, Config6, DnatEndpoint6, EndpointKey6, Flow6, Service6,
+    ServiceKey6, MAX_SNAT_ADDRS,
 };
 
 use crate::conntrack::{FlowIndex, SlotTable};
@@ -19,6 +20,8 @@ pub struct Maps6 {
     /// `FLOW_SLOTS6`, mapped into this process.
     pub slots: SlotTable<Flow6>,
     pub config: Array<MapData, Config6>,
+    /// IPv6 dnat backends by the source of their replies.
+    pub dnat_endpoints: HashMap<MapData, EndpointKey6, DnatEndpoint6>,
 }
 
 impl Maps6 {
@@ -39,6 +42,7 @@ impl Maps6 {
             index,
             slots,
             config: open(map_names6::CONFIG6)?.try_into()?,
+            dnat_endpoints: open(map_names6::DNAT_ENDPOINTS6)?.try_into()?,
         })
     }
 
@@ -145,6 +149,42 @@ impl Maps6 {
             .remove(&vip)
             .with_context(|| format!("removing VIP {}", ip6(&vip)))?;
         self.refresh_vip_filter()
+    }
+
+    /// Every installed IPv6 dnat endpoint.
+    pub fn read_dnat_endpoints(&self) -> anyhow::Result<Vec<(EndpointKey6, DnatEndpoint6)>> {
+        self.dnat_endpoints
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading DNAT_ENDPOINTS6")
+    }
+
+    /// As `BpfMaps::set_dnat_endpoint`: the count in `CONFIG6` turns the lookup on before the
+    /// first entry, and off before the last goes.
+    pub fn set_dnat_endpoint(
+        &mut self,
+        key: &EndpointKey6,
+        value: Option<&DnatEndpoint6>,
+        total: usize,
+    ) -> anyhow::Result<()> {
+        let what = || {
+            format!(
+                "dnat endpoint [{}]:{}",
+                ip6(&key.addr),
+                u16::from_be(key.port)
+            )
+        };
+        self.update_config(|c| c.dnat_endpoints = total as u32)?;
+        match value {
+            Some(v) => self
+                .dnat_endpoints
+                .insert(key, v, 0)
+                .with_context(|| format!("writing {}", what())),
+            None => match self.dnat_endpoints.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("removing {}", what())),
+            },
+        }
     }
 
     pub fn set_snat_addrs(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()> {

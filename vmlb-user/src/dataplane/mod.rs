@@ -17,7 +17,8 @@ pub mod pins;
 use std::collections::BTreeMap;
 
 use vmlb_common::{
-    Addr6, Backend, Backend6, DnatEndpoint, EndpointKey, Service, Service6, ServiceKey, ServiceKey6,
+    Addr6, Backend, Backend6, DnatEndpoint, DnatEndpoint6, EndpointKey, EndpointKey6, Service,
+    Service6, ServiceKey, ServiceKey6,
 };
 
 pub trait Dataplane {
@@ -54,6 +55,13 @@ pub trait Dataplane {
     fn remove_vip6(&mut self, vip: Addr6) -> anyhow::Result<()>;
     /// The node's IPv6 SNAT addresses (`CONFIG6`).
     fn set_snat_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()>;
+    /// As `set_dnat_endpoint`, on `DNAT_ENDPOINTS6` (its count in `CONFIG6`).
+    fn set_dnat_endpoint6(
+        &mut self,
+        key: &EndpointKey6,
+        value: Option<&DnatEndpoint6>,
+        total: usize,
+    ) -> anyhow::Result<()>;
 }
 
 /// In-memory dataplane for tests of reconcile.
@@ -69,6 +77,7 @@ pub struct FakeDataplane {
     pub services6: BTreeMap<ServiceKey6, Service6>,
     pub vips6: BTreeMap<Addr6, u32>,
     pub snat_addrs6: Vec<std::net::Ipv6Addr>,
+    pub dnat_endpoints6: BTreeMap<EndpointKey6, DnatEndpoint6>,
     /// Every write, in order, to check ordering guarantees.
     pub log: Vec<String>,
 }
@@ -185,6 +194,34 @@ impl Dataplane for FakeDataplane {
     fn set_snat_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) -> anyhow::Result<()> {
         self.log.push(format!("snat6 addrs {addrs:?}"));
         self.snat_addrs6 = addrs.to_vec();
+        Ok(())
+    }
+    fn set_dnat_endpoint6(
+        &mut self,
+        key: &EndpointKey6,
+        value: Option<&DnatEndpoint6>,
+        total: usize,
+    ) -> anyhow::Result<()> {
+        let ep = std::net::SocketAddr::new(
+            std::net::Ipv6Addr::from(vmlb_common::octets6(&key.addr)).into(),
+            u16::from_be(key.port),
+        );
+        match value {
+            Some(v) => {
+                self.log
+                    .push(format!("dnat6 endpoint {ep} service {}", v.service_id));
+                self.dnat_endpoints6.insert(*key, *v);
+            }
+            None => {
+                self.log.push(format!("remove dnat6 endpoint {ep}"));
+                self.dnat_endpoints6.remove(key);
+            }
+        }
+        assert_eq!(
+            self.dnat_endpoints6.len(),
+            total,
+            "the count given is the map's"
+        );
         Ok(())
     }
 }

@@ -425,11 +425,10 @@ fn dnat_conflicts(parsed: &[Parsed]) -> Vec<ConfigError> {
                 line: Some(s.line),
                 field: p.field.clone(),
                 message: format!(
-                    "endpoint {}:{}/{} already serves the dnat service {} ({}:{}); an endpoint \
+                    "endpoint {}/{} already serves the dnat service {} ({}:{}); an endpoint \
                      can serve one dnat service only, since its replies name the service by \
                      their source",
-                    b.addr,
-                    b.port,
+                    std::net::SocketAddr::new(b.addr, b.port),
                     s.spec.proto.name(),
                     first.name,
                     first.file.display(),

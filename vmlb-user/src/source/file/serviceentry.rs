@@ -698,12 +698,6 @@ fn options(
         a.errs
             .push(v.error(format!("only used with {HEALTH}: http")));
     }
-    if let (Mode::Dnat, Some(vip)) = (mode, families.v6) {
-        let v = &a.set[MODE].1;
-        a.errs.push(v.error(format!(
-            "dnat is not supported for IPv6 VIPs yet ({vip}); use snat (the default)"
-        )));
-    }
     if mode == Mode::Dnat {
         // Nothing is translated at the source in dnat mode: a SNAT setting is a mistake.
         for key in [SNAT, SNAT_PORTS] {
