@@ -69,13 +69,14 @@ pub struct RunArgs {
     /// and the running program keeps serving).
     #[arg(long)]
     pub upgrade_drops_flows: bool,
-    /// Concurrent flows (connections) the flow table holds, whichever CPUs create them. A full
-    /// table refuses new flows (drop_flow_table_full) and never evicts a live one. Memory:
-    /// about 64 bytes per flow in the index plus 4 slots of 64 bytes.
+    /// Concurrent flows (connections) the flow tables are sized for, whichever CPUs create
+    /// them: that many always fit; past it new flows are refused more and more often (counted)
+    /// and a live flow is never evicted. Memory: 32 bytes per flow in the index plus 2 slots of
+    /// 64 bytes.
     #[arg(long, default_value_t = vmlb_common::DEFAULT_FLOW_ENTRIES)]
     pub flow_entries: u32,
-    /// Concurrent IPv6 flows, in a table of their own (as --flow-entries). Memory: about 64
-    /// bytes per flow in the index plus 4 slots of 112 bytes.
+    /// Concurrent IPv6 flows, in tables of their own (as --flow-entries). Memory: 32 bytes per
+    /// flow in the index plus 2 slots of 112 bytes.
     #[arg(long, default_value_t = vmlb_common::DEFAULT_FLOW6_ENTRIES)]
     pub flow6_entries: u32,
     /// Flood guard: new flows each CPU may create per second (0: no limit).
