@@ -22,8 +22,8 @@ use aya::maps::IterableMap as _;
 use nix::sched::{setns, unshare, CloneFlags};
 use serde_json::Value;
 use vmlb_common::{
-    flow_state, hash, map_names, map_names6, Counter, Flow, DEFAULT_FLOW_ENTRIES, SNAT_PORT_MAX,
-    SNAT_PORT_MIN,
+    flow_state, hash, map_names, map_names6, Counter, Flow, DEFAULT_FLOW6_ENTRIES,
+    DEFAULT_FLOW_ENTRIES, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use vmlb_tests::{
     fixture::*,
@@ -533,6 +533,9 @@ fn inspect_and_simulate_agree_with_the_data_path() {
         // Live flows: four, each one entry for both directions.
         r#"vmlb_map_entries{map="FLOW_INDEX"} 4"#.into(),
         format!(r#"vmlb_map_capacity{{map="FLOW_INDEX"}} {DEFAULT_FLOW_ENTRIES}"#),
+        // No IPv6 flow in this test: IPv6 has its own tables.
+        r#"vmlb_map_entries{map="FLOW_INDEX6"} 0"#.into(),
+        format!(r#"vmlb_map_capacity{{map="FLOW_INDEX6"}} {DEFAULT_FLOW6_ENTRIES}"#),
         r#"vmlb_map_entries{map="SERVICES"} 1"#.into(),
         r#"vmlb_map_entries{map="VIPS"} 1"#.into(),
         r#"vmlb_map_entries{map="BACKENDS"} 2"#.into(),

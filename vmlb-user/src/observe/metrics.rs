@@ -142,6 +142,12 @@ impl StatsReader for BpfMaps {
                 entries: self.slots.live().count() as u64,
                 capacity: self.flow_capacity()?.into(),
             },
+            // The same for IPv6 flows, in their own tables.
+            MapUsage {
+                map: vmlb_common::map_names6::FLOW_INDEX6,
+                entries: self.v6.slots.live().count() as u64,
+                capacity: self.v6.flow_capacity()?.into(),
+            },
             MapUsage {
                 map: map_names::BACKENDS,
                 entries: StatsReader::backends(self)?.len() as u64,
