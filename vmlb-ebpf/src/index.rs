@@ -125,3 +125,33 @@ pub fn contested<F: Slot>(
     })
     .is_some()
 }
+
+/// Index a new flow, claimed (`claimed` is its `ctl`) and written in slot `f`: in a free entry,
+/// or in place of `replace` (the entry value of the closing flow it replaces). On failure the
+/// slot is given back and the reason returned: both buckets full, or another CPU creating or
+/// replacing the same 5-tuple first.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn take<F: Slot>(
+    map: &Array<FlowBucket>,
+    buckets: u32,
+    hash: u32,
+    value: u64,
+    replace: Option<u64>,
+    (f, claimed): (*mut F, u64),
+    slot: impl Fn(u32) -> Option<*mut F>,
+    mine: impl Fn(*mut F) -> bool,
+) -> Result<(), Counter> {
+    let lost = match replace {
+        Some(old) if !self::replace(map, buckets, hash, old, value) => Counter::DropFlowRace,
+        Some(_) => return Ok(()),
+        None if !insert(map, buckets, hash, value) => Counter::DropFlowTableFull,
+        None if contested(map, buckets, hash, value, slot, mine) => {
+            self::replace(map, buckets, hash, value, 0);
+            Counter::DropFlowRace
+        }
+        None => return Ok(()),
+    };
+    crate::ct::release(f, claimed);
+    Err(lost)
+}

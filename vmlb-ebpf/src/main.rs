@@ -404,33 +404,16 @@ fn new_flow(
         (*f).touched = 0;
     }
     let value = index_entry(hash, idx);
-    let taken = match replace {
-        Some(old) => index::replace(&maps::FLOW_INDEX, cfg.index_buckets, hash, old, value),
-        None => {
-            if !index::insert(&maps::FLOW_INDEX, cfg.index_buckets, hash, value) {
-                ct::release(f, c);
-                return Err(Counter::DropFlowTableFull);
-            }
-            if index::contested(
-                &maps::FLOW_INDEX,
-                cfg.index_buckets,
-                hash,
-                value,
-                ct::slot,
-                |f| ct::mine(f, k),
-            ) {
-                index::replace(&maps::FLOW_INDEX, cfg.index_buckets, hash, value, 0);
-                ct::release(f, c);
-                return Err(Counter::DropFlowRace);
-            }
-            true
-        }
-    };
-    if !taken {
-        // Another CPU replaced the closing flow's entry first.
-        ct::release(f, c);
-        return Err(Counter::DropFlowRace);
-    }
+    index::take(
+        &maps::FLOW_INDEX,
+        cfg.index_buckets,
+        hash,
+        value,
+        replace,
+        (f, c),
+        ct::slot,
+        |f| ct::mine(f, k),
+    )?;
     let state = if k.proto == IPPROTO_TCP {
         st::SYN_SENT
     } else {

@@ -368,29 +368,16 @@ fn new_flow(
     }
     // Indexed as main.rs `new_flow` does.
     let value = index_entry(hash, idx);
-    let map = &crate::maps::FLOW_INDEX6;
-    let taken = match replace {
-        Some(old) => index::replace(map, cfg6.index_buckets, hash, old, value),
-        None => {
-            if !index::insert(map, cfg6.index_buckets, hash, value) {
-                ct::release(f, c);
-                return Err(Counter::DropFlowTableFull);
-            }
-            if index::contested(map, cfg6.index_buckets, hash, value, ct6::slot, |f| {
-                ct6::mine(f, k)
-            }) {
-                index::replace(map, cfg6.index_buckets, hash, value, 0);
-                ct::release(f, c);
-                return Err(Counter::DropFlowRace);
-            }
-            true
-        }
-    };
-    if !taken {
-        // Another CPU replaced the closing flow's entry first.
-        ct::release(f, c);
-        return Err(Counter::DropFlowRace);
-    }
+    index::take(
+        &crate::maps::FLOW_INDEX6,
+        cfg6.index_buckets,
+        hash,
+        value,
+        replace,
+        (f, c),
+        ct6::slot,
+        |f| ct6::mine(f, k),
+    )?;
     let state = if k.proto == IPPROTO_TCP {
         st::SYN_SENT
     } else {
