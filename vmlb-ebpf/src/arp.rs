@@ -48,7 +48,7 @@ fn handle(ctx: &XdpContext, eth: *mut Eth, l3: usize, cfg: &Config) -> Result<u3
             return Err(Counter::PassArp);
         }
         let target = u32::from_ne_bytes(a.tpa);
-        match VIPS.get(&target) {
+        match VIPS.get(target) {
             Some(flags) if flags & VIP_F_OWNED != 0 => {}
             _ => return Err(Counter::PassArp),
         }

@@ -18,7 +18,7 @@ pub fn service(key: &FlowKey) -> Option<Service> {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    SERVICES.get_ptr(&skey).map(|s| unsafe { *s })
+    SERVICES.get_ptr(skey).map(|s| unsafe { *s })
 }
 
 /// The dnat service whose backend sent this packet (its source), if any.
@@ -31,12 +31,12 @@ pub fn dnat_endpoint(key: &FlowKey) -> Option<DnatEndpoint> {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    DNAT_ENDPOINTS.get_ptr(&ekey).map(|e| unsafe { *e })
+    DNAT_ENDPOINTS.get_ptr(ekey).map(|e| unsafe { *e })
 }
 
 #[inline(always)]
 pub fn is_vip(addr: u32) -> bool {
-    VIPS.get_ptr(&addr).is_some()
+    VIPS.get_ptr(addr).is_some()
 }
 
 #[inline(always)]
@@ -78,7 +78,7 @@ pub fn service6(key: &FlowKey6) -> Option<&'static Service6> {
         _pad: 0,
     };
     // SAFETY: a map value stays valid for the program's run.
-    SERVICES6.get_ptr(&skey).map(|s| unsafe { &*s })
+    SERVICES6.get_ptr(skey).map(|s| unsafe { &*s })
 }
 
 /// The IPv6 dnat service whose backend sent this packet (its source), if any; by reference
@@ -92,7 +92,7 @@ pub fn dnat_endpoint6(key: &FlowKey6) -> Option<&'static DnatEndpoint6> {
         _pad: 0,
     };
     // SAFETY: a map value stays valid for the program's run.
-    DNAT_ENDPOINTS6.get_ptr(&ekey).map(|e| unsafe { &*e })
+    DNAT_ENDPOINTS6.get_ptr(ekey).map(|e| unsafe { &*e })
 }
 
 #[inline(always)]

@@ -93,7 +93,7 @@ pub fn hop_forward(ctx: XdpContext) -> u32 {
         if *(p.add(12) as *const u16) != 0x0800u16.to_be() {
             return xdp_action::XDP_PASS;
         }
-        let Some(own) = HOP_MACS.get(&0) else {
+        let Some(own) = HOP_MACS.get(0) else {
             return xdp_action::XDP_PASS;
         };
         if *(p as *const u32) != *(own.as_ptr() as *const u32)
@@ -101,7 +101,7 @@ pub fn hop_forward(ctx: XdpContext) -> u32 {
         {
             return xdp_action::XDP_PASS;
         }
-        let Some(next) = HOP_MACS.get(&*(p.add(30) as *const u32)) else {
+        let Some(next) = HOP_MACS.get(*(p.add(30) as *const u32)) else {
             return xdp_action::XDP_PASS;
         };
         core::ptr::copy_nonoverlapping(p, p.add(6), 6);
@@ -153,7 +153,7 @@ pub fn bench_floor_lookup(ctx: XdpContext) -> u32 {
     // SAFETY: tcp_frame checked the frame.
     unsafe {
         let key = tuple(p, l4);
-        if BENCH_LRU.get_ptr(&key).is_none() {
+        if BENCH_LRU.get_ptr(key).is_none() {
             return xdp_action::XDP_PASS;
         }
         swap_macs(p);
@@ -189,7 +189,7 @@ pub fn bench_floor_lru_insert(ctx: XdpContext) -> u32 {
     // Non-zero words from the packet, so the value is built by plain stores, not a memset.
     let value = [key[0] as u64, key[1] as u64, key[2] as u64, 6, 1, 2, 3, 4];
     if BENCH_LRU_NEW
-        .insert(&key, &value, BPF_NOEXIST as u64)
+        .insert(key, value, BPF_NOEXIST as u64)
         .is_err()
     {
         return xdp_action::XDP_PASS;
@@ -208,7 +208,7 @@ pub fn bench_floor_hash_insert(ctx: XdpContext) -> u32 {
     // SAFETY: tcp_frame checked the frame.
     let key = unsafe { tuple(p, l4) };
     if BENCH_HASH_NEW
-        .insert(&key, &[key[0], 1], BPF_NOEXIST as u64)
+        .insert(key, [key[0], 1], BPF_NOEXIST as u64)
         .is_err()
     {
         return xdp_action::XDP_PASS;
@@ -334,7 +334,7 @@ pub fn bench_floor_lookup6(ctx: XdpContext) -> u32 {
     // SAFETY: tcp6_frame checked the frame.
     unsafe {
         let key = tuple6(p);
-        if BENCH_LRU6.get_ptr(&key).is_none() {
+        if BENCH_LRU6.get_ptr(key).is_none() {
             return xdp_action::XDP_PASS;
         }
         swap_macs(p);
@@ -369,7 +369,7 @@ pub fn bench_floor_lru_insert6(ctx: XdpContext) -> u32 {
         4,
     ];
     if BENCH_LRU_NEW6
-        .insert(&key, &value, BPF_NOEXIST as u64)
+        .insert(key, value, BPF_NOEXIST as u64)
         .is_err()
     {
         return xdp_action::XDP_PASS;
@@ -497,16 +497,16 @@ pub fn trunk_push(ctx: TcContext) -> i32 {
     let in_bytes = matches!(wire_ethertype(&ctx), Some(ETH_P_8021Q | ETH_P_8021AD));
     if present || in_bytes {
         count(TRUNK_ALREADY_TAGGED);
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: the context's __sk_buff; the helper takes the protocol in network order.
     let rc = unsafe { bpf_skb_vlan_push(ctx.skb.skb, ETH_P_8021Q.to_be(), trunk_vid()) };
     if rc != 0 {
         count(TRUNK_DROPPED);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     count(TRUNK_PUSHED);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// tc ingress: strip the trunk's tag, drop the rest. By the time tc ingress runs the kernel has
@@ -518,15 +518,15 @@ pub fn trunk_pop(ctx: TcContext) -> i32 {
     let (present, tci) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_tci) };
     if present == 0 || (tci & 0x0fff) as u16 != trunk_vid() {
         count(TRUNK_DROPPED);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     // SAFETY: the context's __sk_buff.
     if unsafe { bpf_skb_vlan_pop(ctx.skb.skb) } != 0 {
         count(TRUNK_DROPPED);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     count(TRUNK_POPPED);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// Count what the frame bytes say about VLAN tags, and pass.
