@@ -34,7 +34,8 @@
 //!
 //! Environment: VMLB_BIN (the vmlb binary; xtask passes a release build), VMLB_E2E_REPS (5),
 //! VMLB_E2E_SECS (8 s per run, as the issue measured), VMLB_E2E_THREADS (2), VMLB_E2E_CONNS (8),
-//! VMLB_E2E_CONTENDERS (comma list, default all).
+//! VMLB_E2E_CONTENDERS (comma list, default all), VMLB_E2E_VMLB_ARGS (more `vmlb run`
+//! arguments, space-separated, for experiments).
 
 use std::{
     fmt::Write as _,
@@ -202,6 +203,8 @@ struct Config {
     conns: u32,
     contenders: Vec<Contender>,
     vmlb_bin: Option<PathBuf>,
+    /// More `vmlb run` arguments (experiments: table sizes, sweep interval).
+    vmlb_args: Vec<String>,
 }
 
 /// Field order is drop order: servers, then the lab's namespaces, then the directory (which
@@ -384,6 +387,7 @@ impl Bench {
             .arg("--run-dir")
             .arg(self.dir.join("run"))
             .args(["--metrics-addr", &metrics, "--detach-on-exit"])
+            .args(&self.cfg.vmlb_args)
             .env("NO_COLOR", "1")
             .process_group(0)
             .stdin(Stdio::null())
@@ -840,6 +844,11 @@ fn main() -> anyhow::Result<()> {
         conns: env_or("VMLB_E2E_CONNS", 8u32).max(1),
         contenders,
         vmlb_bin: std::env::var_os("VMLB_BIN").map(PathBuf::from),
+        vmlb_args: std::env::var("VMLB_E2E_VMLB_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
     };
     for tool in ["wrk", "haproxy", "nft", "apache2", "bpftool", "timeout"] {
         ensure!(
