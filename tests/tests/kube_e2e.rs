@@ -5,8 +5,9 @@
 //! The cluster holds what the seed's example holds: a vmlb Service with the VM annotations,
 //! no address yet, and two VMIs on default/vlan-1512. The daemon must allocate 10.10.1.128
 //! from the pool, write the VMs' EndpointSlice, read both back, and put the service into the
-//! data path; requests to the VIP must reach both VMs, and a deleted VMI must leave. Needs root
-//! and the lab's tools (scripts/bootstrap.sh).
+//! data path; requests to the VIP must reach both VMs, and a deleted VMI must leave. The same
+//! Service made RequireDualStack, in the lab's IPv6 variant, must get an IPv6 VIP too and serve
+//! it with IPv6 SNAT. Needs root and the lab's tools (scripts/bootstrap.sh).
 
 #[path = "../../vmlb-user/tests/support/apiserver.rs"]
 mod apiserver;
@@ -14,7 +15,7 @@ mod apiserver;
 use std::{
     collections::BTreeSet,
     fs,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -26,7 +27,10 @@ use apiserver::{kubeconfig, ApiServer};
 use serde_json::{json, Value};
 use vmlb_tests::{
     daemon::vmlb_bin,
-    lab::{curl, mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, NODE_ADDR, NODE_DEV, VIP},
+    lab::{
+        mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, LabOptions, NODE_ADDR, NODE_ADDR6,
+        NODE_DEV, NODE_MAC, VIP, VIP6,
+    },
     netns::Netns,
 };
 use vmlb_user::observe::state::{state_path, DaemonState};
@@ -84,14 +88,148 @@ fn vmi(name: &str, addr: &str) -> Value {
     })
 }
 
-/// Which VMs answer `n` requests to the VIP (connection failures count as "-").
-fn answers(lab: &Lab, n: usize) -> BTreeSet<String> {
+/// A VMI on a dual-stack NIC, reported as KubeVirt does: every address, the link-local one too.
+fn vmi_dual(name: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Value {
+    let mut v = vmi(name, &v4.to_string());
+    v["status"]["interfaces"][0]["ipAddresses"] =
+        json!([v4.to_string(), v6.to_string(), "fe80::a5:cfff:fe00:7"]);
+    v
+}
+
+/// The seed's Service: vmlb's class, VMs picked by the annotations, no address yet.
+fn vm_service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "vms", "namespace": "default",
+                     "labels": {"service.kubernetes.io/service-proxy-name": "vmlb"},
+                     "annotations": {"vmlb.io/network": "default/vlan-1512", "vmlb.io/vmi-selector": "app=httpd"}},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "vmlb.io/vmlb",
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80}]},
+    })
+}
+
+/// The scripted API server on the node namespace's loopback, where the daemon runs.
+fn node_api(lab: &Lab, rt: &tokio::runtime::Runtime) -> ApiServer {
+    let listener = {
+        let _in = lab.node.enter().unwrap();
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    };
+    rt.block_on(ApiServer::start_on(listener))
+}
+
+/// `vmlb run --kubernetes` on the lab's node with `dir`'s kubeconfig and pools.yaml, one
+/// `--snat-addr` per family; its output goes to `dir/daemon.log`.
+fn run_on_node(lab: &Lab, dir: &Dir, metrics_port: u16, snat: &[IpAddr]) -> Daemon {
+    let out = fs::File::create(dir.0.join("daemon.log")).unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let mut cmd = lab.node.command(vmlb_bin());
+    cmd.args([
+        "run",
+        "--kubernetes",
+        "--iface",
+        NODE_DEV,
+        "--xdp-mode",
+        "native",
+    ]);
+    for a in snat {
+        cmd.args(["--snat-addr", &a.to_string()]);
+    }
+    cmd.args(["--metrics-addr", &metrics.to_string()])
+        .arg("--pin-dir")
+        .arg(dir.0.join("bpf"))
+        .arg("--run-dir")
+        .arg(dir.0.join("run"))
+        .arg("--pools")
+        .arg(dir.0.join("pools.yaml"))
+        .env("KUBECONFIG", dir.0.join("kubeconfig"))
+        .env("NODE_NAME", NODE)
+        .env("POD_NAMESPACE", NS)
+        .env("NO_COLOR", "1")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    Daemon(cmd.spawn().expect("spawning vmlb run"))
+}
+
+/// Stops the daemon as its DaemonSet would (SIGTERM to the group) and asserts a clean exit
+/// that released the node Lease.
+fn clean_stop(mut daemon: Daemon, api: &ApiServer, log: &Path) {
+    stop_group(daemon.0.id(), Duration::from_secs(10), || {
+        matches!(daemon.0.try_wait(), Ok(Some(_)))
+    });
+    let status = daemon.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "vmlb exited with {status}:\n{}",
+        fs::read_to_string(log).unwrap_or_default()
+    );
+    assert!(api
+        .get("leases", "coordination.k8s.io/v1", NS, "vmlb-node-node-0")
+        .is_none());
+}
+
+/// Which VMs answer `n` requests to `vip` (connection failures count as "-"). The query
+/// says the family, so access logs tell the families' requests apart.
+fn answers(lab: &Lab, vip: IpAddr, n: usize) -> BTreeSet<String> {
+    let (flag, url) = match vip {
+        IpAddr::V4(a) => ("-4", format!("http://{a}/?t=v4")),
+        IpAddr::V6(a) => ("-6", format!("http://[{a}]/?t=v6")),
+    };
     (0..n)
         .map(|_| {
-            curl(&lab.client, &format!("http://{VIP}/"), 2)
-                .map_or_else(|_| "-".into(), |b| b.trim().to_string())
+            lab.client
+                .exec(&["curl", flag, "-sS", "--max-time", "2", &url])
+                .map_or_else(
+                    |_| "-".into(),
+                    |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+                )
         })
         .collect()
+}
+
+/// Prints the daemon's output when the test panics (`api.wait_for` does not know it).
+struct LogOnPanic<'a>(&'a Path);
+
+impl Drop for LogOnPanic<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "vmlb's output:\n{}",
+                fs::read_to_string(self.0).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The Service's `status.loadBalancer.ingress` IPs, in order.
+fn ingress_ips(svc: &Value) -> Vec<String> {
+    svc["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().map(String::from))
+        .collect()
+}
+
+/// An EndpointSlice's endpoint addresses, sorted.
+fn slice_addrs(slice: &Value) -> BTreeSet<String> {
+    slice["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect()
+}
+
+/// The VIPs the node owns, as the daemon's state file says (none before it is written).
+fn owned_vips(dir: &Dir) -> BTreeSet<IpAddr> {
+    fs::read_to_string(state_path(&dir.0.join("run"), NODE_DEV))
+        .ok()
+        .and_then(|t| serde_json::from_str::<DaemonState>(&t).ok())
+        .map(|s| s.owned_vips.into_iter().collect())
+        .unwrap_or_default()
 }
 
 /// Polls `cond` (another process's state: nothing to await) for at most `secs`.
@@ -115,7 +253,7 @@ fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
         .enable_all()
         .build()
         .unwrap();
-    let bin = vmlb_bin();
+    let _ = vmlb_bin();
     let lab = Lab::new().expect("building the lab");
     let _servers: Vec<Httpd> = lab
         .vms
@@ -124,20 +262,8 @@ fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
         .collect();
     let dir = Dir::new();
 
-    // The API server listens on the node namespace's loopback, where the daemon runs.
-    let listener = {
-        let _in = lab.node.enter().unwrap();
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
-    };
-    let api = rt.block_on(ApiServer::start_on(listener));
-    api.put("services", json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "vms", "namespace": "default",
-                     "labels": {"service.kubernetes.io/service-proxy-name": "vmlb"},
-                     "annotations": {"vmlb.io/network": "default/vlan-1512", "vmlb.io/vmi-selector": "app=httpd"}},
-        "spec": {"type": "LoadBalancer", "loadBalancerClass": "vmlb.io/vmlb",
-                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80}]},
-    }));
+    let api = node_api(&lab, &rt);
+    api.put("services", vm_service());
     for vm in &lab.vms {
         api.put(
             "virtualmachineinstances",
@@ -152,42 +278,7 @@ fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
     .unwrap();
 
     let log = dir.0.join("daemon.log");
-    let out = fs::File::create(&log).unwrap();
-    let metrics = SocketAddr::from(([127, 0, 0, 1], 19534));
-    let mut daemon = Daemon(
-        lab.node
-            .command(bin)
-            .args([
-                "run",
-                "--kubernetes",
-                "--iface",
-                NODE_DEV,
-                "--xdp-mode",
-                "native",
-            ])
-            .args([
-                "--snat-addr",
-                &NODE_ADDR.to_string(),
-                "--metrics-addr",
-                &metrics.to_string(),
-            ])
-            .arg("--pin-dir")
-            .arg(dir.0.join("bpf"))
-            .arg("--run-dir")
-            .arg(dir.0.join("run"))
-            .arg("--pools")
-            .arg(dir.0.join("pools.yaml"))
-            .env("KUBECONFIG", dir.0.join("kubeconfig"))
-            .env("NODE_NAME", NODE)
-            .env("POD_NAMESPACE", NS)
-            .env("NO_COLOR", "1")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawning vmlb run"),
-    );
+    let daemon = run_on_node(&lab, &dir, 19534, &[NODE_ADDR.into()]);
 
     eprintln!("{:?}: daemon started", t0.elapsed());
     // The leader allocated the seed's VIP and wrote the VMs' slice.
@@ -210,7 +301,7 @@ fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
     // Requests through the VIP reach both VMs.
     let both: BTreeSet<String> = ["vm1", "vm2"].map(String::from).into();
     eventually(20, "both VMs to answer through the VIP", &log, || {
-        answers(&lab, 12) == both
+        answers(&lab, VIP.into(), 12) == both
     });
     assert!(api
         .get("leases", "coordination.k8s.io/v1", NS, "vmlb-node-node-0")
@@ -229,22 +320,141 @@ fn vmlb_run_serves_the_clusters_vms_through_the_vip() {
         "vm2",
     );
     let only: BTreeSet<String> = ["vm1".to_string()].into();
-    eventually(20, "vm2 to leave", &log, || answers(&lab, 16) == only);
+    eventually(20, "vm2 to leave", &log, || {
+        answers(&lab, VIP.into(), 16) == only
+    });
 
     eprintln!("{:?}: vm2 left", t0.elapsed());
     // A clean stop releases the node Lease.
-    stop_group(daemon.0.id(), Duration::from_secs(10), || {
-        matches!(daemon.0.try_wait(), Ok(Some(_)))
+    clean_stop(daemon, &api, &log);
+}
+
+/// A dual-stack Service (RequireDualStack) in the lab's IPv6 variant: a VIP per family from
+/// the pools, a slice per family from the VMIs' addresses, both VIPs owned, and `curl -6`
+/// through the IPv6 VIP reaching both VMs from the node's IPv6 SNAT address while IPv4 keeps
+/// working. Nothing static on the client: it learns the IPv6 VIP's MAC only from vmlb's
+/// neighbour advertisements (the node has no such address, and no proxy NDP).
+#[test]
+fn vmlb_run_serves_a_dual_stack_service_through_both_vips() {
+    let t0 = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _ = vmlb_bin();
+    // Drop order (reverse of declaration): daemon, API server, pins, servers, lab.
+    let lab = Lab::with(LabOptions {
+        ipv6: true,
+        ..Default::default()
+    })
+    .expect("building the IPv6 lab");
+    // Each VM's httpd listens on its IPv6 address too.
+    let servers: Vec<Httpd> = lab
+        .vms
+        .iter()
+        .map(|vm| Httpd::start_vm(vm).unwrap())
+        .collect();
+    let dir = Dir::tagged("lab6");
+
+    let api = node_api(&lab, &rt);
+    let mut svc = vm_service();
+    svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    api.put("services", svc);
+    for vm in &lab.vms {
+        let v6 = vm.addr6.expect("an IPv6 lab VM");
+        api.put("virtualmachineinstances", vmi_dual(vm.name, vm.addr, v6));
+    }
+    fs::write(dir.0.join("kubeconfig"), api.kubeconfig(NS)).unwrap();
+    // The allocator gives each family the lowest free address of its ranges: the IPv6 range
+    // starts at the lab's VIP6.
+    fs::write(
+        dir.0.join("pools.yaml"),
+        format!(
+            "apiVersion: vmlb.io/v1alpha1\nkind: IPAddressPool\nmetadata: {{name: vlan-1512-pool}}\n\
+             spec: {{addresses: [10.10.1.128/25, \"{VIP6}-fd00:10:10:1::12f\"]}}\n"
+        ),
+    )
+    .unwrap();
+
+    let log = dir.0.join("daemon.log");
+    let _log_on_panic = LogOnPanic(&log);
+    let daemon = run_on_node(&lab, &dir, 19536, &[NODE_ADDR.into(), NODE_ADDR6.into()]);
+
+    // One VIP per family, primary (IPv4) first.
+    let svc = rt.block_on(api.wait_for(30, "both VIPs in the Service's status", |a| {
+        let s = a.get("services", "v1", "default", "vms")?;
+        (ingress_ips(&s) == [VIP.to_string(), VIP6.to_string()]).then_some(s)
+    }));
+    assert_eq!(svc["status"]["conditions"][0]["status"], "True");
+    // One slice per family; the link-local address never becomes an endpoint.
+    let v4: BTreeSet<String> = lab.vms.iter().map(|vm| vm.addr.to_string()).collect();
+    let v6: BTreeSet<String> = lab
+        .vms
+        .iter()
+        .filter_map(|vm| vm.addr6.map(|a| a.to_string()))
+        .collect();
+    for (name, family, want) in [("vms-vmlb", "IPv4", &v4), ("vms-vmlb-ipv6", "IPv6", &v6)] {
+        rt.block_on(
+            api.wait_for(10, &format!("the {family} EndpointSlice"), |a| {
+                let s = a.get("endpointslices", "discovery.k8s.io/v1", "default", name)?;
+                (s["addressType"] == family && slice_addrs(&s) == *want).then_some(())
+            }),
+        );
+    }
+    eprintln!("{:?}: status and both slices written", t0.elapsed());
+
+    let both_vips: BTreeSet<IpAddr> = [VIP.into(), VIP6.into()].into();
+    eventually(10, "the node to own both VIPs", &log, || {
+        owned_vips(&dir) == both_vips
     });
-    let status = daemon.0.wait().unwrap();
+    let both: BTreeSet<String> = ["vm1", "vm2"].map(String::from).into();
+    eventually(20, "both VMs to answer through the IPv6 VIP", &log, || {
+        answers(&lab, VIP6.into(), 12) == both
+    });
+    eventually(20, "both VMs to answer through the IPv4 VIP", &log, || {
+        answers(&lab, VIP.into(), 12) == both
+    });
+    eprintln!("{:?}: both VMs answer on both VIPs", t0.elapsed());
+
+    // Every request reached the VMs from the node's SNAT address of its family.
+    for s in &servers {
+        let lines = s.access_lines();
+        for (tag, snat) in [
+            ("t=v6", IpAddr::from(NODE_ADDR6)),
+            ("t=v4", NODE_ADDR.into()),
+        ] {
+            let of: Vec<&String> = lines.iter().filter(|l| l.contains(tag)).collect();
+            assert!(!of.is_empty(), "{} logged no {tag} request", s.name);
+            for l in of {
+                assert!(
+                    l.starts_with(&format!("{snat} ")),
+                    "{} saw another source than {snat}: {l}",
+                    s.name
+                );
+            }
+        }
+    }
+    // The client learned the IPv6 VIP's MAC through neighbour discovery, from vmlb; nothing
+    // was pinned on either side.
+    let neigh = |ns: &Netns, args: &[&str]| {
+        let out = ns.ip(args).expect("ip -6 neigh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let vip6 = VIP6.to_string();
+    let entry = neigh(&lab.client, &["-6", "neigh", "show", &vip6]);
     assert!(
-        status.success(),
-        "vmlb exited with {status}:\n{}",
-        fs::read_to_string(&log).unwrap_or_default()
+        entry.contains(NODE_MAC),
+        "the client's neighbour entry for {vip6}: {entry:?}"
     );
-    assert!(api
-        .get("leases", "coordination.k8s.io/v1", NS, "vmlb-node-node-0")
-        .is_none());
+    for ns in [&lab.client, &lab.node] {
+        let all = neigh(ns, &["-6", "neigh", "show"]);
+        assert!(!all.contains("PERMANENT"), "{}: {all}", ns.name());
+    }
+
+    clean_stop(daemon, &api, &log);
+    eprintln!("{:?}: stopped cleanly", t0.elapsed());
 }
 
 /// One node of the two-node test: a namespace with a veth pair to attach to (no addresses:

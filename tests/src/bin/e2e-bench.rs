@@ -801,7 +801,10 @@ fn run_order(contenders: &[Contender], rep: usize) -> Vec<Contender> {
             .iter()
             .position(|&c| c == Contender::Floor)
             .expect("the floor is still there");
-        order.insert(if rep % 2 == 0 { f + 1 } else { f }, Contender::Vmlb);
+        order.insert(
+            if rep.is_multiple_of(2) { f + 1 } else { f },
+            Contender::Vmlb,
+        );
     }
     order
 }
