@@ -8,7 +8,10 @@
 //! is published before every kind has been listed once: a restarted daemon does not withdraw
 //! services it simply has not read yet.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
 
 use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
 use k8s_openapi::{
@@ -299,10 +302,11 @@ pub async fn run_writer(
 ) {
     let recorder = Recorder::new(client.clone(), reporter);
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
+    let mut unechoed = Unechoed::default();
     loop {
         if *leader.borrow_and_update() {
             let w = work.borrow_and_update().clone();
-            let ok = write_all(&client, &recorder, &mut reported, &w).await;
+            let ok = write_all(&client, &recorder, &mut reported, &mut unechoed, &w).await;
             if !ok {
                 tokio::select! {
                     _ = tokio::time::sleep(retry) => continue,
@@ -312,8 +316,9 @@ pub async fn run_writer(
                 continue;
             }
         } else {
-            // A new leader reports afresh.
+            // A new leader reports and writes afresh.
             reported.clear();
+            unechoed = Unechoed::default();
         }
         tokio::select! {
             r = work.changed() => if r.is_err() { return },
@@ -322,11 +327,57 @@ pub async fn run_writer(
     }
 }
 
-/// Returns whether every write succeeded.
+/// How long a write may take to come back through the watch before the same request is sent
+/// again. Watch events arrive within milliseconds on a healthy API server.
+const ECHO_WAIT: Duration = Duration::from_secs(2);
+
+/// Recent successful writes the index has not seen come back yet. The index learns of a write
+/// only from its watch event, and a recompute in between (any other object's event) asks for the
+/// same write again: every status and slice was written twice at start-up, a thousand redundant
+/// writes for a thousand services. A request equal to one that succeeded less than
+/// `ECHO_WAIT` ago, against the same observed resourceVersion, is held back; after that it goes
+/// out again (the object may have been changed or deleted meanwhile), so a held-back write is
+/// late at worst, never lost.
+#[derive(Default)]
+struct Unechoed(HashMap<String, (Option<String>, Value, Instant)>);
+
+impl Unechoed {
+    /// Whether this request repeats one still awaiting its echo.
+    fn holds(&self, key: &str, observed_rv: &Option<String>, body: &Value, now: Instant) -> bool {
+        self.0.get(key).is_some_and(|(rv, b, at)| {
+            rv == observed_rv && b == body && now.saturating_duration_since(*at) < ECHO_WAIT
+        })
+    }
+
+    fn wrote(&mut self, key: String, observed_rv: Option<String>, body: Value, now: Instant) {
+        // Bounded by the objects vmlb writes; entries past their wait are of no use.
+        self.0
+            .retain(|_, (_, _, at)| now.saturating_duration_since(*at) < ECHO_WAIT);
+        self.0.insert(key, (observed_rv, body, now));
+    }
+}
+
+/// A status patch without its conditions' transition times, which `status_patch` stamps
+/// afresh on every call: two patches for the same change compare equal.
+fn without_times(patch: &Value) -> Value {
+    let mut v = patch.clone();
+    if let Some(cs) = v["status"]["conditions"].as_array_mut() {
+        for c in cs {
+            if let Some(c) = c.as_object_mut() {
+                c.remove("lastTransitionTime");
+            }
+        }
+    }
+    v
+}
+
+/// Returns whether every write succeeded (a write held back awaiting its echo counts as not yet
+/// done, so the caller comes back to it).
 async fn write_all(
     client: &Client,
     recorder: &Recorder,
     reported: &mut BTreeSet<Problem>,
+    unechoed: &mut Unechoed,
     w: &LeaderWork,
 ) -> bool {
     let mut ok = true;
@@ -345,13 +396,24 @@ async fn write_all(
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
         let invalid = bad.get(&(ns.clone(), name.clone()));
-        if let Some(patch) = status_patch(svc, res, invalid) {
+        let patch = status_patch(svc, res, invalid);
+        let key = format!("status {ns}/{name}");
+        let rv = &svc.metadata.resource_version;
+        if let Some(patch) = patch.filter(|p| {
+            let held = unechoed.holds(&key, rv, &without_times(p), Instant::now());
+            if held {
+                debug!(service = %format!("{ns}/{name}"), "status write held back: the last one has not come back yet");
+                ok = false;
+            }
+            !held
+        }) {
             let api: Api<Service> = Api::namespaced(client.clone(), &ns);
             match api
                 .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
+                    unechoed.wrote(key, rv.clone(), without_times(&patch), Instant::now());
                     info!(service = %format!("{ns}/{name}"), addresses = ?res.as_ref().ok().map(|a| &a.ips), "status written")
                 }
                 Err(e) => {
@@ -389,6 +451,13 @@ async fn write_all(
             "metadata": obj.metadata, "addressType": obj.address_type,
             "endpoints": obj.endpoints, "ports": obj.ports,
         });
+        let key = format!("slice {ns}/{name}");
+        let rv = &slice.metadata.resource_version;
+        if unechoed.holds(&key, rv, &body, Instant::now()) {
+            debug!(slice = %format!("{ns}/{name}"), "EndpointSlice write held back: the last one has not come back yet");
+            ok = false;
+            continue;
+        }
         match api
             .patch(
                 &name,
@@ -398,6 +467,7 @@ async fn write_all(
             .await
         {
             Ok(_) => {
+                unechoed.wrote(key, rv.clone(), body, Instant::now());
                 info!(slice = %format!("{ns}/{name}"), endpoints = slice.endpoints.len(), "EndpointSlice written")
             }
             Err(e) => {
@@ -571,4 +641,66 @@ pub fn status_patch(
 
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_write_is_held_only_until_its_echo_is_overdue() {
+        let t0 = Instant::now();
+        let rv = Some("5".to_string());
+        let body = json!({"endpoints": ["10.10.1.2"]});
+        let mut u = Unechoed::default();
+        assert!(!u.holds("slice default/vms-vmlb", &rv, &body, t0));
+        u.wrote(
+            "slice default/vms-vmlb".into(),
+            rv.clone(),
+            body.clone(),
+            t0,
+        );
+        let soon = t0 + Duration::from_millis(50);
+        assert!(u.holds("slice default/vms-vmlb", &rv, &body, soon));
+        // Anything else goes out: another object, another body, a newer observation.
+        assert!(!u.holds("slice default/other", &rv, &body, soon));
+        assert!(!u.holds(
+            "slice default/vms-vmlb",
+            &rv,
+            &json!({"endpoints": []}),
+            soon
+        ));
+        assert!(!u.holds("slice default/vms-vmlb", &Some("6".into()), &body, soon));
+        // Past the wait the same request is sent again (the object may have been deleted).
+        assert!(!u.holds("slice default/vms-vmlb", &rv, &body, t0 + ECHO_WAIT));
+        // Old entries do not pile up.
+        u.wrote("b".into(), None, json!(1), t0 + ECHO_WAIT * 2);
+        assert_eq!(u.0.len(), 1);
+    }
+
+    #[test]
+    fn status_patches_for_the_same_change_compare_equal_without_their_times() {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "vms", "namespace": "default", "resourceVersion": "7"},
+        }))
+        .unwrap();
+        let res = Ok(Allocated {
+            ips: vec!["10.10.1.128".parse().unwrap()],
+            left_out: Vec::new(),
+        });
+        let a = status_patch(&svc, &res, None).unwrap();
+        let mut b = status_patch(&svc, &res, None).unwrap();
+        // As if stamped at another moment.
+        b["status"]["conditions"][0]["lastTransitionTime"] = json!("2000-01-01T00:00:00Z");
+        assert_ne!(a, b);
+        assert_eq!(without_times(&a), without_times(&b));
+        let other = status_patch(&svc, &Err(NoAddress::NoSuchPool("x".into())), None).unwrap();
+        assert_ne!(without_times(&a), without_times(&other));
+        assert!(a["status"]["conditions"][0]
+            .get("lastTransitionTime")
+            .is_some());
+        assert!(without_times(&a)["status"]["conditions"][0]
+            .get("lastTransitionTime")
+            .is_none());
+    }
 }
