@@ -28,6 +28,51 @@ const DIR_PREFIX: &str = "vmlb-lab-daemon-";
 static NEXT_PORT: AtomicU16 = AtomicU16::new(29434);
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
+/// `vmlb run --kubernetes` as the cluster tests start it, on `cmd` (`<namespace>.command(
+/// vmlb_bin())`, so it runs where the API server's loopback listener is): pins under
+/// `dir/bpf`, state under `dir/run`, `dir/kubeconfig`, and `dir/pools.yaml` when `pools`; one
+/// `--snat-addr` per family; output to `log`; in a process group of its own (`stop_group`).
+pub struct KubeRun<'a> {
+    pub iface: &'a str,
+    /// `native` on the lab's veths, `skb` where nothing is sent.
+    pub xdp_mode: &'a str,
+    pub snat: &'a [std::net::IpAddr],
+    pub metrics: SocketAddr,
+    pub dir: &'a Path,
+    pub pools: bool,
+    /// NODE_NAME and POD_NAMESPACE, as the DaemonSet sets them.
+    pub node: &'a str,
+    pub namespace: &'a str,
+}
+
+impl KubeRun<'_> {
+    pub fn spawn(&self, mut cmd: Command, log: &Path) -> std::io::Result<Child> {
+        let out = fs::File::create(log)?;
+        cmd.args(["run", "--kubernetes", "--iface", self.iface])
+            .args(["--xdp-mode", self.xdp_mode])
+            .args(["--metrics-addr", &self.metrics.to_string()]);
+        for a in self.snat {
+            cmd.args(["--snat-addr", &a.to_string()]);
+        }
+        cmd.arg("--pin-dir")
+            .arg(self.dir.join("bpf"))
+            .arg("--run-dir")
+            .arg(self.dir.join("run"));
+        if self.pools {
+            cmd.arg("--pools").arg(self.dir.join("pools.yaml"));
+        }
+        cmd.env("KUBECONFIG", self.dir.join("kubeconfig"))
+            .env("NODE_NAME", self.node)
+            .env("POD_NAMESPACE", self.namespace)
+            .env("NO_COLOR", "1")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+    }
+}
+
 /// The vmlb binary, built once per test process (`cargo test` builds a dependency's library but
 /// not its binaries).
 pub fn vmlb_bin() -> &'static Path {

@@ -30,13 +30,10 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::process::CommandExt as _,
-    },
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{
         atomic::{AtomicBool, Ordering},
         Mutex,
@@ -48,7 +45,7 @@ use std::{
 use apiserver::{kubeconfig, ApiServer};
 use serde_json::{json, Value};
 use vmlb_tests::{
-    daemon::vmlb_bin,
+    daemon::{vmlb_bin, KubeRun},
     lab::{
         curl, mount_bpffs, stop_group, unmount_bpffs, HttpConn, Httpd, Lab, Ns, NODE_ADDR,
         NODE_DEV, NODE_MAC, VIP,
@@ -146,27 +143,18 @@ impl Member {
         )
         .unwrap();
         let log = dir.0.join("daemon.log");
-        let out = fs::File::create(&log).unwrap();
-        let child = ns
-            .command(vmlb_bin())
-            .args(["run", "--kubernetes", "--iface", NODE_DEV])
-            .args(["--xdp-mode", "native", "--metrics-addr", METRICS])
-            .args(["--snat-addr", &addr.to_string()])
-            .arg("--pin-dir")
-            .arg(dir.0.join("bpf"))
-            .arg("--run-dir")
-            .arg(dir.0.join("run"))
-            .arg("--pools")
-            .arg(dir.0.join("pools.yaml"))
-            .env("KUBECONFIG", dir.0.join("kubeconfig"))
-            .env("NODE_NAME", name)
-            .env("POD_NAMESPACE", NS)
-            .env("NO_COLOR", "1")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
+        let run = KubeRun {
+            iface: NODE_DEV,
+            xdp_mode: "native",
+            snat: &[IpAddr::V4(addr)],
+            metrics: METRICS.parse().unwrap(),
+            dir: &dir.0,
+            pools: true,
+            node: name,
+            namespace: NS,
+        };
+        let child = run
+            .spawn(ns.command(vmlb_bin()), &log)
             .expect("spawning vmlb run");
         Self {
             name,

@@ -16,9 +16,8 @@ use std::{
     collections::BTreeSet,
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Child,
     thread,
     time::{Duration, Instant},
 };
@@ -26,7 +25,7 @@ use std::{
 use apiserver::{kubeconfig, ApiServer};
 use serde_json::{json, Value};
 use vmlb_tests::{
-    daemon::vmlb_bin,
+    daemon::{vmlb_bin, KubeRun},
     lab::{
         mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, LabOptions, NODE_ADDR, NODE_ADDR6,
         NODE_DEV, NODE_MAC, VIP, VIP6,
@@ -120,36 +119,20 @@ fn node_api(lab: &Lab, rt: &tokio::runtime::Runtime) -> ApiServer {
 /// `vmlb run --kubernetes` on the lab's node with `dir`'s kubeconfig and pools.yaml, one
 /// `--snat-addr` per family; its output goes to `dir/daemon.log`.
 fn run_on_node(lab: &Lab, dir: &Dir, metrics_port: u16, snat: &[IpAddr]) -> Daemon {
-    let out = fs::File::create(dir.0.join("daemon.log")).unwrap();
-    let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
-    let mut cmd = lab.node.command(vmlb_bin());
-    cmd.args([
-        "run",
-        "--kubernetes",
-        "--iface",
-        NODE_DEV,
-        "--xdp-mode",
-        "native",
-    ]);
-    for a in snat {
-        cmd.args(["--snat-addr", &a.to_string()]);
-    }
-    cmd.args(["--metrics-addr", &metrics.to_string()])
-        .arg("--pin-dir")
-        .arg(dir.0.join("bpf"))
-        .arg("--run-dir")
-        .arg(dir.0.join("run"))
-        .arg("--pools")
-        .arg(dir.0.join("pools.yaml"))
-        .env("KUBECONFIG", dir.0.join("kubeconfig"))
-        .env("NODE_NAME", NODE)
-        .env("POD_NAMESPACE", NS)
-        .env("NO_COLOR", "1")
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-    Daemon(cmd.spawn().expect("spawning vmlb run"))
+    let run = KubeRun {
+        iface: NODE_DEV,
+        xdp_mode: "native",
+        snat,
+        metrics: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+        dir: &dir.0,
+        pools: true,
+        node: NODE,
+        namespace: NS,
+    };
+    Daemon(
+        run.spawn(lab.node.command(vmlb_bin()), &dir.0.join("daemon.log"))
+            .expect("spawning vmlb run"),
+    )
 }
 
 /// Stops the daemon as its DaemonSet would (SIGTERM to the group) and asserts a clean exit
@@ -489,36 +472,18 @@ impl Node {
         };
         fs::write(dir.0.join("kubeconfig"), kubeconfig(&url, NS)).unwrap();
         let log = dir.0.join("daemon.log");
-        let out = fs::File::create(&log).unwrap();
-        let child = ns
-            .command(vmlb_bin())
-            .args([
-                "run",
-                "--kubernetes",
-                "--iface",
-                NODE_IFACE,
-                "--xdp-mode",
-                "skb",
-            ])
-            .args([
-                "--snat-addr",
-                &NODE_ADDR.to_string(),
-                "--metrics-addr",
-                "127.0.0.1:19535",
-            ])
-            .arg("--pin-dir")
-            .arg(dir.0.join("bpf"))
-            .arg("--run-dir")
-            .arg(dir.0.join("run"))
-            .env("KUBECONFIG", dir.0.join("kubeconfig"))
-            .env("NODE_NAME", name)
-            .env("POD_NAMESPACE", NS)
-            .env("NO_COLOR", "1")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
+        let run = KubeRun {
+            iface: NODE_IFACE,
+            xdp_mode: "skb",
+            snat: &[IpAddr::V4(NODE_ADDR)],
+            metrics: SocketAddr::from(([127, 0, 0, 1], 19535)),
+            dir: &dir.0,
+            pools: false,
+            node: name,
+            namespace: NS,
+        };
+        let child = run
+            .spawn(ns.command(vmlb_bin()), &log)
             .expect("spawning vmlb run");
         Node {
             daemon: Daemon(child),
