@@ -633,6 +633,48 @@ pub fn curl(ns: &Ns, url: &str, secs: u32) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// New connections from `ns` to `url(i)` (`i` = 0, 1, …) until both VMs have answered, at most
+/// 20 (2^-19 that 20 miss one of two): each body (the VM's name) with its count. A failed
+/// request panics with the error and `report()`.
+pub fn until_both_answer(
+    ns: &Ns,
+    url: impl Fn(usize) -> String,
+    report: impl Fn() -> String,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut answers = std::collections::BTreeMap::new();
+    for i in 0..20 {
+        let u = url(i);
+        match curl(ns, &u, 3) {
+            Ok(body) => *answers.entry(body.trim().to_string()).or_default() += 1,
+            Err(e) => panic!("request {i} to {u}: {e:#}\n{}", report()),
+        }
+        if answers.len() == 2 {
+            break;
+        }
+    }
+    answers
+}
+
+/// Every server logged requests whose line contains `tag`, and each of them came from `source`
+/// (what the VMs must see: the client for dnat, a SNAT address otherwise).
+pub fn assert_logged_from(servers: &[Httpd], tag: &str, source: impl std::fmt::Display) {
+    for s in servers {
+        let lines: Vec<String> = s
+            .access_lines()
+            .into_iter()
+            .filter(|l| l.contains(tag))
+            .collect();
+        assert!(!lines.is_empty(), "{} logged no {tag} request", s.name);
+        for l in &lines {
+            assert!(
+                l.starts_with(&format!("{source} ")),
+                "{} saw another source than {source}: {l}",
+                s.name
+            );
+        }
+    }
+}
+
 /// One HTTP/1.1 keep-alive connection opened from inside a namespace (the socket stays there),
 /// for checks that need a connection to live across a change: each `get` reuses it.
 pub struct HttpConn {

@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 use vmlb_tests::{
     daemon::{vmlb_bin, KubeRun},
     lab::{
-        mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, LabOptions, NODE_ADDR, NODE_ADDR6,
-        NODE_DEV, NODE_MAC, VIP, VIP6,
+        assert_logged_from, mount_bpffs, stop_group, unmount_bpffs, Httpd, Lab, LabOptions,
+        NODE_ADDR, NODE_ADDR6, NODE_DEV, NODE_MAC, VIP, VIP6,
     },
     netns::Netns,
 };
@@ -402,23 +402,8 @@ fn vmlb_run_serves_a_dual_stack_service_through_both_vips() {
     eprintln!("{:?}: both VMs answer on both VIPs", t0.elapsed());
 
     // Every request reached the VMs from the node's SNAT address of its family.
-    for s in &servers {
-        let lines = s.access_lines();
-        for (tag, snat) in [
-            ("t=v6", IpAddr::from(NODE_ADDR6)),
-            ("t=v4", NODE_ADDR.into()),
-        ] {
-            let of: Vec<&String> = lines.iter().filter(|l| l.contains(tag)).collect();
-            assert!(!of.is_empty(), "{} logged no {tag} request", s.name);
-            for l in of {
-                assert!(
-                    l.starts_with(&format!("{snat} ")),
-                    "{} saw another source than {snat}: {l}",
-                    s.name
-                );
-            }
-        }
-    }
+    assert_logged_from(&servers, "t=v6", NODE_ADDR6);
+    assert_logged_from(&servers, "t=v4", NODE_ADDR);
     // The client learned the IPv6 VIP's MAC through neighbour discovery, from vmlb; nothing
     // was pinned on either side.
     let neigh = |ns: &Netns, args: &[&str]| {

@@ -7,13 +7,11 @@
 //!
 //! Needs root, apache2 and curl.
 
-use std::collections::BTreeMap;
-
 use vmlb_tests::{
     daemon::{service_entry6, LabDaemon},
     lab::{
-        curl, Httpd, Lab, LabOptions, FAR_CLIENT_ADDR, FAR_CLIENT_ADDR6, FAR_NET, FAR_NET6,
-        NODE_ADDR, NODE_ADDR6, VIP, VIP6,
+        assert_logged_from, until_both_answer, Httpd, Lab, LabOptions, FAR_CLIENT_ADDR,
+        FAR_CLIENT_ADDR6, FAR_NET, FAR_NET6, NODE_ADDR, NODE_ADDR6, VIP, VIP6,
     },
 };
 
@@ -52,39 +50,15 @@ fn dnat_service_shows_the_client_address_to_the_vms() {
     let daemon = LabDaemon::start(&lab, &dnat_entry(&lab), &[])
         .unwrap_or_else(|e| panic!("starting vmlb: {e:#}\n{}", lab.describe()));
 
-    // New connections until both VMs have answered (2^-19 that 20 miss one of two).
-    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..20 {
-        match curl(&far.client, &format!("http://{VIP}/?t=dnat-{i}"), 3) {
-            Ok(body) => *answers.entry(body.trim().to_string()).or_default() += 1,
-            Err(e) => panic!(
-                "request {i} through the dnat VIP: {e:#}\n{}{}",
-                daemon.report(&lab),
-                lab.describe()
-            ),
-        }
-        if answers.len() == 2 {
-            break;
-        }
-    }
+    let answers = until_both_answer(
+        &far.client,
+        |i| format!("http://{VIP}/?t=dnat-{i}"),
+        || format!("{}{}", daemon.report(&lab), lab.describe()),
+    );
     // Each answer came back from the VIP: the client's curl would not take a SYN-ACK from a
     // VM's address, so every reply was translated on its way through the node.
     assert_eq!(answers.len(), 2, "both VMs answer: {answers:?}");
-    for s in &servers {
-        let lines: Vec<String> = s
-            .access_lines()
-            .into_iter()
-            .filter(|l| l.contains("t=dnat-"))
-            .collect();
-        assert!(!lines.is_empty(), "{} logged no request", s.name);
-        for l in &lines {
-            assert!(
-                l.starts_with(&format!("{FAR_CLIENT_ADDR} ")),
-                "{} saw another source than the client: {l}",
-                s.name
-            );
-        }
-    }
+    assert_logged_from(&servers, "t=dnat-", FAR_CLIENT_ADDR);
 }
 
 /// The seed's ServiceEntry on the IPv6 VIP in dnat mode, over the VMs' IPv6 addresses.
@@ -135,35 +109,12 @@ fn dnat_ipv6_service_shows_the_client_address_to_the_vms() {
     let daemon = LabDaemon::start(&lab, &dnat_entry6(&lab), &[])
         .unwrap_or_else(|e| panic!("starting vmlb: {e:#}\n{}", lab.describe()));
 
-    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..20 {
-        match curl(&far.client, &format!("http://[{VIP6}]/?t=dnat6-{i}"), 3) {
-            Ok(body) => *answers.entry(body.trim().to_string()).or_default() += 1,
-            Err(e) => panic!(
-                "request {i} through the IPv6 dnat VIP: {e:#}\n{}{}",
-                daemon.report(&lab),
-                lab.describe()
-            ),
-        }
-        if answers.len() == 2 {
-            break;
-        }
-    }
+    let answers = until_both_answer(
+        &far.client,
+        |i| format!("http://[{VIP6}]/?t=dnat6-{i}"),
+        || format!("{}{}", daemon.report(&lab), lab.describe()),
+    );
     // Every reply came back from the VIP (curl takes no SYN-ACK from a VM's address).
     assert_eq!(answers.len(), 2, "both VMs answer: {answers:?}");
-    for s in &servers {
-        let lines: Vec<String> = s
-            .access_lines()
-            .into_iter()
-            .filter(|l| l.contains("t=dnat6-"))
-            .collect();
-        assert!(!lines.is_empty(), "{} logged no request", s.name);
-        for l in &lines {
-            assert!(
-                l.starts_with(&format!("{FAR_CLIENT_ADDR6} ")),
-                "{} saw another source than the client: {l}",
-                s.name
-            );
-        }
-    }
+    assert_logged_from(&servers, "t=dnat6-", FAR_CLIENT_ADDR6);
 }

@@ -6,11 +6,12 @@
 //!
 //! Needs root, apache2, curl, ping and ethtool.
 
-use std::collections::BTreeMap;
-
 use vmlb_tests::{
     daemon::{service_entry6, LabDaemon},
-    lab::{curl, Httpd, Lab, LabOptions, Ns, FAR_CLIENT_ADDR6, NARROW_MTU, NODE_ADDR6, VIP6},
+    lab::{
+        assert_logged_from, curl, until_both_answer, Httpd, Lab, LabOptions, Ns, FAR_CLIENT_ADDR6,
+        NARROW_MTU, NODE_ADDR6, VIP6,
+    },
 };
 
 fn v6_lab(pmtu: bool) -> Lab {
@@ -57,37 +58,13 @@ fn curl_6_through_the_vip_reaches_both_vms_from_the_snat_address() {
         .map(|vm| Httpd::start_vm(vm).expect("httpd"))
         .collect();
     let daemon = start(&lab);
-    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
-    // New connections until both VMs have answered (2^-19 that 20 miss one of two).
-    for i in 0..20 {
-        match curl(&lab.client, &url(&format!("/?t=v6-{i}")), 3) {
-            Ok(body) => *answers.entry(body.trim().to_string()).or_default() += 1,
-            Err(e) => panic!(
-                "request {i} to [{VIP6}]: {e:#}\n{}{}",
-                daemon.report(&lab),
-                lab.describe()
-            ),
-        }
-        if answers.len() == 2 {
-            break;
-        }
-    }
+    let answers = until_both_answer(
+        &lab.client,
+        |i| url(&format!("/?t=v6-{i}")),
+        || format!("{}{}", daemon.report(&lab), lab.describe()),
+    );
     assert_eq!(answers.len(), 2, "both VMs answer: {answers:?}");
-    for s in &servers {
-        let lines: Vec<String> = s
-            .access_lines()
-            .into_iter()
-            .filter(|l| l.contains("t=v6-"))
-            .collect();
-        assert!(!lines.is_empty(), "{} logged no request", s.name);
-        for l in &lines {
-            assert!(
-                l.starts_with(&format!("{NODE_ADDR6} ")),
-                "{} saw another source than the SNAT address: {l}",
-                s.name
-            );
-        }
-    }
+    assert_logged_from(&servers, "t=v6-", NODE_ADDR6);
     // The client learned the VIP through neighbour discovery, answered by vmlb.
     let out = lab
         .client
